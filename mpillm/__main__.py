@@ -1,0 +1,4 @@
+from mpillm.cli import main
+
+if __name__ == "__main__":
+    main()

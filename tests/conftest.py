@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """The real default model (SmolLM2-135M-Instruct Q4_1 GGUF).
+
+    `MPILLM_TEST_MODEL` points at a local copy (GPU machines have no network); otherwise the model is
+    fetched into the cache on first use. Skips when neither is possible.
+    """
+    env = os.environ.get("MPILLM_TEST_MODEL")
+    if env:
+        p = Path(env)
+        if not p.exists():
+            pytest.skip(f"MPILLM_TEST_MODEL={env} does not exist")
+        return p
+    from mpillm.default_model import DefaultModelError, default_model_path
+    try:
+        return default_model_path()
+    except DefaultModelError as e:  # offline machine
+        pytest.skip(f"default model unavailable: {e}")

@@ -1,0 +1,132 @@
+"""Command line: `mpillm run`, `mpillm info`, `mpillm --version`. Also `python -m mpillm`."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from mpillm import __version__
+from mpillm.threads import limit_blas_threads
+
+limit_blas_threads()   # before anything imports NumPy
+
+
+def _fail(exc: BaseException) -> None:
+    """Any exception on any rank ends every rank: name the rank and what it was doing, then MPI Abort."""
+    from mpillm.job import EXIT_FAILURE, PHASE
+    try:
+        from mpi4py import MPI
+        world = MPI.COMM_WORLD
+        rank, size = world.Get_rank(), world.Get_size()
+    except Exception:  # mpi4py itself broken: still report
+        world, rank, size = None, 0, 1
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    sys.stderr.write(f"{tb}mpillm: rank {rank} of {size} failed while {PHASE['what']}: "
+                     f"{type(exc).__name__}: {exc}\n")
+    sys.stderr.flush()
+    if world is not None and size > 1:
+        world.Abort(EXIT_FAILURE)   # never leave the other ranks waiting in a collective
+    sys.exit(EXIT_FAILURE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpillm")
+def main():
+    """Batch inference for Llama-family LLMs over MPI (mpirun -n N mpillm run ...)."""
+
+
+@main.command()
+@click.option("--model", default=None, help="HF model directory (safetensors) or GGUF file [default: SmolLM2-135M-Instruct Q4_1, fetched on first use]")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="input JSONL, one request a line")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="output JSONL (rank 0 appends as requests finish)")
+@click.option("--tp", default=1, show_default=True, help="tensor-parallel degree; N ranks form N/TP replicas")
+@click.option("--max-tokens", default=256, show_default=True, help="default completion length")
+@click.option("--temperature", default=0.0, show_default=True, help="default temperature (0 = greedy)")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0 = off")
+@click.option("--min-p", default=0.0, show_default=True)
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="job seed; a request's own seed wins")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
+              help="GPU compute dtype (the CPU backend always computes in float32)")
+@click.option("--max-model-len", default=None, type=int, help="context length cap [default: the model's]")
+@click.option("--max-num-seqs", default=64, show_default=True, help="sequences decoded together")
+@click.option("--max-num-batched-tokens", default=2048, show_default=True, help="token budget of one step (chunked prefill)")
+@click.option("--kv-cache-memory", default=1.0, show_default=True, help="GiB of KV cache per rank (CPU backend)")
+@click.option("--gpu-memory-utilization", default=0.9, show_default=True, help="share of free GPU memory for the KV cache")
+@click.option("--no-prefix-caching", is_flag=True, help="do not share KV blocks between equal prompt prefixes")
+@click.option("--resume", is_flag=True, help="skip requests already in --output (manifest must match)")
+@click.option("--force", is_flag=True, help="with --resume: accept changed settings")
+@click.option("--overwrite", is_flag=True, help="replace an existing --output")
+@click.option("--skip-invalid", is_flag=True, help="write an error record for each bad input line and go on")
+@click.option("--no-progress", is_flag=True, help="no progress reports on stderr")
+def run(model, prompts, output, tp, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+        device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
+        gpu_memory_utilization, no_prefix_caching, resume, force, overwrite, skip_invalid, no_progress):
+    """Generate completions for every request in PROMPTS, appending results to OUTPUT.
+
+    Exit codes: 0 done; 1 a rank failed; 2 bad input/arguments/model (nothing generated);
+    75 stopped by SIGTERM/SIGUSR1 (finished results kept: rerun with --resume).
+    """
+    try:
+        from mpillm.job import JobOptions, run_job
+        from mpillm.jobio import SamplingParams
+        defaults = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  min_p=min_p, repetition_penalty=repetition_penalty)
+        opts = JobOptions(prompts=prompts, output=output, model=model, tp=tp, device=device, dtype=dtype,
+                          defaults=defaults, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                          gpu_memory_utilization=gpu_memory_utilization, prefix_caching=not no_prefix_caching,
+                          resume=resume, force=force, overwrite=overwrite, skip_invalid=skip_invalid,
+                          progress=not no_progress)
+        code = run_job(opts)
+    except Exception as e:
+        _fail(e)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--model", default=None, help="model directory or GGUF file [default: the default model]")
+@click.option("--tp", default=1, show_default=True, help="tensor-parallel degree to size the shards for")
+@click.option("--max-model-len", default=None, type=int, help="context length for the KV estimate [default: the model's]")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="dtype for the memory estimate")
+def info(model, tp, max_model_len, dtype):
+    """Architecture, parameter count, and weight and KV memory per rank for a TP degree."""
+    from mpillm.checkpoint import CheckpointError, open_checkpoint
+    from mpillm.job import UsageError
+    from mpillm.loading import resolve_model
+    from mpillm.parallel import ShardingError, make_shard
+    try:
+        path = resolve_model(model)
+        ckpt = open_checkpoint(path)
+        cfg = ckpt.config
+        shards = [make_shard(cfg, r, tp) for r in range(tp)]
+    except (UsageError, CheckpointError, ShardingError) as e:
+        click.echo(f"mpillm: error: {e}", err=True)
+        sys.exit(2)
+    nbytes = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    ctx = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    h, hd = cfg.hidden_size, cfg.head_dim
+    click.echo(f"model:            {path}")
+    click.echo(f"architecture:     {cfg.arch} ({cfg.num_layers} layers, hidden {h}, {cfg.num_heads} heads, "
+               f"{cfg.num_kv_heads} kv heads, head_dim {hd}, ffn {cfg.intermediate_size}, vocab {cfg.vocab_size})")
+    click.echo(f"rope:             theta {cfg.rope_theta:g}, scaling {cfg.rope_scaling or 'none'}; "
+               f"context {cfg.max_position_embeddings}; tied embeddings: {cfg.tie_word_embeddings}")
+    click.echo(f"parameters:       {cfg.num_parameters():,}")
+    click.echo(f"per rank at --tp {tp}, {dtype}:")
+    for s in shards:
+        attn = h * (s.n_heads + 2 * s.n_kv_heads) * hd + s.n_heads * hd * h
+        mlp = 3 * h * (s.ffn_hi - s.ffn_lo)
+        vocab = (s.vocab_hi - s.vocab_lo) * h * (1 if cfg.tie_word_embeddings else 2)
+        weights = (cfg.num_layers * (attn + mlp + 2 * h) + vocab + h) * nbytes
+        kv_token = 2 * cfg.num_layers * s.n_kv_heads * hd * nbytes
+        click.echo(f"  rank {s.rank}: weights {weights / 2**30:.3f} GiB; KV {kv_token / 1024:.1f} KiB/token, "
+                   f"{kv_token * ctx / 2**30:.3f} GiB for one {ctx}-token sequence")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""From command-line options to a ready replica on this rank: model path, backend, shard, KV cache, engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpillm.checkpoint import CheckpointError, open_checkpoint
+from mpillm.job import UsageError
+
+
+def resolve_model(model: str | None, fetch: bool = True) -> Path | None:
+    """The --model path, or the default model (fetched on first use when `fetch`)."""
+    if model:
+        p = Path(model)
+        if not p.exists():
+            raise UsageError(f"--model {model}: no such file or directory")
+        return p
+    from mpillm.default_model import DEFAULT_MODEL_NAME, DefaultModelError, cache_dir, default_model_path
+    if not fetch:
+        cached = cache_dir() / DEFAULT_MODEL_NAME
+        return cached if cached.exists() else None
+    try:
+        return default_model_path()
+    except DefaultModelError as e:
+        raise UsageError(str(e)) from None
+
+
+def pick_device(requested: str, log) -> str:
+    if requested in ("cpu", "cuda"):
+        return requested
+    try:
+        import pycuda.driver as drv
+        drv.init()
+        if drv.Device.count() > 0:
+            log("mpillm: --device auto: using CUDA")
+            return "cuda"
+        reason = "no CUDA device"
+    except Exception as e:  # pycuda missing or no driver: the GPU extras are not usable here
+        reason = f"GPU extras unavailable ({type(e).__name__})"
+    log(f"mpillm: --device auto: {reason}; using the NumPy CPU backend")
+    return "cpu"
+
+
+@dataclass
+class Replica:
+    engine: object | None      # only on the group leader
+    runner: object             # GroupRunner
+    model_name: str
+    close: callable = lambda: None
+
+
+def _fetch_default(layout):
+    """Rank 0 of each node fetches the default model into the cache (once), the others wait for it."""
+    err = None
+    node = layout.world.Split_type(__import__("mpi4py").MPI.COMM_TYPE_SHARED, key=layout.rank)
+    if node.Get_rank() == 0:
+        try:
+            resolve_model(None)
+        except UsageError as e:
+            err = str(e)
+    err = node.bcast(err, root=0)
+    node.Free()
+    if err:
+        raise UsageError(err)
+    return resolve_model(None)
+
+
+def build_replica(opts, layout) -> Replica:
+    from mpillm.comm import MPIComm, SingleComm
+    from mpillm.engine import Engine, EngineConfig
+    from mpillm.parallel import ShardingError
+    from mpillm.runner import GroupRunner
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if layout.rank == 0 else (lambda m: None)
+    path = resolve_model(opts.model) if opts.model else _fetch_default(layout)
+    try:
+        ckpt = open_checkpoint(path)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    cfg = ckpt.config
+    max_len = min(opts.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if opts.max_model_len and opts.max_model_len > cfg.max_position_embeddings:
+        log(f"mpillm: --max-model-len {opts.max_model_len} exceeds the model's {cfg.max_position_embeddings}; using that")
+    device = pick_device(opts.device, log)
+    comm = MPIComm(layout.group) if layout.tp > 1 else SingleComm()
+    block_size = 16
+    try:
+        if device == "cuda":
+            from mpillm.cuda.backend import build_cuda_runner  # noqa: the GPU backend (issue: CUDA backend)
+            local, num_blocks = build_cuda_runner(ckpt, opts, layout, max_len, block_size, log)
+        else:
+            from mpillm.model import Transformer
+            from mpillm.runner import NumpyRunner
+            per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 // layout.tp or 1
+            tokens = int(opts.kv_cache_memory * (1 << 30) // per_token)
+            num_blocks = max(tokens // block_size, -(-max_len // block_size) + 1)
+            if tokens < max_len:
+                max_len = max(block_size, tokens)
+                log(f"mpillm: the {opts.kv_cache_memory} GiB KV cache holds {tokens} tokens: context capped there "
+                    f"(raise --kv-cache-memory for longer)")
+            local = NumpyRunner(Transformer(ckpt, comm), num_blocks, block_size)
+    except ShardingError as e:
+        raise UsageError(str(e)) from None
+    runner = GroupRunner(local, layout.group)
+    engine = None
+    if layout.is_leader:
+        tok = ckpt.tokenizer()
+        engine = Engine(runner, tok, EngineConfig(
+            max_model_len=max_len, num_blocks=num_blocks, block_size=block_size, max_num_seqs=opts.max_num_seqs,
+            max_num_batched_tokens=max(opts.max_num_batched_tokens, block_size),
+            prefix_caching=opts.prefix_caching, global_seed=opts.seed))
+    name = os.path.basename(str(path).rstrip("/"))
+    return Replica(engine, runner, name, getattr(local, "close", lambda: None))

@@ -59,6 +59,13 @@ def phase(what: str):
     PHASE["what"] = what
 
 
+def failpoint(rank: int, step: int):
+    """Test hook: MPILLM_FAIL_AT="RANK:STEP" raises on that rank at that step (rank-failure tests)."""
+    spec = os.environ.get("MPILLM_FAIL_AT")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure (MPILLM_FAIL_AT={spec})")
+
+
 # ----------------------------------------------------------------------------------------------- layout
 
 
@@ -292,7 +299,14 @@ def run_job(opts: JobOptions) -> int:
         preempted = _lead(replica, mine, layout, stop, writer, progress)
     else:
         phase("replaying the leader's steps")
-        word = replica.runner.serve(stop.check)
+        steps = iter(range(1 << 62))
+
+        def each_step():
+            n = next(steps)
+            phase(f"replaying generation step {n}")
+            failpoint(rank, n)
+            stop.check()
+        word = replica.runner.serve(each_step)
         preempted = word == "stop"
 
     # 4. Rank 0 collects from the other leaders until all are done, then everyone agrees on the exit code.
@@ -303,6 +317,7 @@ def run_job(opts: JobOptions) -> int:
             st = MPI.Status()
             # Poll with a short sleep: a blocking receive spins a core that the other ranks need.
             while not world.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st):
+                stop.check()   # a signal here must still reach the ranks that are generating
                 time.sleep(0.002)
             msg = world.recv(source=st.Get_source(), tag=st.Get_tag())
             if st.Get_tag() == TAG_RESULT:
@@ -356,6 +371,7 @@ def _lead(replica, requests, layout: Layout, stop: StopFlag, writer, progress) -
             engine.abort_all()
             break
         phase(f"generation step {steps}")
+        failpoint(layout.rank, steps)
         emit(engine.step())
         steps += 1
         if rank0:

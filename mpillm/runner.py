@@ -60,8 +60,8 @@ class GroupRunner:
             msg = self.group.bcast(None, root=0)
             if msg[0] != "step":
                 return msg[0]
-            self.local.execute(msg[1], msg[2], sample=False)
             should_stop()
+            self.local.execute(msg[1], msg[2], sample=False)
 
     def close(self, word: str = "done"):
         if self.group.Get_size() > 1:

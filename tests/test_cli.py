@@ -1,0 +1,220 @@
+"""`mpillm run` end to end on the real default model, as users call it (subprocesses, mpiexec for MPI)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "prompts.jsonl"
+MPIEXEC = shutil.which("mpiexec") or shutil.which("mpirun")
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH")
+
+
+def mpillm(*args, ranks=None, timeout=300, env=None, check=None):
+    cmd = [sys.executable, "-m", "mpillm", *map(str, args)]
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    e = dict(os.environ, **(env or {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-4000:]}"
+    return p
+
+
+def records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def rid(rec):
+    return rec["custom_id"] if "custom_id" in rec else rec["id"]
+
+
+def ids_of(rec):
+    if "token_ids" in rec:
+        return rec["token_ids"]
+    return rec["response"]["body"]["choices"][0]["message"]["content"]
+
+
+def write_jsonl(path, rows):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(smollm_gguf):
+    return str(smollm_gguf)
+
+
+@pytest.fixture(scope="module")
+def single_run(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out.jsonl"
+    p = mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, check=0)
+    return out, p
+
+
+def test_version_and_help():
+    p = mpillm("--version", check=0)
+    assert "mpillm" in p.stdout
+    assert "--tp" in mpillm("run", "--help", check=0).stdout
+
+
+def test_info(model):
+    p = mpillm("info", "--model", model, "--tp", "3", check=0)
+    assert "llama" in p.stdout and "30 layers" in p.stdout and "rank 2" in p.stdout
+    assert "134,515,008" in p.stdout   # SmolLM2-135M parameter count (tied embeddings)
+
+
+def test_run_default_model_end_to_end(single_run):
+    out, p = single_run
+    recs = records(out)
+    expected = [rid(json.loads(line)) for line in EXAMPLES.read_text().splitlines()]
+    assert sorted(map(rid, recs)) == sorted(expected)          # every id exactly once
+    by = {rid(r): r for r in recs}
+    assert "Paris" in by["capital"]["text"]
+    assert by["capital"]["finish_reason"] == "stop"
+    assert by["count"]["finish_reason"] == "length" and len(by["count"]["token_ids"]) == 16
+    assert by["count"]["usage"]["completion_tokens"] == 16
+    assert "\n" not in by["math"]["text"]                       # stop string honoured
+    body = by["openai-1"]["response"]["body"]
+    assert by["openai-1"]["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
+    assert "requests (0 errors)" in p.stderr                    # the summary line
+    assert Path(str(out) + ".manifest.json").exists()
+
+
+def test_stop_strings_and_max_tokens(model, tmp_path):
+    rows = [{"id": "a", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 12, "stop": [" 8"]},
+            {"id": "b", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 3},
+            {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "x", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 12, "stop": ", 9"}}]
+    out = tmp_path / "out.jsonl"
+    mpillm("run", "--model", model, "--prompts", write_jsonl(tmp_path / "in.jsonl", rows), "--output", out, check=0)
+    by = {rid(r): r for r in records(out)}
+    assert by["a"]["text"] == " 6, 7," and by["a"]["finish_reason"] == "stop"
+    assert by["b"]["finish_reason"] == "length" and len(by["b"]["token_ids"]) == 3
+    choice = by["c"]["response"]["body"]["choices"][0]
+    assert by["c"]["response"]["body"]["object"] == "text_completion"
+    assert choice["text"] == " 6, 7, 8" and choice["finish_reason"] == "stop"
+
+
+def test_invalid_input_exits_2_and_writes_nothing(model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": 5}\nnot json\n{"id": 1, "prompt": "dup"}\n'
+                   '{"id": 4, "prompt": "x", "max_token": 3}\n')
+    out = tmp_path / "out.jsonl"
+    p = mpillm("run", "--model", model, "--prompts", bad, "--output", out, check=2)
+    for line in (":2:", ":3:", ":4:", ":5:"):
+        assert line in p.stderr
+    assert "max_tokens" in p.stderr            # the typo suggestion
+    assert not out.exists()
+    p = mpillm("run", "--model", model, "--prompts", bad, "--output", out, "--skip-invalid", "--max-tokens", "2", check=0)
+    recs = records(out)
+    assert len(recs) == 5
+    assert sum(r["finish_reason"] == "error" for r in recs) == 4
+
+
+def test_per_request_failures_do_not_stop_the_job(model, tmp_path):
+    rows = [{"id": "empty", "prompt": ""}, {"id": "long", "prompt": "word " * 300},
+            {"id": "ok", "prompt": "Hello", "max_tokens": 2},
+            {"id": "past", "prompt": "Hello", "max_tokens": 500}]
+    out = tmp_path / "out.jsonl"
+    mpillm("run", "--model", model, "--prompts", write_jsonl(tmp_path / "in.jsonl", rows), "--output", out,
+           "--max-model-len", "64", check=0)
+    by = {rid(r): r for r in records(out)}
+    assert by["empty"]["finish_reason"] == "error" and "empty" in by["empty"]["error"]["message"]
+    assert by["long"]["finish_reason"] == "error" and "64" in by["long"]["error"]["message"]
+    assert by["ok"]["finish_reason"] == "length"
+    assert by["past"]["finish_reason"] == "length"
+    assert by["past"]["usage"]["prompt_tokens"] + by["past"]["usage"]["completion_tokens"] == 64
+
+
+def test_existing_output_needs_resume_or_overwrite(model, tmp_path, single_run):
+    out = tmp_path / "out.jsonl"
+    shutil.copy(single_run[0], out)
+    p = mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, check=2)
+    assert "--resume" in p.stderr
+
+
+def test_resume_after_torn_write(model, tmp_path, single_run):
+    out = tmp_path / "out.jsonl"
+    shutil.copy(single_run[0], out)
+    shutil.copy(str(single_run[0]) + ".manifest.json", str(out) + ".manifest.json")
+    lines = out.read_text().splitlines(keepends=True)
+    kept = lines[:2]
+    out.write_text("".join(kept) + lines[2][: len(lines[2]) // 2])       # a kill mid-write
+    mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, "--resume", check=0)
+    recs = records(out)
+    assert out.read_text().startswith("".join(kept))                    # finished lines untouched
+    assert sorted(map(rid, recs)) == sorted(map(rid, records(single_run[0])))
+    greedy = {rid(r): ids_of(r) for r in records(single_run[0])}
+    for r in recs:
+        assert ids_of(r) == greedy[rid(r)]
+    # Different settings: refused without --force.
+    p = mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, "--resume", "--temperature", "0.5", check=2)
+    assert "temperature" in p.stderr and "--force" in p.stderr
+
+
+@needs_mpi
+def test_tp2_equals_tp1_and_replicas_answer_once(model, tmp_path, single_run):
+    base = {rid(r): ids_of(r) for r in records(single_run[0])}
+    out = tmp_path / "tp2.jsonl"
+    mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, "--tp", "2", ranks=2, check=0)
+    assert {rid(r): ids_of(r) for r in records(out)} == base
+    out = tmp_path / "dp2.jsonl"
+    mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, "--tp", "1", ranks=2, check=0)
+    recs = records(out)
+    assert sorted(map(rid, recs)) == sorted(base)                      # each id exactly once
+    assert {rid(r): ids_of(r) for r in recs} == base
+
+
+@needs_mpi
+def test_bad_layout_is_one_clear_error(model, tmp_path):
+    t = time.time()
+    p = mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", tmp_path / "o.jsonl", "--tp", "2",
+               ranks=3, timeout=120, check=2)
+    assert p.stderr.count("multiple of --tp") == 1
+    p = mpillm("run", "--model", tmp_path / "missing.gguf", "--prompts", EXAMPLES, "--output", tmp_path / "o.jsonl",
+               "--tp", "2", ranks=2, timeout=120, check=2)
+    assert p.stderr.count("no such file") == 1
+    assert not (tmp_path / "o.jsonl").exists()
+    assert time.time() - t < 100
+
+
+@needs_mpi
+def test_rank_failure_ends_every_rank(model, tmp_path):
+    t = time.time()
+    p = mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", tmp_path / "o.jsonl", "--tp", "2",
+               ranks=2, timeout=120, env={"MPILLM_FAIL_AT": "1:3"})
+    assert p.returncode != 0
+    assert "rank 1 of 2 failed while" in p.stderr and "injected failure" in p.stderr
+    assert time.time() - t < 100
+
+
+@needs_mpi
+def test_sigterm_preempts_then_resume_finishes(model, tmp_path):
+    rows = [{"id": f"r{i}", "prompt": f"Count from {i}:", "max_tokens": 24} for i in range(24)]
+    prompts = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpillm", "run", "--model", model, "--prompts", str(prompts),
+           "--output", str(out), "--tp", "1", "--max-num-seqs", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    assert proc.poll() is None, "job ended before it could be preempted"
+    proc.send_signal(signal.SIGTERM)         # mpiexec forwards it to every rank, as Slurm does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "--resume" in err
+    partial = records(out)
+    assert 2 <= len(partial) < len(rows)
+    mpillm("run", "--model", model, "--prompts", prompts, "--output", out, "--resume", ranks=2, check=0)
+    final = records(out)
+    assert sorted(map(rid, final)) == sorted(r["id"] for r in rows)

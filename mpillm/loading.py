@@ -88,7 +88,11 @@ def build_replica(opts, layout) -> Replica:
     block_size = 16
     try:
         if device == "cuda":
-            from mpillm.cuda.backend import build_cuda_runner  # noqa: the GPU backend (issue: CUDA backend)
+            try:
+                from mpillm.cuda.backend import build_cuda_runner
+            except ImportError as e:
+                raise UsageError(f"--device cuda: the CUDA backend is unavailable here ({e}); "
+                                 "install the GPU extras (pip install mpillm[cuda]) or use --device cpu") from None
             local, num_blocks = build_cuda_runner(ckpt, opts, layout, max_len, block_size, log)
         else:
             from mpillm.model import Transformer

@@ -151,6 +151,8 @@ class Engine:
     def _result(self, seq: Sequence, reason: str, truncated: bool = False) -> Result:
         st: _State = seq.payload
         out = seq.token_ids[seq.num_prompt:]
+        if not truncated:
+            st.decoder.flush()   # a cut mid-character shows as U+FFFD, exactly as a full decode would
         text = st.text if truncated else st.decoder.text
         return Result(request=st.request, text=text, token_ids=list(out), finish_reason=reason,
                       prompt_tokens=seq.num_prompt, completion_tokens=len(out),

@@ -13,6 +13,7 @@ files, so ids and decoded text match transformers:
 from __future__ import annotations
 
 import json
+import numbers
 import struct
 from functools import lru_cache
 from pathlib import Path
@@ -101,15 +102,13 @@ def _spm_backend(tokens, scores, types, *, add_prefix_space=True, unigram=False,
     return backend
 
 
-def _add_tokens(backend, tokens, types, special_ids):
-    # Control tokens (and the named special ones) are matched whole in the text and skipped by decode;
-    # user-defined ones are matched whole but kept, as transformers and llama.cpp do.
-    special = [AddedToken(tokens[i], special=True, normalized=False) for i in range(len(tokens))
-               if types[i] in (CONTROL, UNKNOWN) or i in special_ids]
-    user = [AddedToken(tokens[i], special=False, normalized=False) for i in range(len(tokens))
-            if types[i] == USER_DEFINED and i not in special_ids]
-    backend.add_special_tokens(special)
-    backend.add_tokens(user)
+def _add_tokens(backend, tokens, types, named):
+    # Control/unknown tokens and the named special ones (bos, eos, ...) are matched whole in the text and skipped by
+    # decode; user-defined ones are matched whole but kept, as transformers and llama.cpp do.
+    special = [i for i, ty in enumerate(types) if ty in (CONTROL, UNKNOWN) or i in named]
+    user = [i for i, ty in enumerate(types) if ty == USER_DEFINED and i not in named]
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
 
 
 def _set_post_processor(backend, bos, eos, add_bos, add_eos):
@@ -129,11 +128,11 @@ def _meta(meta, key, kind, where, default=None, required=False):
         return default
     value = meta[key]
     ok = {"str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "list": lambda v: isinstance(v, (list, tuple))}[kind]
+          "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+          "list": lambda v: hasattr(v, "__len__") and not isinstance(v, (str, bytes, dict))}[kind]
     if not ok(value):
         raise TokenizerError(f"{where}: {key} must be a {kind}, got {type(value).__name__}")
-    return value
+    return int(value) if kind == "int" else value
 
 
 def _meta_id(meta, key, n, where, lenient=False):
@@ -229,7 +228,8 @@ def _token_string(data, key, path):
         if not isinstance(value, str):
             raise TokenizerError(f"{path}: field {key!r} is a dict without a string 'content'")
     if value is not None and not isinstance(value, str):
-        raise TokenizerError(f"{path}: field {key!r} must be a string or an AddedToken dict, got {type(value).__name__}")
+        raise TokenizerError(f"{path}: field {key!r} must be a string or an AddedToken dict, "
+                             f"got {type(value).__name__}")
     return value
 
 
@@ -275,16 +275,13 @@ class Tokenizer:
         self.eos_ids = frozenset({eos_id, *extra_eos_ids} - {None})
         self.chat_template = chat_template
         self.source = source
-        name = lambda i: None if i is None else backend.id_to_token(i)  # noqa: E731
+
+        def name(i):
+            return None if i is None else backend.id_to_token(i)
+
         self.bos_token, self.eos_token = bos_token or name(bos_id), eos_token or name(eos_id)
         self.pad_token, self.unk_token = name(pad_id), name(unk_id)
-        with_bos = backend.encode("a", add_special_tokens=True).ids
-        self.add_bos = (bos_id is not None and with_bos[:1] == [bos_id]
-                        and len(with_bos) > len(backend.encode("a", add_special_tokens=False).ids))
-        # Ids whose text depends on the tokens after them (SentencePiece byte fallback decodes a run of <0xNN>
-        # tokens together); IncrementalDecoder waits for the run to end.
-        self.byte_fallback_ids = frozenset(i for b in range(256)
-                                           if (i := backend.token_to_id(f"<0x{b:02X}>")) is not None)
+        self.add_bos = bos_id is not None and backend.encode("", add_special_tokens=True).ids[:1] == [bos_id]
 
     # -- construction
 
@@ -295,7 +292,7 @@ class Tokenizer:
         kind = _meta(meta, "tokenizer.ggml.model", "str", where, required=True)
         tokens = list(_meta(meta, "tokenizer.ggml.tokens", "list", where, required=True))
         n = len(tokens)
-        types = list(_meta(meta, "tokenizer.ggml.token_type", "list", where, default=[NORMAL] * n))
+        types = [int(t) for t in _meta(meta, "tokenizer.ggml.token_type", "list", where, default=[NORMAL] * n)]
         if len(types) != n:
             raise TokenizerError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
         ids = {k: _meta_id(meta, f"tokenizer.ggml.{k}_token_id", n, where, lenient=k in ("padding", "unknown"))
@@ -308,10 +305,13 @@ class Tokenizer:
             pre_tok, norm, ignore_merges = _byte_level_pre(pre, where)
             chars = _byte_chars()
             alphabet = set(chars.values())
+            added = {i for i, ty in enumerate(types) if ty in (CONTROL, UNKNOWN, USER_DEFINED)} | special_ids
             vocab = {}
-            for i, (t, ty) in enumerate(zip(tokens, types)):
-                if ty not in (CONTROL, USER_DEFINED) and not alphabet.issuperset(t):
-                    t = "".join(chars[b] for b in t.encode("utf-8"))  # stored as plain text by some converters
+            for i, t in enumerate(tokens):
+                # Added tokens are matched as plain text, so they keep their spelling; some converters also store
+                # ordinary tokens as plain text, which merges can only reach in the byte alphabet.
+                if i not in added and not alphabet.issuperset(t):
+                    t = "".join(chars[b] for b in t.encode("utf-8"))
                 vocab.setdefault(t, i)
             try:
                 pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -322,7 +322,7 @@ class Tokenizer:
             backend.decoder = decoders.ByteLevel()
             default_bos = pre in _LLAMA3_NAMES  # llama.cpp's defaults when add_bos_token is absent
         elif kind == "llama":
-            scores = list(_meta(meta, "tokenizer.ggml.scores", "list", where, required=True))
+            scores = [float(x) for x in _meta(meta, "tokenizer.ggml.scores", "list", where, required=True)]
             if len(scores) != n:
                 raise TokenizerError(f"{where}: tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
             backend = _spm_backend(tokens, scores, types, unk_id=ids["unknown"],
@@ -357,11 +357,14 @@ class Tokenizer:
         cfg_path, map_path = d / "tokenizer_config.json", d / "special_tokens_map.json"
         cfg, stm = _read_json(cfg_path), _read_json(map_path)
 
-        def token(key):
-            return _token_string(cfg, key, cfg_path) or _token_string(stm, key, map_path)
+        def token(key):  # -> (string, the file it came from)
+            for data, p in ((cfg, cfg_path), (stm, map_path)):
+                if (value := _token_string(data, key, p)) is not None:
+                    return value, p
+            return None, cfg_path
 
-        bos_token, eos_token, pad_token, unk_token = (token(k) for k in ("bos_token", "eos_token", "pad_token",
-                                                                          "unk_token"))
+        (bos_token, bos_src), (eos_token, eos_src), (pad_token, _), (unk_token, _) = (
+            token(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token"))
         add_bos, add_eos = _flag(cfg, "add_bos_token", cfg_path), _flag(cfg, "add_eos_token", cfg_path)
 
         if (d / "tokenizer.json").exists():
@@ -387,15 +390,13 @@ class Tokenizer:
         else:
             raise TokenizerError(f"{d}: no tokenizer.json or tokenizer.model")
 
-        def tid(tok, field, required):
-            if tok is None:
-                return None
-            i = backend.token_to_id(tok)
-            if i is None and required:
-                raise TokenizerError(f"{cfg_path}: {field} {tok!r} is not in the vocabulary")
+        def tid(tok, field, src=None):  # bos/eos (with src) must exist; a missing pad/unk just stays unset
+            i = None if tok is None else backend.token_to_id(tok)
+            if i is None and tok is not None and src is not None:
+                raise TokenizerError(f"{src}: {field} {tok!r} is not in the vocabulary")
             return i
 
-        bos_id, eos_id = tid(bos_token, "bos_token", True), tid(eos_token, "eos_token", True)
+        bos_id, eos_id = tid(bos_token, "bos_token", bos_src), tid(eos_token, "eos_token", eos_src)
         if rebuild:
             _set_post_processor(backend, bos_id is not None and (bos_token, bos_id),
                                 eos_id is not None and (eos_token, eos_id), bool(add_bos), bool(add_eos))
@@ -412,9 +413,12 @@ class Tokenizer:
         if (d / "chat_template.json").exists():  # newer transformers save the template beside the config
             template = _template(_read_json(d / "chat_template.json").get("chat_template"), d / "chat_template.json")
         if (d / "chat_template.jinja").exists():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            try:
+                template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{d / 'chat_template.jinja'}: not UTF-8 ({e})") from None
         return cls(backend, vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id, extra_eos_ids=eos_ids,
-                   pad_id=tid(pad_token, "pad_token", False), unk_id=tid(unk_token, "unk_token", False),
+                   pad_id=tid(pad_token, "pad_token"), unk_id=tid(unk_token, "unk_token"),
                    chat_template=template, source=str(d), bos_token=bos_token, eos_token=eos_token)
 
     # -- text <-> ids
@@ -477,10 +481,12 @@ class IncrementalDecoder:
     """Turns generated ids into text one token at a time.
 
     Each step decodes only a short window: the ids of the previously emitted chunk plus those not yet emitted, and
-    returns what the window added beyond that chunk. Text is held back while it ends in an incomplete UTF-8
-    character (U+FFFD) or inside a run of byte-fallback tokens, so no delta ever contains half a character; `flush()`
-    releases whatever is held back at the end. `text` always equals `tokenizer.decode(ids)` once flushed, and the
-    deltas concatenate to it.
+    returns what the window added beyond that chunk (vLLM's scheme). Text is held back while the window ends in an
+    incomplete UTF-8 character (U+FFFD), so no delta holds half a character; `flush()` releases that remainder at the
+    end (what `decode` shows as U+FFFD). The deltas, flush included, concatenate to `tokenizer.decode(ids)` exactly
+    for any valid UTF-8 output. The one exception: in SentencePiece byte-fallback vocabularies a run of <0xNN> tokens
+    that is not valid UTF-8 is decoded (by transformers and us) as one U+FFFD per byte token for the whole run, so
+    when a model emits such garbage after a complete character of the same run, `text` keeps that character.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -493,10 +499,7 @@ class IncrementalDecoder:
         self._chunk_text = ""  # decode(ids[_start:_read]): the window's text that was already emitted
 
     def step(self, token_id: int) -> str:
-        token_id = int(token_id)
-        self.ids.append(token_id)
-        if token_id in self.tokenizer.byte_fallback_ids:
-            return ""
+        self.ids.append(int(token_id))
         return self._emit(final=False)
 
     def flush(self) -> str:

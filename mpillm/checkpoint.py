@@ -81,15 +81,18 @@ class SafetensorsCheckpoint(Checkpoint):
         self.where: dict[str, str] = {}
         if index.exists():
             try:
-                data = json.loads(index.read_text(), object_pairs_hook=_unique_pairs(index))
+                data = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_unique_pairs(index))
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{index}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            except (ValueError, RecursionError) as e:   # bad UTF-8, absurd nesting or numbers
+                raise CheckpointError(f"{index}: unreadable: {e}") from None
             wmap = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(wmap, dict) or not wmap:
                 raise CheckpointError(f"{index}: missing or empty 'weight_map'")
             root = self.path.resolve()
             for tname, fname in wmap.items():
-                if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in ("", ".", ".."):
+                if (not isinstance(fname, str) or "/" in fname or "\\" in fname or "\0" in fname
+                        or fname in ("", ".", "..")):
                     raise CheckpointError(f"{index}: weight_map[{tname!r}] = {fname!r} must be a file name inside {self.path}")
                 fpath = (self.path / fname).resolve()
                 if fpath.parent != root:
@@ -207,8 +210,10 @@ class GGUFCheckpoint(Checkpoint):
         heads = self._heads(name)
         if heads is not None:
             hd = self.config.head_dim
-            if w.shape[0] % hd:
-                raise CheckpointError(f"{self.path}: tensor {name!r}: row slice must cover whole heads")
+            start, stop, step = (rows or slice(None)).indices(info.shape[0])
+            if step != 1 or start % hd or stop % hd:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: row slice {start}:{stop} must cover whole "
+                                      f"heads of {hd} rows (the Q/K un-permutation works per head)")
             # GGUF row h*hd + 2*j + t holds HF row h*hd + t*hd/2 + j: swap the (j, t) axes back.
             w = w.reshape(-1, hd // 2, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
         return w

@@ -80,6 +80,11 @@ class Engine:
             return self._error(req, "context_length_exceeded",
                                f"prompt has {len(ids)} tokens; the context holds {self.cfg.max_model_len} "
                                f"(--max-model-len) and at least one must be generated", len(ids))
+        need = min(len(ids) + req.params.max_tokens, self.cfg.max_model_len)
+        if self.blocks.blocks_needed(need) > self.cfg.num_blocks:
+            return self._error(req, "kv_cache_too_small",
+                               f"the request needs KV cache for {need} tokens; the cache holds "
+                               f"{self.cfg.num_blocks * self.cfg.block_size}", len(ids))
         state = _State(req, request_seed(req.params.seed, self.cfg.global_seed, req.id),
                        IncrementalDecoder(self.tokenizer))
         # max_tokens past the context is not an error: generation stops at the context end with "length".

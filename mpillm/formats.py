@@ -72,7 +72,7 @@ class SafetensorsFile:
             raise FormatError(f"{where}: header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
         try:
             header = json.loads(bytes(self.mm[8:8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError, FormatError) as e:
+        except (ValueError, RecursionError) as e:   # bad UTF-8/JSON, duplicate keys, absurd nesting or numbers
             raise FormatError(f"{where}: header is not valid JSON: {e}") from None
         if not isinstance(header, dict):
             raise FormatError(f"{where}: header must be a JSON object")
@@ -88,7 +88,7 @@ class SafetensorsFile:
             field = f"{where}: tensor {name!r}"
             if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"} or len(e) != 3:
                 raise FormatError(f"{field}: entry must have exactly 'dtype', 'shape' and 'data_offsets'")
-            if e["dtype"] not in SAFETENSORS_DTYPES:
+            if not isinstance(e["dtype"], str) or e["dtype"] not in SAFETENSORS_DTYPES:
                 raise FormatError(f"{field}: unknown dtype {e['dtype']!r}")
             shape = e["shape"]
             if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):

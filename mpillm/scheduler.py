@@ -65,6 +65,11 @@ class Scheduler:
             if n <= 0:
                 continue
             while not self.blocks.grow(seq.block_table, seq.num_computed + n):
+                if self.running == [seq] and not out:
+                    # Alone and still short of blocks: preempting itself would only loop forever.
+                    raise RuntimeError(
+                        f"KV cache too small: {self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens "
+                        f"cannot hold a sequence of {seq.num_computed + n} tokens")
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Decode and prefill speed of the GPU backend, against the card's measured copy bandwidth.
+
+    python scripts/bench.py --model dummy:llama3-8b --batch 1,8,32,128 --prefill 512,2048
+    python scripts/bench.py --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --batch 1,8
+    mpiexec -n 2 python scripts/bench.py --model dummy:llama3-8b --tp 2 --batch 1,32
+
+Decode: B sequences with a 128-token context each step one token at a time through the runner the engine
+uses (metadata staging, CUDA graph replay, sampling on the GPU, ids back to the host), so the number is
+what `mpillm run` gets per step, less the scheduler's Python. Reports tok/s, ms/step, the bytes a step
+must read (weights + KV), achieved GB/s and its share of the measured device copy bandwidth (the decode
+roofline). Prefill: one sequence of N tokens, tok/s and dense TFLOP/s (2 x params x N, plus attention).
+Writes a JSON line per measurement to --json if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def copy_bandwidth(cuda, stream, nbytes=1 << 30, reps=20) -> float:
+    """Device-to-device copy GB/s, counting read + write (the README's roofline convention)."""
+    a, b = cuda.mem_alloc(nbytes), cuda.mem_alloc(nbytes)
+    cuda.memcpy_dtod_async(b, a, nbytes, stream)
+    stream.synchronize()
+    start, end = cuda.Event(), cuda.Event()
+    start.record(stream)
+    for _ in range(reps):
+        cuda.memcpy_dtod_async(b, a, nbytes, stream)
+    end.record(stream)
+    end.synchronize()
+    secs = end.time_since(start) / 1e3
+    a.free(), b.free()
+    return 2 * nbytes * reps / secs / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dummy:llama3-8b", help="dummy:NAME (random weights, real shapes) or a checkpoint")
+    ap.add_argument("--batch", default="1,8,32,128", help="decode batch sizes")
+    ap.add_argument("--prefill", default="512,2048", help="prefill lengths ('' = none)")
+    ap.add_argument("--context", type=int, default=128, help="tokens of context per sequence during decode")
+    ap.add_argument("--steps", type=int, default=64, help="timed decode steps per batch size")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
+    ap.add_argument("--no-graph", action="store_true", help="eager launches instead of CUDA graph replay")
+    ap.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
+    args = ap.parse_args()
+
+    from mpi4py import MPI
+
+    import pycuda.driver as cuda
+    from mpillm.batch import StepInput
+    from mpillm.cuda.kernels import Kernels
+    from mpillm.cuda.model import CudaTransformer
+    from mpillm.cuda.runtime import init_device
+    from mpillm.dummy import dummy_config, is_dummy
+    from mpillm.engine import SampleSpec
+    from mpillm.jobio import SamplingParams
+    from mpillm.parallel import make_shard
+
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    if size != args.tp:
+        sys.exit(f"run with {args.tp} ranks for --tp {args.tp} (got {size})")
+    if is_dummy(args.model):
+        ckpt, cfg = None, dummy_config(args.model)
+    else:
+        from mpillm.checkpoint import open_checkpoint
+        ckpt = open_checkpoint(args.model)
+        cfg = ckpt.config
+    batches = [int(b) for b in args.batch.split(",") if b]
+    prefills = [int(p) for p in args.prefill.split(",") if p]
+    max_seqs = max(batches + [1])
+    max_len = max(prefills + [args.context + args.steps + 16]) + 16
+    max_tokens = max(prefills + [max_seqs])
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    device = init_device(rank)
+    comm = None
+    if args.tp > 1:
+        from mpillm.cuda.nccl import NcclComm
+        comm = NcclComm(world, device, [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, r, size) for r in range(size))])
+        comm.reserve(max_seqs)
+    t0 = time.perf_counter()
+    kernels = Kernels(device)
+    compile_s = time.perf_counter() - t0
+    shard = make_shard(cfg, rank, size)
+    blocks_needed = max_seqs * -(-max_len // 16) + 16
+    model = CudaTransformer(ckpt, cfg, shard, device, kernels, dtype=args.dtype, comm=comm, max_tokens=max_tokens,
+                            max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed)
+    bw = copy_bandwidth(cuda, device.stream)
+    weight_bytes = model._weight_bytes()
+    say(f"# {device.name}, {args.model}, tp={size}, {args.dtype}; kernels compiled in {compile_s:.2f} s; "
+        f"weights {weight_bytes / 2**30:.2f} GiB/rank; copy bandwidth {bw:.0f} GB/s")
+    results = []
+
+    def record(**kw):
+        kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype)
+        results.append(kw)
+
+    greedy = SamplingParams(temperature=0.0)
+    max_blocks = -(-max_len // 16)
+    kv_per_token = 2 * cfg.num_layers * shard.n_kv_heads * cfg.head_dim * 2
+    for B in batches:
+        tables = [list(range(i * max_blocks, (i + 1) * max_blocks)) for i in range(B)]
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, cfg.vocab_size, args.context).tolist() for _ in range(B)]
+        specs = [SampleSpec(greedy, 0, 0, None) for _ in range(B)]
+        # Prefill the contexts (chunked so the step fits the buffers).
+        per = max(1, max_tokens // args.context)
+        for lo in range(0, B, per):
+            rows = [(prompts[i], 0, tables[i], True) for i in range(lo, min(B, lo + per))]
+            model.forward(StepInput.build(rows, 16), specs[: len(rows)])
+        toks = [[1] for _ in range(B)]
+        pos = args.context
+
+        def step():
+            nonlocal pos
+            st = StepInput.build([(toks[i], pos, tables[i], True) for i in range(B)], 16)
+            if args.no_graph:
+                ids, _ = _eager(model, st, specs)
+            else:
+                ids, _ = model.forward(st, specs)
+            for i in range(B):
+                toks[i] = [int(ids[i])]
+            pos += 1
+
+        for _ in range(3):
+            step()
+        device.synchronize()
+        world.Barrier()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        device.synchronize()
+        dt = (time.perf_counter() - t) / args.steps
+        ctx = pos - args.steps // 2
+        step_bytes = weight_bytes + B * ctx * kv_per_token
+        gbs = step_bytes / dt / 1e9
+        say(f"decode  batch {B:4d}: {B / dt:9.1f} tok/s  {dt * 1e3:7.3f} ms/step  {gbs:7.0f} GB/s  "
+            f"{100 * gbs / bw:5.1f}% of copy bandwidth (roofline {bw * 1e9 / step_bytes * B:9.1f} tok/s)")
+        record(kind="decode", batch=B, tok_s=B / dt, ms_step=dt * 1e3, gb_s=gbs, roofline_frac=gbs / bw,
+               graph=not args.no_graph)
+
+    params_per_rank = weight_bytes / 2
+    for n in prefills:
+        ids = np.random.default_rng(1).integers(0, cfg.vocab_size, n).tolist()
+        table = list(range(-(-n // 16) + 1))
+        st = StepInput.build([(ids, 0, table, True)], 16)
+        spec = [SampleSpec(greedy, 0, 0, None)]
+        model.forward(st, spec)
+        device.synchronize()
+        reps = 5
+        world.Barrier()
+        t = time.perf_counter()
+        for _ in range(reps):
+            model.forward(st, spec)
+        device.synchronize()
+        dt = (time.perf_counter() - t) / reps
+        flops = 2 * params_per_rank * n + 2 * 2 * cfg.num_layers * shard.n_heads * cfg.head_dim * n * n / 2
+        say(f"prefill {n:5d} tokens: {n / dt:9.0f} tok/s  {dt * 1e3:8.2f} ms  {flops / dt / 1e12:6.1f} TFLOP/s per GPU")
+        record(kind="prefill", tokens=n, tok_s=n / dt, ms=dt * 1e3, tflops=flops / dt / 1e12)
+
+    if args.json and rank == 0:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    device.close()
+
+
+def _eager(model, st, specs):
+    """One step without graph replay (for --no-graph): the staging and launches of the eager path."""
+    graphable = model._graphable
+    model._graphable = lambda step: False
+    try:
+        return model.forward(st, specs)
+    finally:
+        model._graphable = graphable
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# On a GPU machine: the GPU tests (one process, then NCCL ones under MPI when there are >= 2 GPUs) and the
+# benchmarks, in one go, with a summary table at the end. Logs go to ${OUT:-out}/.
+#   MPILLM_TEST_MODEL=/path/SmolLM2-135M-Instruct.Q4_1.gguf scripts/gpu_check.sh [bench models...]
+# On the lent machines: source .device/env.sh first (it defines $PY and $MPIRUN).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+PY=${PY:-python3}
+MPIRUN=${MPIRUN:-mpiexec}
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+models=("$@"); [ ${#models[@]} -eq 0 ] && models=(dummy:llama3-8b)
+status=0
+echo "== GPU tests (1 process)" | tee "$OUT/gpu-tests.log"
+$PY -m pytest tests/gpu -q -ra -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu-tests.log"; status=$((status | PIPESTATUS[0]))
+if [ "$NGPU" -ge 2 ]; then
+  echo "== GPU tests (MPI, 2 ranks)" | tee -a "$OUT/gpu-tests.log"
+  $MPIRUN -n 2 $PY -m pytest --with-mpi --only-mpi tests/gpu/test_tp_gpu.py -q -ra -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu-tests.log"
+  status=$((status | PIPESTATUS[0]))
+fi
+rm -f "$OUT/bench.jsonl"
+for m in "${models[@]}"; do
+  echo "== bench $m tp=1" | tee -a "$OUT/bench.log"
+  $PY scripts/bench.py --model "$m" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+  for tp in 2 4; do
+    if [ "$NGPU" -ge $tp ]; then
+      echo "== bench $m tp=$tp" | tee -a "$OUT/bench.log"
+      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --batch 1,32 --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+    fi
+  done
+done
+$PY - "$OUT/bench.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])] if len(sys.argv) > 1 else []
+print("\n| GPU | model | tp | what | tok/s | detail |\n|---|---|---|---|---|---|")
+for r in rows:
+    if r["kind"] == "decode":
+        d = f"{r['ms_step']:.3f} ms/step, {r['gb_s']:.0f} GB/s = {100 * r['roofline_frac']:.1f}% of copy bw"
+        what = f"decode b={r['batch']}"
+    else:
+        d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
+        what = f"prefill {r['tokens']}"
+    print(f"| {r['gpu']} | {r['model']} | {r['tp']} | {what} | {r['tok_s']:.1f} | {d} |")
+PYEOF
+exit $status

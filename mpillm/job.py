@@ -78,6 +78,7 @@ class Layout:
     replica: int
     group: object          # the tensor-parallel group's MPI communicator
     local_rank: int        # rank within the node: picks the GPU
+    local_size: int = 1    # ranks on this node
 
     @property
     def is_leader(self) -> bool:
@@ -100,9 +101,9 @@ def make_layout(world, tp: int) -> Layout:
                          f"the number of ranks must be a multiple of --tp")
     group = world.Split(color=rank // tp, key=rank)
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    local_rank = node.Get_rank()
+    local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
-    return Layout(world, rank, size, tp, rank // tp, group, local_rank)
+    return Layout(world, rank, size, tp, rank // tp, group, local_rank, local_size)
 
 
 def assign(requests, num_replicas: int) -> list[list]:

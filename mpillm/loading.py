@@ -68,6 +68,50 @@ def _fetch_default(layout):
     return resolve_model(None)
 
 
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_runner(ckpt, opts, layout, comm, max_len: int, block_size: int, log):
+    """The NumPy backend (float32): KV cache sized by --kv-cache-memory, everything checked against the
+    node's available memory before anything big is allocated."""
+    from mpillm.model import Transformer
+    from mpillm.parallel import make_shard
+    from mpillm.runner import NumpyRunner
+    cfg = ckpt.config
+    shard = make_shard(cfg, layout.group.Get_rank(), layout.tp)
+    per_token = 2 * cfg.num_layers * shard.n_kv_heads * cfg.head_dim * 4
+    num_blocks = int(opts.kv_cache_memory * (1 << 30)) // (per_token * block_size)
+    if num_blocks < 1:
+        raise UsageError(f"--kv-cache-memory {opts.kv_cache_memory} GiB holds no {block_size}-token block "
+                         f"({per_token * block_size / 2**20:.1f} MiB each)")
+    if num_blocks * block_size < max_len:
+        max_len = num_blocks * block_size
+        log(f"mpillm: the {opts.kv_cache_memory} GiB KV cache holds {max_len} tokens: context capped there "
+            f"(raise --kv-cache-memory for longer)")
+    h, hd = cfg.hidden_size, cfg.head_dim
+    weights = 4 * (cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * hd + shard.n_heads * hd * h
+                                     + 3 * h * (shard.ffn_hi - shard.ffn_lo) + 2 * h)
+                   + (shard.vocab_hi - shard.vocab_lo) * h * (1 if cfg.tie_word_embeddings else 2))
+    need = weights + num_blocks * block_size * per_token
+    free = _mem_available()
+    per_node = layout.local_size
+    if free is not None and need * per_node > free:
+        raise UsageError(
+            f"rank {layout.rank}: needs {need / 2**30:.2f} GiB (float32 weights {weights / 2**30:.2f} GiB + KV cache "
+            f"{(need - weights) / 2**30:.2f} GiB) x {per_node} ranks on this node, but only {free / 2**30:.2f} GiB "
+            f"is available. Use --tp {layout.tp * 2} (more ranks per replica), a smaller --kv-cache-memory, "
+            f"--max-model-len, or --device cuda.")
+    return NumpyRunner(Transformer(ckpt, comm), num_blocks, block_size), num_blocks, max_len
+
+
 def build_replica(opts, layout) -> Replica:
     from mpillm.comm import MPIComm, SingleComm
     from mpillm.engine import Engine, EngineConfig
@@ -95,16 +139,7 @@ def build_replica(opts, layout) -> Replica:
                                  "install the GPU extras (pip install mpillm[cuda]) or use --device cpu") from None
             local, num_blocks = build_cuda_runner(ckpt, opts, layout, max_len, block_size, log)
         else:
-            from mpillm.model import Transformer
-            from mpillm.runner import NumpyRunner
-            per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 // layout.tp or 1
-            tokens = int(opts.kv_cache_memory * (1 << 30) // per_token)
-            num_blocks = max(tokens // block_size, -(-max_len // block_size) + 1)
-            if tokens < max_len:
-                max_len = max(block_size, tokens)
-                log(f"mpillm: the {opts.kv_cache_memory} GiB KV cache holds {tokens} tokens: context capped there "
-                    f"(raise --kv-cache-memory for longer)")
-            local = NumpyRunner(Transformer(ckpt, comm), num_blocks, block_size)
+            local, num_blocks, max_len = _cpu_runner(ckpt, opts, layout, comm, max_len, block_size, log)
     except ShardingError as e:
         raise UsageError(str(e)) from None
     runner = GroupRunner(local, layout.group)

@@ -218,3 +218,43 @@ def test_sigterm_preempts_then_resume_finishes(model, tmp_path):
     mpillm("run", "--model", model, "--prompts", prompts, "--output", out, "--resume", ranks=2, check=0)
     final = records(out)
     assert sorted(map(rid, final)) == sorted(r["id"] for r in rows)
+
+
+def test_memory_that_does_not_fit_is_refused_before_any_request(model, tmp_path):
+    out = tmp_path / "o.jsonl"
+    p = mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, "--kv-cache-memory", "100000",
+               "--device", "cpu", check=2)
+    assert "GiB is available" in p.stderr and "--kv-cache-memory" in p.stderr and "--tp" in p.stderr
+    assert not out.exists() or out.read_text() == ""
+
+
+@needs_mpi
+def test_killed_rank_ends_the_job(model, tmp_path):
+    """A rank killed outright (no exception, no goodbye) mid-run: the launcher ends the others, no hang."""
+    rows = [{"id": f"r{i}", "prompt": f"Count to {i}:", "max_tokens": 64} for i in range(16)]
+    prompts = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpillm", "run", "--model", model, "--prompts", str(prompts),
+           "--output", str(out), "--tp", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    victim = None
+    while time.time() < deadline and victim is None and proc.poll() is None:
+        time.sleep(0.2)
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                env = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if str(out).encode() in args and (b"PMI_RANK=1\0" in env or b"OMPI_COMM_WORLD_RANK=1\0" in env) and args[0] != MPIEXEC.encode():
+                victim = int(pid)
+    assert victim is not None, "rank 1 never started"
+    time.sleep(3)                                 # let it get into the generation loop
+    t = time.time()
+    os.kill(victim, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert time.time() - t < 60

@@ -67,10 +67,11 @@ class Engine:
             return self.tokenizer.encode_chat(req.messages)
         return self.tokenizer.encode(req.prompt, add_special_tokens=True)
 
-    def add(self, req: Request) -> Result | None:
-        """Queue a request; a request that cannot run returns its error result at once."""
+    def add(self, req: Request, prompt_ids: list[int] | None = None) -> Result | None:
+        """Queue a request (already tokenized when `prompt_ids` is given); a request that cannot run returns
+        its error result at once."""
         try:
-            ids = self.tokenize(req)
+            ids = list(prompt_ids) if prompt_ids is not None else self.tokenize(req)
         except ValueError as e:
             return self._error(req, "invalid_request", str(e), 0)
         if not ids:

@@ -53,6 +53,11 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
     ap.add_argument("--no-graph", action="store_true", help="eager launches instead of CUDA graph replay")
     ap.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
+    ap.add_argument("--throughput", type=int, default=0, metavar="N",
+                    help="instead: N requests (ShareGPT-like lengths, seeded) through the engine, continuous "
+                         "batching vs static batching")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="--throughput: sequences decoded together")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
     args = ap.parse_args()
 
     from mpi4py import MPI
@@ -77,6 +82,8 @@ def main():
         from mpillm.checkpoint import open_checkpoint
         ckpt = open_checkpoint(args.model)
         cfg = ckpt.config
+    if args.throughput:
+        return throughput(args, ckpt, cfg, world)
     batches = [int(b) for b in args.batch.split(",") if b]
     prefills = [int(p) for p in args.prefill.split(",") if p]
     max_seqs = max(batches + [1])
@@ -174,6 +181,88 @@ def main():
         with open(args.json, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
+    device.close()
+
+
+def sharegpt_like(n: int, vocab: int, seed: int = 0):
+    """n (prompt ids, output length) pairs: log-normal lengths clipped to prompts 4-1024 and outputs 4-512
+    tokens, roughly the shape of ShareGPT conversations (medians ~170 and ~200)."""
+    rng = np.random.default_rng(seed)
+    plen = np.clip(rng.lognormal(5.1, 1.0, n), 4, 1024).astype(int)
+    olen = np.clip(rng.lognormal(5.2, 0.9, n), 4, 512).astype(int)
+    return [(rng.integers(0, vocab, p).tolist(), int(o)) for p, o in zip(plen, olen)]
+
+
+class _NoText:
+    """Tokenizer stand-in for random-weight runs: ids only, no EOS (every request runs to its length)."""
+    eos_ids = frozenset()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def throughput(args, ckpt, cfg, world):
+    """Offline throughput: the same requests through continuous batching, then through static batching
+    (a new batch starts only when the whole previous batch has finished)."""
+    from mpillm.cuda.backend import CudaRunner
+    from mpillm.cuda.kernels import Kernels
+    from mpillm.cuda.model import CudaTransformer
+    from mpillm.cuda.runtime import init_device
+    from mpillm.engine import Engine, EngineConfig
+    from mpillm.jobio import Request, SamplingParams
+    from mpillm.parallel import make_shard
+    if world.Get_size() != 1:
+        sys.exit("--throughput runs on one rank")
+    device = init_device(0)
+    kernels = Kernels(device)
+    model = CudaTransformer(ckpt, cfg, make_shard(cfg, 0, 1), device, kernels, dtype=args.dtype,
+                            max_tokens=args.max_num_batched_tokens, max_seqs=args.max_num_seqs, max_model_len=2048,
+                            gpu_memory_utilization=0.9)
+    runner = CudaRunner(model, device)
+    work = sharegpt_like(args.throughput, cfg.vocab_size)
+    n_out = sum(o for _, o in work)
+    n_in = sum(len(p) for p, _ in work)
+    print(f"# {device.name}, {args.model}, {args.dtype}: {len(work)} requests, {n_in} prompt + {n_out} output tokens; "
+          f"KV cache {model.num_blocks} blocks x 16")
+    results = {}
+    for mode in ("continuous", "static"):
+        eng = Engine(runner, _NoText(), EngineConfig(max_model_len=2048, num_blocks=model.num_blocks,
+                                                     max_num_seqs=args.max_num_seqs,
+                                                     max_num_batched_tokens=args.max_num_batched_tokens,
+                                                     prefix_caching=False))
+        reqs = [(Request(str(i), i, i, "", None, SamplingParams(max_tokens=o, ignore_eos=True), None), p)
+                for i, (p, o) in enumerate(work)]
+        peak_used = peak_live = 0
+        t = time.perf_counter()
+        done = 0
+        if mode == "continuous":
+            for r, p in reqs:
+                eng.add(r, prompt_ids=p)
+            while eng.has_work():
+                done += len(eng.step())
+                used = eng.blocks.num_blocks - eng.blocks.num_free
+                if used > peak_used:   # live tokens in the blocks held at the peak: 1 - this = fragmentation
+                    peak_used = used
+                    peak_live = sum(seq.num_computed for seq in eng.scheduler.running)
+        else:
+            for lo in range(0, len(reqs), args.max_num_seqs):
+                for r, p in reqs[lo: lo + args.max_num_seqs]:
+                    eng.add(r, prompt_ids=p)
+                while eng.has_work():
+                    done += len(eng.step())
+        secs = time.perf_counter() - t
+        assert done == len(reqs)
+        results[mode] = secs
+        print(f"{mode:10s}: {len(reqs) / secs:7.2f} req/s  {n_out / secs:9.1f} output tok/s  "
+              f"{(n_in + n_out) / secs:9.1f} total tok/s  ({secs:.1f} s, {eng.scheduler.num_preemptions} preemptions"
+              + (f", peak KV blocks in use {peak_used}/{eng.blocks.num_blocks}, holding live tokens in "
+                 f"{100 * peak_live / (peak_used * 16):.1f}% of their slots" if mode == "continuous" else "") + ")")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(dict(kind="throughput", mode=mode, gpu=device.name, model=args.model,
+                                        requests=len(reqs), req_s=len(reqs) / secs, out_tok_s=n_out / secs,
+                                        total_tok_s=(n_in + n_out) / secs)) + "\n")
+    print(f"continuous / static: {results['static'] / results['continuous']:.2f}x")
     device.close()
 
 

@@ -1,0 +1,38 @@
+// SwiGLU: out[t, i] = silu(gate[t, i]) * up[t, i], with gate_up[t] = [gate | up] as the merged
+// gate/up projection produces it. fp32 math, one rounding.
+#include "common.cuh"
+
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// grid-stride over rows x 8-element vectors (VEC: inter % 8 == 0) or over single elements.
+template <typename T, bool VEC>
+__device__ __forceinline__ void silu_mul_impl(T* out, const T* gate_up, int n_tokens, int inter) {
+    const int width = VEC ? inter >> 3 : inter;
+    const size_t total = (size_t)n_tokens * width;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = idx / width;
+        const int c = (int)(idx - t * width);
+        const T* gate = gate_up + t * 2 * inter;
+        if (VEC) {
+            float g[8], u[8];
+            unpack8<T>(reinterpret_cast<const uint4*>(gate)[c], g);
+            unpack8<T>(reinterpret_cast<const uint4*>(gate + inter)[c], u);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) g[i] = silu(g[i]) * u[i];
+            reinterpret_cast<uint4*>(out + t * inter)[c] = pack8<T>(g);
+        } else {
+            out[t * inter + c] = from_float<T>(silu(to_float(gate[c])) * to_float(gate[inter + c]));
+        }
+    }
+}
+
+#define SILU_KERNELS(T, NAME)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) silu_mul_##NAME(T* out, const T* gate_up,          \
+                                                                       int n_tokens, int inter, int vec) { \
+        if (vec) silu_mul_impl<T, true>(out, gate_up, n_tokens, inter);                                    \
+        else silu_mul_impl<T, false>(out, gate_up, n_tokens, inter);                                       \
+    }
+
+SILU_KERNELS(bf16, bf16)
+SILU_KERNELS(f16, f16)

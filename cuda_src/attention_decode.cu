@@ -1,0 +1,285 @@
+// Paged attention for decode (one new query per sequence), split-K over the context.
+//
+// attention_decode_*: grid (partitions, n_kv, n_seqs), 256 threads. A block takes one partition of
+// DECODE_PARTITION keys of one KV head and serves all query heads of that head's GQA group, so each K
+// and V row is read from memory once per group rather than once per query head. Decode is bound by
+// reading the cache, so this is plain fp32 FMA: scores go to shared memory, the partition's max and
+// sum are computed per head, then P V. With one partition per sequence the block writes the final
+// normalised output itself; otherwise it writes the unnormalised partial output with its max and sum
+// to caller-provided scratch and attention_decode_reduce_* merges the partitions.
+// Scores are in log2 units (q pre-scaled by scale * log2 e) so that exp2f applies directly.
+#include "common.cuh"
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+#define DECODE_THREADS 256
+#define DECODE_PARTITION 512
+#define DECODE_MAX_PARTS 1024    // contexts up to 512K keys
+#define DECODE_LANES_PER_KEY 8   // QK^T: 8 lanes share one key row, so a warp reads 4 rows at once
+#define DECODE_QK_KEYS 4         // keys per 8-lane group and step (loads issued together)
+#define DECODE_PV_UNROLL 8       // V rows in flight per thread in P V
+
+template <typename T, int HD, int MAXG>
+__device__ __forceinline__ void attention_decode_partition(
+    T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
+    const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ query_start, const int* __restrict__ context_lens,
+    int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int max_parts, int direct,
+    int group_size, int head_offset) {
+    constexpr int VECS = HD / 8;                                      // 16-byte vectors per head row
+    constexpr int VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY;
+    constexpr int N_WARPS = DECODE_THREADS / 32;
+    constexpr int GROUPS_PER_WARP = 32 / DECODE_LANES_PER_KEY;
+    constexpr int KEYS_PER_WARP_STEP = GROUPS_PER_WARP * DECODE_QK_KEYS;
+    constexpr int QUADS = HD / 4;                        // P V: a thread owns 4 columns (8-byte loads) ...
+    constexpr int KEY_LANES = DECODE_THREADS / QUADS;    // ... of every KEY_LANES-th key
+    constexpr int SLABS = DECODE_PARTITION / HD;         // [MAXG][HD] partial-output slabs s_work holds
+    static_assert(HD % 8 == 0 && KEY_LANES >= SLABS, "head_dim");
+
+    __shared__ float s_q[MAXG][HD];
+    // Scores [MAXG][PARTITION]; after P V the same space holds partial outputs, SLABS at a time.
+    __shared__ __align__(16) float s_work[MAXG * DECODE_PARTITION];
+    __shared__ int s_slot[DECODE_PARTITION];  // cache slot of every key of the partition
+    __shared__ float s_max[MAXG], s_sum[MAXG];
+
+    const int part = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // Query heads h with (h + head_offset) / group_size == kv_head: a tensor-parallel shard may start or end
+    // inside a GQA group, so the first and last kv heads can serve fewer than group_size query heads.
+    const int head0 = max(0, kv_head * group_size - head_offset);
+    const int group = min(n_heads, (kv_head + 1) * group_size - head_offset) - head0;
+    const int q_row = query_start[seq];
+    const int ctx = context_lens[seq];
+    const int k0 = part * DECODE_PARTITION;
+    if (k0 >= ctx) {
+        if (ctx == 0 && part == 0 && direct) {  // empty (padding) sequence: defined zeros, not garbage
+            for (int i = tid; i < group * HD; i += DECODE_THREADS)
+                out[((size_t)q_row * n_heads + head0) * HD + i] = from_float<T>(0.f);
+        }
+        return;
+    }
+    const int n = min(DECODE_PARTITION, ctx - k0);
+    const int* table = block_tables + (size_t)seq * max_blocks;
+    const size_t row_stride = (size_t)n_kv * HD;  // between consecutive cache slots
+    const size_t kv_offset = (size_t)kv_head * HD;
+
+    // Block-table lookups once, up front: afterwards every K/V load has its address ready, instead of
+    // waiting on a dependent table read.
+    for (int j = tid; j < n; j += DECODE_THREADS) {
+        const int key = k0 + j;
+        s_slot[j] = table[key / block_size] * block_size + key % block_size;
+    }
+    const T* q = qkv + (size_t)q_row * (n_heads + 2 * n_kv) * HD + (size_t)head0 * HD;
+    for (int i = tid; i < group * HD; i += DECODE_THREADS) s_q[i / HD][i % HD] = to_float(q[i]) * scale_log2;
+    __syncthreads();
+
+    // Scores: each 8-lane group takes DECODE_QK_KEYS keys per step, all loads issued before the math.
+    // The loop bound is uniform per warp so every lane reaches the shuffles. Each key's V row is
+    // prefetched into L2 here, so the P V phase below reads it from L2 instead of waiting on HBM.
+    const int sub = lane / DECODE_LANES_PER_KEY, l8 = lane % DECODE_LANES_PER_KEY;
+    for (int jb = warp * KEYS_PER_WARP_STEP; jb < n; jb += N_WARPS * KEYS_PER_WARP_STEP) {
+        uint4 raw[DECODE_QK_KEYS][VECS_PER_LANE];
+#pragma unroll
+        for (int u = 0; u < DECODE_QK_KEYS; ++u) {
+            const int j = jb + u * GROUPS_PER_WARP + sub;
+            const size_t row = (size_t)s_slot[min(j, n - 1)] * row_stride + kv_offset;
+            const T* k_row = k_cache + row;
+#pragma unroll
+            for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
+                const int v = l8 + vv * DECODE_LANES_PER_KEY;
+                raw[u][vv] = j < n && v < VECS ? reinterpret_cast<const uint4*>(k_row)[v] : make_uint4(0, 0, 0, 0);
+            }
+            if (j < n && l8 * 64 < HD * 2) prefetch_l2(v_cache + row + l8 * 32);  // 64-byte steps
+        }
+#pragma unroll
+        for (int u = 0; u < DECODE_QK_KEYS; ++u) {
+            const int j = jb + u * GROUPS_PER_WARP + sub;
+            float kf[VECS_PER_LANE][8];
+#pragma unroll
+            for (int vv = 0; vv < VECS_PER_LANE; ++vv) unpack8<T>(raw[u][vv], kf[vv]);
+#pragma unroll
+            for (int gi = 0; gi < MAXG; ++gi) {
+                if (gi >= group) break;
+                float dot = 0.f;
+#pragma unroll
+                for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
+                    const int v = min(l8 + vv * DECODE_LANES_PER_KEY, VECS - 1);  // kf is 0 where v >= VECS
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) dot += s_q[gi][v * 8 + e] * kf[vv][e];
+                }
+#pragma unroll
+                for (int o = DECODE_LANES_PER_KEY / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+                if (j < n && l8 == 0) s_work[gi * DECODE_PARTITION + j] = dot;
+            }
+        }
+    }
+    __syncthreads();
+
+    // Softmax statistics of this partition, one warp per head; scores become unnormalised p.
+    for (int gi = warp; gi < group; gi += N_WARPS) {
+        float* sc = s_work + gi * DECODE_PARTITION;
+        float mx = -INFINITY;
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[j]);
+        mx = warp_max(mx);
+        float sum = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            const float p = exp2f(sc[j] - mx);
+            sc[j] = p;
+            sum += p;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            s_max[gi] = mx;
+            s_sum[gi] = sum;
+        }
+    }
+    __syncthreads();
+
+    // P V: thread (key_lane, quad) accumulates columns 4 quad .. 4 quad + 3 over keys key_lane,
+    // key_lane + KEY_LANES, ..., DECODE_PV_UNROLL rows in flight.
+    const int quad = tid % QUADS, key_lane = tid / QUADS;
+    const bool pv_thread = key_lane < KEY_LANES;
+    float acc[MAXG][4];
+#pragma unroll
+    for (int gi = 0; gi < MAXG; ++gi) acc[gi][0] = acc[gi][1] = acc[gi][2] = acc[gi][3] = 0.f;
+    if (pv_thread) {
+        const T* v_base = v_cache + kv_offset + 4 * quad;
+        for (int jb = key_lane; jb < n; jb += KEY_LANES * DECODE_PV_UNROLL) {
+            uint2 raw[DECODE_PV_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DECODE_PV_UNROLL; ++u) {
+                const int j = jb + u * KEY_LANES;
+                raw[u] = j < n ? *reinterpret_cast<const uint2*>(v_base + (size_t)s_slot[j] * row_stride)
+                               : make_uint2(0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < DECODE_PV_UNROLL; ++u) {
+                const int j = min(jb + u * KEY_LANES, n - 1);  // raw is 0 past n
+                const float2 v01 = unpack2<T>(raw[u].x), v23 = unpack2<T>(raw[u].y);
+#pragma unroll
+                for (int gi = 0; gi < MAXG; ++gi) {
+                    if (gi >= group) break;
+                    const float p = s_work[gi * DECODE_PARTITION + j];
+                    acc[gi][0] += p * v01.x;
+                    acc[gi][1] += p * v01.y;
+                    acc[gi][2] += p * v23.x;
+                    acc[gi][3] += p * v23.y;
+                }
+            }
+        }
+    }
+    __syncthreads();  // all scores consumed: s_work now carries partial outputs
+
+    // Key lanes [0, SLABS) keep running sums; the others hand theirs over, SLABS lanes per round.
+    auto slab = [&](int slot, int gi) { return s_work + (slot * MAXG + gi) * HD + 4 * quad; };
+    for (int base = SLABS; base < KEY_LANES; base += SLABS) {
+        if (pv_thread && key_lane >= base && key_lane < base + SLABS) {
+#pragma unroll
+            for (int gi = 0; gi < MAXG; ++gi) {
+                if (gi >= group) break;
+                *reinterpret_cast<float4*>(slab(key_lane - base, gi)) =
+                    make_float4(acc[gi][0], acc[gi][1], acc[gi][2], acc[gi][3]);
+            }
+        }
+        __syncthreads();
+        if (key_lane < SLABS && key_lane + base < KEY_LANES) {
+#pragma unroll
+            for (int gi = 0; gi < MAXG; ++gi) {
+                if (gi >= group) break;
+                const float4 o = *reinterpret_cast<const float4*>(slab(key_lane, gi));
+                acc[gi][0] += o.x; acc[gi][1] += o.y; acc[gi][2] += o.z; acc[gi][3] += o.w;
+            }
+        }
+        __syncthreads();
+    }
+    if (key_lane < SLABS) {
+#pragma unroll
+        for (int gi = 0; gi < MAXG; ++gi) {
+            if (gi >= group) break;
+            *reinterpret_cast<float4*>(slab(key_lane, gi)) = make_float4(acc[gi][0], acc[gi][1], acc[gi][2], acc[gi][3]);
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < group * HD; i += DECODE_THREADS) {
+        const int gi = i / HD, d = i % HD;
+        float o = 0.f;
+#pragma unroll
+        for (int s = 0; s < SLABS; ++s) o += s_work[(s * MAXG + gi) * HD + d];
+        const int head = head0 + gi;
+        if (direct) {
+            out[((size_t)q_row * n_heads + head) * HD + d] = from_float<T>(o / s_sum[gi]);
+        } else {
+            const size_t idx = ((size_t)seq * n_heads + head) * max_parts + part;
+            part_out[idx * HD + d] = o;
+            if (d == 0) {
+                part_max[idx] = s_max[gi];
+                part_sum[idx] = s_sum[gi];
+            }
+        }
+    }
+}
+
+// grid (n_heads, n_seqs): merge the partitions of one head, weighting each by exp2(max_p - max).
+template <typename T, int HD>
+__device__ __forceinline__ void attention_decode_merge(T* __restrict__ out, const float* __restrict__ part_out,
+                                                       const float* __restrict__ part_max,
+                                                       const float* __restrict__ part_sum,
+                                                       const int* __restrict__ query_start,
+                                                       const int* __restrict__ context_lens, int n_heads,
+                                                       int max_parts) {
+    __shared__ float s_weight[DECODE_MAX_PARTS];
+    __shared__ float s_scratch[32];
+    const int head = blockIdx.x, seq = blockIdx.y;
+    const int ctx = context_lens[seq];
+    const int n_parts = (ctx + DECODE_PARTITION - 1) / DECODE_PARTITION;
+    const size_t base = ((size_t)seq * n_heads + head) * max_parts;
+    T* dst = out + ((size_t)query_start[seq] * n_heads + head) * HD;
+
+    float mx = -INFINITY;
+    for (int p = threadIdx.x; p < n_parts; p += blockDim.x) mx = fmaxf(mx, part_max[base + p]);
+    mx = block_max(mx, s_scratch);
+    float sum = 0.f;
+    for (int p = threadIdx.x; p < n_parts; p += blockDim.x) {
+        const float w = exp2f(part_max[base + p] - mx);
+        s_weight[p] = w;
+        sum += w * part_sum[base + p];
+    }
+    sum = block_sum(sum, s_scratch);  // its barriers also publish s_weight
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float o = 0.f;
+        for (int p = 0; p < n_parts; ++p) o += s_weight[p] * part_out[(base + p) * HD + d];
+        dst[d] = from_float<T>(o * inv);
+    }
+}
+
+#define DECODE_KERNEL(T, NAME, HD, MAXG)                                                                   \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 2) attention_decode_##NAME##_hd##HD##_g##MAXG( \
+        T* out, float* part_out, float* part_max, float* part_sum, const T* qkv, const T* k_cache,          \
+        const T* v_cache, const int* block_tables, const int* query_start, const int* context_lens,        \
+        int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int max_parts,            \
+        int direct, int group_size, int head_offset) {                                                     \
+        attention_decode_partition<T, HD, MAXG>(out, part_out, part_max, part_sum, qkv, k_cache, v_cache,  \
+                                                block_tables, query_start, context_lens, max_blocks,       \
+                                                n_heads, n_kv, block_size, scale_log2, max_parts, direct,  \
+                                                group_size, head_offset);                                  \
+    }
+#define MERGE_KERNEL(T, NAME, HD)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attention_decode_reduce_##NAME##_hd##HD(            \
+        T* out, const float* part_out, const float* part_max, const float* part_sum,                       \
+        const int* query_start, const int* context_lens, int n_heads, int max_parts) {                     \
+        attention_decode_merge<T, HD>(out, part_out, part_max, part_sum, query_start, context_lens,        \
+                                      n_heads, max_parts);                                                 \
+    }
+// GQA group sizes are served by the smallest MAXG >= group (1, 4, 8 or 16).
+#define DECODE_KERNELS_HD(T, NAME, HD)                                                                     \
+    DECODE_KERNEL(T, NAME, HD, 1) DECODE_KERNEL(T, NAME, HD, 4) DECODE_KERNEL(T, NAME, HD, 8)              \
+    DECODE_KERNEL(T, NAME, HD, 16) MERGE_KERNEL(T, NAME, HD)
+#define DECODE_KERNELS(T, NAME)                                                                            \
+    DECODE_KERNELS_HD(T, NAME, 64) DECODE_KERNELS_HD(T, NAME, 80) DECODE_KERNELS_HD(T, NAME, 96)           \
+    DECODE_KERNELS_HD(T, NAME, 128)
+
+DECODE_KERNELS(bf16, bf16)
+DECODE_KERNELS(f16, f16)

@@ -1,0 +1,164 @@
+// Small-M linear layer (decode): y[M, N] = x[M, K] @ w[N, K]^T (+ bias), M <= 8 * NT.
+//
+// Decode is bound by reading w once, so the kernel is shaped around that stream: every weight byte is
+// read once per call with 16-byte loads that bypass L1, and all M rows of x are served from that read.
+// The arithmetic runs on tensor cores with the roles swapped (16 weight rows are the mma's "M", the
+// up-to-8 tokens its "N"), which costs a handful of instructions per 512 weight bytes instead of the
+// per-element unpack + FMA of a scalar GEMV; that is what keeps M = 8..32 bandwidth-bound too.
+//
+// A dot product does not care in which order k is summed, so each lane loads 16-byte vectors straight
+// into mma fragments: lane (g, t) owns k = 8t..8t+7 and 32+8t..32+8t+7 of every 64-wide k block, for
+// both its weight rows (g, g+8) and its token (g). Both operands use the same assignment, so the
+// products pair up exactly. The loads stay coalesced: one instruction covers 64 contiguous bytes of
+// each of 8 rows.
+//
+// Block: WARPS warps on the same 16 weight rows, interleaved over k blocks (enough warps per SM even
+// when N is only 4096); partial tiles are summed through shared memory.
+#include "mma.cuh"
+
+// Production shape (the template below also serves benchmark variants).
+#define GEMV_WARPS 8
+#define GEMV_UNROLL 2          // k blocks per warp step
+#define GEMV_L2_PREFETCH true
+#define GEMV_PIPELINE true
+#define GEMV_ROWS 16      // weight rows per block (the mma M dimension)
+#define GEMV_KBLOCK 64    // k elements per warp step
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+// Pair p (0..7) of a lane's 16 elements: pairs 0-3 live in `lo`, 4-7 in `hi`.
+__device__ __forceinline__ uint32_t pair_of(const uint4& lo, const uint4& hi, int p) {
+    return p < 4 ? word_of(lo, p) : word_of(hi, p - 4);
+}
+
+// L2::256B asks L2 to fetch the whole 256-byte segment around each miss: the other half of a row's
+// 128 bytes is requested by the next instruction anyway.
+template <bool L2_PREFETCH>
+__device__ __forceinline__ uint4 ld_weight16(const void* p) {
+    if (!L2_PREFETCH) return ld_stream16(p);
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+// One warp step's registers: UNROLL k blocks of both weight rows (lo/hi halves of the lane's k) and of
+// the lane's token in each of the NT token tiles.
+template <int UNROLL, int NT>
+struct GemvStage {
+    uint4 wa[UNROLL][2], wb[UNROLL][2];
+    uint4 xv[UNROLL][NT][2];
+};
+
+// PIPELINE: two register stages, so the next step's loads are issued before this step's mma work and
+// each warp keeps weight bytes in flight without a gap.
+template <typename T, typename OutT, int NT, int WARPS = GEMV_WARPS, int UNROLL = GEMV_UNROLL,
+          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE>
+__device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __restrict__ x,
+                                               const T* __restrict__ w, const T* __restrict__ bias, int M,
+                                               int N, int K) {
+    __shared__ float partial[WARPS][NT * 4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * GEMV_ROWS;
+    // Rows past N are clamped onto row N-1: loads stay in bounds, results are never stored.
+    const T* w_lo = w + (size_t)min(n0 + g, N - 1) * K;
+    const T* w_hi = w + (size_t)min(n0 + g + 8, N - 1) * K;
+    const int n_kblocks = (K + GEMV_KBLOCK - 1) / GEMV_KBLOCK;
+    constexpr int STEP = WARPS * UNROLL;  // k blocks per block-wide step
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+    // Loads of k blocks kb0, kb0 + WARPS, ...; blocks past the end load nothing and read as zeros.
+    auto load = [&](GemvStage<UNROLL, NT>& st, int kb0) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u * WARPS;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int k = kb * GEMV_KBLOCK + h * 32 + t * 8;
+                const bool ok = kb < n_kblocks && k < K;  // K % 8 == 0: a vector is all in or all out
+                st.wa[u][h] = ok ? ld_weight16<L2_PREFETCH>(w_lo + k) : zero;
+                st.wb[u][h] = ok ? ld_weight16<L2_PREFETCH>(w_hi + k) : zero;
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    const int tok = j * 8 + g;
+                    st.xv[u][j][h] = ok && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
+                                                   : zero;
+                }
+            }
+        }
+    };
+    auto compute = [&](const GemvStage<UNROLL, NT>& st) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const uint32_t a[4] = {pair_of(st.wa[u][0], st.wa[u][1], 2 * s),
+                                       pair_of(st.wb[u][0], st.wb[u][1], 2 * s),
+                                       pair_of(st.wa[u][0], st.wa[u][1], 2 * s + 1),
+                                       pair_of(st.wb[u][0], st.wb[u][1], 2 * s + 1)};
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+                    mma_16816<T>(acc[j], a, pair_of(st.xv[u][j][0], st.xv[u][j][1], 2 * s),
+                                 pair_of(st.xv[u][j][0], st.xv[u][j][1], 2 * s + 1));
+            }
+        }
+    };
+
+    if (PIPELINE) {
+        GemvStage<UNROLL, NT> front, back;
+        load(front, warp);
+        for (int kb0 = warp; kb0 < n_kblocks; kb0 += 2 * STEP) {
+            load(back, kb0 + STEP);
+            compute(front);
+            load(front, kb0 + 2 * STEP);
+            compute(back);
+        }
+    } else {
+        for (int kb0 = warp; kb0 < n_kblocks; kb0 += STEP) {
+            GemvStage<UNROLL, NT> st;
+            load(st, kb0);
+            compute(st);
+        }
+    }
+
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
+        const int jc = idx >> 5, l = idx & 31, j = jc >> 2, c = jc & 3;
+        const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);  // C fragment: c0,c1 row g; c2,c3 row g+8
+        const int tok = j * 8 + 2 * (l & 3) + (c & 1);
+        if (row >= N || tok >= M) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) v += partial[wi][jc][l];
+        if (bias) v += to_float(bias[row]);
+        y[(size_t)tok * N + row] = from_float<OutT>(v);
+    }
+}
+
+// Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_CONFIGS mirrors WARPS.
+#define GEMV_KERNEL(T, OUT_T, NAME, NT, WARPS, UNROLL, L2, PIPE)                                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_##NAME##_m##NT(                         \
+        OUT_T* y, const T* x, const T* w, const T* bias, int M, int N, int K) {                            \
+        small_m_linear<T, OUT_T, NT, WARPS, UNROLL, L2, PIPE>(y, x, w, bias, M, N, K);                     \
+    }
+#define GEMV_KERNELS(T, OUT_T, NAME)                 \
+    GEMV_KERNEL(T, OUT_T, NAME, 1, 8, 2, true, true) \
+    GEMV_KERNEL(T, OUT_T, NAME, 2, 8, 2, true, true) \
+    GEMV_KERNEL(T, OUT_T, NAME, 4, 8, 1, true, true)
+
+// NAME = <input dtype>_<output dtype>
+GEMV_KERNELS(bf16, bf16, bf16_bf16)
+GEMV_KERNELS(bf16, float, bf16_f32)
+GEMV_KERNELS(f16, f16, f16_f16)
+GEMV_KERNELS(f16, float, f16_f32)

@@ -1,0 +1,61 @@
+"""The GPU runner: what `mpillm run --device cuda` plugs into the engine in place of the NumPy runner."""
+
+from __future__ import annotations
+
+from mpillm.runner import pick
+
+
+class CudaRunner:
+    """Runs a step on the GPU model. Sampling happens on the GPU and only token ids cross to the host;
+    requests that want logprobs or a repetition penalty take their logits to the host sampler instead."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    def execute(self, step, specs, sample: bool = True):
+        host = any(s.params.logprobs or s.params.repetition_penalty != 1.0 for s in specs)
+        if host:
+            _, logits = self.model.forward(step, specs, want_logits=True)
+            return [pick(logits[i], spec) for i, spec in enumerate(specs)] if sample else []
+        ids, _ = self.model.forward(step, specs)
+        return [(int(t), None) for t in ids] if sample else []
+
+    def close(self):
+        self.device.close()
+
+
+def compute_dtype(requested: str, checkpoint_dtype: str) -> str:
+    if requested in ("bfloat16", "auto") and not (requested == "auto" and checkpoint_dtype == "float16"):
+        return "bf16"
+    if requested in ("float16", "auto"):
+        return "f16"
+    raise ValueError(f"--dtype {requested}: the GPU backend computes in bfloat16 or float16")
+
+
+def build_cuda_runner(ckpt, opts, layout, max_len: int, block_size: int, log):
+    from mpillm.cuda.kernels import Kernels
+    from mpillm.cuda.model import CudaTransformer, GpuMemoryError
+    from mpillm.cuda.runtime import init_device
+    from mpillm.job import UsageError
+    from mpillm.parallel import make_shard
+    cfg = ckpt.config
+    shard = make_shard(cfg, layout.group.Get_rank(), layout.tp)
+    device = init_device(layout.local_rank)
+    comm = None
+    if layout.tp > 1:
+        from mpillm.cuda.nccl import NcclComm
+        splits = [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, r, layout.tp) for r in range(layout.tp))]
+        comm = NcclComm(layout.group, device, splits)
+        comm.reserve(opts.max_num_seqs)
+    kernels = Kernels(device)
+    log(f"mpillm: kernels ready in {kernels.compile_seconds:.2f} s on {device.name}")
+    try:
+        dtype = compute_dtype(opts.dtype, cfg.torch_dtype)
+        model = CudaTransformer(ckpt, cfg, shard, device, kernels,
+                                dtype=dtype, comm=comm, max_tokens=max(opts.max_num_batched_tokens, opts.max_num_seqs),
+                                max_seqs=opts.max_num_seqs, max_model_len=max_len, block_size=block_size,
+                                gpu_memory_utilization=opts.gpu_memory_utilization, log=log)
+    except (GpuMemoryError, ValueError) as e:
+        device.close()
+        raise UsageError(str(e)) from None
+    return CudaRunner(model, device), model.num_blocks

@@ -1,0 +1,459 @@
+"""The CUDA kernels of cuda_src/ and one typed launcher per kernel family.
+
+`Kernels(device)` compiles every cuda_src/*.cu once (nvcc through PyCUDA, cached on disk by PyCUDA)
+and exposes the launchers as methods. A launcher checks shapes and dtypes (ValueError naming the
+argument), does the grid/block arithmetic and enqueues the kernel on the device's stream with a
+prepared call. Launchers never synchronise, allocate or copy to/from the host, so a sequence of them
+can be captured into a CUDA graph; sizes that the GPU knows but the host does not (the longest query
+and context of a batch) are passed in by the caller, and scratch space is preallocated by the caller.
+
+Every kernel is the fp32-math counterpart of a reference in mpillm/ops.py; tests/gpu/test_kernels.py
+pins each one against it. This module imports pycuda only when a Kernels object is built, so the
+source/option helpers below also serve the CPU-only compile test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .runtime import CudaDevice, DeviceTensor
+
+CUDA_SRC = Path(__file__).resolve().parents[2] / "cuda_src"
+
+# No --use_fast_math: rope needs full-range sincosf and sampling needs accurate logf/expf.
+NVCC_OPTIONS = ["-O3", "--std=c++17", "-DNDEBUG", "-lineinfo"]
+
+LOG2E = 1.4426950408889634
+MODEL_DTYPES = ("bf16", "f16")
+
+# Block sizes and tile shapes, named once; each must match its #define / template in cuda_src.
+EMBEDDING_THREADS = 256
+ROPE_THREADS = 128
+SILU_THREADS = 256
+GEMV_ROWS = 16              # gemv.cu GEMV_ROWS
+# Up to 32 rows the bandwidth-bound kernel wins by far (H200, N=14336 K=4096: 2376 GB/s at M=32 against
+# 1453 GB/s for the tensor-core GEMM, whose 64-row tiles waste the weight reads on padding).
+GEMV_MAX_M = 32
+GEMV_THREADS = {1: 256, 2: 256, 4: 256}  # token tiles NT (M <= 8 NT) -> block size, as in gemv.cu GEMV_KERNELS
+# name -> (BM, BN, BK, threads, stages), as in gemm.cu GEMM_KERNELS
+GEMM_CONFIGS = {
+    "large": (128, 128, 64, 256, 3),
+    "small": (64, 64, 64, 128, 3),
+}
+ATTN_BQ, ATTN_BKV, ATTN_THREADS = 64, 64, 128   # attention_prefill.cu
+ATTN_HEAD_DIMS = (64, 80, 96, 128)
+DECODE_PARTITION = 512      # attention_decode.cu: keys per split-K partition
+DECODE_MAX_PARTS = 1024
+DECODE_THREADS = 256
+DECODE_REDUCE_THREADS = 128
+DECODE_GROUPS = (1, 4, 8, 16)  # instantiated GQA group bounds
+SAMPLE_THREADS = 1024
+SAMPLE_CANDIDATE_CAP = 4096  # sampling.cu CANDIDATE_CAP
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources and nvcc options (shared with tests/test_cuda_compile.py)
+
+
+def kernel_sources() -> dict[str, str]:
+    """{file stem: source text} of every cuda_src/*.cu, each compiled as its own module."""
+    return {p.stem: p.read_text() for p in sorted(CUDA_SRC.glob("*.cu"))}
+
+
+def nvcc_command(nvcc: str, source_path: str, arch: str, output_path: str) -> list[str]:
+    """The nvcc command line PyCUDA runs for one of our modules (minus PyCUDA's own include dir)."""
+    return [nvcc, "--cubin", *NVCC_OPTIONS, "-arch", arch, f"-I{CUDA_SRC}", source_path, "-o", output_path]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check(t, name: str, dtype=None, shape=None) -> DeviceTensor:
+    """ValueError naming `name` unless t is a DeviceTensor of that dtype (or one of several) and shape
+    (None entries match any size)."""
+    if not isinstance(t, DeviceTensor):
+        raise ValueError(f"{name}: expected a DeviceTensor, got {type(t).__name__}")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+        if t.dtype not in allowed:
+            raise ValueError(f"{name}: dtype {t.dtype}, expected {' or '.join(allowed)}")
+    if shape is not None:
+        if len(t.shape) != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name}: shape {t.shape}, expected {want}")
+    return t
+
+
+def _check_aligned(t: DeviceTensor, name: str) -> None:
+    if t.ptr % 16:
+        raise ValueError(f"{name}: device pointer must be 16-byte aligned for vector loads")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def seed_words(seeds) -> np.ndarray:
+    """Per-request 64-bit seeds -> int32 [B, 2] (low word, high word), the layout sample() takes."""
+    s = np.asarray(seeds, dtype=np.uint64).reshape(-1)
+    words = np.stack([s & np.uint64(0xFFFFFFFF), s >> np.uint64(32)], axis=1).astype(np.uint32)
+    return words.view(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode attention scratch
+
+
+def attention_scratch_shapes(max_seqs: int, n_heads: int, head_dim: int, max_context_len: int) -> dict:
+    """Shapes (all f32) of the split-K decode scratch for batches up to max_seqs sequences and contexts
+    up to max_context_len keys: partial outputs and the per-partition softmax max and sum."""
+    parts = max(1, _cdiv(max_context_len, DECODE_PARTITION))
+    return {
+        "partial_out": (max_seqs, n_heads, parts, head_dim),
+        "partial_max": (max_seqs, n_heads, parts),
+        "partial_sum": (max_seqs, n_heads, parts),
+    }
+
+
+def attention_scratch_bytes(max_seqs: int, n_heads: int, head_dim: int, max_context_len: int) -> int:
+    return sum(4 * math.prod(s) for s in attention_scratch_shapes(max_seqs, n_heads, head_dim,
+                                                                  max_context_len).values())
+
+
+class AttentionScratch:
+    """Preallocated split-K decode buffers; allocate once (at engine start), pass to every attention()."""
+
+    def __init__(self, max_seqs: int, n_heads: int, head_dim: int, max_context_len: int):
+        shapes = attention_scratch_shapes(max_seqs, n_heads, head_dim, max_context_len)
+        self.max_seqs, self.n_heads, self.head_dim = max_seqs, n_heads, head_dim
+        self.max_parts = shapes["partial_max"][2]
+        if self.max_parts > DECODE_MAX_PARTS:
+            raise ValueError(f"max_context_len: at most {DECODE_MAX_PARTS * DECODE_PARTITION} keys")
+        self.partial_out = DeviceTensor.empty(shapes["partial_out"], "f32")
+        self.partial_max = DeviceTensor.empty(shapes["partial_max"], "f32")
+        self.partial_sum = DeviceTensor.empty(shapes["partial_sum"], "f32")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Kernels:
+    """Compiled kernels plus launchers, bound to one device and its stream."""
+
+    def __init__(self, device: CudaDevice, cache_dir: str | None = None, workers: int | None = None):
+        import pycuda.driver as cuda
+        from pycuda.compiler import compile as nvcc_compile
+
+        self.device = device
+        self.stream = device.stream
+        self._cuda = cuda
+        sources = kernel_sources()
+        workers = workers or min(len(sources), os.cpu_count() or 1)
+
+        def build(source: str) -> bytes:
+            return nvcc_compile(source, options=list(NVCC_OPTIONS), no_extern_c=True, arch=device.arch,
+                                include_dirs=[str(CUDA_SRC)], cache_dir=cache_dir)
+
+        # nvcc runs out of process, so modules compile in parallel; loading needs the context (this thread).
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            cubins = dict(zip(sources, pool.map(build, sources.values())))
+        self._modules = {name: cuda.module_from_buffer(cubin) for name, cubin in cubins.items()}
+        # Cold: nvcc ran (seconds); warm: PyCUDA's disk cache answered (preprocessing only).
+        self.compile_seconds = time.perf_counter() - start
+        self._functions: dict[str, object] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _fn(self, module: str, name: str, arg_format: str, shared: int = 0):
+        """Prepared kernel `name` of cuda_src/<module>.cu, looked up once and cached."""
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._modules[module].get_function(name)
+            fn.prepare(arg_format)
+            if shared > 48 * 1024:
+                if shared > self.device.max_shared_per_block_optin:
+                    raise ValueError(f"{name}: needs {shared} B of shared memory, device allows "
+                                     f"{self.device.max_shared_per_block_optin}")
+                fn.set_attribute(self._cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
+            self._functions[name] = fn
+        return fn
+
+    def _launch(self, fn, grid, block: int, *args, shared: int = 0) -> None:
+        fn.prepared_async_call(grid, (block, 1, 1), self.stream, *args, shared_size=shared)
+
+    # -- embedding --------------------------------------------------------------------------------
+    def embedding(self, out: DeviceTensor, ids: DeviceTensor, table: DeviceTensor, vocab_start: int = 0) -> None:
+        """out[T, H] = table[ids - vocab_start], zeros for ids outside this rank's [vocab_start, +V_local)."""
+        _check(table, "table", MODEL_DTYPES, (None, None))
+        v_local, hidden = table.shape
+        _check(ids, "ids", "i32", (None,))
+        n = ids.shape[0]
+        _check(out, "out", table.dtype, (n, hidden))
+        if hidden % 8 == 0:
+            _check_aligned(table, "table")
+            _check_aligned(out, "out")
+        if n == 0:
+            return
+        fn = self._fn("embedding", "embedding_b16", "PPPiii")
+        self._launch(fn, (n, 1), EMBEDDING_THREADS, out.ptr, ids.ptr, table.ptr, vocab_start, v_local, hidden)
+
+    # -- norms ------------------------------------------------------------------------------------
+    def _norm_threads(self, hidden: int, vec: bool) -> int:
+        units = hidden // 8 if vec else hidden
+        return min(1024, max(32, _cdiv(units, 32) * 32))
+
+    def rms_norm(self, out: DeviceTensor, x: DeviceTensor, weight: DeviceTensor, eps: float) -> None:
+        """out[T, H] = x / sqrt(mean(x^2) + eps) * weight (fp32 math). out may alias x."""
+        _check(x, "x", MODEL_DTYPES, (None, None))
+        n, hidden = x.shape
+        _check(out, "out", x.dtype, (n, hidden))
+        _check(weight, "weight", x.dtype, (hidden,))
+        vec = hidden % 8 == 0 and all(t.ptr % 16 == 0 for t in (out, x, weight))
+        if n == 0:
+            return
+        fn = self._fn("norm", f"rms_norm_{x.dtype}", "PPPifi")
+        self._launch(fn, (n, 1), self._norm_threads(hidden, vec), out.ptr, x.ptr, weight.ptr, hidden,
+                     float(eps), int(vec))
+
+    def add_rms_norm(self, out: DeviceTensor, x: DeviceTensor, residual: DeviceTensor, weight: DeviceTensor,
+                     eps: float) -> None:
+        """residual += x (in place, rounded to the model dtype); out = rms_norm(residual). out may alias x."""
+        _check(x, "x", MODEL_DTYPES, (None, None))
+        n, hidden = x.shape
+        _check(out, "out", x.dtype, (n, hidden))
+        _check(residual, "residual", x.dtype, (n, hidden))
+        _check(weight, "weight", x.dtype, (hidden,))
+        vec = hidden % 8 == 0 and all(t.ptr % 16 == 0 for t in (out, x, residual, weight))
+        if n == 0:
+            return
+        fn = self._fn("norm", f"add_rms_norm_{x.dtype}", "PPPPifi")
+        self._launch(fn, (n, 1), self._norm_threads(hidden, vec), out.ptr, x.ptr, residual.ptr, weight.ptr,
+                     hidden, float(eps), int(vec))
+
+    # -- rotary embedding + KV-cache store --------------------------------------------------------
+    def rope_store_kv(self, qkv: DeviceTensor, positions: DeviceTensor, inv_freq: DeviceTensor,
+                      k_cache: DeviceTensor, v_cache: DeviceTensor, slot_mapping: DeviceTensor,
+                      n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        """Rotate q and k of qkv[T, (nh + 2 nkv) hd] in place at `positions`, and store k, v of token t in
+        cache slot slot_mapping[t] (block = slot // block_size, offset = slot % block_size; < 0 skips).
+        Caches: [num_blocks, block_size, nkv, hd]."""
+        if head_dim % 2 or head_dim > 256:
+            raise ValueError(f"head_dim: {head_dim} must be even and <= 256")
+        _check(qkv, "qkv", MODEL_DTYPES, (None, (n_heads + 2 * n_kv_heads) * head_dim))
+        n = qkv.shape[0]
+        _check(positions, "positions", "i32", (n,))
+        _check(inv_freq, "inv_freq", "f32", (head_dim // 2,))
+        _check(k_cache, "k_cache", qkv.dtype, (None, None, n_kv_heads, head_dim))
+        _check(v_cache, "v_cache", qkv.dtype, k_cache.shape)
+        _check(slot_mapping, "slot_mapping", "i32", (n,))
+        if head_dim % 8 == 0:
+            for t, name in ((qkv, "qkv"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+                _check_aligned(t, name)
+        if n == 0:
+            return
+        fn = self._fn("rope_kv", f"rope_store_kv_{qkv.dtype}", "PPPPPPiii")
+        self._launch(fn, (n, 1), ROPE_THREADS, qkv.ptr, positions.ptr, inv_freq.ptr, k_cache.ptr, v_cache.ptr,
+                     slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
+
+    # -- activation -------------------------------------------------------------------------------
+    def silu_mul(self, out: DeviceTensor, gate_up: DeviceTensor) -> None:
+        """out[T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]."""
+        _check(gate_up, "gate_up", MODEL_DTYPES, (None, None))
+        n, width = gate_up.shape
+        if width % 2:
+            raise ValueError(f"gate_up: last dimension {width} must be even (gate | up)")
+        inter = width // 2
+        _check(out, "out", gate_up.dtype, (n, inter))
+        vec = inter % 8 == 0 and out.ptr % 16 == 0 and gate_up.ptr % 16 == 0
+        total = n * (inter // 8 if vec else inter)
+        if total == 0:
+            return
+        # Grid-stride loop: enough blocks to fill every SM several times over, no more.
+        blocks = min(_cdiv(total, SILU_THREADS), self.device.sm_count * 16)
+        fn = self._fn("activation", f"silu_mul_{gate_up.dtype}", "PPiii")
+        self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter, int(vec))
+
+    # -- linear -----------------------------------------------------------------------------------
+    def linear(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias: DeviceTensor | None = None,
+               path: str | None = None) -> None:
+        """y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]), fp32 accumulation; y in the model dtype or f32.
+
+        M <= GEMV_MAX_M (32) runs the bandwidth-bound small-M kernel, larger M the tensor-core GEMM.
+        `path` ("gemv" or "gemm") forces one (tests, benchmarks).
+        """
+        _check(w, "w", MODEL_DTYPES, (None, None))
+        n, k = w.shape
+        _check(x, "x", w.dtype, (None, k))
+        m = x.shape[0]
+        _check(y, "y", (w.dtype, "f32"), (m, n))
+        if bias is not None:
+            _check(bias, "bias", w.dtype, (n,))
+        if k % 8:
+            raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
+        _check_aligned(x, "x")
+        _check_aligned(w, "w")
+        if m == 0 or n == 0:
+            return
+        if path is None:
+            path = "gemv" if m <= GEMV_MAX_M else "gemm"
+        suffix = f"{w.dtype}_{y.dtype}"
+        bias_ptr = 0 if bias is None else bias.ptr
+        if path == "gemv":
+            tiles = next((nt for nt in GEMV_THREADS if m <= 8 * nt), None)
+            if tiles is None:
+                raise ValueError(f"x: gemv path takes at most {8 * max(GEMV_THREADS)} rows, got {m}")
+            fn = self._fn("gemv", f"gemv_{suffix}_m{tiles}", "PPPPiii")
+            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y.ptr, x.ptr, w.ptr, bias_ptr, m, n, k)
+        elif path == "gemm":
+            cfg = self._gemm_config(m, n)
+            bm, bn, bk, threads, stages = GEMM_CONFIGS[cfg]
+            shared = stages * (bm + bn) * (bk + 8) * 2
+            fn = self._fn("gemm", f"gemm_{suffix}_{cfg}", "PPPPiii", shared)
+            self._launch(fn, (_cdiv(m, bm) * _cdiv(n, bn), 1), threads, y.ptr, x.ptr, w.ptr, bias_ptr, m, n, k,
+                         shared=shared)
+        else:
+            raise ValueError(f"path: {path!r}, expected 'gemv', 'gemm' or None")
+
+    def _gemm_config(self, m: int, n: int) -> str:
+        """Large tiles once they occupy about 3/4 of the SMs; below that the 4x more numerous small tiles
+        finish sooner (H200: M=128 N=14336 large 196 TFLOP/s vs small 142; M=256 N=4096 small 152 vs 116)."""
+        bm, bn = GEMM_CONFIGS["large"][:2]
+        return "large" if _cdiv(m, bm) * _cdiv(n, bn) * 4 >= 3 * self.device.sm_count else "small"
+
+    # -- attention --------------------------------------------------------------------------------
+    def attention(self, out: DeviceTensor, qkv: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
+                  block_tables: DeviceTensor, query_start: DeviceTensor, context_lens: DeviceTensor,
+                  n_heads: int, n_kv_heads: int, head_dim: int, scale: float, max_query_len: int,
+                  max_context_len: int, scratch: AttentionScratch | None = None, group: int | None = None,
+                  head_offset: int = 0) -> None:
+        """Causal paged GQA attention of a flattened batch.
+
+        out [T, nh, hd] (or [T, nh * hd]); q is read from qkv [T, (nh + 2 nkv) hd]; caches
+        [num_blocks, block_size, nkv, hd]; block_tables [S, max_blocks] i32; query_start [S + 1] i32
+        (prefix sums of the query counts); context_lens [S] i32 (KV length including the new tokens).
+        Query j of sequence s sits at position context_lens[s] - n_q + j and sees keys 0..position.
+
+        max_query_len / max_context_len must bound every sequence of the batch (they size the grid; the
+        host knows them, the kernels do not need them exactly). max_query_len == 1 takes the split-K
+        decode path, which needs `scratch` when max_context_len > DECODE_PARTITION.
+
+        GQA: query head h reads kv head (h + head_offset) // group; by default group = n_heads / n_kv_heads
+        and head_offset = 0 (HF's repeat_kv). A tensor-parallel shard whose heads start inside a GQA group
+        passes the model's group and its first head's position in that group (mpillm.parallel.Shard).
+        """
+        if head_dim not in ATTN_HEAD_DIMS:
+            raise ValueError(f"head_dim: {head_dim} not in {ATTN_HEAD_DIMS}")
+        if group is None:
+            if n_heads % n_kv_heads:
+                raise ValueError(f"n_heads: {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+            group = n_heads // n_kv_heads
+        if not (group >= 1 and 0 <= head_offset < group and (n_heads - 1 + head_offset) // group == n_kv_heads - 1):
+            raise ValueError(f"group/head_offset: {n_heads} query heads with group {group} and offset {head_offset} "
+                             f"do not map onto exactly {n_kv_heads} kv heads")
+        _check(qkv, "qkv", MODEL_DTYPES, (None, (n_heads + 2 * n_kv_heads) * head_dim))
+        dt = qkv.dtype
+        n_tokens = qkv.shape[0]
+        if out.shape not in ((n_tokens, n_heads, head_dim), (n_tokens, n_heads * head_dim)):
+            raise ValueError(f"out: shape {out.shape}, expected ({n_tokens}, {n_heads}, {head_dim})")
+        _check(out, "out", dt)
+        _check(k_cache, "k_cache", dt, (None, None, n_kv_heads, head_dim))
+        _check(v_cache, "v_cache", dt, k_cache.shape)
+        block_size = k_cache.shape[1]
+        _check(context_lens, "context_lens", "i32", (None,))
+        n_seqs = context_lens.shape[0]
+        _check(query_start, "query_start", "i32", (n_seqs + 1,))
+        _check(block_tables, "block_tables", "i32", (n_seqs, None))
+        max_blocks = block_tables.shape[1]
+        for t, name in ((qkv, "qkv"), (out, "out"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+            _check_aligned(t, name)
+        if n_seqs == 0 or max_query_len <= 0 or max_context_len <= 0:
+            return
+        scale_log2 = float(scale) * LOG2E
+
+        if max_query_len > 1:
+            shared = (ATTN_BQ + 4 * ATTN_BKV) * (head_dim + 8) * 2  # Q tile + double-buffered K and V
+            fn = self._fn("attention_prefill", f"attention_prefill_{dt}_hd{head_dim}", "PPPPPPPiiiifii", shared)
+            self._launch(fn, (_cdiv(max_query_len, ATTN_BQ), n_heads, n_seqs), ATTN_THREADS, out.ptr, qkv.ptr,
+                         k_cache.ptr, v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr,
+                         max_blocks, n_heads, n_kv_heads, block_size, scale_log2, group, head_offset, shared=shared)
+            return
+
+        group_bound = next((g for g in DECODE_GROUPS if group <= g), None)
+        if group_bound is None:
+            raise ValueError(f"n_heads: GQA group {group} exceeds {DECODE_GROUPS[-1]}")
+        parts = _cdiv(max_context_len, DECODE_PARTITION)
+        direct = parts == 1
+        if direct:
+            part_ptrs, max_parts = (0, 0, 0), 1
+        else:
+            if not isinstance(scratch, AttentionScratch):
+                raise ValueError("scratch: an AttentionScratch is required when max_context_len > "
+                                 f"{DECODE_PARTITION} on the decode path")
+            if (n_seqs > scratch.max_seqs or parts > scratch.max_parts or scratch.n_heads != n_heads
+                    or scratch.head_dim != head_dim):
+                raise ValueError(f"scratch: sized for {scratch.max_seqs} seqs x {scratch.n_heads} heads x "
+                                 f"{scratch.max_parts} partitions x hd {scratch.head_dim}; this call needs "
+                                 f"{n_seqs} x {n_heads} x {parts} x {head_dim}")
+            part_ptrs = (scratch.partial_out.ptr, scratch.partial_max.ptr, scratch.partial_sum.ptr)
+            max_parts = scratch.max_parts
+        fn = self._fn("attention_decode", f"attention_decode_{dt}_hd{head_dim}_g{group_bound}",
+                      "PPPPPPPPPPiiiifiiii")
+        self._launch(fn, (parts, n_kv_heads, n_seqs), DECODE_THREADS, out.ptr, *part_ptrs, qkv.ptr, k_cache.ptr,
+                     v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr, max_blocks, n_heads,
+                     n_kv_heads, block_size, scale_log2, max_parts, int(direct), group, head_offset)
+        if not direct:
+            fn = self._fn("attention_decode", f"attention_decode_reduce_{dt}_hd{head_dim}", "PPPPPPii")
+            self._launch(fn, (n_heads, n_seqs), DECODE_REDUCE_THREADS, out.ptr, *part_ptrs, query_start.ptr,
+                         context_lens.ptr, n_heads, max_parts)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def argmax(self, out_ids: DeviceTensor, logits: DeviceTensor) -> None:
+        """out_ids[b] = argmax(logits[b]) (first index among equal maxima)."""
+        _check(logits, "logits", "f32", (None, None))
+        b, vocab = logits.shape
+        _check(out_ids, "out_ids", "i32", (b,))
+        if vocab % 4 == 0:
+            _check_aligned(logits, "logits")
+        if b == 0:
+            return
+        fn = self._fn("sampling", "argmax_f32", "PPi")
+        self._launch(fn, (b, 1), SAMPLE_THREADS, out_ids.ptr, logits.ptr, vocab)
+
+    def sample(self, out_ids: DeviceTensor, logits: DeviceTensor, temperature: DeviceTensor, top_k: DeviceTensor,
+               top_p: DeviceTensor, min_p: DeviceTensor, seeds: DeviceTensor, steps: DeviceTensor,
+               candidate_cap: int = SAMPLE_CANDIDATE_CAP) -> None:
+        """One token per row of logits [B, V] f32.
+
+        Per row: temperature <= 0 (or top_k == 1) is greedy argmax; otherwise z = logits / temperature,
+        then top_k (0 = off), top_p over the top-k survivors (1 = off), min_p (p >= min_p * p_max, 0 = off),
+        then an exact draw from the renormalised softmax of the survivors. seeds [B, 2] i32 holds each
+        request's 64-bit seed (see seed_words); a draw depends only on (seed, steps[b]).
+
+        candidate_cap bounds the shared-memory fast route (tests pass 0 to force the full-vocabulary
+        route, which must pick the same tokens).
+        """
+        _check(logits, "logits", "f32", (None, None))
+        b, vocab = logits.shape
+        _check(out_ids, "out_ids", "i32", (b,))
+        _check(temperature, "temperature", "f32", (b,))
+        _check(top_k, "top_k", "i32", (b,))
+        _check(top_p, "top_p", "f32", (b,))
+        _check(min_p, "min_p", "f32", (b,))
+        _check(seeds, "seeds", "i32", (b, 2))
+        _check(steps, "steps", "i32", (b,))
+        if vocab % 4 == 0:
+            _check_aligned(logits, "logits")
+        if not 0 <= candidate_cap <= SAMPLE_CANDIDATE_CAP:
+            raise ValueError(f"candidate_cap: {candidate_cap} outside [0, {SAMPLE_CANDIDATE_CAP}]")
+        if b == 0:
+            return
+        fn = self._fn("sampling", "sample_f32", "PPPPPPPPii")
+        self._launch(fn, (b, 1), SAMPLE_THREADS, out_ids.ptr, logits.ptr, temperature.ptr, top_k.ptr, top_p.ptr,
+                     min_p.ptr, seeds.ptr, steps.ptr, vocab, int(candidate_cap))

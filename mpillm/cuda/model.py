@@ -1,0 +1,422 @@
+"""The transformer on one GPU (this rank's tensor-parallel shard), built from the kernels in cuda_src/.
+
+Same layers, same sharding and same order of operations as the NumPy reference in mpillm/model.py, on
+device buffers that are all allocated once at startup:
+
+    embed -> for each layer: h = norm(r); r += o_proj(attn(h)); h = norm(r); r += down(silu(gate_up(h)))
+          -> norm -> LM head -> sample
+
+The residual add is fused into the next norm (add_rms_norm). A step's metadata travels in one packed
+int32 buffer (one host-to-device copy); only sampled token ids come back. Pure decode steps replay a
+CUDA graph captured once per batch-size bucket.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpillm import ops
+from mpillm.batch import StepInput
+from mpillm.checkpoint import Checkpoint
+from mpillm.comm import SingleComm
+from mpillm.config import ModelConfig
+from mpillm.cuda.runtime import DeviceTensor, device_alloc
+from mpillm.parallel import Shard
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+class GpuMemoryError(RuntimeError):
+    """Weights or KV cache do not fit: the message has the numbers and the flags that would help."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+@dataclass
+class LayerWeights:
+    ln1: DeviceTensor          # [H]
+    qkv: DeviceTensor          # [(nq + 2 nkv) hd, H]
+    qkv_bias: DeviceTensor | None
+    o: DeviceTensor            # [H, nq hd]
+    ln2: DeviceTensor          # [H]
+    gate_up: DeviceTensor      # [2 I_local, H]
+    down: DeviceTensor         # [H, I_local]
+
+
+class StepBuffers:
+    """The packed per-step metadata: one pinned host array mirrored by one device array, fixed offsets.
+
+    int32 fields: ids, positions, slots [T]; query_start [S+1]; context_lens, logits_index, top_k, steps [S];
+    seeds [S, 2]; temperature, top_p, min_p [S] (f32 bits); block_tables [S, max_blocks] last, so a step
+    copies only the rows it uses.
+    """
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int):
+        import pycuda.driver as cuda
+        T, S = max_tokens, max_seqs
+        layout = [("ids", T), ("positions", T), ("slots", T), ("query_start", S + 1), ("context_lens", S),
+                  ("logits_index", S), ("top_k", S), ("steps", S), ("seeds", 2 * S), ("temperature", S),
+                  ("top_p", S), ("min_p", S), ("block_tables", S * max_blocks)]
+        self.offset, off = {}, 0
+        for name, n in layout:
+            self.offset[name] = off
+            off += n
+        self.size, self.max_blocks = off, max_blocks
+        self.host = cuda.pagelocked_empty(off, np.int32)
+        self.dev = DeviceTensor.empty((off,), "i32")
+        self.max_tokens, self.max_seqs = T, S
+
+    def host_view(self, name: str, n: int, dtype=np.int32) -> np.ndarray:
+        a = self.host[self.offset[name]: self.offset[name] + n]
+        return a.view(dtype) if dtype != np.int32 else a
+
+    def dev_view(self, name: str, shape, dtype: str = "i32") -> DeviceTensor:
+        t = self.dev.view(self.offset[name], shape)
+        if dtype != "i32":
+            t = DeviceTensor((t._base, t._offset), shape, dtype)
+        return t
+
+    def upload(self, num_seqs: int, stream):
+        import pycuda.driver as cuda
+        n = self.offset["block_tables"] + num_seqs * self.max_blocks
+        cuda.memcpy_htod_async(self.dev.ptr, self.host[:n], stream)
+
+
+class CudaTransformer:
+    """One rank's shard of the model on its GPU, with its KV cache and step buffers."""
+
+    def __init__(self, ckpt: Checkpoint | None, cfg: ModelConfig, shard: Shard, device, kernels, *,
+                 dtype: str = "bf16", comm=None, max_tokens: int = 2048, max_seqs: int = 64,
+                 max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
+                 num_blocks: int | None = None, log=lambda m: None):
+        import pycuda.driver as cuda
+        self.cuda, self.cfg, self.shard, self.dev, self.k = cuda, cfg, shard, device, kernels
+        self.comm = comm or SingleComm()
+        self.dtype, self.block_size = dtype, block_size
+        self.max_tokens, self.max_seqs, self.max_model_len = max_tokens, max_seqs, max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        hd, H = cfg.head_dim, cfg.hidden_size
+        nq, nkv = shard.n_heads, shard.n_kv_heads
+        self.qkv_width = (nq + 2 * nkv) * hd
+        self.inter = shard.ffn_hi - shard.ffn_lo
+        self.vocab_local = shard.vocab_hi - shard.vocab_lo
+
+        self._check_weight_memory(log)
+        t0 = time.perf_counter()
+        self._pool = None
+        self.layers = [self._load_layer(ckpt, i) for i in range(cfg.num_layers)]
+        self.embed = self._param(ckpt, "model.embed_tokens.weight", (self.vocab_local, H),
+                                 lambda: ckpt.load("model.embed_tokens.weight", rows=slice(shard.vocab_lo, shard.vocab_hi)))
+        self.norm = self._param(ckpt, "model.norm.weight", (H,), lambda: ckpt.load("model.norm.weight"))
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = self._param(ckpt, "lm_head.weight", (self.vocab_local, H),
+                                       lambda: ckpt.load("lm_head.weight", rows=slice(shard.vocab_lo, shard.vocab_hi)))
+        self._pool = None
+        self.inv_freq = DeviceTensor.from_numpy(ops.rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling), "f32")
+        device.synchronize()
+        self.load_seconds = time.perf_counter() - t0
+
+        # Activations, sized for the largest step.
+        T, S, dt = max_tokens, max_seqs, dtype
+        self.resid = DeviceTensor.empty((T, H), dt)        # the residual stream r
+        self.h = DeviceTensor.empty((T, H), dt)            # norm(r)
+        self.delta = DeviceTensor.empty((T, H), dt)        # a sub-layer's output, added into r
+        self.qkv = DeviceTensor.empty((T, self.qkv_width), dt)
+        self.attn = DeviceTensor.empty((T, nq * hd), dt)
+        self.gate_up = DeviceTensor.empty((T, 2 * self.inter), dt)
+        self.act = DeviceTensor.empty((T, self.inter), dt)
+        self.last = DeviceTensor.empty((S, H), dt)         # rows we take logits of
+        # Room for S rows of the widest vocab shard: NCCL's all-gather sends equal counts from every rank.
+        vocab_pad = -(-cfg.vocab_size // shard.size)
+        self.logits_local = DeviceTensor.empty((S * max(vocab_pad, self.vocab_local),), "f32")
+        self.logits = (self.logits_local if self.comm.size == 1
+                       else DeviceTensor.empty((S, cfg.vocab_size), "f32"))
+        self.out_ids = DeviceTensor.empty((S,), "i32")
+        self.out_host = cuda.pagelocked_empty(S, np.int32)
+        self.buf = StepBuffers(T, S, self.max_blocks)
+        from mpillm.cuda.kernels import AttentionScratch
+        self.scratch = AttentionScratch(S, nq, hd, self.max_blocks * block_size)
+
+        self._alloc_kv_cache(num_blocks, gpu_memory_utilization, log)
+        self.graphs: dict[int, object] = {}
+        self.graph_seconds = 0.0
+
+    # ---------------------------------------------------------------------------------------- weights
+    def _weight_bytes(self) -> int:
+        c, s = self.cfg, self.shard
+        per_layer = self.qkv_width * c.hidden_size + s.n_heads * c.head_dim * c.hidden_size \
+            + 3 * self.inter * c.hidden_size + 2 * c.hidden_size
+        vocab = self.vocab_local * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+        return (c.num_layers * per_layer + vocab + c.hidden_size) * 2
+
+    def _check_weight_memory(self, log):
+        free, total = self.cuda.mem_get_info()
+        need = self._weight_bytes()
+        if need > free * 0.95:
+            raise GpuMemoryError(
+                f"rank {self.shard.rank}: the weights need {_mib(need)} but GPU {self.dev.ordinal} "
+                f"({self.dev.name}) has {_mib(free)} free of {_mib(total)}. Use more GPUs per replica "
+                f"(--tp {self.shard.size * 2}) or --quantize int8.")
+        log(f"mpillm: rank {self.shard.rank}: weights {_mib(need)} of {_mib(free)} free on {self.dev.name}")
+
+    def _param(self, ckpt, name, shape, load) -> DeviceTensor:
+        if ckpt is not None:
+            arr = load()
+            if tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"{name}: checkpoint shard has shape {arr.shape}, expected {shape}")
+            return DeviceTensor.from_numpy(arr, self.dtype)
+        return self._random(shape)
+
+    def _random(self, shape) -> DeviceTensor:
+        """Random weights with real shapes (benchmarks): device copies of one random pool, no host traffic."""
+        if self._pool is None:
+            rng = np.random.default_rng(0)
+            self._pool = DeviceTensor.from_numpy(rng.standard_normal(1 << 22, np.float32) * 0.02, self.dtype)
+        t = DeviceTensor.empty(shape, self.dtype)
+        done, n = 0, t.nbytes
+        while done < n:
+            step = min(self._pool.nbytes, n - done)
+            self.cuda.memcpy_dtod_async(t.ptr + done, self._pool.ptr, step, self.dev.stream)
+            done += step
+        return t
+
+    def _load_layer(self, ckpt, i: int) -> LayerWeights:
+        c, s = self.cfg, self.shard
+        H, hd = c.hidden_size, c.head_dim
+        if ckpt is None:
+            return LayerWeights(self._random((H,)), self._random((self.qkv_width, H)),
+                                self._random((self.qkv_width,)) if c.attention_bias else None,
+                                self._random((H, s.n_heads * hd)), self._random((H,)),
+                                self._random((2 * self.inter, H)), self._random((H, self.inter)))
+        # The NumPy layer classes own the sharding rules; build one layer on the host, upload, drop it.
+        from mpillm.model import DecoderLayer
+        layer = DecoderLayer(ckpt, c, s, SingleComm(), i)
+        up = lambda a: DeviceTensor.from_numpy(a, self.dtype)
+        a, m = layer.self_attn, layer.mlp
+        return LayerWeights(up(layer.input_layernorm.weight), up(a.qkv_proj.weight),
+                            None if a.qkv_proj.bias is None else up(a.qkv_proj.bias), up(a.o_proj.weight),
+                            up(layer.post_attention_layernorm.weight), up(m.gate_up_proj.weight),
+                            up(m.down_proj.weight))
+
+    # --------------------------------------------------------------------------------------- KV cache
+    def _alloc_kv_cache(self, num_blocks, utilization, log):
+        c, s = self.cfg, self.shard
+        per_block = 2 * c.num_layers * self.block_size * s.n_kv_heads * c.head_dim * 2
+        free, total = self.cuda.mem_get_info()
+        # Budget: `utilization` of the whole card, less what is in use already (weights, activations, other
+        # processes), with 256 MiB left for NCCL, graphs and the driver.
+        budget = int(total * utilization) - (total - free) - (256 << 20)
+        one_seq = -(-self.max_model_len // self.block_size)
+        if num_blocks is None:
+            num_blocks = budget // per_block
+        if num_blocks < one_seq:
+            raise GpuMemoryError(
+                f"rank {s.rank}: the KV cache gets {_mib(max(budget, 0))} ({max(num_blocks, 0)} blocks of "
+                f"{self.block_size} tokens) but one {self.max_model_len}-token sequence needs {one_seq} blocks "
+                f"({_mib(one_seq * per_block)}); free {_mib(free)} of {_mib(total)}. Lower --max-model-len, "
+                f"raise --gpu-memory-utilization (now {utilization}), add GPUs (--tp), or --quantize int8.")
+        self.num_blocks = int(num_blocks)
+        shape = (self.num_blocks, self.block_size, s.n_kv_heads, c.head_dim)
+        per_layer = math.prod(shape)
+        self._kv = device_alloc(2 * c.num_layers * per_layer * 2)     # one allocation for every layer
+        base = DeviceTensor(self._kv, (2 * c.num_layers * per_layer,), self.dtype)
+        self.k_cache = [base.view((2 * i) * per_layer, shape) for i in range(c.num_layers)]
+        self.v_cache = [base.view((2 * i + 1) * per_layer, shape) for i in range(c.num_layers)]
+        log(f"mpillm: rank {s.rank}: KV cache {self.num_blocks} blocks x {self.block_size} tokens "
+            f"({_mib(self.num_blocks * per_block)})")
+
+    # ---------------------------------------------------------------------------------------- forward
+    def _stage(self, step: StepInput, specs):
+        """Write the step's metadata into the pinned host buffer (no device work)."""
+        b = self.buf
+        T, S, L = step.num_tokens, step.num_seqs, len(step.logits_index)
+        if T > b.max_tokens or S > b.max_seqs:
+            raise ValueError(f"step of {T} tokens / {S} sequences exceeds the buffers ({b.max_tokens} / {b.max_seqs})")
+        b.host_view("ids", T)[:] = step.input_ids
+        b.host_view("positions", T)[:] = step.positions
+        b.host_view("slots", T)[:] = step.slot_mapping
+        b.host_view("query_start", S + 1)[:] = step.query_start
+        b.host_view("context_lens", S)[:] = step.context_lens
+        b.host_view("logits_index", L)[:] = step.logits_index
+        bt = b.host_view("block_tables", S * b.max_blocks).reshape(S, b.max_blocks)
+        w = min(step.block_tables.shape[1], b.max_blocks)
+        bt[:, :w] = step.block_tables[:, :w]
+        bt[:, w:] = 0
+        self._stage_sampling(specs)
+
+    def _stage_sampling(self, specs):
+        b = self.buf
+        n = len(specs)
+        if n == 0:
+            return
+        from mpillm.cuda.kernels import seed_words
+        b.host_view("temperature", n, np.float32)[:] = [s.params.temperature for s in specs]
+        b.host_view("top_p", n, np.float32)[:] = [s.params.top_p for s in specs]
+        b.host_view("min_p", n, np.float32)[:] = [s.params.min_p for s in specs]
+        b.host_view("top_k", n)[:] = [s.params.top_k for s in specs]
+        b.host_view("steps", n)[:] = [s.step for s in specs]
+        b.host_view("seeds", 2 * n)[:] = seed_words([s.seed for s in specs]).reshape(-1)
+
+    def _run(self, T: int, S: int, L: int, max_q: int, max_ctx: int, sample: bool):
+        """Enqueue the whole forward (and sampling) for the staged step. Capturable: no host sync or copy."""
+        k, c, s, b = self.k, self.cfg, self.shard, self.buf
+        H, hd = c.hidden_size, c.head_dim
+        resid, h, delta = self.resid.view(0, (T, H)), self.h.view(0, (T, H)), self.delta.view(0, (T, H))
+        qkv, attn = self.qkv.view(0, (T, self.qkv_width)), self.attn.view(0, (T, s.n_heads * hd))
+        gate_up, act = self.gate_up.view(0, (T, 2 * self.inter)), self.act.view(0, (T, self.inter))
+        ids, positions, slots = b.dev_view("ids", (T,)), b.dev_view("positions", (T,)), b.dev_view("slots", (T,))
+        query_start, context_lens = b.dev_view("query_start", (S + 1,)), b.dev_view("context_lens", (S,))
+        block_tables = b.dev_view("block_tables", (S, b.max_blocks))
+        scale = 1.0 / math.sqrt(hd)
+
+        self._embed(resid, ids)
+        for i, w in enumerate(self.layers):
+            if i == 0:
+                k.rms_norm(h, resid, w.ln1, c.rms_norm_eps)
+            else:
+                k.add_rms_norm(h, delta, resid, w.ln1, c.rms_norm_eps)      # r += mlp out; h = norm(r)
+            k.linear(qkv, h, w.qkv, w.qkv_bias)
+            k.rope_store_kv(qkv, positions, self.inv_freq, self.k_cache[i], self.v_cache[i], slots,
+                            s.n_heads, s.n_kv_heads, hd)
+            k.attention(attn, qkv, self.k_cache[i], self.v_cache[i], block_tables, query_start, context_lens,
+                        s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
+            self._row_parallel(delta, attn, w.o)
+            k.add_rms_norm(h, delta, resid, w.ln2, c.rms_norm_eps)          # r += attn out; h = norm(r)
+            k.linear(gate_up, h, w.gate_up)
+            k.silu_mul(act, gate_up)
+            self._row_parallel(delta, act, w.down)
+        k.add_rms_norm(h, delta, resid, self.norm, c.rms_norm_eps)
+        last = self.last.view(0, (L, H))
+        k.embedding(last, b.dev_view("logits_index", (L,)), h, 0)          # gather the rows we sample from
+        logits = self._lm_head(last)
+        if sample:
+            f32 = lambda name: b.dev_view(name, (L,), "f32")
+            k.sample(self.out_ids.view(0, (L,)), logits, f32("temperature"), b.dev_view("top_k", (L,)),
+                     f32("top_p"), f32("min_p"), b.dev_view("seeds", (L, 2)), b.dev_view("steps", (L,)))
+        return logits
+
+    # The parallel layers: the only places a collective is called (see layers.py for the NumPy twins).
+    def _embed(self, out, ids):
+        """Vocab-parallel embedding: rows outside this rank's shard are zero, the sum fills them in."""
+        self.k.embedding(out, ids, self.embed, self.shard.vocab_lo)
+        if self.comm.size > 1:
+            self.comm.all_reduce_device(out)
+
+    def _row_parallel(self, y, x, w):
+        """y = all_reduce(x_local @ w_local.T): each rank holds the input columns it computes."""
+        self.k.linear(y, x, w)
+        if self.comm.size > 1:
+            self.comm.all_reduce_device(y)
+
+    def _lm_head(self, x):
+        """Logits [L, vocab] f32: each rank its vocab rows, gathered side by side."""
+        L = x.shape[0]
+        local = self.logits_local.view(0, (L, self.vocab_local))
+        self.k.linear(local, x, self.lm_head)
+        if self.comm.size == 1:
+            return local
+        full = self.logits.view(0, (L, self.cfg.vocab_size))
+        self.comm.all_gather_vocab(full, local)
+        return full
+
+    def forward(self, step: StepInput, specs, want_logits: bool = False):
+        """Run one step. Returns (token ids [L] from GPU sampling, or None; logits [L, V] on the host when
+        `want_logits`)."""
+        self._stage(step, specs)
+        T, S, L = step.num_tokens, step.num_seqs, len(step.logits_index)
+        if self._graphable(step) and not want_logits and L == S:
+            return self._replay(step, specs), None
+        self.buf.upload(S, self.dev.stream)
+        max_q = int(np.max(np.diff(step.query_start))) if S else 0
+        max_ctx = int(step.context_lens.max()) if S else 0
+        logits = self._run(T, S, L, max_q, max_ctx, sample=not want_logits and L > 0)
+        if want_logits:
+            out = logits.to_numpy() if L else np.zeros((0, self.cfg.vocab_size), np.float32)
+            return None, out
+        return self._fetch_ids(L), None
+
+    def _fetch_ids(self, L: int) -> np.ndarray:
+        if L == 0:
+            self.dev.synchronize()
+            return np.zeros(0, np.int32)
+        self.cuda.memcpy_dtoh_async(self.out_host[:L], self.out_ids.ptr, self.dev.stream)
+        self.dev.synchronize()
+        return self.out_host[:L].copy()
+
+    # ------------------------------------------------------------------------------------ CUDA graphs
+    def _graphable(self, step: StepInput) -> bool:
+        S = step.num_seqs
+        return (S > 0 and step.num_tokens == S and S <= min(self.max_seqs, GRAPH_BUCKETS[-1])
+                and S <= self.max_tokens)
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in GRAPH_BUCKETS if b >= n and b <= self.max_seqs) if n <= self.max_seqs else n
+
+    def _pad_decode(self, n: int, B: int):
+        """Rows n..B-1 of a decode batch: no KV store (slot -1), one visible key, greedy."""
+        b = self.buf
+        if B == n:
+            return
+        b.host_view("ids", B)[n:] = 0
+        b.host_view("positions", B)[n:] = 0
+        b.host_view("slots", B)[n:] = -1
+        qs = b.host_view("query_start", B + 1)
+        qs[n + 1:] = np.arange(n + 1, B + 1)
+        b.host_view("context_lens", B)[n:] = 1
+        b.host_view("logits_index", B)[n:] = np.arange(n, B)
+        b.host_view("block_tables", B * b.max_blocks)[n * b.max_blocks:] = 0
+        b.host_view("temperature", B, np.float32)[n:] = 0.0
+        b.host_view("top_k", B)[n:] = 0
+        b.host_view("top_p", B, np.float32)[n:] = 1.0
+        b.host_view("min_p", B, np.float32)[n:] = 0.0
+        b.host_view("steps", B)[n:] = 0
+        b.host_view("seeds", 2 * B)[2 * n:] = 0
+
+    def _replay(self, step: StepInput, specs) -> np.ndarray:
+        from cuda.bindings import driver as cu
+        n = step.num_seqs
+        B = self._bucket(n)
+        self._pad_decode(n, B)
+        self.buf.upload(B, self.dev.stream)
+        graph = self.graphs.get(B)
+        if graph is None:
+            graph = self.graphs[B] = self._capture(B)
+        stream = cu.CUstream(self.dev.stream.handle)
+        _check_cu(cu.cuGraphLaunch(graph, stream), "cuGraphLaunch")
+        return self._fetch_ids(B)[:n]
+
+    def _capture(self, B: int):
+        """Capture the decode step for batch bucket B. The grid of every kernel is fixed by B and by the
+        longest possible context, so one graph serves every decode step of that batch size."""
+        from cuda.bindings import driver as cu
+        t0 = time.perf_counter()
+        args = (B, B, B, 1, self.max_blocks * self.block_size, True)
+        self._run(*args)                      # warm-up: first launches load modules and set attributes
+        self.dev.synchronize()
+        stream = cu.CUstream(self.dev.stream.handle)
+        _check_cu(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+                  "cuStreamBeginCapture")
+        try:
+            self._run(*args)
+        finally:
+            graph = _check_cu(cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
+        exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        self.graph_seconds += time.perf_counter() - t0
+        return exe
+
+
+def _check_cu(result, what: str):
+    """cuda.bindings returns (err, *values): raise with the call's name on error."""
+    from cuda.bindings import driver as cu
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"{what} failed: {err}")
+    return rest[0] if len(rest) == 1 else (rest or None)

@@ -1,0 +1,78 @@
+"""NCCL collectives for one tensor-parallel group, on device buffers, through nccl4py's low-level bindings.
+
+The unique id is made on the group's first rank and broadcast over mpi4py (128 bytes); every call's
+result is checked by the bindings (they raise on a non-success ncclResult_t). Collectives are enqueued on
+the device's stream, so they order with our kernels and can be captured in the decode CUDA graph.
+"""
+
+from __future__ import annotations
+
+import atexit
+
+NCCL_DTYPE = {"f16": 6, "f32": 7, "bf16": 9}   # ncclFloat16, ncclFloat32, ncclBfloat16
+NCCL_SUM = 0
+
+
+class NcclComm:
+    def __init__(self, group, device, vocab_splits: list[tuple[int, int]] | None = None):
+        from nccl.bindings import nccl as nc
+        self.nc, self.device = nc, device
+        self.rank, self.size = group.Get_rank(), group.Get_size()
+        uid = bytes(nc.get_unique_id()) if self.rank == 0 else None
+        uid = group.bcast(uid, root=0)
+        # ncclCommInitRank binds to the current device: the caller made this rank's primary context current.
+        self.comm = nc.comm_init_rank(self.size, nc.UniqueId.from_buffer(bytearray(uid)), self.rank)
+        self.stream = device.stream.handle
+        self.vocab_splits = vocab_splits
+        self._gathered = None
+        atexit.register(self.destroy)
+
+    def all_reduce_device(self, t):
+        """In-place sum over the group."""
+        self.nc.all_reduce(t.ptr, t.ptr, t.numel, NCCL_DTYPE[t.dtype], NCCL_SUM, self.comm, self.stream)
+
+    def all_gather_vocab(self, out, local):
+        """out [L, V] f32 = the ranks' local logits [L, V_r] side by side (vocab shards may differ in size).
+
+        NCCL gathers equal counts, so each rank sends L * max(V_r) floats (its rows, then slack) into a
+        rank-major scratch; 2-D copies then lay each rank's block into its columns of `out`.
+        """
+        import pycuda.driver as cuda
+        L, V = out.shape
+        widths = [hi - lo for lo, hi in self.vocab_splits]
+        pad = max(widths)
+        need = self.size * out.shape[0] * pad
+        if self._gathered is None or self._gathered.numel < need:
+            raise ValueError(f"all_gather_vocab: scratch holds {0 if self._gathered is None else self._gathered.numel} "
+                             f"floats, needs {need}; call reserve() at startup")
+        self.nc.all_gather(local.ptr, self._gathered.ptr, L * pad, NCCL_DTYPE["f32"], self.comm, self.stream)
+        for r, (lo, hi) in enumerate(self.vocab_splits):
+            m = cuda.Memcpy2D()
+            m.set_src_device(self._gathered.ptr + r * L * pad * 4)
+            m.src_pitch = (hi - lo) * 4
+            m.set_dst_device(out.ptr + lo * 4)
+            m.dst_pitch = V * 4
+            m.width_in_bytes = (hi - lo) * 4
+            m.height = L
+            m(self.device.stream)
+
+    def reserve(self, max_rows: int):
+        """Allocate the gather scratch once (startup), so steps allocate nothing."""
+        from mpillm.cuda.runtime import DeviceTensor
+        pad = max(hi - lo for lo, hi in self.vocab_splits)
+        self._gathered = DeviceTensor.empty((self.size * max_rows * pad,), "f32")
+
+    def destroy(self):
+        if self.comm is not None:
+            try:
+                self.nc.comm_destroy(self.comm)
+            finally:
+                self.comm = None
+
+    def abort(self):
+        """End in-flight collectives at once (a peer died): never leave this rank waiting forever."""
+        if self.comm is not None:
+            try:
+                self.nc.comm_abort(self.comm)
+            finally:
+                self.comm = None

@@ -1,0 +1,49 @@
+"""`mpillm run --device cuda` end to end (subprocess), on one GPU and on two with --tp 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "prompts.jsonl"
+
+
+def run(args, ranks=None):
+    cmd = [sys.executable, "-m", "mpillm", "run", *map(str, args)]
+    if ranks:
+        launcher = os.environ.get("MPIRUN", shutil.which("mpiexec") or "mpiexec").split()
+        cmd = [*launcher, "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def answers(path):
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        if "custom_id" in r:
+            out[r["custom_id"]] = r["response"]["body"]["choices"][0]["message"]["content"]
+        else:
+            out[r["id"]] = r["text"]
+    return out
+
+
+def test_run_cuda_single_and_tp2(cuda_device, smollm_gguf, tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    p = run(["--model", smollm_gguf, "--prompts", EXAMPLES, "--output", out, "--device", "cuda"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = answers(out)
+    assert len(got) == len(EXAMPLES.read_text().splitlines())
+    assert "Paris" in got["capital"]
+    import pycuda.driver as cuda
+    if cuda.Device.count() < 2:
+        pytest.skip("one GPU: --tp 2 not run")
+    out2 = tmp_path / "tp2.jsonl"
+    p = run(["--model", smollm_gguf, "--prompts", EXAMPLES, "--output", out2, "--device", "cuda", "--tp", "2"], ranks=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tp2 = answers(out2)
+    assert set(tp2) == set(got) and "Paris" in tp2["capital"]

@@ -1,0 +1,805 @@
+"""Every CUDA kernel against its NumPy reference in mpillm/ops.py, on awkward sizes.
+
+Inputs are rounded to the model dtype on the host first, so a comparison measures the kernel's own
+error (fp32 math, one rounding of the output) and nothing else. Run as a script for the micro-benchmarks:
+`python tests/gpu/test_kernels.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mpillm import ops
+from mpillm.cuda.runtime import DeviceTensor, allocation_count, bf16_to_f32, f32_to_bf16
+
+DTYPES = ["bf16", "f16"]
+# Output rounding of bf16 is 2^-9 relative, of fp16 2^-12; atol covers values near zero.
+TOL = {"bf16": dict(rtol=1.5e-2, atol=1.5e-2), "f16": dict(rtol=3e-3, atol=3e-3), "f32": dict(rtol=1e-3, atol=1e-3)}
+
+
+def rounded(a, dtype: str) -> np.ndarray:
+    """a as the model dtype would hold it, back in float32."""
+    a = np.asarray(a, dtype=np.float32)
+    if dtype == "bf16":
+        return bf16_to_f32(f32_to_bf16(a)).reshape(a.shape)
+    if dtype == "f16":
+        return a.astype(np.float16).astype(np.float32)
+    return a
+
+
+def dev(a, dtype: str) -> DeviceTensor:
+    return DeviceTensor.from_numpy(np.asarray(a), dtype)
+
+
+def assert_close(got, want, dtype, what=""):
+    np.testing.assert_allclose(got, want, err_msg=what, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------
+# host helpers
+
+
+def test_bf16_round_to_nearest_even():
+    x = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.0e38, 1e-40, np.inf], dtype=np.float32)
+    bits = f32_to_bf16(x)
+    # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even mantissa (1.0) wins; 1 + 3*2^-8 rounds up to 1 + 2^-6.
+    np.testing.assert_array_equal(bf16_to_f32(bits)[:4], np.array([1.0, 1.0, 1.015625, -2.5], np.float32))
+    assert np.isinf(bf16_to_f32(bits)[6])
+    assert np.isnan(bf16_to_f32(f32_to_bf16(np.array([np.nan], np.float32))))[0]
+
+
+def test_device_tensor_roundtrip_and_views(cuda_device):
+    a = np.arange(24, dtype=np.float32).reshape(4, 6) - 7.5
+    for dtype in ("bf16", "f16", "f32"):
+        t = dev(a, dtype)
+        np.testing.assert_array_equal(t.to_numpy(), rounded(a, dtype))
+        v = t.view(6, (2, 6))
+        assert v.ptr == t.ptr + 6 * t.itemsize
+        np.testing.assert_array_equal(v.to_numpy(), rounded(a[1:3], dtype))
+    z = DeviceTensor.zeros((3, 5), "i32")
+    assert (z.to_numpy() == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# embedding, norms, rope, activation
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1000, 577])
+def test_embedding_vocab_parallel(kernels, dtype, hidden):
+    rng = np.random.default_rng(0)
+    v_local, vocab_start = 50, 100
+    table = rounded(rng.normal(size=(v_local, hidden)), dtype)
+    ids = np.array([100, 149, 99, 150, 0, 120, -5, 125, 1 << 30, 101, 133], dtype=np.int32)
+    out = DeviceTensor.empty((len(ids), hidden), dtype)
+    kernels.embedding(out, dev(ids, "i32"), dev(table, dtype), vocab_start)
+    local = ids - vocab_start
+    owned = (local >= 0) & (local < v_local)
+    want = np.where(owned[:, None], table[np.clip(local, 0, v_local - 1)], 0.0)
+    np.testing.assert_array_equal(out.to_numpy(), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [576, 1000, 4104, 16384, 1001])
+def test_rms_norm(kernels, dtype, hidden):
+    rng = np.random.default_rng(hidden)
+    x = rounded(rng.normal(size=(7, hidden)) * 3, dtype)
+    w = rounded(rng.normal(1.0, 0.2, size=hidden), dtype)
+    out = DeviceTensor.empty(x.shape, dtype)
+    kernels.rms_norm(out, dev(x, dtype), dev(w, dtype), 1e-6)
+    assert_close(out.to_numpy(), ops.rms_norm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [576, 4104, 1001])
+def test_add_rms_norm(kernels, dtype, hidden):
+    rng = np.random.default_rng(hidden + 1)
+    x = rounded(rng.normal(size=(5, hidden)), dtype)
+    res = rounded(rng.normal(size=(5, hidden)) * 4, dtype)
+    w = rounded(rng.normal(1.0, 0.2, size=hidden), dtype)
+    x_d, res_d = dev(x, dtype), dev(res, dtype)
+    kernels.add_rms_norm(x_d, x_d, res_d, dev(w, dtype), 1e-5)  # out aliases x, as the model may use it
+    new_res = rounded(res + x, dtype)  # the residual stream is stored in the model dtype
+    np.testing.assert_array_equal(res_d.to_numpy(), new_res)
+    want, _ = ops.add_rms_norm(np.zeros_like(x), new_res, w, 1e-5)
+    assert_close(x_d.to_numpy(), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 8, 8), (128, 12, 4), (80, 8, 1), (96, 6, 2)])
+def test_rope_store_kv(kernels, dtype, head_dim, n_heads, n_kv):
+    rng = np.random.default_rng(head_dim * 7 + n_heads)
+    n_tok, num_blocks, block_size = 37, 11, 16
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192} if head_dim == 128 else None
+    inv_freq = ops.rope_inv_freq(head_dim, 500000.0 if scaling else 10000.0, scaling)
+    positions = rng.integers(0, 20000, size=n_tok).astype(np.int32)
+    slots = rng.permutation(num_blocks * block_size)[:n_tok].astype(np.int32)
+    slots[[3, 20]] = -1  # padding tokens: no cache write
+    width = (n_heads + 2 * n_kv) * head_dim
+    qkv = rounded(rng.normal(size=(n_tok, width)), dtype)
+    cache_shape = (num_blocks, block_size, n_kv, head_dim)
+    k_init = rounded(rng.normal(size=cache_shape), dtype)
+    v_init = rounded(rng.normal(size=cache_shape), dtype)
+
+    qkv_d, k_d, v_d = dev(qkv, dtype), dev(k_init, dtype), dev(v_init, dtype)
+    kernels.rope_store_kv(qkv_d, dev(positions, "i32"), dev(inv_freq, "f32"), k_d, v_d, dev(slots, "i32"),
+                          n_heads, n_kv, head_dim)
+
+    cos, sin = ops.rope_cos_sin(positions, inv_freq)
+    q = qkv[:, : n_heads * head_dim].reshape(n_tok, n_heads, head_dim)
+    k = qkv[:, n_heads * head_dim: (n_heads + n_kv) * head_dim].reshape(n_tok, n_kv, head_dim)
+    v = qkv[:, (n_heads + n_kv) * head_dim:].reshape(n_tok, n_kv, head_dim)
+    q_rot, k_rot = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+    got = qkv_d.to_numpy()
+    assert_close(got[:, : n_heads * head_dim].reshape(q.shape), q_rot, dtype, "q rotated in place")
+    assert_close(got[:, n_heads * head_dim: (n_heads + n_kv) * head_dim].reshape(k.shape), k_rot, dtype, "k")
+    np.testing.assert_array_equal(got[:, (n_heads + n_kv) * head_dim:], qkv[:, (n_heads + n_kv) * head_dim:])
+
+    k_want = k_init.reshape(-1, n_kv, head_dim).copy()
+    v_want = v_init.reshape(-1, n_kv, head_dim).copy()
+    keep = slots >= 0
+    k_want[slots[keep]] = k_rot[keep]
+    v_want[slots[keep]] = v[keep]
+    assert_close(k_d.to_numpy().reshape(k_want.shape), k_want, dtype, "k cache")
+    np.testing.assert_array_equal(v_d.to_numpy().reshape(v_want.shape), v_want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [1000, 1536, 577])
+def test_silu_mul(kernels, dtype, inter):
+    rng = np.random.default_rng(inter)
+    gate_up = rounded(rng.normal(size=(5, 2 * inter)) * 3, dtype)
+    out = DeviceTensor.empty((5, inter), dtype)
+    kernels.silu_mul(out, dev(gate_up, dtype))
+    assert_close(out.to_numpy(), ops.silu_mul(gate_up), dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# linear
+
+
+def _linear_case(kernels, dtype, m, n, k, with_bias, out_dtype, path, seed=0):
+    rng = np.random.default_rng(seed + m * 31 + n * 7 + k)
+    x = rounded(rng.normal(size=(m, k)), dtype)
+    w = rounded(rng.normal(size=(n, k)) / math.sqrt(k), dtype)
+    b = rounded(rng.normal(size=n), dtype) if with_bias else None
+    y = DeviceTensor.empty((m, n), out_dtype)
+    kernels.linear(y, dev(x, dtype), dev(w, dtype), dev(b, dtype) if with_bias else None, path=path)
+    want = x.astype(np.float64) @ w.astype(np.float64).T + (b if with_bias else 0.0)
+    assert_close(y.to_numpy(), want, out_dtype if out_dtype == "f32" else dtype, f"{path} M={m} N={n} K={k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 16, 17, 32])
+@pytest.mark.parametrize("n,k", [(192, 576), (4100, 1536), (576, 4104)])
+def test_linear_gemv(kernels, dtype, m, n, k):
+    _linear_case(kernels, dtype, m, n, k, with_bias=m % 2 == 1, out_dtype=dtype, path="gemv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 17, 64, 100, 257])
+@pytest.mark.parametrize("n,k", [(192, 576), (4100, 1536), (1536, 4104), (33, 8)])
+def test_linear_gemm(kernels, dtype, m, n, k):
+    _linear_case(kernels, dtype, m, n, k, with_bias=m % 2 == 1, out_dtype=dtype, path="gemm")
+
+
+@pytest.mark.parametrize("m", [1, 9, 300])
+def test_linear_f32_logits_and_dispatch(kernels, m):
+    _linear_case(kernels, "bf16", m, 1000, 576, with_bias=False, out_dtype="f32", path=None)
+    _linear_case(kernels, "f16", m, 4100, 1536, with_bias=True, out_dtype="f32", path=None)
+
+
+def test_linear_large_gemm_tiles(kernels):
+    _linear_case(kernels, "bf16", 1030, 2050, 1024, with_bias=True, out_dtype="bf16", path="gemm")
+
+
+def test_linear_checks(kernels):
+    x = DeviceTensor.empty((4, 4100), "bf16")
+    w = DeviceTensor.empty((64, 4100), "bf16")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.linear(DeviceTensor.empty((4, 64), "bf16"), x, w)
+    w = DeviceTensor.empty((64, 576), "bf16")
+    with pytest.raises(ValueError, match="^x:"):
+        kernels.linear(DeviceTensor.empty((4, 64), "bf16"), DeviceTensor.empty((4, 576), "f16"), w)
+    with pytest.raises(ValueError, match="^y:"):
+        kernels.linear(DeviceTensor.empty((5, 64), "bf16"), DeviceTensor.empty((4, 576), "bf16"), w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention
+
+
+def _paged_batch(rng, dtype, seqs, n_heads, n_kv, head_dim, block_size):
+    """Random batch: seqs = [(n_q, context_len)]; KV for every context position in a paged cache with a
+    random (non-contiguous) block table. Returns device tensors and host copies for the reference."""
+    max_blocks = max(math.ceil(ctx / block_size) for _, ctx in seqs)
+    num_blocks = sum(math.ceil(ctx / block_size) for _, ctx in seqs) + 3
+    perm = rng.permutation(num_blocks)
+    tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+    k_cache = rounded(rng.normal(size=(num_blocks, block_size, n_kv, head_dim)), dtype)
+    v_cache = rounded(rng.normal(size=(num_blocks, block_size, n_kv, head_dim)), dtype)
+    used = 0
+    for s, (_, ctx) in enumerate(seqs):
+        nb = math.ceil(ctx / block_size)
+        tables[s, :nb] = perm[used: used + nb]
+        used += nb
+    n_tok = sum(nq for nq, _ in seqs)
+    width = (n_heads + 2 * n_kv) * head_dim
+    qkv = rounded(rng.normal(size=(n_tok, width)), dtype)
+    query_start = np.concatenate([[0], np.cumsum([nq for nq, _ in seqs])]).astype(np.int32)
+    context_lens = np.array([ctx for _, ctx in seqs], dtype=np.int32)
+    host = dict(k_cache=k_cache, v_cache=v_cache, tables=tables, qkv=qkv, query_start=query_start,
+                context_lens=context_lens)
+    device = dict(qkv=dev(qkv, dtype), k_cache=dev(k_cache, dtype), v_cache=dev(v_cache, dtype),
+                  block_tables=dev(tables, "i32"), query_start=dev(query_start, "i32"),
+                  context_lens=dev(context_lens, "i32"))
+    return host, device
+
+
+def _attention_reference(host, seqs, n_heads, n_kv, head_dim, block_size, group=None, head_offset=0):
+    outs = []
+    for s, (nq, ctx) in enumerate(seqs):
+        slots = host["tables"][s, np.arange(ctx) // block_size] * block_size + np.arange(ctx) % block_size
+        k = host["k_cache"].reshape(-1, n_kv, head_dim)[slots]
+        v = host["v_cache"].reshape(-1, n_kv, head_dim)[slots]
+        q = host["qkv"][host["query_start"][s]: host["query_start"][s + 1], : n_heads * head_dim]
+        q = q.reshape(nq, n_heads, head_dim)
+        outs.append(ops.attention(q, k, v, np.arange(ctx - nq, ctx), group, head_offset))
+    return np.concatenate(outs, axis=0)
+
+
+def _run_attention(kernels, dtype, seqs, n_heads, n_kv, head_dim, block_size, seed, scratch=None, group=None,
+                   head_offset=0):
+    rng = np.random.default_rng(seed)
+    host, d = _paged_batch(rng, dtype, seqs, n_heads, n_kv, head_dim, block_size)
+    out = DeviceTensor.empty((host["qkv"].shape[0], n_heads, head_dim), dtype)
+    kernels.attention(out, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
+                      d["context_lens"], n_heads, n_kv, head_dim, 1.0 / math.sqrt(head_dim),
+                      max_query_len=max(nq for nq, _ in seqs), max_context_len=max(c for _, c in seqs),
+                      scratch=scratch, group=group, head_offset=head_offset)
+    want = _attention_reference(host, seqs, n_heads, n_kv, head_dim, block_size, group, head_offset)
+    return out.to_numpy(), want
+
+
+PREFILL_SEQS = [(37, 37), (64, 200), (1, 55), (130, 1000), (5, 3000), (70, 70)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(128, 4, 4), (128, 6, 2), (64, 8, 2), (64, 16, 2),
+                                                   (80, 6, 2), (96, 4, 1)])
+def test_attention_prefill(kernels, dtype, head_dim, n_heads, n_kv):
+    got, want = _run_attention(kernels, dtype, PREFILL_SEQS, n_heads, n_kv, head_dim, 16, seed=head_dim + n_heads)
+    # P is rounded to the model dtype before the P V product (as FlashAttention does).
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == "bf16" else dict(rtol=5e-3, atol=5e-3)
+    np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("block_size", [1, 32, 256])
+def test_attention_prefill_block_sizes(kernels, block_size):
+    seqs = [(100, 300), (17, 17)]
+    got, want = _run_attention(kernels, "f16", seqs, 8, 2, 128, block_size, seed=block_size)
+    np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+
+
+DECODE_SEQS = [(1, 1), (1, 17), (1, 513), (1, 3000), (1, 1024), (1, 2047)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(128, 4, 4), (128, 12, 4), (64, 8, 2), (128, 32, 4),
+                                                   (80, 6, 2), (96, 32, 2)])
+def test_attention_decode_split_k(kernels, dtype, head_dim, n_heads, n_kv):
+    from mpillm.cuda.kernels import AttentionScratch
+
+    scratch = AttentionScratch(8, n_heads, head_dim, 4096)
+    got, want = _run_attention(kernels, dtype, DECODE_SEQS, n_heads, n_kv, head_dim, 16, seed=n_heads,
+                               scratch=scratch)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_decode_single_partition(kernels, dtype):
+    seqs = [(1, 5), (1, 512), (1, 300)]
+    got, want = _run_attention(kernels, dtype, seqs, 8, 1, 64, 16, seed=3)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("seqs", [PREFILL_SEQS[:4], DECODE_SEQS])
+@pytest.mark.parametrize("n_heads,n_kv,group,head_offset", [(5, 2, 3, 0), (4, 2, 3, 2), (3, 1, 9, 6), (2, 2, 3, 2)])
+def test_attention_tensor_parallel_head_offset(kernels, seqs, n_heads, n_kv, group, head_offset):
+    """A shard's query heads may start inside a GQA group (SmolLM2's 9 heads / 3 kv heads at --tp 2 and 4)."""
+    from mpillm.cuda.kernels import AttentionScratch
+
+    scratch = AttentionScratch(8, n_heads, 64, 4096)
+    got, want = _run_attention(kernels, "f16", seqs, n_heads, n_kv, 64, 16, seed=n_heads + head_offset,
+                               scratch=scratch, group=group, head_offset=head_offset)
+    assert_close(got, want, "f16")
+
+
+def test_attention_rejects_inconsistent_head_mapping(kernels):
+    rng = np.random.default_rng(0)
+    _, d = _paged_batch(rng, "bf16", [(1, 60)], 4, 2, 64, 16)
+    out = DeviceTensor.empty((1, 4, 64), "bf16")
+    with pytest.raises(ValueError, match="^group/head_offset"):
+        kernels.attention(out, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
+                          d["context_lens"], 4, 2, 64, 0.125, max_query_len=1, max_context_len=60, group=3,
+                          head_offset=0)
+
+
+def test_attention_decode_needs_scratch(kernels):
+    rng = np.random.default_rng(0)
+    _, d = _paged_batch(rng, "bf16", [(1, 600)], 4, 4, 64, 16)
+    out = DeviceTensor.empty((1, 4, 64), "bf16")
+    with pytest.raises(ValueError, match="^scratch"):
+        kernels.attention(out, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
+                          d["context_lens"], 4, 4, 64, 0.125, max_query_len=1, max_context_len=600)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling
+
+
+def _sampling_reference(logits, temperature, top_k, top_p, min_p):
+    """Filtered, renormalised probabilities with the kernel's semantics (top-k, then top-p over the
+    top-k survivors, then min-p relative to the max), z computed in float32 as the kernel does."""
+    z = logits.astype(np.float32) * (np.float32(1.0) / np.float32(temperature))
+    keep = np.ones(z.shape, bool)
+    order = np.argsort(-z, kind="stable")
+    if 0 < top_k < len(z):
+        keep &= z >= z[order[top_k - 1]]
+    p = np.exp(z.astype(np.float64) - z.max()) * keep
+    if top_p < 1.0:
+        mass = p[order] / p.sum()
+        before = np.cumsum(mass) - mass
+        keep_sorted = before < top_p
+        keep[order[~keep_sorted]] = False
+        margin = np.min(np.abs(before[mass > 0] - top_p))
+        assert margin > 1e-4, "test logits put an element on the top-p boundary"
+    if min_p > 0:
+        thr = z.max() + np.log(min_p)
+        assert np.min(np.abs(z - thr)) > 1e-4, "test logits put an element on the min-p boundary"
+        keep &= z >= thr
+    p = np.exp(z.astype(np.float64) - z.max()) * keep
+    return p / p.sum()
+
+
+def _sample(kernels, logits, temperature, top_k, top_p, min_p, seeds, steps, **kw):
+    from mpillm.cuda.kernels import seed_words
+
+    b = logits.shape[0]
+    out = DeviceTensor.empty((b,), "i32")
+    kernels.sample(out, dev(logits, "f32"), dev(temperature, "f32"), dev(top_k, "i32"), dev(top_p, "f32"),
+                   dev(min_p, "f32"), dev(seed_words(seeds), "i32"), dev(steps, "i32"), **kw)
+    return out.to_numpy()
+
+
+def _filled(b, value, dtype):
+    return np.full(b, value, dtype=dtype)
+
+
+@pytest.mark.parametrize("vocab", [32003, 151936, 7])
+def test_argmax(kernels, vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(size=(9, vocab)).astype(np.float32)
+    logits[2, [5 % vocab, 6 % vocab]] = 50.0  # a tie resolves to the first index, as numpy does
+    logits[3] = -np.inf
+    out = DeviceTensor.empty((9,), "i32")
+    kernels.argmax(out, dev(logits, "f32"))
+    np.testing.assert_array_equal(out.to_numpy(), np.argmax(logits, axis=1))
+
+
+def test_sample_greedy_rows(kernels):
+    rng = np.random.default_rng(5)
+    b, vocab = 12, 50000
+    logits = rng.normal(size=(b, vocab)).astype(np.float32) * 3
+    temperature = np.where(np.arange(b) % 2 == 0, 0.0, 0.8).astype(np.float32)
+    top_k = np.where(np.arange(b) % 2 == 1, 1, 0).astype(np.int32)  # odd rows: top_k = 1
+    ids = _sample(kernels, logits, temperature, top_k, _filled(b, 0.9, np.float32), _filled(b, 0.0, np.float32),
+                  rng.integers(0, 2**63, size=b, dtype=np.uint64), np.arange(b, dtype=np.int32))
+    np.testing.assert_array_equal(ids, np.argmax(logits, axis=1))
+
+
+SAMPLING_CASES = [  # temperature, top_k, top_p, min_p
+    (0.7, 0, 1.0, 0.0),
+    (1.0, 10, 1.0, 0.0),
+    (1.3, 0, 0.8, 0.0),
+    (1.0, 0, 1.0, 0.05),
+    (0.9, 20, 0.9, 0.02),
+]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SAMPLING_CASES)
+def test_sample_distribution(kernels, temperature, top_k, top_p, min_p):
+    rng = np.random.default_rng(11)
+    vocab, draws = 64, 32768
+    row = (rng.normal(size=vocab) * 2).astype(np.float32)
+    want = _sampling_reference(row, temperature, top_k, top_p, min_p)
+    # One request, many steps: every row shares logits and seed, differs in step.
+    ids = _sample(kernels, np.tile(row, (draws, 1)), _filled(draws, temperature, np.float32),
+                  _filled(draws, top_k, np.int32), _filled(draws, top_p, np.float32),
+                  _filled(draws, min_p, np.float32), np.full(draws, 1234567890123, np.uint64),
+                  np.arange(draws, dtype=np.int32))
+    counts = np.bincount(ids, minlength=vocab)
+    assert counts[want == 0].sum() == 0, f"filtered tokens drawn: {np.nonzero(counts * (want == 0))[0]}"
+    expected = want * draws
+    # Chi-square over bins expecting >= 5 draws, the rarer tokens pooled into one bin.
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big & (want > 0)].sum())
+    exp = np.append(expected[big], expected[~big & (want > 0)].sum())
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    chi2 = np.sum((obs - exp) ** 2 / exp)
+    dof = len(exp) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof) + 10, f"chi2 {chi2:.1f} with {dof} dof"
+
+
+@pytest.mark.parametrize("vocab", [50000, 30001, 128256])
+def test_sample_shared_memory_route_matches_full_route(kernels, vocab):
+    """The fast route (kept set compacted into shared memory) and the full-vocabulary route choose the
+    same thresholds and the same per-token noise, hence the same ids; rows cover peaked LLM-like logits,
+    flat ones (too many near the max: the fast route must decline) and every filter combination."""
+    rng = np.random.default_rng(vocab)
+    b = 48
+    logits = rng.normal(size=(b, vocab)).astype(np.float32) * 2
+    logits[::3, rng.integers(0, vocab, 20)] += 12.0  # peaked rows
+    logits[1::6] = rng.normal(size=(len(logits[1::6]), vocab)) * 0.01  # nearly flat rows
+    temperature = rng.uniform(0.3, 1.5, b).astype(np.float32)
+    top_k = rng.choice([0, 1, 7, 50, 3000, 9000], b).astype(np.int32)
+    top_p = rng.choice([1.0, 0.95, 0.6, 0.1], b).astype(np.float32)
+    min_p = rng.choice([0.0, 0.05, 0.3, 1e-6], b).astype(np.float32)
+    seeds = rng.integers(0, 2**63, size=b, dtype=np.uint64)
+    steps = rng.integers(0, 1 << 20, size=b).astype(np.int32)
+    args = (logits, temperature, top_k, top_p, min_p, seeds, steps)
+    fast = _sample(kernels, *args)
+    full = _sample(kernels, *args, candidate_cap=0)
+    np.testing.assert_array_equal(fast, full)
+    # Every drawn token survives its row's filters (checked on the host with the same semantics, with a
+    # little slack at the boundaries for float rounding).
+    for r in range(b):
+        if top_k[r] == 1:
+            assert fast[r] == np.argmax(logits[r])
+            continue
+        z = logits[r] * (np.float32(1.0) / temperature[r])
+        order = np.argsort(-z, kind="stable")
+        keep = np.ones(vocab, bool)
+        if 0 < top_k[r] < vocab:
+            keep &= z >= z[order[top_k[r] - 1]]
+        if top_p[r] < 1:
+            mass = np.exp(z[order].astype(np.float64) - z.max()) * keep[order]
+            before = (np.cumsum(mass) - mass) / mass.sum()
+            keep[order[before >= top_p[r] + 1e-6]] = False
+        if min_p[r] > 0:
+            keep &= z >= z.max() + np.log(min_p[r]) - 1e-4
+        assert keep[fast[r]], f"row {r}: token {fast[r]} is filtered out"
+
+
+def test_sample_depends_only_on_seed_and_step(kernels):
+    rng = np.random.default_rng(21)
+    b, vocab = 40, 3000
+    logits = rng.normal(size=(b, vocab)).astype(np.float32) * 2
+    temperature = rng.uniform(0.5, 1.5, b).astype(np.float32)
+    top_k = rng.choice([0, 5, 50], b).astype(np.int32)
+    top_p = rng.choice([1.0, 0.9, 0.5], b).astype(np.float32)
+    min_p = rng.choice([0.0, 0.01], b).astype(np.float32)
+    seeds = rng.integers(0, 2**63, size=b, dtype=np.uint64)
+    steps = rng.integers(0, 1000, size=b).astype(np.int32)
+    args = (logits, temperature, top_k, top_p, min_p, seeds, steps)
+    ids = _sample(kernels, *args)
+    np.testing.assert_array_equal(_sample(kernels, *args), ids)  # deterministic
+    perm = rng.permutation(b)
+    ids_perm = _sample(kernels, *(a[perm] for a in args))
+    np.testing.assert_array_equal(ids_perm, ids[perm])
+    # Inside a larger batch of unrelated requests.
+    extra = _sample(kernels, *(np.concatenate([a, a[::-1]]) for a in args))
+    np.testing.assert_array_equal(extra[:b], ids)
+    # A different step changes draws (most rows are not greedy-like).
+    moved = _sample(kernels, logits, temperature, top_k, top_p, min_p, seeds, steps + 1)
+    assert (moved != ids).any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# allocation-free launchers and CUDA-graph capture
+
+
+def _decode_step_fixture(kernels, dtype="bf16"):
+    """Buffers for one decode step of a small model: norm -> qkv proj -> rope/kv -> attention -> logits ->
+    sample. Returns a function that enqueues the step and the tensors it writes."""
+    from mpillm.cuda.kernels import AttentionScratch, seed_words
+
+    rng = np.random.default_rng(8)
+    b, hidden, nh, nkv, hd, vocab, bs = 4, 512, 8, 2, 64, 1000, 16
+    seqs = [(1, 700), (1, 33), (1, 1500), (1, 2)]
+    host, d = _paged_batch(rng, dtype, seqs, nh, nkv, hd, bs)
+    x = dev(rounded(rng.normal(size=(b, hidden)), dtype), dtype)
+    norm_w = dev(rounded(rng.normal(1, 0.1, hidden), dtype), dtype)
+    w_qkv = dev(rounded(rng.normal(size=((nh + 2 * nkv) * hd, hidden)) / 20, dtype), dtype)
+    w_out = dev(rounded(rng.normal(size=(vocab, nh * hd)) / 20, dtype), dtype)
+    inv_freq = dev(ops.rope_inv_freq(hd, 10000.0), "f32")
+    positions = dev(host["context_lens"] - 1, "i32")
+    tables, ctx = host["tables"], host["context_lens"]
+    slots = dev(tables[np.arange(b), (ctx - 1) // bs] * bs + (ctx - 1) % bs, "i32")
+    normed = DeviceTensor.empty((b, hidden), dtype)
+    attn = DeviceTensor.empty((b, nh, hd), dtype)
+    logits = DeviceTensor.empty((b, vocab), "f32")
+    ids = DeviceTensor.empty((b,), "i32")
+    greedy = DeviceTensor.empty((b,), "i32")
+    scratch = AttentionScratch(b, nh, hd, 2048)
+    temp = dev(np.full(b, 0.8, np.float32), "f32")
+    top_k = dev(np.full(b, 40, np.int32), "i32")
+    top_p = dev(np.full(b, 0.95, np.float32), "f32")
+    min_p = dev(np.full(b, 0.01, np.float32), "f32")
+    seeds = dev(seed_words(np.arange(b, dtype=np.uint64) + 99), "i32")
+    steps = dev(np.arange(b, dtype=np.int32), "i32")
+    gate_up = DeviceTensor.zeros((b, 2 * 256), dtype)
+    act = DeviceTensor.empty((b, 256), dtype)
+    residual = dev(rounded(rng.normal(size=(b, hidden)), dtype), dtype)
+    table = dev(rounded(rng.normal(size=(vocab, hidden)), dtype), dtype)
+    tok = dev(np.arange(b, dtype=np.int32) * 7, "i32")
+    emb = DeviceTensor.empty((b, hidden), dtype)
+
+    def step():
+        kernels.embedding(emb, tok, table, 0)
+        kernels.add_rms_norm(normed, emb, residual, norm_w, 1e-5)
+        kernels.rms_norm(normed, x, norm_w, 1e-5)
+        kernels.linear(d["qkv"], normed, w_qkv)
+        kernels.rope_store_kv(d["qkv"], positions, inv_freq, d["k_cache"], d["v_cache"], slots, nh, nkv, hd)
+        kernels.attention(attn, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
+                          d["context_lens"], nh, nkv, hd, 0.125, max_query_len=1, max_context_len=2048,
+                          scratch=scratch)
+        kernels.silu_mul(act, gate_up)
+        kernels.linear(logits, attn.reshape((b, nh * hd)), w_out)
+        kernels.argmax(greedy, logits)
+        kernels.sample(ids, logits, temp, top_k, top_p, min_p, seeds, steps)
+
+    return step, (normed, attn, logits, ids, greedy)
+
+
+def test_launchers_allocate_nothing(kernels, cuda_device):
+    step, _ = _decode_step_fixture(kernels)
+    step()  # first use looks kernels up (no device memory involved either way)
+    cuda_device.synchronize()
+    before = allocation_count()
+    for _ in range(3):
+        step()
+    cuda_device.synchronize()
+    assert allocation_count() == before
+
+
+def test_decode_step_captures_into_cuda_graph(kernels, cuda_device):
+    try:
+        from cuda.bindings import driver as cu
+    except ImportError:
+        pytest.skip("cuda-bindings not installed")
+    import pycuda.driver as pycuda_driver
+
+    def ok(result, what):
+        err = result[0]
+        assert err == cu.CUresult.CUDA_SUCCESS, f"{what}: {err}"
+        return result[1] if len(result) > 1 else None
+
+    step, outputs = _decode_step_fixture(kernels)
+    step()
+    cuda_device.synchronize()
+    eager = [t.to_numpy() for t in outputs]
+    for t in outputs:
+        pycuda_driver.memset_d8(t.ptr, 0, t.nbytes)
+
+    stream = cu.CUstream(cuda_device.stream.handle)
+    ok(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL), "begin capture")
+    step()
+    graph = ok(cu.cuStreamEndCapture(stream), "end capture")
+    exe = ok(cu.cuGraphInstantiate(graph, 0), "instantiate")
+    for _ in range(2):
+        ok(cu.cuGraphLaunch(exe, stream), "graph launch")
+    cuda_device.synchronize()
+    for got, want in zip((t.to_numpy() for t in outputs), eager):
+        np.testing.assert_array_equal(got, want)
+    ok(cu.cuGraphExecDestroy(exe), "destroy exec")
+    ok(cu.cuGraphDestroy(graph), "destroy graph")
+
+
+# ---------------------------------------------------------------------------------------------------
+# micro-benchmarks (python tests/gpu/test_kernels.py)
+
+
+_BANDWIDTH_PROBE = r"""
+extern "C" __global__ void read_probe(const uint4* __restrict__ src, size_t n, unsigned* out) {
+    unsigned acc = 0;
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        uint4 a = __ldg(src + i), b = __ldg(src + i + stride), c = __ldg(src + i + 2 * stride), d = __ldg(src + i + 3 * stride);
+        acc ^= a.x ^ a.w ^ b.y ^ b.z ^ c.x ^ c.y ^ d.z ^ d.w;
+    }
+    for (; i < n; i += stride) acc ^= src[i].x;
+    if (acc == 0x12345678u) out[0] = acc;
+}
+"""
+
+# (name, "WARPS, UNROLL, L2_PREFETCH, PIPELINE") of GEMV shapes timed against the production ones
+_GEMV_VARIANTS = [("w8u2", "8, 2, true, false"), ("w16u1p", "16, 1, true, true"), ("w8u2p_nol2", "8, 2, false, true")]
+# (name, BM, BN, BK, WM, WN, STAGES, MIN_BLOCKS)
+_GEMM_VARIANTS = [("L_k32s4", 128, 128, 32, 2, 4, 4, 2), ("W_k64s3", 128, 256, 64, 2, 4, 3, 1)]
+
+
+def bench() -> None:
+    import tempfile
+    import time
+
+    import pycuda.driver as cuda
+    from pycuda.compiler import SourceModule
+
+    from mpillm.cuda.kernels import CUDA_SRC, NVCC_OPTIONS, AttentionScratch, Kernels, seed_words
+    from mpillm.cuda.runtime import init_device
+
+    device = init_device(0)
+    with tempfile.TemporaryDirectory() as cache:
+        cold = Kernels(device, cache_dir=cache)
+        k = Kernels(device, cache_dir=cache)
+    print(f"device {device.name}, {device.sm_count} SMs; compile cold {cold.compile_seconds:.2f} s, "
+          f"warm {k.compile_seconds:.2f} s")
+    stream = device.stream
+
+    def timed(fn, iters=100):
+        fn()
+        start, end = cuda.Event(), cuda.Event()
+        start.record(stream)
+        for _ in range(iters):
+            fn()
+        end.record(stream)
+        end.synchronize()
+        return end.time_since(start) / iters * 1e-3  # seconds per call
+
+    def module(src):
+        return SourceModule(src, no_extern_c=True, options=list(NVCC_OPTIONS), include_dirs=[str(CUDA_SRC)],
+                            arch=device.arch)
+
+    rng = np.random.default_rng(0)
+    probe = module(_BANDWIDTH_PROBE).get_function("read_probe")
+    probe.prepare("PQP")
+    big = DeviceTensor.zeros((1 << 30,), "u8")
+    sink = DeviceTensor.zeros((4,), "i32")
+    t = timed(lambda: probe.prepared_async_call((device.sm_count * 8, 1), (512, 1, 1), stream, big.ptr,
+                                                big.nbytes // 16, sink.ptr), iters=20)
+    roof = big.nbytes / t / 1e9
+    print(f"read bandwidth probe (1 GiB, 16-byte loads): {roof:.0f} GB/s")
+
+    gemv_src = (CUDA_SRC / "gemv.cu").read_text() + "".join(
+        f'extern "C" __global__ void __launch_bounds__({args.split(",")[0].strip()} * 32) gemv_var_{name}_m{nt}('
+        f"bf16* y, const bf16* x, const bf16* w, const bf16* b, int M, int N, int K) "
+        f"{{ small_m_linear<bf16, bf16, {nt}, {args}>(y, x, w, b, M, N, K); }}\n"
+        for name, args in _GEMV_VARIANTS for nt in (1, 2, 4))
+    gemv_mod = module(gemv_src)
+    l2_bytes = 64 << 20
+    for n, kdim in ((14336, 4096), (4096, 4096), (4096, 14336)):
+        # Rotate over enough weight copies that no call finds its weights in L2 (as in a real model,
+        # where every layer reads different weights).
+        copies = max(2, -(-3 * l2_bytes // (n * kdim * 2)))
+        ws = [dev(rng.normal(size=(n, kdim)).astype(np.float32) * 0.02, "bf16") for _ in range(copies)]
+        turn = [0]
+
+        def next_w():
+            turn[0] += 1
+            return ws[turn[0] % copies]
+
+        for m in (1, 8, 16, 32):
+            x = dev(rng.normal(size=(m, kdim)).astype(np.float32), "bf16")
+            y = DeviceTensor.empty((m, n), "bf16")
+            nbytes = (n * kdim + m * kdim + m * n) * 2
+            k.linear(y, x, ws[0], path="gemv")
+            want = y.to_numpy()
+            for path in (("gemv", "gemm") if m >= 16 else ("gemv",)):
+                t = timed(lambda: k.linear(y, x, next_w(), path=path))
+                print(f"linear {path:4s} bf16 M={m:3d} N={n:5d} K={kdim:5d}: {t * 1e6:8.1f} us  "
+                      f"{nbytes / t / 1e9:6.0f} GB/s ({nbytes / t / 1e9 / roof:4.0%} of probe)")
+            nt = 1 if m <= 8 else 2 if m <= 16 else 4
+            for name, args in _GEMV_VARIANTS:
+                fn = gemv_mod.get_function(f"gemv_var_{name}_m{nt}")
+                fn.prepare("PPPPiii")
+                threads = int(args.split(",")[0]) * 32
+                launch = lambda: fn.prepared_async_call(((n + 15) // 16, 1), (threads, 1, 1), stream, y.ptr,  # noqa: E731
+                                                        x.ptr, next_w().ptr, 0, m, n, kdim)
+                t = timed(launch)
+                fn.prepared_async_call(((n + 15) // 16, 1), (threads, 1, 1), stream, y.ptr, x.ptr, ws[0].ptr, 0, m,
+                                       n, kdim)
+                err = np.abs(y.to_numpy() - want).max()
+                print(f"    variant {name:10s} M={m:3d} N={n:5d} K={kdim:5d}: {t * 1e6:8.1f} us  "
+                      f"{nbytes / t / 1e9:6.0f} GB/s ({nbytes / t / 1e9 / roof:4.0%})  max|diff| {err:.3g}")
+        del ws
+
+    gemm_src = (CUDA_SRC / "gemm.cu").read_text() + "".join(
+        f"GEMM_KERNEL(bf16, bf16, bf16_bf16, {v[0]}, {', '.join(map(str, v[1:]))})\n" for v in _GEMM_VARIANTS)
+    gemm_mod = module(gemm_src)
+    for m, n, kdim in ((4096, 4096, 4096), (8192, 8192, 8192), (512, 14336, 4096), (2048, 4096, 14336),
+                       (128, 14336, 4096), (256, 4096, 4096), (64, 4096, 4096)):
+        x = dev(rng.normal(size=(m, kdim)).astype(np.float32), "bf16")
+        w = dev(rng.normal(size=(n, kdim)).astype(np.float32) * 0.02, "bf16")
+        y = DeviceTensor.empty((m, n), "bf16")
+        t = timed(lambda: k.linear(y, x, w, path="gemm"), iters=10)
+        want = y.to_numpy()
+        print(f"linear gemm bf16 M={m} N={n} K={kdim} ({k._gemm_config(m, n)}): {t * 1e3:.3f} ms  "
+              f"{2 * m * n * kdim / t / 1e12:.0f} TFLOP/s")
+        for name, bm, bn, bk, wm, wn, stages, _ in _GEMM_VARIANTS:
+            fn = gemm_mod.get_function(f"gemm_bf16_bf16_{name}")
+            fn.prepare("PPPPiii")
+            smem = stages * (bm + bn) * (bk + 8) * 2
+            if smem > 48 * 1024:
+                fn.set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            grid = (-(-m // bm) * -(-n // bn), 1)
+            launch = lambda: fn.prepared_async_call(grid, (wm * wn * 32, 1, 1), stream, y.ptr, x.ptr, w.ptr, 0,  # noqa: E731
+                                                    m, n, kdim, shared_size=smem)
+            t = timed(launch, iters=10)
+            err = np.abs(y.to_numpy() - want).max()
+            print(f"    variant {name}: {t * 1e3:.3f} ms  {2 * m * n * kdim / t / 1e12:.0f} TFLOP/s  max|diff| {err:.3g}")
+
+    # Decode attention: 32 sequences x 4096 keys, Llama-3-8B heads.
+    nh, nkv, hd, bs = 32, 8, 128, 16
+    for b, ctx in ((32, 4096), (8, 16384), (128, 1024)):
+        nblocks = b * ctx // bs
+        kc = DeviceTensor.zeros((nblocks, bs, nkv, hd), "bf16")
+        vc = DeviceTensor.zeros((nblocks, bs, nkv, hd), "bf16")
+        tables = dev(rng.permutation(nblocks).reshape(b, ctx // bs).astype(np.int32), "i32")
+        qkv = dev(rng.normal(size=(b, (nh + 2 * nkv) * hd)).astype(np.float32), "bf16")
+        out = DeviceTensor.empty((b, nh, hd), "bf16")
+        qs = dev(np.arange(b + 1, dtype=np.int32), "i32")
+        cl = dev(np.full(b, ctx, np.int32), "i32")
+        scratch = AttentionScratch(b, nh, hd, ctx)
+        t = timed(lambda: k.attention(out, qkv, kc, vc, tables, qs, cl, nh, nkv, hd, hd ** -0.5, 1, ctx, scratch))
+        print(f"attention decode B={b} ctx={ctx} GQA {nh}/{nkv}: {t * 1e6:.1f} us  "
+              f"{2 * kc.nbytes / t / 1e9:.0f} GB/s ({2 * kc.nbytes / t / 1e9 / roof:.0%} of probe)")
+        del kc, vc, scratch
+
+    # Prefill attention: one 4096-token sequence.
+    s = 4096
+    qkv = dev(rng.normal(size=(s, (nh + 2 * nkv) * hd)).astype(np.float32), "bf16")
+    out = DeviceTensor.empty((s, nh, hd), "bf16")
+    kc = DeviceTensor.zeros((s // bs, bs, nkv, hd), "bf16")
+    vc = DeviceTensor.zeros((s // bs, bs, nkv, hd), "bf16")
+    tables = dev(np.arange(s // bs, dtype=np.int32)[None], "i32")
+    qs = dev(np.array([0, s], np.int32), "i32")
+    cl = dev(np.array([s], np.int32), "i32")
+    t = timed(lambda: k.attention(out, qkv, kc, vc, tables, qs, cl, nh, nkv, hd, hd ** -0.5, s, s), iters=10)
+    flops = 4 * s * s * hd * nh / 2
+    print(f"attention prefill S={s} heads {nh}/{nkv} hd {hd}: {t * 1e3:.2f} ms  {flops / t / 1e12:.0f} TFLOP/s")
+
+    # Sampling: 64 rows of a 128K vocabulary, LLM-like logits (a few strong candidates over noise).
+    b, vocab = 64, 128256
+    host = rng.normal(size=(b, vocab)).astype(np.float32) * 2
+    host[np.arange(b)[:, None], rng.integers(0, vocab, (b, 30))] += rng.uniform(5, 15, (b, 30))
+    logits = dev(host, "f32")
+    ids = DeviceTensor.empty((b,), "i32")
+
+    def full(v, dt):
+        return dev(np.full(b, v, dt), "f32" if dt == np.float32 else "i32")
+
+    seeds = dev(seed_words(np.arange(b, dtype=np.uint64)), "i32")
+    steps = full(0, np.int32)
+    for label, (temp, top_k, top_p, min_p), cap in (
+            ("top-k 50, top-p 0.9, min-p 0.01", (0.8, 50, 0.9, 0.01), None),
+            ("top-p 0.95", (1.0, 0, 0.95, 0.0), None),
+            ("temperature only", (0.7, 0, 1.0, 0.0), None),
+            ("top-k 50, top-p 0.9, min-p 0.01, full route", (0.8, 50, 0.9, 0.01), 0)):
+        args = (full(temp, np.float32), full(top_k, np.int32), full(top_p, np.float32), full(min_p, np.float32),
+                seeds, steps)
+        kw = {} if cap is None else {"candidate_cap": cap}
+        t = timed(lambda: k.sample(ids, logits, *args, **kw), iters=20)
+        print(f"sample B={b} V={vocab} {label}: {t * 1e6:.0f} us")
+    t = timed(lambda: k.argmax(ids, logits), iters=20)
+    print(f"argmax B={b} V={vocab}: {t * 1e6:.0f} us")
+
+    # Host launch overhead of a prepared call.
+    x = DeviceTensor.empty((1, 4096), "bf16")
+    wn = DeviceTensor.empty((4096,), "bf16")
+    stream.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        k.rms_norm(x, x, wn, 1e-5)
+    t1 = time.perf_counter()
+    stream.synchronize()
+    print(f"launcher host cost (rms_norm, checks included): {(t1 - t0) / 2000 * 1e6:.1f} us/call")
+    device.close()
+
+
+if __name__ == "__main__":
+    bench()

@@ -21,6 +21,9 @@ class CudaRunner:
         return [(int(t), None) for t in ids] if sample else []
 
     def close(self):
+        comm = getattr(self.model, "comm", None)
+        if hasattr(comm, "destroy"):
+            comm.destroy()          # NCCL first: it needs the context that device.close() pops
         self.device.close()
 
 

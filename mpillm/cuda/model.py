@@ -146,6 +146,8 @@ class CudaTransformer:
         self.scratch = AttentionScratch(S, nq, hd, self.max_blocks * block_size)
 
         self._alloc_kv_cache(num_blocks, gpu_memory_utilization, log)
+        # Decode batch sizes that get a CUDA graph: a batch runs in the smallest bucket that holds it.
+        self.buckets = sorted({b for b in GRAPH_BUCKETS if b < max_seqs} | {min(max_seqs, GRAPH_BUCKETS[-1])})
         self.graphs: dict[int, object] = {}
         self.graph_seconds = 0.0
 
@@ -354,11 +356,10 @@ class CudaTransformer:
     # ------------------------------------------------------------------------------------ CUDA graphs
     def _graphable(self, step: StepInput) -> bool:
         S = step.num_seqs
-        return (S > 0 and step.num_tokens == S and S <= min(self.max_seqs, GRAPH_BUCKETS[-1])
-                and S <= self.max_tokens)
+        return S > 0 and step.num_tokens == S and S <= self.buckets[-1] and self.buckets[-1] <= self.max_tokens
 
     def _bucket(self, n: int) -> int:
-        return next(b for b in GRAPH_BUCKETS if b >= n and b <= self.max_seqs) if n <= self.max_seqs else n
+        return next(b for b in self.buckets if b >= n)
 
     def _pad_decode(self, n: int, B: int):
         """Rows n..B-1 of a decode batch: no KV store (slot -1), one visible key, greedy."""

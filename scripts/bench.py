@@ -57,6 +57,7 @@ def main():
                     help="instead: N requests (ShareGPT-like lengths, seeded) through the engine, continuous "
                          "batching vs static batching")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="--throughput: sequences decoded together")
+    ap.add_argument("--gemm", action="store_true", help="instead: our GEMM vs cuBLASLt on the model's shapes")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
     args = ap.parse_args()
 
@@ -84,6 +85,8 @@ def main():
         cfg = ckpt.config
     if args.throughput:
         return throughput(args, ckpt, cfg, world)
+    if args.gemm:
+        return gemm_compare(args, cfg)
     batches = [int(b) for b in args.batch.split(",") if b]
     prefills = [int(p) for p in args.prefill.split(",") if p]
     max_seqs = max(batches + [1])
@@ -184,6 +187,39 @@ def main():
     device.close()
 
 
+def gemm_compare(args, cfg):
+    """TFLOP/s of our mma.sync GEMM and of cuBLASLt on the model's projection shapes."""
+    import pycuda.driver as cuda
+    from mpillm.cuda.kernels import Kernels
+    from mpillm.cuda.runtime import DeviceTensor, init_device
+    device = init_device(0)
+    k = Kernels(device)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    print(f"# {device.name}: GEMM y[M,N] = x[M,K] w[N,K]^T, {args.dtype}, TFLOP/s (own mma.sync | cuBLASLt)")
+    start, end = cuda.Event(), cuda.Event()
+    for m in (64, 128, 256, 512, 2048, 8192):
+        row = []
+        for n, kk in ((qkv, h), (h, h), (2 * i, h), (h, i)):
+            x, w, y = DeviceTensor.empty((m, kk), args.dtype), DeviceTensor.empty((n, kk), args.dtype), DeviceTensor.empty((m, n), args.dtype)
+            for path in ("gemm", "cublaslt"):
+                if path == "cublaslt" and k.blas is None:
+                    row.append("n/a")
+                    continue
+                k.linear(y, x, w, path=path)
+                reps = 20
+                start.record(device.stream)
+                for _ in range(reps):
+                    k.linear(y, x, w, path=path)
+                end.record(device.stream)
+                end.synchronize()
+                secs = end.time_since(start) / 1e3 / reps
+                row.append(f"{2 * m * n * kk / secs / 1e12:.0f}")
+        print(f"M={m:5d}: " + "   ".join(f"{n}x{kk}: {row[2 * j]}|{row[2 * j + 1]}"
+                                         for j, (n, kk) in enumerate(((qkv, h), (h, h), (2 * i, h), (h, i)))))
+    device.close()
+
+
 def sharegpt_like(n: int, vocab: int, seed: int = 0):
     """n (prompt ids, output length) pairs: log-normal lengths clipped to prompts 4-1024 and outputs 4-512
     tokens, roughly the shape of ShareGPT conversations (medians ~170 and ~200)."""
@@ -219,6 +255,17 @@ def throughput(args, ckpt, cfg, world):
                             max_tokens=args.max_num_batched_tokens, max_seqs=args.max_num_seqs, max_model_len=2048,
                             gpu_memory_utilization=0.9)
     runner = CudaRunner(model, device)
+    gpu_time = [0.0, 0, 0]           # seconds in runner.execute, steps, decode-only steps
+    execute = runner.execute
+
+    def timed_execute(step, specs, sample=True):
+        t = time.perf_counter()
+        out = execute(step, specs, sample)
+        gpu_time[0] += time.perf_counter() - t
+        gpu_time[1] += 1
+        gpu_time[2] += step.num_tokens == step.num_seqs
+        return out
+    runner.execute = timed_execute
     work = sharegpt_like(args.throughput, cfg.vocab_size)
     n_out = sum(o for _, o in work)
     n_in = sum(len(p) for p, _ in work)
@@ -233,6 +280,7 @@ def throughput(args, ckpt, cfg, world):
         reqs = [(Request(str(i), i, i, "", None, SamplingParams(max_tokens=o, ignore_eos=True), None), p)
                 for i, (p, o) in enumerate(work)]
         peak_used = peak_live = 0
+        gpu_time[:] = [0.0, 0, 0]
         t = time.perf_counter()
         done = 0
         if mode == "continuous":
@@ -254,7 +302,8 @@ def throughput(args, ckpt, cfg, world):
         assert done == len(reqs)
         results[mode] = secs
         print(f"{mode:10s}: {len(reqs) / secs:7.2f} req/s  {n_out / secs:9.1f} output tok/s  "
-              f"{(n_in + n_out) / secs:9.1f} total tok/s  ({secs:.1f} s, {eng.scheduler.num_preemptions} preemptions"
+              f"{(n_in + n_out) / secs:9.1f} total tok/s  ({secs:.1f} s, {gpu_time[1]} steps ({gpu_time[2]} decode-only), "
+              f"{gpu_time[0]:.1f} s in the runner, {eng.scheduler.num_preemptions} preemptions"
               + (f", peak KV blocks in use {peak_used}/{eng.blocks.num_blocks}, holding live tokens in "
                  f"{100 * peak_live / (peak_used * 16):.1f}% of their slots" if mode == "continuous" else "") + ")")
         if args.json:

@@ -147,7 +147,8 @@ class AttentionScratch:
 class Kernels:
     """Compiled kernels plus launchers, bound to one device and its stream."""
 
-    def __init__(self, device: CudaDevice, cache_dir: str | None = None, workers: int | None = None):
+    def __init__(self, device: CudaDevice, cache_dir: str | None = None, workers: int | None = None,
+                 use_cublaslt: bool = True):
         import pycuda.driver as cuda
         from pycuda.compiler import compile as nvcc_compile
 
@@ -169,6 +170,15 @@ class Kernels:
         # Cold: nvcc ran (seconds); warm: PyCUDA's disk cache answered (preprocessing only).
         self.compile_seconds = time.perf_counter() - start
         self._functions: dict[str, object] = {}
+        # cuBLASLt (nvmath-python) for M > GEMV_MAX_M: faster than our mma.sync GEMM on every shape we
+        # measured (docs/PERFORMANCE.md). Without nvmath the own GEMM serves.
+        self.blas = None
+        if use_cublaslt:
+            try:
+                from .cublaslt import CublasLt
+                self.blas = CublasLt(self.stream)
+            except ImportError:
+                pass
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _fn(self, module: str, name: str, arg_format: str, shared: int = 0):
@@ -286,7 +296,7 @@ class Kernels:
         """y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]), fp32 accumulation; y in the model dtype or f32.
 
         M <= GEMV_MAX_M (32) runs the bandwidth-bound small-M kernel, larger M the tensor-core GEMM.
-        `path` ("gemv" or "gemm") forces one (tests, benchmarks).
+        `path` ("gemv", "gemm" or "cublaslt") forces one (tests, benchmarks).
         """
         _check(w, "w", MODEL_DTYPES, (None, None))
         n, k = w.shape
@@ -302,7 +312,10 @@ class Kernels:
         if m == 0 or n == 0:
             return
         if path is None:
-            path = "gemv" if m <= GEMV_MAX_M else "gemm"
+            path = "gemv" if m <= GEMV_MAX_M else ("cublaslt" if self.blas is not None else "gemm")
+        if path == "cublaslt":
+            self.blas.matmul(y, x, w, bias)
+            return
         suffix = f"{w.dtype}_{y.dtype}"
         bias_ptr = 0 if bias is None else bias.ptr
         if path == "gemv":
@@ -319,7 +332,7 @@ class Kernels:
             self._launch(fn, (_cdiv(m, bm) * _cdiv(n, bn), 1), threads, y.ptr, x.ptr, w.ptr, bias_ptr, m, n, k,
                          shared=shared)
         else:
-            raise ValueError(f"path: {path!r}, expected 'gemv', 'gemm' or None")
+            raise ValueError(f"path: {path!r}, expected 'gemv', 'gemm', 'cublaslt' or None")
 
     def _gemm_config(self, m: int, n: int) -> str:
         """Large tiles once they occupy about 3/4 of the SMs; below that the 4x more numerous small tiles

@@ -387,19 +387,23 @@ class CudaTransformer:
         B = self._bucket(n)
         self._pad_decode(n, B)
         self.buf.upload(B, self.dev.stream)
-        graph = self.graphs.get(B)
+        # Two graphs per batch bucket: contexts that fit one split-K partition run the direct attention
+        # kernel (no partial outputs, no merge kernel); longer ones the split-K pair sized for max_model_len.
+        from mpillm.cuda.kernels import DECODE_PARTITION
+        max_ctx = DECODE_PARTITION if int(step.context_lens.max()) <= DECODE_PARTITION else self.max_blocks * self.block_size
+        graph = self.graphs.get((B, max_ctx))
         if graph is None:
-            graph = self.graphs[B] = self._capture(B)
+            graph = self.graphs[(B, max_ctx)] = self._capture(B, max_ctx)
         stream = cu.CUstream(self.dev.stream.handle)
         _check_cu(cu.cuGraphLaunch(graph, stream), "cuGraphLaunch")
         return self._fetch_ids(B)[:n]
 
-    def _capture(self, B: int):
-        """Capture the decode step for batch bucket B. The grid of every kernel is fixed by B and by the
-        longest possible context, so one graph serves every decode step of that batch size."""
+    def _capture(self, B: int, max_ctx: int):
+        """Capture the decode step for batch bucket B and contexts up to max_ctx. The grid of every kernel is
+        fixed by B and max_ctx, so one graph serves every decode step within those bounds."""
         from cuda.bindings import driver as cu
         t0 = time.perf_counter()
-        args = (B, B, B, 1, self.max_blocks * self.block_size, True)
+        args = (B, B, B, 1, max_ctx, True)
         self._run(*args)                      # warm-up: first launches load modules and set attributes
         self.dev.synchronize()
         stream = cu.CUstream(self.dev.stream.handle)

@@ -187,6 +187,16 @@ def test_linear_gemm(kernels, dtype, m, n, k):
     _linear_case(kernels, dtype, m, n, k, with_bias=m % 2 == 1, out_dtype=dtype, path="gemm")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [33, 100, 257, 2048])
+@pytest.mark.parametrize("n,k", [(192, 576), (4100, 1536), (1536, 4104)])
+def test_linear_cublaslt(kernels, dtype, m, n, k):
+    if kernels.blas is None:
+        pytest.skip("nvmath-python (cuBLASLt) not installed")
+    _linear_case(kernels, dtype, m, n, k, with_bias=m % 2 == 1, out_dtype=dtype, path="cublaslt")
+    _linear_case(kernels, dtype, m, n, k, with_bias=False, out_dtype="f32", path="cublaslt")
+
+
 @pytest.mark.parametrize("m", [1, 9, 300])
 def test_linear_f32_logits_and_dispatch(kernels, m):
     _linear_case(kernels, "bf16", m, 1000, 576, with_bias=False, out_dtype="f32", path=None)
@@ -325,7 +335,7 @@ def test_attention_rejects_inconsistent_head_mapping(kernels):
     out = DeviceTensor.empty((1, 4, 64), "bf16")
     with pytest.raises(ValueError, match="^group/head_offset"):
         kernels.attention(out, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
-                          d["context_lens"], 4, 2, 64, 0.125, max_query_len=1, max_context_len=60, group=3,
+                          d["context_lens"], 4, 2, 64, 0.125, max_query_len=1, max_context_len=60, group=4,
                           head_offset=0)
 
 

@@ -47,3 +47,32 @@ def test_run_cuda_single_and_tp2(cuda_device, smollm_gguf, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     tp2 = answers(out2)
     assert set(tp2) == set(got) and "Paris" in tp2["capital"]
+    # Two replicas of one GPU each: every id answered once.
+    out3 = tmp_path / "dp2.jsonl"
+    p = run(["--model", smollm_gguf, "--prompts", EXAMPLES, "--output", out3, "--device", "cuda", "--tp", "1"], ranks=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = Path(out3).read_text().splitlines()
+    assert len(lines) == len(got) and set(answers(out3)) == set(got)
+
+
+def test_tp2_rank_failure_inside_nccl_ends_every_rank(cuda_device, smollm_gguf, tmp_path):
+    """A rank that raises (or dies) while its peer waits in an NCCL all-reduce: every rank ends, quickly."""
+    import time
+
+    import pycuda.driver as cuda
+    if cuda.Device.count() < 2:
+        pytest.skip("needs 2 GPUs")
+    rows = "".join(json.dumps({"id": f"r{i}", "prompt": f"Count to {i}:", "max_tokens": 64}) + "\n" for i in range(8))
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(rows)
+    t = time.time()
+    env = dict(os.environ, MPILLM_FAIL_AT="1:5")
+    launcher = os.environ.get("MPIRUN", shutil.which("mpiexec") or "mpiexec").split()
+    if "-x" in launcher:
+        launcher += ["-x", "MPILLM_FAIL_AT"]
+    p = subprocess.run([*launcher, "-n", "2", sys.executable, "-m", "mpillm", "run", "--model", str(smollm_gguf),
+                        "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--device", "cuda",
+                        "--tp", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0
+    assert "rank 1 of 2 failed while" in p.stderr, p.stderr[-3000:]
+    assert time.time() - t < 240

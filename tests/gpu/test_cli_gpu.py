@@ -13,12 +13,20 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 
 
-def run(args, ranks=None):
+def clean_env(**extra):
+    """This pytest process may itself be an MPI singleton (pytest-mpi imports mpi4py): a launcher started
+    from it must not inherit its MPI/PMIx identity, or the new job's ranks wait for a parent that never calls."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "MPI_LOCAL", "HYDRA_"))}
+    env.update(extra)
+    return env
+
+
+def run(args, ranks=None, **env):
     cmd = [sys.executable, "-m", "mpillm", "run", *map(str, args)]
     if ranks:
         launcher = os.environ.get("MPIRUN", shutil.which("mpiexec") or "mpiexec").split()
         cmd = [*launcher, "-n", str(ranks), *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=clean_env(**env))
 
 
 def answers(path):
@@ -66,13 +74,12 @@ def test_tp2_rank_failure_inside_nccl_ends_every_rank(cuda_device, smollm_gguf, 
     prompts = tmp_path / "in.jsonl"
     prompts.write_text(rows)
     t = time.time()
-    env = dict(os.environ, MPILLM_FAIL_AT="1:5")
     launcher = os.environ.get("MPIRUN", shutil.which("mpiexec") or "mpiexec").split()
     if "-x" in launcher:
         launcher += ["-x", "MPILLM_FAIL_AT"]
     p = subprocess.run([*launcher, "-n", "2", sys.executable, "-m", "mpillm", "run", "--model", str(smollm_gguf),
                         "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--device", "cuda",
-                        "--tp", "2"], capture_output=True, text=True, timeout=300, env=env)
+                        "--tp", "2"], capture_output=True, text=True, timeout=240, env=clean_env(MPILLM_FAIL_AT="1:5"))
     assert p.returncode != 0
     assert "rank 1 of 2 failed while" in p.stderr, p.stderr[-3000:]
     assert time.time() - t < 240

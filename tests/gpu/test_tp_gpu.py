@@ -75,14 +75,12 @@ def test_tp_logits_and_greedy_equal_single_gpu(tp_env, smollm_gguf):
     _, lt = tp.forward(step, spec, want_logits=True)
     _, l1 = single.forward(step, spec, want_logits=True)
     assert np.abs(lt - l1).max() < 3e-2 * np.abs(l1).max()
-    for i in range(24):
+    for i in range(24):                        # a fixed count on every rank: NCCL calls must match
         a, _ = tp.forward(step, spec)          # graph replay with NCCL inside on decode steps
         b, _ = single.forward(step, spec)
         ids_tp.append(int(a[0]))
         ids_one.append(int(b[0]))
         step = StepInput.build([([ids_tp[-1]], len(prompt) + i, [0, 1, 2], True)], 16)
-        if ids_tp[-1] != ids_one[-1]:
-            break
     everyone = world.allgather(ids_tp)
     assert all(e == everyone[0] for e in everyone), "ranks of a TP group sampled different tokens"
     assert ids_tp[:7] == ids_one[:7]

@@ -38,20 +38,17 @@ class StepInput:
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, list[int], bool]], block_size: int) -> "StepInput":
         """seqs: (new token ids, number already cached, block table, wants logits) per sequence."""
-        ids, pos, slots, starts, ctx, want = [], [], [], [0], [], []
-        for tokens, cached, table, wants in seqs:
-            for j, t in enumerate(tokens):
-                p = cached + j
-                ids.append(t)
-                pos.append(p)
-                slots.append(table[p // block_size] * block_size + p % block_size)
-            starts.append(starts[-1] + len(tokens))
-            ctx.append(cached + len(tokens))
-            if wants:
-                want.append(starts[-1] - 1)
+        n = [len(tokens) for tokens, _, _, _ in seqs]
+        starts = np.zeros(len(seqs) + 1, np.int32)
+        np.cumsum(n, out=starts[1:])
         width = max((len(t) for _, _, t, _ in seqs), default=1) or 1
         tables = np.zeros((len(seqs), width), np.int32)
         for i, (_, _, table, _) in enumerate(seqs):
             tables[i, :len(table)] = table
-        i32 = lambda a: np.asarray(a, dtype=np.int32)
-        return cls(i32(ids), i32(pos), i32(slots), i32(starts), i32(ctx), tables, i32(want))
+        cached = np.array([c for _, c, _, _ in seqs], np.int32)
+        seq_of = np.repeat(np.arange(len(seqs)), n)                     # [T] sequence of each token
+        positions = (cached[seq_of] + np.arange(starts[-1]) - starts[:-1][seq_of]).astype(np.int32)
+        slots = tables[seq_of, positions // block_size] * block_size + positions % block_size
+        ids = np.fromiter((t for tokens, _, _, _ in seqs for t in tokens), np.int32, count=int(starts[-1]))
+        want = np.array([starts[i + 1] - 1 for i, (_, _, _, w) in enumerate(seqs) if w], np.int32)
+        return cls(ids, positions, slots.astype(np.int32), starts, cached + np.array(n, np.int32), tables, want)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from mpillm.block_manager import BlockManager
 
 
-@dataclass
+@dataclass(eq=False)   # identity: `seq in running` must not compare token lists
 class Sequence:
     seq_id: int
     token_ids: list[int]           # prompt followed by generated tokens

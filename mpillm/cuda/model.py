@@ -27,7 +27,7 @@ from mpillm.config import ModelConfig
 from mpillm.cuda.runtime import DeviceTensor, device_alloc
 from mpillm.parallel import Shard
 
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
 
 class GpuMemoryError(RuntimeError):
@@ -267,8 +267,13 @@ class CudaTransformer:
         b.host_view("steps", n)[:] = [s.step for s in specs]
         b.host_view("seeds", 2 * n)[:] = seed_words([s.seed for s in specs]).reshape(-1)
 
-    def _run(self, T: int, S: int, L: int, max_q: int, max_ctx: int, sample: bool):
-        """Enqueue the whole forward (and sampling) for the staged step. Capturable: no host sync or copy."""
+    def _run(self, T: int, S: int, L: int, attn_groups, sample: bool):
+        """Enqueue the whole forward (and sampling) for the staged step. Capturable: no host sync or copy.
+
+        attn_groups: [(first seq, end seq, longest query, longest context)] runs of consecutive sequences
+        that are all decodes (one query) or all prefill chunks; each run gets the attention kernel made for
+        it, sized by its own longest query and context (a mixed step would otherwise launch prefill tiles
+        for every decode sequence)."""
         k, c, s, b = self.k, self.cfg, self.shard, self.buf
         H, hd = c.hidden_size, c.head_dim
         resid, h, delta = self.resid.view(0, (T, H)), self.h.view(0, (T, H)), self.delta.view(0, (T, H))
@@ -288,8 +293,11 @@ class CudaTransformer:
             k.linear(qkv, h, w.qkv, w.qkv_bias)
             k.rope_store_kv(qkv, positions, self.inv_freq, self.k_cache[i], self.v_cache[i], slots,
                             s.n_heads, s.n_kv_heads, hd)
-            k.attention(attn, qkv, self.k_cache[i], self.v_cache[i], block_tables, query_start, context_lens,
-                        s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
+            for lo, hi, max_q, max_ctx in attn_groups:
+                k.attention(attn, qkv, self.k_cache[i], self.v_cache[i],
+                            block_tables.view(lo * b.max_blocks, (hi - lo, b.max_blocks)),
+                            query_start.view(lo, (hi - lo + 1,)), context_lens.view(lo, (hi - lo,)),
+                            s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
             self._row_parallel(delta, attn, w.o)
             k.add_rms_norm(h, delta, resid, w.ln2, c.rms_norm_eps)          # r += attn out; h = norm(r)
             k.linear(gate_up, h, w.gate_up)
@@ -337,9 +345,7 @@ class CudaTransformer:
         if self._graphable(step) and not want_logits and L == S:
             return self._replay(step, specs), None
         self.buf.upload(S, self.dev.stream)
-        max_q = int(np.max(np.diff(step.query_start))) if S else 0
-        max_ctx = int(step.context_lens.max()) if S else 0
-        logits = self._run(T, S, L, max_q, max_ctx, sample=not want_logits and L > 0)
+        logits = self._run(T, S, L, _attention_groups(step), sample=not want_logits and L > 0)
         if want_logits:
             out = logits.to_numpy() if L else np.zeros((0, self.cfg.vocab_size), np.float32)
             return None, out
@@ -403,7 +409,7 @@ class CudaTransformer:
         fixed by B and max_ctx, so one graph serves every decode step within those bounds."""
         from cuda.bindings import driver as cu
         t0 = time.perf_counter()
-        args = (B, B, B, 1, max_ctx, True)
+        args = (B, B, B, [(0, B, 1, max_ctx)], True)
         self._run(*args)                      # warm-up: first launches load modules and set attributes
         self.dev.synchronize()
         stream = cu.CUstream(self.dev.stream.handle)
@@ -416,6 +422,17 @@ class CudaTransformer:
         exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         self.graph_seconds += time.perf_counter() - t0
         return exe
+
+
+def _attention_groups(step: StepInput) -> list[tuple[int, int, int, int]]:
+    """Runs of consecutive sequences that are all decodes or all prefills: (lo, hi, max query, max context)."""
+    n_q = np.diff(step.query_start)
+    groups, lo = [], 0
+    for i in range(1, len(n_q) + 1):
+        if i == len(n_q) or (n_q[i] == 1) != (n_q[lo] == 1):
+            groups.append((lo, i, int(n_q[lo:i].max()), int(step.context_lens[lo:i].max())))
+            lo = i
+    return groups
 
 
 def _check_cu(result, what: str):

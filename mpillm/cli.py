@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -85,7 +86,21 @@ def run(model, prompts, output, tp, max_tokens, temperature, top_p, top_k, min_p
         code = run_job(opts)
     except Exception as e:
         _fail(e)
-    sys.exit(code)
+    _exit(code)
+
+
+def _exit(code: int):
+    """Every result is written and closed: finalize MPI ourselves, then leave without the interpreter's
+    teardown. That teardown would free GPU buffers after their context is gone and run library finalizers
+    in arbitrary order, which can hang a rank at exit (seen with NCCL on 4 GPUs) after all work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        from mpi4py import MPI
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    finally:
+        os._exit(code)
 
 
 @main.command()

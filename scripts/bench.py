@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -184,7 +185,13 @@ def main():
         with open(args.json, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
+    if comm is not None:
+        comm.abort()
     device.close()
+    sys.stdout.flush()
+    world.Barrier()
+    MPI.Finalize()
+    os._exit(0)   # skip interpreter teardown (see mpillm.cli._exit)
 
 
 def gemm_compare(args, cfg):

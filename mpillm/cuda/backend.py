@@ -22,8 +22,10 @@ class CudaRunner:
 
     def close(self):
         comm = getattr(self.model, "comm", None)
-        if hasattr(comm, "destroy"):
-            comm.destroy()          # NCCL first: it needs the context that device.close() pops
+        if hasattr(comm, "abort"):
+            # NCCL first (it needs the context that device.close() pops); abort rather than destroy, which
+            # would wait on the peers: at this point every rank is done and nothing is in flight.
+            comm.abort()
         self.device.close()
 
 

@@ -16,7 +16,11 @@ EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 def clean_env(**extra):
     """This pytest process may itself be an MPI singleton (pytest-mpi imports mpi4py): a launcher started
     from it must not inherit its MPI/PMIx identity, or the new job's ranks wait for a parent that never calls."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "MPI_LOCAL", "HYDRA_"))}
+    identity = ("OMPI_COMM_WORLD_", "OMPI_UNIVERSE_SIZE", "OMPI_MCA_orte_hnp_uri", "OMPI_MCA_ess_base_",
+                "OMPI_MCA_orte_ess_", "PMIX_RANK", "PMIX_NAMESPACE", "PMIX_SERVER_", "PMI_RANK", "PMI_SIZE", "PMI_FD",
+                "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+    # Only a launched rank's identity goes; site settings (OMPI_MCA_plm_rsh_agent and the like) stay.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(identity)}
     env.update(extra)
     return env
 

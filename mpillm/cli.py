@@ -92,7 +92,7 @@ def run(model, prompts, output, tp, max_tokens, temperature, top_p, top_k, min_p
 def _exit(code: int):
     """Every result is written and closed: finalize MPI ourselves, then leave without the interpreter's
     teardown. That teardown would free GPU buffers after their context is gone and run library finalizers
-    in arbitrary order, which can hang a rank at exit (seen with NCCL on 4 GPUs) after all work is done."""
+    in arbitrary order, which can hang a rank at exit after all work is done (job.shutdown_watchdog is the backstop)."""
     sys.stdout.flush()
     sys.stderr.flush()
     try:

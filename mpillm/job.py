@@ -239,6 +239,7 @@ def run_job(opts: JobOptions) -> int:
     from mpillm.loading import build_replica, resolve_model
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
+    PHASE["rank"] = rank
 
     # 1. Layout and input, before any model loads. Errors here are the user's: one message, exit 2 everywhere.
     phase("checking the input")
@@ -339,9 +340,28 @@ def run_job(opts: JobOptions) -> int:
     else:
         code = None
     code = world.bcast(code, root=0)
+    shutdown_watchdog(code)
     stop.finish()
     replica.close()
     return code
+
+
+SHUTDOWN_GRACE_S = 30.0
+
+
+def shutdown_watchdog(code: int):
+    """Everything is written and every rank agreed on the exit code: from here, teardown (NCCL, the CUDA
+    context, MPI_Finalize) gets SHUTDOWN_GRACE_S seconds. A tensor-parallel job on 2 H200s was seen to hang
+    in teardown after NCCL use; a batch job must not hold its allocation for that, so we leave anyway."""
+    import threading
+
+    def force():
+        print(f"mpillm: rank {PHASE.get('rank', '?')}: teardown took over {SHUTDOWN_GRACE_S:.0f} s; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(code)
+    timer = threading.Timer(SHUTDOWN_GRACE_S, force)
+    timer.daemon = True
+    timer.start()
 
 
 def _lead(replica, requests, layout: Layout, stop: StopFlag, writer, progress) -> bool:

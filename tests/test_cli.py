@@ -258,3 +258,12 @@ def test_killed_rank_ends_the_job(model, tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert time.time() - t < 60
+
+
+def test_shutdown_watchdog_leaves_a_hung_teardown_with_the_agreed_code():
+    code = ("import time; from mpillm import job; job.SHUTDOWN_GRACE_S = 0.5; job.shutdown_watchdog(75); "
+            "time.sleep(60)")   # a teardown that never returns
+    t = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 75 and "teardown took over" in p.stderr
+    assert time.time() - t < 20

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from mpillm.config import ConfigError, ModelConfig, config_from_gguf, load_hf_config
-from mpillm.formats import GGML_TYPE_IDS, GGML_TYPES, FormatError, GGUFFile, SafetensorsFile, dequantize, to_f32
+from mpillm.formats import (GGML_TYPE_IDS, GGML_TYPES, FormatError, GGUFFile, SafetensorsFile, dequantize,
+                            no_duplicate_keys, to_f32)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -81,10 +82,10 @@ class SafetensorsCheckpoint(Checkpoint):
         self.where: dict[str, str] = {}
         if index.exists():
             try:
-                data = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_unique_pairs(index))
+                data = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicate_keys)
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{index}: invalid JSON at line {e.lineno}: {e.msg}") from None
-            except (ValueError, RecursionError) as e:   # bad UTF-8, absurd nesting or numbers
+            except (ValueError, RecursionError) as e:   # duplicate keys, bad UTF-8, absurd nesting or numbers
                 raise CheckpointError(f"{index}: unreadable: {e}") from None
             wmap = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(wmap, dict) or not wmap:
@@ -143,17 +144,6 @@ class SafetensorsCheckpoint(Checkpoint):
     def tokenizer(self):
         from mpillm.tokenizer import Tokenizer
         return Tokenizer.from_pretrained_dir(self.path)
-
-
-def _unique_pairs(where):
-    def hook(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise CheckpointError(f"{where}: key {k!r} appears twice")
-            out[k] = v
-        return out
-    return hook
 
 
 class GGUFCheckpoint(Checkpoint):

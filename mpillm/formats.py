@@ -43,7 +43,8 @@ class TensorInfo:
     nbytes: int
 
 
-def _no_duplicates(pairs):
+def no_duplicate_keys(pairs):
+    """json.loads object_pairs_hook: a key given twice is an error (the last one would silently win)."""
     out = {}
     for k, v in pairs:
         if k in out:
@@ -71,7 +72,7 @@ class SafetensorsFile:
         if n > size - 8 or n > MAX_HEADER_BYTES:
             raise FormatError(f"{where}: header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
         try:
-            header = json.loads(bytes(self.mm[8:8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+            header = json.loads(bytes(self.mm[8:8 + n]).decode("utf-8"), object_pairs_hook=no_duplicate_keys)
         except (ValueError, RecursionError) as e:   # bad UTF-8/JSON, duplicate keys, absurd nesting or numbers
             raise FormatError(f"{where}: header is not valid JSON: {e}") from None
         if not isinstance(header, dict):

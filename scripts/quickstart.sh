@@ -4,11 +4,7 @@
 #   scripts/quickstart.sh            # results in out/quickstart.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# shellcheck disable=SC1091
-. .venv/bin/activate
-python -m pip install -q --disable-pip-version-check --upgrade pip
+. scripts/_venv.sh
 # An MPI runtime from PyPI (the mpich wheel) when the machine has none; a system MPI is used as it is.
 extras=""
 if ! command -v mpiexec >/dev/null 2>&1; then extras="[mpich]"; fi

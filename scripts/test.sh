@@ -4,11 +4,7 @@
 # GPU tests skip cleanly without a GPU; CUDA sources are still compiled when nvcc is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# shellcheck disable=SC1091
-. .venv/bin/activate
-python -m pip install -q --disable-pip-version-check --upgrade pip
+. scripts/_venv.sh
 # torch (CPU) and transformers are test-only: they are the reference the NumPy backend must match.
 python -m pip install -q --disable-pip-version-check -e ".[test,mpich]" "torch==2.13.0"
 

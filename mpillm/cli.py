@@ -1,4 +1,4 @@
-"""Command line: `mpillm run`, `mpillm info`, `mpillm --version`. Also `python -m mpillm`."""
+"""Command line: `mpillm run`, `mpillm info`, `mpillm perplexity`, `mpillm --version`. Also `python -m mpillm`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ limit_blas_threads()   # before anything imports NumPy
 
 def _fail(exc: BaseException) -> None:
     """Any exception on any rank ends every rank: name the rank and what it was doing, then MPI Abort."""
-    from mpillm.job import EXIT_FAILURE, PHASE
+    from mpillm.job import EXIT_FAILURE, STATE
     try:
         from mpi4py import MPI
         world = MPI.COMM_WORLD
@@ -24,7 +24,7 @@ def _fail(exc: BaseException) -> None:
     except Exception:  # mpi4py itself broken: still report
         world, rank, size = None, 0, 1
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    sys.stderr.write(f"{tb}mpillm: rank {rank} of {size} failed while {PHASE['what']}: "
+    sys.stderr.write(f"{tb}mpillm: rank {rank} of {size} failed while {STATE['what']}: "
                      f"{type(exc).__name__}: {exc}\n")
     sys.stderr.flush()
     if world is not None and size > 1:
@@ -90,9 +90,15 @@ def run(model, prompts, output, tp, max_tokens, temperature, top_p, top_k, min_p
 
 
 def _exit(code: int):
-    """Every result is written and closed: finalize MPI ourselves, then leave without the interpreter's
-    teardown. That teardown would free GPU buffers after their context is gone and run library finalizers
-    in arbitrary order, which can hang a rank at exit after all work is done (job.shutdown_watchdog is the backstop)."""
+    """Leave with the exit code every rank agreed on; all results are written and closed.
+
+    After a GPU run we finalize MPI ourselves and leave without the interpreter's teardown, which would free
+    GPU buffers after their context is gone and run NCCL/CUDA finalizers in arbitrary order (a hang seen
+    on H200s; job.shutdown_watchdog is the backstop). CPU runs exit normally: MPICH's launcher reports the
+    code reliably only then (with os._exit it sometimes reports the SIGKILL it sends the slower ranks)."""
+    from mpillm.job import STATE
+    if not STATE.get("used_cuda"):
+        sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -141,6 +147,82 @@ def info(model, tp, max_model_len, dtype):
         kv_token = 2 * cfg.num_layers * s.n_kv_heads * hd * nbytes
         click.echo(f"  rank {s.rank}: weights {weights / 2**30:.3f} GiB; KV {kv_token / 1024:.1f} KiB/token, "
                    f"{kv_token * ctx / 2**30:.3f} GiB for one {ctx}-token sequence")
+
+
+@main.command()
+@click.option("--model", default=None, help="model directory or GGUF file [default: the default model]")
+@click.option("--text", required=True, help="UTF-8 text file to evaluate (e.g. mpillm/data/perplexity.txt)")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="simulate W8A16: int8 projection weights with fp16 group scales [default: float32 weights]")
+@click.option("--group-size", default=128, show_default=True, help="int8 group size along the input dimension")
+@click.option("--quantize-lm-head", is_flag=True, help="with --quantize: quantize the embedding/LM head too")
+@click.option("--context", default=512, show_default=True, help="tokens per window")
+@click.option("--stride", default=256, show_default=True, help="window start step; each window scores new tokens only")
+@click.option("--max-tokens", default=None, type=int, help="evaluate only the first N tokens of the text")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+def perplexity(model, text, quantize, group_size, quantize_lm_head, context, stride, max_tokens, as_json):
+    """Perplexity of a model on a text (NumPy CPU backend, strided sliding window).
+
+    Exit codes: 0 done; 2 bad arguments, model or text."""
+    import json
+    import time
+    from mpillm.checkpoint import CheckpointError, open_checkpoint
+    from mpillm.job import UsageError
+    from mpillm.loading import resolve_model
+    from mpillm.model import Transformer
+    from mpillm.perplexity import perplexity as evaluate
+
+    def usage(msg):
+        click.echo(f"mpillm: error: {msg}", err=True)
+        sys.exit(2)
+
+    try:
+        with open(text, encoding="utf-8") as f:
+            content = f.read()
+    except FileNotFoundError:
+        usage(f"--text {text}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        usage(f"--text {text}: cannot read it as UTF-8 text: {e}")
+    if not content.strip():
+        usage(f"--text {text}: the file is empty")
+    if context < 2 or not 1 <= stride <= context:
+        usage(f"need --context >= 2 and 1 <= --stride <= --context (got {context}, {stride})")
+    if max_tokens is not None and max_tokens < 2:
+        usage(f"--max-tokens {max_tokens}: at least 2 tokens are needed to score one")
+    try:
+        path = resolve_model(model)
+        ckpt = open_checkpoint(path)
+        if context > ckpt.config.max_position_embeddings:
+            usage(f"--context {context} exceeds the model's {ckpt.config.max_position_embeddings} positions")
+        ids = ckpt.tokenizer().encode(content)          # plain text: no chat template, BOS as the tokenizer adds it
+        if len(ids) < 2:
+            usage(f"--text {text}: {len(ids)} token(s); at least 2 are needed to score one")
+        ids = ids[:max_tokens]
+        started = time.perf_counter()
+        net = Transformer(ckpt, quantize=quantize, group_size=group_size, quantize_lm_head=quantize_lm_head)
+    except (UsageError, CheckpointError) as e:
+        usage(str(e))
+    except ValueError as e:                              # a --group-size that does not divide the weights
+        usage(f"--quantize {quantize} --group-size {group_size}: {e}")
+    show = None if as_json else (lambda i, n: click.echo(f"\rwindow {i}/{n}", err=True, nl=i == n))
+    res = evaluate(net, ids, context=context, stride=stride, progress=show)
+    seconds = time.perf_counter() - started
+    scheme = (f"int8, group {group_size}, LM head {'int8' if quantize_lm_head else 'float'}" if quantize
+              else "none (float32)")
+    if as_json:
+        click.echo(json.dumps({"model": str(path), "text": str(text), "quantize": quantize,
+                               "group_size": group_size if quantize else None,
+                               "quantize_lm_head": bool(quantize and quantize_lm_head), "tokens": res.tokens,
+                               "tokens_scored": res.scored, "windows": res.windows, "context": context,
+                               "stride": stride, "mean_nll": res.nll, "perplexity": res.perplexity,
+                               "seconds": round(seconds, 2)}))
+        return
+    click.echo(f"model:          {path}")
+    click.echo(f"quantization:   {scheme}")
+    click.echo(f"tokens scored:  {res.scored} of {res.tokens} ({res.windows} windows, context {context}, "
+               f"stride {stride}, {seconds:.1f} s)")
+    click.echo(f"mean NLL:       {res.nll:.6f} nats/token")
+    click.echo(f"perplexity:     {res.perplexity:.4f}")
 
 
 if __name__ == "__main__":

@@ -51,12 +51,13 @@ class JobOptions:
     progress: bool = True
 
 
-# What a rank is doing right now: named in the message when it fails.
-PHASE = {"what": "starting"}
+# This process: what it is doing right now (named in the message when it fails), its rank, and whether it
+# used the GPU (mpillm.cli._exit leaves differently then).
+STATE = {"what": "starting"}
 
 
 def phase(what: str):
-    PHASE["what"] = what
+    STATE["what"] = what
 
 
 def failpoint(rank: int, step: int):
@@ -203,6 +204,15 @@ def _usage_of(record: dict) -> dict:
 # -------------------------------------------------------------------------------------------- the job
 
 
+def model_identity(model: str | None) -> str:
+    """What the manifest records as the model: stable across runs (the default model is the same file
+    whether or not it is in the cache yet)."""
+    if model is None:
+        from mpillm.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256
+        return f"default: {DEFAULT_MODEL_NAME} (sha256 {GGUF_SHA256[:16]})"
+    return os.path.abspath(model)
+
+
 def _prepare_input(opts: JobOptions, model_id: str):
     """Rank 0: read and check the input and the output file; returns (requests, invalid lines, manifest)."""
     from mpillm import jobio
@@ -239,7 +249,7 @@ def run_job(opts: JobOptions) -> int:
     from mpillm.loading import build_replica, resolve_model
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    PHASE["rank"] = rank
+    STATE["rank"] = rank
 
     # 1. Layout and input, before any model loads. Errors here are the user's: one message, exit 2 everywhere.
     phase("checking the input")
@@ -250,8 +260,8 @@ def run_job(opts: JobOptions) -> int:
         layout, status = None, ("error", str(e))
     if rank == 0 and status is None:
         try:
-            model_path = resolve_model(opts.model, fetch=False)
-            requests, invalid, manifest, n_done = _prepare_input(opts, str(model_path) if model_path else "default")
+            resolve_model(opts.model, fetch=False)            # a missing --model fails here, before any work
+            requests, invalid, manifest, n_done = _prepare_input(opts, model_identity(opts.model))
             status = ("ok", (requests, invalid, manifest, n_done))
         except (UsageError, jobio.InputError, jobio.OutputError, ValueError) as e:
             status = ("error", str(e))
@@ -356,7 +366,7 @@ def shutdown_watchdog(code: int):
     import threading
 
     def force():
-        print(f"mpillm: rank {PHASE.get('rank', '?')}: teardown took over {SHUTDOWN_GRACE_S:.0f} s; exiting",
+        print(f"mpillm: rank {STATE.get('rank', '?')}: teardown took over {SHUTDOWN_GRACE_S:.0f} s; exiting",
               file=sys.stderr, flush=True)
         os._exit(code)
     timer = threading.Timer(SHUTDOWN_GRACE_S, force)

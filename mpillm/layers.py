@@ -3,6 +3,8 @@
 Column-parallel layers own output rows and need no communication; row-parallel layers own input columns
 and end in the group's sum all-reduce; the vocabulary is cut across ranks for the embedding (sum) and for
 the LM head (gather). These are the only places a collective is called.
+`Int8Simulated` wraps a checkpoint so every projection shard is loaded int8-quantized then dequantized: the
+W8A16 numerics (float32 compute on int8-rounded weights), the oracle for a GPU W8A16 kernel.
 """
 
 from __future__ import annotations
@@ -12,6 +14,45 @@ import numpy as np
 from mpillm import ops
 from mpillm.checkpoint import Checkpoint
 from mpillm.parallel import Shard
+from mpillm.quant import check_group_split, dequantize_int8, quantize_int8
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+class Int8Simulated:
+    """A checkpoint whose projection weights come back as dequantize_int8(quantize_int8(shard)).
+
+    Each layer loads its own shard of each source tensor, so quantization happens per source tensor and per
+    shard, before q/k/v or gate/up are merged; groups run along K (input columns). Column-parallel shards
+    hold whole rows, so their groups are the full tensor's; a row-parallel shard must start and end on a group
+    boundary (check_group_split), and then TP ranks together hold exactly the TP=1 quantized weight.
+    The embedding and LM head are quantized only with `lm_head`; norms and biases never are."""
+
+    def __init__(self, ckpt: Checkpoint, group_size: int = 128, lm_head: bool = False):
+        self.ckpt, self.group_size, self.lm_head = ckpt, group_size, lm_head
+
+    def __getattr__(self, name):            # config, path, has, shape, tokenizer, quantized: the checkpoint's
+        return getattr(self.ckpt, name)
+
+    def quantizes(self, name: str) -> bool:
+        if name in _VOCAB:
+            return self.lm_head
+        parts = name.split(".")
+        return name.endswith(".weight") and len(parts) >= 3 and parts[-2] in _PROJECTIONS
+
+    def load(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        w = self.ckpt.load(name, rows=rows, cols=cols)
+        if not self.quantizes(name):
+            return w
+        try:
+            if cols is not None:
+                K = self.ckpt.shape(name)[-1]
+                start, stop, _ = cols.indices(K)
+                check_group_split(K, self.group_size, start, stop)
+            return dequantize_int8(*quantize_int8(w, self.group_size), self.group_size)
+        except ValueError as e:
+            raise ValueError(f"int8 quantization of {name}: {e}") from None
 
 
 def _rows_of_heads(lo, hi, hd):

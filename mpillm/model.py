@@ -13,7 +13,7 @@ from mpillm.batch import StepInput
 from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
-from mpillm.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+from mpillm.layers import (Int8Simulated, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                            RowParallelLinear, VocabParallelEmbedding)
 from mpillm.parallel import Shard, make_shard
 
@@ -88,9 +88,17 @@ class DecoderLayer:
 
 
 class Transformer:
-    """One tensor-parallel rank's share of the model. `forward` returns logits [L, vocab] for step.logits_index."""
+    """One tensor-parallel rank's share of the model. `forward` returns logits [L, vocab] for step.logits_index.
 
-    def __init__(self, ckpt: Checkpoint, comm=None):
+    quantize="int8": every projection weight is int8-quantized (groups of `group_size` along K) and
+    dequantized right after loading, i.e. W8A16 numerics; the embedding/LM head too with `quantize_lm_head`."""
+
+    def __init__(self, ckpt: Checkpoint, comm=None, quantize: str | None = None, group_size: int = 128,
+                 quantize_lm_head: bool = False):
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize={quantize!r}: only None and 'int8' are supported")
+        if quantize:
+            ckpt = Int8Simulated(ckpt, group_size, quantize_lm_head)
         comm = comm or SingleComm()
         cfg = self.config = ckpt.config
         self.shard = make_shard(cfg, comm.rank, comm.size)

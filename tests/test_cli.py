@@ -267,3 +267,14 @@ def test_shutdown_watchdog_leaves_a_hung_teardown_with_the_agreed_code():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert p.returncode == 75 and "teardown took over" in p.stderr
     assert time.time() - t < 20
+
+
+def test_default_model_manifest_is_stable_across_first_fetch(tmp_path, monkeypatch):
+    from mpillm.job import model_identity
+    monkeypatch.setenv("MPILLM_CACHE", str(tmp_path / "empty-cache"))
+    before = model_identity(None)               # not cached yet
+    (tmp_path / "empty-cache").mkdir()
+    from mpillm.default_model import DEFAULT_MODEL_NAME
+    (tmp_path / "empty-cache" / DEFAULT_MODEL_NAME).write_bytes(b"x")
+    assert model_identity(None) == before      # cached now: a resume must not see "different settings"
+    assert model_identity("some/dir") == os.path.abspath("some/dir")

@@ -43,9 +43,11 @@ def build_cuda_runner(ckpt, opts, layout, max_len: int, block_size: int, log):
     from mpillm.cuda.runtime import init_device
     from mpillm.job import UsageError
     from mpillm.parallel import make_shard
+    from mpillm.job import STATE
     cfg = ckpt.config
     shard = make_shard(cfg, layout.group.Get_rank(), layout.tp)
     device = init_device(layout.local_rank)
+    STATE["used_cuda"] = True      # mpillm.cli._exit: leave without interpreter teardown
     comm = None
     if layout.tp > 1:
         from mpillm.cuda.nccl import NcclComm

@@ -1,0 +1,168 @@
+"""Weight-only INT8 quantization (W8A16): int8 weights, one fp16 scale per group of K elements.
+
+A weight W [N, K] (HF orientation: out_features x in_features) is cut along K into groups of `group_size`
+consecutive elements; each group g stores s_g = max|W_g| / 127 as fp16 and q = round(W / s_g) as int8, so
+W ~ q * s_g. GGUF's Q8_0 is exactly this scheme with group 32, so its blocks are taken over as they are;
+Q4_0/Q4_1 blocks are unpacked to 4-bit codes with their fp16 scales (and mins) for a later 4-bit kernel.
+
+Error bound of `quantize_int8` (per element, s the stored fp16 scale of the element's group):
+
+    |w - q * s| <= s * (1/2 + 127 * 2**-24)              and   max|w_g| / 127 <= s
+
+The scale is max|w_g| / 127 rounded *up* to fp16 (nearest, bumped one fp16 ulp when nearest fell below).
+Hence |w / s| <= 127: clipping never bites, and a tiny non-zero group never gets a zero scale. w / s is
+one float32 division (relative error <= 2**-24 of a value <= 127) before rounding to the nearest integer
+(error <= 1/2); dequantization q * s is exact in float32 (7-bit q times 11-bit s). For a normal fp16 scale,
+rounding up costs at most one ulp: s <= max|w_g| / 127 * (1 + 2**-10), so the bound is within 0.1% of
+max|w_g| / 254, the best any symmetric 255-level grid can do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+ERROR_BOUND = 0.5 + 127 * 2.0 ** -24     # |w - deq| <= ERROR_BOUND * scale (see the module docstring)
+GGUF_BLOCK = 32                          # elements per Q8_0 / Q4_0 / Q4_1 block
+
+
+def _group_hint(K: int, group_size: int) -> str:
+    g = math.gcd(K, group_size)
+    return f"use --group-size {g} (it divides {K})" if g > 1 else "use a --group-size that divides it"
+
+
+def _fp16_scales(amax: np.ndarray) -> np.ndarray:
+    """max|w_g| / 127 rounded up to fp16 (so |w / s| <= 127 exactly); 0 only for all-zero groups."""
+    amax = amax.astype(np.float64)
+    s = (amax / 127).astype(np.float16)
+    # s * 127 is exact in float64 (11-bit times 7-bit), so this comparison is exact.
+    low = s.astype(np.float64) * 127 < amax
+    s[low] = np.nextafter(s[low], np.float16(np.inf))
+    return s
+
+
+def quantize_int8(w: np.ndarray, group_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, K] float32 -> (q int8 [N, K], scales float16 [N, K / group_size]); symmetric, per group along K."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_int8 takes a 2-D weight [N, K], got shape {list(w.shape)}")
+    N, K = w.shape
+    if group_size < 1 or K % group_size:
+        raise ValueError(f"cannot quantize a weight of shape [{N}, {K}] in groups of {group_size}: K = {K} is not "
+                         f"a multiple of the group size; {_group_hint(K, group_size)}")
+    g = w.reshape(N, K // group_size, group_size)
+    amax = np.abs(g).max(axis=-1)
+    if not np.isfinite(amax).all():
+        raise ValueError(f"cannot quantize a weight of shape [{N}, {K}]: it holds inf or NaN")
+    scales = _fp16_scales(amax)
+    if not np.isfinite(scales).all():
+        raise ValueError(f"cannot quantize a weight of shape [{N}, {K}]: max |w| = {amax.max():g} overflows an "
+                         f"fp16 scale (max|w| / 127 must stay below 65504)")
+    s = scales.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint(g / s), 0)            # zero groups: scale 0, q 0
+    return np.clip(q, -127, 127).astype(np.int8).reshape(N, K), scales
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """(q int8 [N, K], scales fp16 [N, K / group_size]) -> float32 [N, K] = q * scale, exact in float32."""
+    N, K = q.shape
+    if group_size < 1 or K % group_size or scales.shape != (N, K // group_size):
+        raise ValueError(f"int8 weight [{N}, {K}] with scales {list(scales.shape)} does not match "
+                         f"group size {group_size}")
+    out = q.reshape(N, K // group_size, group_size).astype(np.float32) * scales.astype(np.float32)[..., None]
+    return out.reshape(N, K)
+
+
+# -------------------------------------------------------------------------------------------- GGUF blocks
+
+def _blocks(raw: np.ndarray, block_bytes: int, kind: str) -> np.ndarray:
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)     # memory-mapped rows are fine; copies only if needed
+    if raw.ndim != 2 or raw.shape[1] % block_bytes:
+        raise ValueError(f"{kind} data must be [rows, blocks * {block_bytes}] bytes, got shape {list(raw.shape)}")
+    return raw.reshape(raw.shape[0], -1, block_bytes)
+
+
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian fp16 at byte `at` of every block: [N, blocks]."""
+    return np.ascontiguousarray(b[..., at:at + 2]).view(np.float16)[..., 0]
+
+
+def from_gguf_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 rows [N, K/32 * 34] (block: fp16 d, 32 x int8) -> (q int8 [N, K], scales fp16 [N, K/32]).
+
+    No requantization: a Q8_0 block is one group of this module's scheme (x = d * q), group size 32."""
+    b = _blocks(raw, 34, "Q8_0")
+    return np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(b.shape[0], -1), _f16(b, 0)
+
+
+def from_gguf_q4(raw: np.ndarray, kind: str):
+    """Q4_0 / Q4_1 rows -> (q uint8 [N, K] in 0..15, scales fp16 [N, K/32], mins fp16 [N, K/32] or None).
+
+    llama.cpp's block: fp16 d (Q4_1: then fp16 m), 16 bytes of nibbles; the low nibbles are elements 0..15,
+    the high nibbles 16..31. Q4_0: x = d * (q - 8); Q4_1: x = d * q + m (see `dequantize_q4`)."""
+    if kind not in ("Q4_0", "Q4_1"):
+        raise ValueError(f"from_gguf_q4: kind must be 'Q4_0' or 'Q4_1', got {kind!r}")
+    size = 18 if kind == "Q4_0" else 20
+    b = _blocks(raw, size, kind)
+    qs = b[..., size - 16:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(b.shape[0], -1)
+    return q, _f16(b, 0), (_f16(b, 2) if kind == "Q4_1" else None)
+
+
+def dequantize_q4(q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None = None) -> np.ndarray:
+    """4-bit codes [N, K] -> float32: d * (q - 8) without mins (Q4_0), d * q + m with them (Q4_1).
+
+    The float32 operations are llama.cpp's and the gguf package's, in their order, so results are bitwise equal."""
+    N, K = q.shape
+    if K % GGUF_BLOCK or scales.shape != (N, K // GGUF_BLOCK):
+        raise ValueError(f"4-bit codes [{N}, {K}] do not match scales {list(scales.shape)} (blocks of {GGUF_BLOCK})")
+    qf = q.reshape(N, -1, GGUF_BLOCK).astype(np.float32)
+    d = scales.astype(np.float32)[..., None]
+    out = d * (qf - 8.0) if mins is None else d * qf + mins.astype(np.float32)[..., None]
+    return out.reshape(N, K)
+
+
+# ------------------------------------------------------------------------------------- tensor parallelism
+
+def check_group_split(K: int, group_size: int, col_start: int, col_stop: int) -> None:
+    """A row-parallel rank holds input columns [col_start, col_stop) of a [N, K] weight. Quantizing that shard
+    alone gives the same groups as quantizing the whole weight only when both ends sit on group boundaries."""
+    if group_size < 1 or K % group_size:
+        raise ValueError(f"K = {K} is not a multiple of the quantization group size {group_size}; "
+                         f"{_group_hint(K, group_size)}")
+    if not 0 <= col_start < col_stop <= K:
+        raise ValueError(f"shard columns [{col_start}, {col_stop}) are not a non-empty range inside K = {K}")
+    if col_start % group_size or col_stop % group_size:
+        g = math.gcd(group_size, col_start, col_stop)
+        raise ValueError(f"a row-parallel shard holds columns [{col_start}, {col_stop}) of K = {K}, which do not "
+                         f"fall on quantization group boundaries of {group_size}: a group would straddle two ranks; "
+                         f"use --group-size {g} or another --tp")
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+class WeightBytes(NamedTuple):
+    int8: int       # projections int8 + fp16 scales; everything else bf16
+    bf16: int       # everything bf16
+
+    @property
+    def ratio(self) -> float:
+        return self.int8 / self.bf16
+
+
+def int8_weight_bytes(cfg, shard, group_size: int = 128, lm_head: bool = False) -> WeightBytes:
+    """Weight bytes of one rank (`shard` from parallel.make_shard) with W8A16 projections vs all bf16.
+
+    Norms stay bf16; the embedding and LM head are quantized only with `lm_head` (as in the NumPy simulation)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    proj = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * hd     # q, k, v
+                             + shard.n_heads * hd * h                            # o
+                             + 3 * h * (shard.ffn_hi - shard.ffn_lo))            # gate, up, down
+    vocab = (shard.vocab_hi - shard.vocab_lo) * h * (1 if cfg.tie_word_embeddings else 2)
+    norms = (2 * cfg.num_layers + 1) * h
+    q8 = lambda n: n + 2 * n // group_size                                        # noqa: E731  int8 + fp16 scale
+    return WeightBytes(int8=q8(proj) + (q8(vocab) if lm_head else 2 * vocab) + 2 * norms,
+                       bf16=2 * (proj + vocab + norms))

@@ -276,15 +276,6 @@ def run_job(opts: JobOptions) -> int:
     parts = None
     if rank == 0:
         requests, invalid, manifest, n_done = status[1]
-        writer = jobio.OutputWriter(opts.output, resume=opts.resume and not opts.overwrite)
-        jobio.write_manifest(opts.output, manifest)
-        progress = Progress(len(requests) + len(invalid), opts.progress)
-        if n_done:
-            print(f"mpillm: resuming: {n_done} requests already in {opts.output}", file=sys.stderr, flush=True)
-        for bad in invalid:
-            rec = jobio.error_record(bad[0], bad[1], bad[2], getattr(bad, "openai", None))
-            writer.write(rec)
-            progress.update(rec, {})
         parts = [[] for _ in range(layout.size)]
         for i, part in enumerate(assign(requests, layout.num_replicas)):
             parts[i * layout.tp] = part
@@ -302,8 +293,19 @@ def run_job(opts: JobOptions) -> int:
         if rank == 0:
             first = next(e for e in errs if e)
             print(f"mpillm: error: {first}", file=sys.stderr, flush=True)
-            writer.close()
         return EXIT_USAGE
+
+    # The output is opened only now: a job refused above has written nothing, not even an empty file.
+    if rank == 0:
+        writer = jobio.OutputWriter(opts.output, resume=opts.resume and not opts.overwrite)
+        jobio.write_manifest(opts.output, manifest)
+        progress = Progress(len(requests) + len(invalid), opts.progress)
+        if n_done:
+            print(f"mpillm: resuming: {n_done} requests already in {opts.output}", file=sys.stderr, flush=True)
+        for bad in invalid:
+            rec = jobio.error_record(bad[0], bad[1], bad[2], getattr(bad, "openai", None))
+            writer.write(rec)
+            progress.update(rec, {})
 
     # 3. Generate. Leaders drive their replica; peers replay the leader's steps.
     preempted = False

@@ -225,7 +225,7 @@ def test_memory_that_does_not_fit_is_refused_before_any_request(model, tmp_path)
     p = mpillm("run", "--model", model, "--prompts", EXAMPLES, "--output", out, "--kv-cache-memory", "100000",
                "--device", "cpu", check=2)
     assert "GiB is available" in p.stderr and "--kv-cache-memory" in p.stderr and "--tp" in p.stderr
-    assert not out.exists() or out.read_text() == ""
+    assert not out.exists()
 
 
 @needs_mpi

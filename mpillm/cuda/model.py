@@ -166,7 +166,7 @@ class CudaTransformer:
             raise GpuMemoryError(
                 f"rank {self.shard.rank}: the weights need {_mib(need)} but GPU {self.dev.ordinal} "
                 f"({self.dev.name}) has {_mib(free)} free of {_mib(total)}. Use more GPUs per replica "
-                f"(--tp {self.shard.size * 2}) or --quantize int8.")
+                f"(--tp {self.shard.size * 2}).")
         log(f"mpillm: rank {self.shard.rank}: weights {_mib(need)} of {_mib(free)} free on {self.dev.name}")
 
     def _param(self, ckpt, name, shape, load) -> DeviceTensor:
@@ -224,7 +224,7 @@ class CudaTransformer:
                 f"rank {s.rank}: the KV cache gets {_mib(max(budget, 0))} ({max(num_blocks, 0)} blocks of "
                 f"{self.block_size} tokens) but one {self.max_model_len}-token sequence needs {one_seq} blocks "
                 f"({_mib(one_seq * per_block)}); free {_mib(free)} of {_mib(total)}. Lower --max-model-len, "
-                f"raise --gpu-memory-utilization (now {utilization}), add GPUs (--tp), or --quantize int8.")
+                f"raise --gpu-memory-utilization (now {utilization}), or add GPUs (--tp).")
         self.num_blocks = int(num_blocks)
         shape = (self.num_blocks, self.block_size, s.n_kv_heads, c.head_dim)
         per_layer = math.prod(shape)

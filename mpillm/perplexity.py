@@ -1,9 +1,10 @@
 """Perplexity of a model on a text, with the NumPy backend: HF's strided sliding-window evaluation.
 
 Windows of up to `context` tokens start every `stride` tokens; each window scores only the tokens no earlier
-window scored, so every token after the first is predicted exactly once, with between `context - stride`
-and `context - 1` tokens of context (less at the very start). Position ids restart at 0 in every window,
-as in transformers' recipe, so the numbers are comparable with it.
+window scored, with at least `context - stride` tokens of context (less at the very start). With
+stride < context every token after the first is scored exactly once; with stride == context the windows do
+not overlap and the first token of each window, which has no context, is not scored. Position ids restart
+at 0 in every window, as in transformers' recipe, so the numbers are comparable with it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ DEFAULT_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 @dataclass
 class PerplexityResult:
     tokens: int          # tokens in the evaluated sequence
-    scored: int          # tokens predicted and scored (tokens - 1)
+    scored: int          # tokens predicted and scored (tokens - 1 when stride < context)
     windows: int
     nll: float           # mean negative log-likelihood, nats per scored token
 
@@ -62,12 +63,13 @@ def perplexity(model, ids, context: int = 512, stride: int = 256, block_size: in
     spans = list(windows(len(ids), context, stride))
     table = list(range(-(-context // block_size)))
     cache = model.new_cache(len(table), block_size)     # every window rewrites positions 0.. of the same blocks
-    total = 0.0
+    total, scored = 0.0, 0
     for i, (begin, end, first) in enumerate(spans):
         step = StepInput.build([(ids[begin:end].tolist(), 0, table, True)], block_size)
         # Logits only at the positions that predict newly scored tokens: saves most of the LM head.
         step = dataclasses.replace(step, logits_index=np.arange(first - 1 - begin, end - 1 - begin, dtype=np.int32))
         total += float(token_nll(model.forward(step, cache), ids[first:end]).sum())
+        scored += end - first
         if progress:
             progress(i + 1, len(spans))
-    return PerplexityResult(tokens=len(ids), scored=len(ids) - 1, windows=len(spans), nll=total / (len(ids) - 1))
+    return PerplexityResult(tokens=len(ids), scored=scored, windows=len(spans), nll=total / scored)

@@ -36,7 +36,8 @@ def _group_hint(K: int, group_size: int) -> str:
 def _fp16_scales(amax: np.ndarray) -> np.ndarray:
     """max|w_g| / 127 rounded up to fp16 (so |w / s| <= 127 exactly); 0 only for all-zero groups."""
     amax = amax.astype(np.float64)
-    s = (amax / 127).astype(np.float16)
+    with np.errstate(over="ignore"):                   # overflow -> inf, reported by the caller
+        s = (amax / 127).astype(np.float16)
     # s * 127 is exact in float64 (11-bit times 7-bit), so this comparison is exact.
     low = s.astype(np.float64) * 127 < amax
     s[low] = np.nextafter(s[low], np.float16(np.inf))

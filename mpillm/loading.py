@@ -54,8 +54,9 @@ class Replica:
 
 def _fetch_default(layout):
     """Rank 0 of each node fetches the default model into the cache (once), the others wait for it."""
+    from mpi4py import MPI
     err = None
-    node = layout.world.Split_type(__import__("mpi4py").MPI.COMM_TYPE_SHARED, key=layout.rank)
+    node = layout.world.Split_type(MPI.COMM_TYPE_SHARED, key=layout.rank)
     if node.Get_rank() == 0:
         try:
             resolve_model(None)
@@ -128,7 +129,6 @@ def build_replica(opts, layout) -> Replica:
     if opts.max_model_len and opts.max_model_len > cfg.max_position_embeddings:
         log(f"mpillm: --max-model-len {opts.max_model_len} exceeds the model's {cfg.max_position_embeddings}; using that")
     device = pick_device(opts.device, log)
-    comm = MPIComm(layout.group) if layout.tp > 1 else SingleComm()
     block_size = 16
     try:
         if device == "cuda":
@@ -139,6 +139,7 @@ def build_replica(opts, layout) -> Replica:
                                  "install the GPU extras (pip install mpillm[cuda]) or use --device cpu") from None
             local, num_blocks = build_cuda_runner(ckpt, opts, layout, max_len, block_size, log)
         else:
+            comm = MPIComm(layout.group) if layout.tp > 1 else SingleComm()
             local, num_blocks, max_len = _cpu_runner(ckpt, opts, layout, comm, max_len, block_size, log)
     except ShardingError as e:
         raise UsageError(str(e)) from None

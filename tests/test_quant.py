@@ -25,6 +25,7 @@ from mpillm.parallel import make_shard
 from mpillm.perplexity import DEFAULT_TEXT, perplexity
 from mpillm.quant import (ERROR_BOUND, check_group_split, dequantize_int8, dequantize_q4, from_gguf_q4,
                           from_gguf_q8_0, int8_weight_bytes, quantize_int8)
+from threadcomm import ThreadGroup  # tests/threadcomm.py
 
 GROUP = 64                       # SmolLM2: hidden 576 = 9 x 64
 FP16_MIN_NORMAL = 2.0 ** -14
@@ -303,43 +304,10 @@ def test_int8_greedy_matches_float(smol):
     assert "Paris" in tok.decode(out[0])
 
 
-class _Group:
-    """Ranks in threads; collectives meet at a barrier (a hang fails by timeout) and sum in rank order."""
-
-    def __init__(self, size):
-        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size, timeout=60)
-
-    def comm(self, rank):
-        return _Comm(self, rank)
-
-
-class _Comm:
-    def __init__(self, group, rank):
-        self.group, self.rank, self.size = group, rank, group.size
-
-    def _swap(self, x):
-        g = self.group
-        g.slots[self.rank] = np.ascontiguousarray(x)
-        g.barrier.wait()
-        got = list(g.slots)
-        g.barrier.wait()                      # nobody overwrites a slot before everyone has read it
-        return got
-
-    def all_reduce(self, x):
-        got = self._swap(x)
-        out = got[0].copy()
-        for a in got[1:]:
-            out += a
-        return out
-
-    def all_gather(self, x):
-        return [a.copy() for a in self._swap(x)]
-
-
 def test_tensor_parallel_int8_equals_single_rank(smol):
     ck, ref_model, model = smol
     ids = _text_ids(ck, 40)
-    group = _Group(2)
+    group = ThreadGroup(2)
     models = [Transformer(ck, comm=group.comm(r), quantize="int8", group_size=GROUP) for r in range(2)]
     assert models[0].shard.q_hi * ck.config.head_dim == 320         # o_proj cut at column 320 = 5 groups
     out, errors = [None, None], []

@@ -24,6 +24,7 @@ from mpillm.batch import StepInput
 from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
+from mpillm.cuda.kernels import DECODE_PARTITION, AttentionScratch, seed_words
 from mpillm.cuda.runtime import DeviceTensor, device_alloc
 from mpillm.parallel import Shard
 
@@ -142,7 +143,6 @@ class CudaTransformer:
         self.out_ids = DeviceTensor.empty((S,), "i32")
         self.out_host = cuda.pagelocked_empty(S, np.int32)
         self.buf = StepBuffers(T, S, self.max_blocks)
-        from mpillm.cuda.kernels import AttentionScratch
         self.scratch = AttentionScratch(S, nq, hd, self.max_blocks * block_size)
 
         self._alloc_kv_cache(num_blocks, gpu_memory_utilization, log)
@@ -259,7 +259,6 @@ class CudaTransformer:
         n = len(specs)
         if n == 0:
             return
-        from mpillm.cuda.kernels import seed_words
         b.host_view("temperature", n, np.float32)[:] = [s.params.temperature for s in specs]
         b.host_view("top_p", n, np.float32)[:] = [s.params.top_p for s in specs]
         b.host_view("min_p", n, np.float32)[:] = [s.params.min_p for s in specs]
@@ -395,7 +394,6 @@ class CudaTransformer:
         self.buf.upload(B, self.dev.stream)
         # Two graphs per batch bucket: contexts that fit one split-K partition run the direct attention
         # kernel (no partial outputs, no merge kernel); longer ones the split-K pair sized for max_model_len.
-        from mpillm.cuda.kernels import DECODE_PARTITION
         max_ctx = DECODE_PARTITION if int(step.context_lens.max()) <= DECODE_PARTITION else self.max_blocks * self.block_size
         graph = self.graphs.get((B, max_ctx))
         if graph is None:

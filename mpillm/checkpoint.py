@@ -68,6 +68,11 @@ class Checkpoint:
         """(ggml type name, raw blocks [out, bytes_per_row]) for natively quantized tensors, else None."""
         return None
 
+    def load_blocks(self, name: str, rows: slice | None = None, cols: slice | None = None):
+        """(ggml type name, raw block bytes [rows, bytes]) of a slice of a natively quantized tensor, rows
+        in HF order like load(); None for float tensors. Nothing is decoded."""
+        return None
+
     def tokenizer(self):
         raise NotImplementedError
 
@@ -181,12 +186,7 @@ class GGUFCheckpoint(Checkpoint):
             return self.config.num_kv_heads
         return None
 
-    def load(self, name, rows=None, cols=None):
-        g = self._gguf(name)
-        info = self.file.tensors[g]
-        raw = self.file.raw(g)
-        if raw.ndim == 1:
-            return dequantize(np.array(raw[rows] if rows is not None else raw), info.dtype)
+    def _raw_slice(self, name, info, raw, rows, cols):
         raw = _slice_rows(raw, rows)
         if cols is not None:
             _, block, bsize = GGML_TYPES[GGML_TYPE_IDS[info.dtype]]
@@ -196,17 +196,37 @@ class GGUFCheckpoint(Checkpoint):
                                       f"{info.dtype} block boundaries ({block})")
             # Plain types are typed arrays (index by element); quantized rows are bytes (index by block).
             raw = raw[:, start:stop] if block == 1 else raw[:, start // block * bsize: stop // block * bsize]
-        w = dequantize(np.ascontiguousarray(raw), info.dtype)
+        return np.ascontiguousarray(raw)
+
+    def _unpermute(self, name, info, rows, a):
+        """Undo llama.cpp's Q/K row permutation on rows of `a` (floats or raw block bytes: it moves whole rows)."""
         heads = self._heads(name)
-        if heads is not None:
-            hd = self.config.head_dim
-            start, stop, step = (rows or slice(None)).indices(info.shape[0])
-            if step != 1 or start % hd or stop % hd:
-                raise CheckpointError(f"{self.path}: tensor {name!r}: row slice {start}:{stop} must cover whole "
-                                      f"heads of {hd} rows (the Q/K un-permutation works per head)")
-            # GGUF row h*hd + 2*j + t holds HF row h*hd + t*hd/2 + j: swap the (j, t) axes back.
-            w = w.reshape(-1, hd // 2, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
-        return w
+        if heads is None:
+            return a
+        hd = self.config.head_dim
+        start, stop, step = (rows or slice(None)).indices(info.shape[0])
+        if step != 1 or start % hd or stop % hd:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: row slice {start}:{stop} must cover whole "
+                                  f"heads of {hd} rows (the Q/K un-permutation works per head)")
+        # GGUF row h*hd + 2*j + t holds HF row h*hd + t*hd/2 + j: swap the (j, t) axes back.
+        return np.ascontiguousarray(a.reshape(-1, hd // 2, 2, a.shape[-1]).swapaxes(1, 2).reshape(a.shape))
+
+    def load(self, name, rows=None, cols=None):
+        g = self._gguf(name)
+        info = self.file.tensors[g]
+        raw = self.file.raw(g)
+        if raw.ndim == 1:
+            return dequantize(np.array(raw[rows] if rows is not None else raw), info.dtype)
+        w = dequantize(self._raw_slice(name, info, raw, rows, cols), info.dtype)
+        return self._unpermute(name, info, rows, w)
+
+    def load_blocks(self, name, rows=None, cols=None):
+        g = self._gguf(name)
+        info = self.file.tensors[g]
+        raw = self.file.raw(g)
+        if info.dtype in ("F32", "F16", "BF16") or raw.ndim != 2:
+            return None
+        return info.dtype, self._unpermute(name, info, rows, self._raw_slice(name, info, raw, rows, cols))
 
     def quantized(self, name):
         g = self._gguf(name)

@@ -58,6 +58,12 @@ def main():
 @click.option("--max-num-batched-tokens", default=2048, show_default=True, help="token budget of one step (chunked prefill)")
 @click.option("--kv-cache-memory", default=1.0, show_default=True, help="GiB of KV cache per rank (CPU backend)")
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, help="share of free GPU memory for the KV cache")
+@click.option("--quantize", type=click.Choice(["auto", "none", "int8"]), default="auto", show_default=True,
+              help="weights: auto = GGUF Q8_0/Q4_0/Q4_1 tensors run as stored (W8A16/W4A16 on the GPU), others "
+                   "in --dtype; none = everything in --dtype; int8 = W8A16, projections quantized at load")
+@click.option("--group-size", default=128, show_default=True,
+              help="--quantize int8: elements per scale along the input dimension (32, 64, 128, 256)")
+@click.option("--quantize-lm-head", is_flag=True, help="--quantize int8: the LM head too")
 @click.option("--no-prefix-caching", is_flag=True, help="do not share KV blocks between equal prompt prefixes")
 @click.option("--resume", is_flag=True, help="skip requests already in --output (manifest must match)")
 @click.option("--force", is_flag=True, help="with --resume: accept changed settings")
@@ -66,7 +72,8 @@ def main():
 @click.option("--no-progress", is_flag=True, help="no progress reports on stderr")
 def run(model, prompts, output, tp, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
         device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
-        gpu_memory_utilization, no_prefix_caching, resume, force, overwrite, skip_invalid, no_progress):
+        gpu_memory_utilization, quantize, group_size, quantize_lm_head, no_prefix_caching, resume, force, overwrite,
+        skip_invalid, no_progress):
     """Generate completions for every request in PROMPTS, appending results to OUTPUT.
 
     Exit codes: 0 done; 1 a rank failed; 2 bad input/arguments/model (nothing generated);
@@ -80,7 +87,8 @@ def run(model, prompts, output, tp, max_tokens, temperature, top_p, top_k, min_p
         opts = JobOptions(prompts=prompts, output=output, model=model, tp=tp, device=device, dtype=dtype,
                           defaults=defaults, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
-                          gpu_memory_utilization=gpu_memory_utilization, prefix_caching=not no_prefix_caching,
+                          gpu_memory_utilization=gpu_memory_utilization, quantize=quantize, group_size=group_size,
+                          quantize_lm_head=quantize_lm_head, prefix_caching=not no_prefix_caching,
                           resume=resume, force=force, overwrite=overwrite, skip_invalid=skip_invalid,
                           progress=not no_progress)
         code = run_job(opts)

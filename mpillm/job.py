@@ -43,6 +43,9 @@ class JobOptions:
     max_num_batched_tokens: int = 2048
     kv_cache_memory: float = 1.0       # GiB of KV cache per rank (CPU backend)
     gpu_memory_utilization: float = 0.9
+    quantize: str = "auto"             # auto | none | int8 (see `mpillm run --help`)
+    group_size: int = 128
+    quantize_lm_head: bool = False
     prefix_caching: bool = True
     resume: bool = False
     force: bool = False
@@ -226,6 +229,8 @@ def _prepare_input(opts: JobOptions, model_id: str):
         "mpillm_version": __version__, "model": model_id, "input_sha256": jobio.file_sha256(opts.prompts),
         "defaults": asdict(opts.defaults), "seed": opts.seed, "device": opts.device, "dtype": opts.dtype,
         "max_model_len": opts.max_model_len,
+        "quantize": opts.quantize if opts.quantize != "int8" else
+        f"int8/g{opts.group_size}" + ("/lm_head" if opts.quantize_lm_head else ""),
     }
     done = set()
     if os.path.exists(opts.output) and os.path.getsize(opts.output) > 0:

@@ -14,7 +14,8 @@ import numpy as np
 from mpillm import ops
 from mpillm.checkpoint import Checkpoint
 from mpillm.parallel import Shard
-from mpillm.quant import check_group_split, dequantize_int8, quantize_int8
+from mpillm.quant import (PackedLinear, check_group_split, concat_rows, dequantize_int8, from_gguf_q4, from_gguf_q8_0,
+                          pack_int8, pack_q4, quantize_int8)
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
@@ -59,37 +60,89 @@ def _rows_of_heads(lo, hi, hd):
     return slice(lo * hd, hi * hd)
 
 
-class QKVParallelLinear:
-    """Column-parallel q, k, v merged: W [(n_heads + 2 n_kv) * hd, hidden] for this shard's heads."""
+def projection_sources(cfg, shard: Shard, i: int) -> dict[str, list[tuple[str, slice | None, slice | None]]]:
+    """Where this rank's merged projections of layer i come from: {"qkv", "o", "gate_up", "down"} ->
+    [(checkpoint tensor, rows, cols)], stacked along rows in that order. Column-parallel weights take
+    whole rows (heads, MLP channels), row-parallel ones input columns. Every backend cuts through this."""
+    p, hd = f"model.layers.{i}", cfg.head_dim
+    q_rows = _rows_of_heads(shard.q_lo, shard.q_hi, hd)
+    kv_rows = _rows_of_heads(shard.kv_lo, shard.kv_hi, hd)
+    ffn = slice(shard.ffn_lo, shard.ffn_hi)
+    return {
+        "qkv": [(f"{p}.self_attn.q_proj.weight", q_rows, None), (f"{p}.self_attn.k_proj.weight", kv_rows, None),
+                (f"{p}.self_attn.v_proj.weight", kv_rows, None)],
+        "o": [(f"{p}.self_attn.o_proj.weight", None, q_rows)],
+        "gate_up": [(f"{p}.mlp.gate_proj.weight", ffn, None), (f"{p}.mlp.up_proj.weight", ffn, None)],
+        "down": [(f"{p}.mlp.down_proj.weight", None, ffn)],
+    }
 
-    def __init__(self, ckpt: Checkpoint, prefix: str, shard: Shard, hd: int, bias: bool):
-        rows = [_rows_of_heads(shard.q_lo, shard.q_hi, hd), _rows_of_heads(shard.kv_lo, shard.kv_hi, hd),
-                _rows_of_heads(shard.kv_lo, shard.kv_hi, hd)]
-        names = ("q_proj", "k_proj", "v_proj")
-        self.weight = np.concatenate([ckpt.load(f"{prefix}.{n}.weight", rows=r) for n, r in zip(names, rows)])
-        self.bias = (np.concatenate([ckpt.load(f"{prefix}.{n}.bias", rows=r) for n, r in zip(names, rows)])
-                     if bias else None)
+
+def load_merged(ckpt: Checkpoint, sources) -> np.ndarray:
+    """The float32 weight of a merged projection: its sources' slices stacked along rows."""
+    parts = [ckpt.load(name, rows=rows, cols=cols) for name, rows, cols in sources]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def bias_sources(sources):
+    return [(name[: -len("weight")] + "bias", rows, None) for name, rows, cols in sources]
+
+
+QUANT_MODES = ("auto", "none", "int8")
+
+
+def load_packed(ckpt: Checkpoint, sources, mode: str, group_size: int = 128) -> PackedLinear | None:
+    """A merged projection for the quantized GPU kernels, or None where it stays in float.
+
+    mode "auto": GGUF Q8_0 blocks as W8A16 (groups of 32) and Q4_0/Q4_1 blocks as W4A16, bit for bit;
+                 float tensors stay float.
+    mode "int8": every source as W8A16: Q8_0 blocks as they are when all sources are Q8_0, else each
+                 source's float weight (exactly dequantized GGUF blocks included) quantized in groups of
+                 `group_size` (a row-parallel shard must start and end on a group boundary).
+    mode "none": None.
+    Sources of different native kinds (e.g. Q4_1 and Q8_0 rows merged) fall back to float under "auto"."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantize mode {mode!r}: expected one of {', '.join(QUANT_MODES)}")
+    if mode == "none":
+        return None
+    native = [ckpt.load_blocks(name, rows=rows, cols=cols) for name, rows, cols in sources]
+    kinds = {n[0] if n else None for n in native}
+    if kinds == {"Q8_0"}:
+        return concat_rows([pack_int8(*from_gguf_q8_0(raw), 32) for _, raw in native])
+    if mode == "auto":
+        if len(kinds) == 1 and kinds <= {"Q4_0", "Q4_1"}:
+            return concat_rows([pack_q4(*from_gguf_q4(raw, kind)) for kind, raw in native])
+        return None
+    parts = []
+    for name, rows, cols in sources:
+        try:
+            K = ckpt.shape(name)[-1]
+            if cols is not None:
+                start, stop, _ = cols.indices(K)
+                check_group_split(K, group_size, start, stop)
+            parts.append(pack_int8(*quantize_int8(ckpt.load(name, rows=rows, cols=cols), group_size), group_size))
+        except ValueError as e:
+            raise ValueError(f"int8 quantization of {name}: {e}") from None
+    return concat_rows(parts)
+
+
+class ColumnParallelLinear:
+    """Output rows of this shard, no communication: q/k/v merged [(n_heads + 2 n_kv) * hd, hidden] (with
+    Qwen2's biases), or gate/up merged [2 * ffn_local, hidden] (SwiGLU splits the halves)."""
+
+    def __init__(self, ckpt: Checkpoint, sources, bias: bool = False):
+        self.weight = load_merged(ckpt, sources)
+        self.bias = load_merged(ckpt, bias_sources(sources)) if bias else None
 
     def __call__(self, x):
         y = x @ self.weight.T
         return y if self.bias is None else y + self.bias
 
 
-class MergedColumnParallelLinear:
-    """gate and up merged: W [2 * ffn_local, hidden]; SwiGLU splits the halves."""
-
-    def __init__(self, ckpt: Checkpoint, names: list[str], rows: slice):
-        self.weight = np.concatenate([ckpt.load(n, rows=rows) for n in names])
-
-    def __call__(self, x):
-        return x @ self.weight.T
-
-
 class RowParallelLinear:
     """y = all_reduce(x_local @ W[:, cols].T) + b: each rank holds the input columns it computes."""
 
-    def __init__(self, ckpt: Checkpoint, name: str, cols: slice, comm, bias_name: str | None = None):
-        self.weight = ckpt.load(name, cols=cols)
+    def __init__(self, ckpt: Checkpoint, sources, comm, bias_name: str | None = None):
+        self.weight = load_merged(ckpt, sources)
         self.bias = ckpt.load(bias_name) if bias_name and ckpt.has(bias_name) else None
         self.comm = comm
 

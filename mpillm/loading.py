@@ -110,7 +110,12 @@ def _cpu_runner(ckpt, opts, layout, comm, max_len: int, block_size: int, log):
             f"{(need - weights) / 2**30:.2f} GiB) x {per_node} ranks on this node, but only {free / 2**30:.2f} GiB "
             f"is available. Use --tp {layout.tp * 2} (more ranks per replica), a smaller --kv-cache-memory, "
             f"--max-model-len, or --device cuda.")
-    return NumpyRunner(Transformer(ckpt, comm), num_blocks, block_size), num_blocks, max_len
+    # The NumPy backend computes in float32 on exactly dequantized GGUF blocks, which is what --quantize auto
+    # means on the GPU too; int8 simulates W8A16 (int8-rounded weights, float32 math).
+    int8 = opts.quantize == "int8"
+    net = Transformer(ckpt, comm, quantize="int8" if int8 else None, group_size=opts.group_size,
+                      quantize_lm_head=int8 and opts.quantize_lm_head)
+    return NumpyRunner(net, num_blocks, block_size), num_blocks, max_len
 
 
 def build_replica(opts, layout) -> Replica:
@@ -143,6 +148,10 @@ def build_replica(opts, layout) -> Replica:
             local, num_blocks, max_len = _cpu_runner(ckpt, opts, layout, comm, max_len, block_size, log)
     except ShardingError as e:
         raise UsageError(str(e)) from None
+    except ValueError as e:                 # --quantize int8 with a --group-size the weights cannot take
+        if opts.quantize != "int8":
+            raise
+        raise UsageError(f"--quantize int8 --group-size {opts.group_size}: {e}") from None
     runner = GroupRunner(local, layout.group)
     engine = None
     if layout.is_leader:

@@ -13,8 +13,8 @@ from mpillm.batch import StepInput
 from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
-from mpillm.layers import (Int8Simulated, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                           RowParallelLinear, VocabParallelEmbedding)
+from mpillm.layers import (ColumnParallelLinear, Int8Simulated, ParallelLMHead, RMSNorm, RowParallelLinear,
+                           VocabParallelEmbedding, projection_sources)
 from mpillm.parallel import Shard, make_shard
 
 
@@ -41,10 +41,10 @@ class KVCache:
 
 class Attention:
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, shard: Shard, comm, i: int):
-        p = f"model.layers.{i}.self_attn"
         self.layer, self.shard, self.hd = i, shard, cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(ckpt, p, shard, cfg.head_dim, cfg.attention_bias)
-        self.o_proj = RowParallelLinear(ckpt, f"{p}.o_proj.weight", slice(shard.q_lo * self.hd, shard.q_hi * self.hd), comm)
+        src = projection_sources(cfg, shard, i)
+        self.qkv_proj = ColumnParallelLinear(ckpt, src["qkv"], cfg.attention_bias)
+        self.o_proj = RowParallelLinear(ckpt, src["o"], comm)
 
     def __call__(self, x, step: StepInput, rope, cache: KVCache):
         nq, nkv, hd = self.shard.n_heads, self.shard.n_kv_heads, self.hd
@@ -64,11 +64,10 @@ class Attention:
 
 
 class MLP:
-    def __init__(self, ckpt: Checkpoint, shard: Shard, comm, i: int):
-        p = f"model.layers.{i}.mlp"
-        rows = slice(shard.ffn_lo, shard.ffn_hi)
-        self.gate_up_proj = MergedColumnParallelLinear(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], rows)
-        self.down_proj = RowParallelLinear(ckpt, f"{p}.down_proj.weight", rows, comm)
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, shard: Shard, comm, i: int):
+        src = projection_sources(cfg, shard, i)
+        self.gate_up_proj = ColumnParallelLinear(ckpt, src["gate_up"])
+        self.down_proj = RowParallelLinear(ckpt, src["down"], comm)
 
     def __call__(self, x):
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
@@ -80,7 +79,7 @@ class DecoderLayer:
         self.input_layernorm = RMSNorm(ckpt, f"{p}.input_layernorm.weight", cfg.rms_norm_eps)
         self.self_attn = Attention(ckpt, cfg, shard, comm, i)
         self.post_attention_layernorm = RMSNorm(ckpt, f"{p}.post_attention_layernorm.weight", cfg.rms_norm_eps)
-        self.mlp = MLP(ckpt, shard, comm, i)
+        self.mlp = MLP(ckpt, cfg, shard, comm, i)
 
     def __call__(self, x, step, rope, cache):
         x = x + self.self_attn(self.input_layernorm(x), step, rope, cache)

@@ -167,3 +167,119 @@ def int8_weight_bytes(cfg, shard, group_size: int = 128, lm_head: bool = False) 
     q8 = lambda n: n + 2 * n // group_size                                        # noqa: E731  int8 + fp16 scale
     return WeightBytes(int8=q8(proj) + (q8(vocab) if lm_head else 2 * vocab) + 2 * norms,
                        bf16=2 * (proj + vocab + norms))
+
+
+# ------------------------------------------------------------------------------------ GPU packed layout
+
+SB_BYTES = 64            # bytes of one row's super-block: what the 4 lanes of a quad load per step
+CHUNK = 32               # elements per chunk: the unit of a scale (int8: a scale per group of chunks)
+PACK_KINDS = ("int8", "q4")
+
+
+class PackedLinear(NamedTuple):
+    """A quantized weight [N, K] in the byte order the GPU kernels of cuda_src/gemv_quant.cu read.
+
+    Each row is cut into super-blocks of 64 bytes (int8: 64 elements, 2 chunks; q4: 128 elements, 4
+    chunks of 32). Lane t (0..3) of a quad loads bytes [16 t, 16 t + 16) of a super-block and owns
+    elements 8 t .. 8 t + 7 of every chunk in it, so one 16-byte load feeds tensor-core fragments for whole
+    chunks and each chunk's scale multiplies the fp32 result of its own mma:
+      int8: byte 16 t + 8 j + e = element 32 j + 8 t + e, signed; x = q * scale[group].
+      q4:   word j of the lane's 16 bytes holds chunk j's 8 nibbles in the order e0 e2 e4 e6 e1 e3 e5 e7
+            (nibble 0 = low bits), so (word >> 4 p) & 0x000F000F is the pair (e_2p, e_2p+1); x = d q + m.
+    Rows are zero-padded to whole super-blocks (K need only be a multiple of 32); padded chunks have zero
+    scales.
+      int8 scales: float16 [N, ceil(K / group_size)], group_size a power-of-two multiple of 32.
+      q4 scales:   float16 [N, n_super_blocks, 4, 2], (d, m) per chunk.
+    Packing is a permutation of the same bits: no value is rounded again."""
+    kind: str
+    n: int
+    k: int
+    data: np.ndarray          # uint8 [N, n_super_blocks * 64]
+    scales: np.ndarray        # see above
+    group_size: int           # int8: elements per scale; q4: 32
+
+    @property
+    def super_blocks(self) -> int:
+        return self.data.shape[1] // SB_BYTES
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes
+
+
+def _check_group_size(K: int, group_size: int) -> None:
+    g = group_size // CHUNK
+    if group_size < CHUNK or group_size % CHUNK or g & (g - 1):
+        raise ValueError(f"group size {group_size}: the GPU kernels take 32, 64, 128, 256, ... (a power of two "
+                         f"times 32)")
+    if K % group_size:
+        raise ValueError(f"K = {K} is not a multiple of the quantization group size {group_size}; "
+                         f"{_group_hint(K, group_size)}")
+
+
+def pack_int8(q: np.ndarray, scales: np.ndarray, group_size: int) -> PackedLinear:
+    """(q int8 [N, K], scales fp16 [N, K / group_size]) from quantize_int8 or from_gguf_q8_0 -> PackedLinear."""
+    N, K = q.shape
+    _check_group_size(K, group_size)
+    if scales.shape != (N, K // group_size):
+        raise ValueError(f"int8 weight [{N}, {K}]: scales {list(scales.shape)}, expected {[N, K // group_size]}")
+    sb = -(-K // 64)
+    padded = np.zeros((N, sb * 64), np.int8)
+    padded[:, :K] = q
+    # [N, sb, j, t, e] -> [N, sb, t, j, e]
+    data = padded.reshape(N, sb, 2, 4, 8).transpose(0, 1, 3, 2, 4).reshape(N, sb * 64).view(np.uint8)
+    return PackedLinear("int8", N, K, np.ascontiguousarray(data), np.ascontiguousarray(scales, np.float16),
+                        group_size)
+
+
+_Q4_NIBBLES = (0, 2, 4, 6, 1, 3, 5, 7)      # element held by nibble 0..7 of a lane's word
+
+
+def pack_q4(q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> PackedLinear:
+    """4-bit codes [N, K] (0..15) with fp16 d [N, K/32] and m [N, K/32] (x = d q + m; Q4_1) or no mins
+    (x = d (q - 8); Q4_0, stored as m = -8 d, exact in fp16) -> PackedLinear."""
+    N, K = q.shape
+    if K % CHUNK or scales.shape != (N, K // CHUNK) or (mins is not None and mins.shape != scales.shape):
+        raise ValueError(f"4-bit weight [{N}, {K}] does not match scales {list(scales.shape)} in blocks of {CHUNK}")
+    if mins is None:
+        with np.errstate(over="ignore"):
+            mins = (scales.astype(np.float32) * -8).astype(np.float16)
+        if not np.isfinite(mins).all():
+            raise ValueError("Q4_0 weight: -8 * d overflows fp16")
+    sb = -(-K // 128)
+    codes = np.zeros((N, sb * 128), np.uint8)
+    codes[:, :K] = q
+    c = codes.reshape(N, sb, 4, 4, 8)[..., _Q4_NIBBLES]          # [N, sb, j, t, nibble]
+    words = (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)  # bytes: nibbles (0,1), (2,3), ...
+    data = words.transpose(0, 1, 3, 2, 4).reshape(N, sb * 64)    # [N, sb, t, j, 4 bytes]
+    sm = np.zeros((N, sb * 4, 2), np.float16)
+    sm[:, :K // CHUNK, 0] = scales
+    sm[:, :K // CHUNK, 1] = mins
+    return PackedLinear("q4", N, K, np.ascontiguousarray(data), sm.reshape(N, sb, 4, 2), CHUNK)
+
+
+def unpack(p: PackedLinear) -> np.ndarray:
+    """PackedLinear -> float32 [N, K]: the exact dequantized weight (the GPU kernels' reference)."""
+    N, K, sb = p.n, p.k, p.super_blocks
+    if p.kind == "int8":
+        q = p.data.view(np.int8).reshape(N, sb, 4, 2, 8).transpose(0, 1, 3, 2, 4).reshape(N, sb * 64)[:, :K]
+        return dequantize_int8(np.ascontiguousarray(q), p.scales, p.group_size)
+    b = p.data.reshape(N, sb, 4, 4, 4).transpose(0, 1, 3, 2, 4)  # [N, sb, j, t, byte]
+    nib = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(N, sb, 4, 4, 8)
+    codes = np.empty_like(nib)
+    codes[..., list(_Q4_NIBBLES)] = nib
+    q = codes.reshape(N, sb * 128)[:, :K].astype(np.float32).reshape(N, -1, CHUNK)
+    sm = p.scales.reshape(N, sb * 4, 2)[:, :K // CHUNK].astype(np.float32)
+    return (q * sm[..., 0:1] + sm[..., 1:2]).reshape(N, K)
+
+
+def concat_rows(parts: list[PackedLinear]) -> PackedLinear:
+    """Stack packed weights along N (merged q/k/v or gate/up); all must share kind, K and group size."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.kind, p.k, p.group_size) != (first.kind, first.k, first.group_size):
+            raise ValueError(f"cannot merge {p.kind}/K={p.k}/group {p.group_size} rows with "
+                             f"{first.kind}/K={first.k}/group {first.group_size}")
+    return PackedLinear(first.kind, sum(p.n for p in parts), first.k,
+                        np.concatenate([p.data for p in parts]), np.concatenate([p.scales for p in parts]),
+                        first.group_size)

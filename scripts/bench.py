@@ -60,6 +60,11 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=256, help="--throughput: sequences decoded together")
     ap.add_argument("--gemm", action="store_true", help="instead: our GEMM vs cuBLASLt on the model's shapes")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
+    ap.add_argument("--quantize", default=None, choices=["none", "auto", "int8", "q4"],
+                    help="weights: none, auto (a GGUF's own Q8_0/Q4 blocks), int8 (W8A16), q4 (random W4A16, dummy "
+                         "models only) [default: auto for a checkpoint, none for dummy:]")
+    ap.add_argument("--group-size", type=int, default=128, help="--quantize int8: elements per scale")
+    ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4: the LM head too")
     args = ap.parse_args()
 
     from mpi4py import MPI
@@ -78,6 +83,8 @@ def main():
     rank, size = world.Get_rank(), world.Get_size()
     if size != args.tp:
         sys.exit(f"run with {args.tp} ranks for --tp {args.tp} (got {size})")
+    if args.quantize is None:
+        args.quantize = "none" if is_dummy(args.model) else "auto"
     if is_dummy(args.model):
         ckpt, cfg = None, dummy_config(args.model)
     else:
@@ -107,15 +114,18 @@ def main():
     shard = make_shard(cfg, rank, size)
     blocks_needed = max_seqs * -(-max_len // 16) + 16
     model = CudaTransformer(ckpt, cfg, shard, device, kernels, dtype=args.dtype, comm=comm, max_tokens=max_tokens,
-                            max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed)
+                            max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed,
+                            **quant_args(args))
     bw = copy_bandwidth(cuda, device.stream)
-    weight_bytes = model._weight_bytes()
-    say(f"# {device.name}, {args.model}, tp={size}, {args.dtype}; kernels compiled in {compile_s:.2f} s; "
-        f"weights {weight_bytes / 2**30:.2f} GiB/rank; copy bandwidth {bw:.0f} GB/s")
+    weight_bytes = model.streamed_bytes          # bytes a decode step reads (the embedding table is not streamed)
+    say(f"# {device.name}, {args.model}, tp={size}, {args.dtype}, weights {model._scheme()}; "
+        f"kernels compiled in {compile_s:.2f} s; "
+        f"weights {model.weight_bytes / 2**30:.2f} GiB/rank, {weight_bytes / 2**30:.2f} GiB read per decode step; "
+        f"copy bandwidth {bw:.0f} GB/s")
     results = []
 
     def record(**kw):
-        kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype)
+        kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -162,7 +172,10 @@ def main():
         record(kind="decode", batch=B, tok_s=B / dt, ms_step=dt * 1e3, gb_s=gbs, roofline_frac=gbs / bw,
                graph=not args.no_graph)
 
-    params_per_rank = weight_bytes / 2
+    h = cfg.hidden_size
+    params_per_rank = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
+                                        + shard.n_heads * cfg.head_dim * h + 3 * h * (shard.ffn_hi - shard.ffn_lo)) \
+        + (shard.vocab_hi - shard.vocab_lo) * h
     for n in prefills:
         ids = np.random.default_rng(1).integers(0, cfg.vocab_size, n).tolist()
         table = list(range(-(-n // 16) + 1))
@@ -244,6 +257,10 @@ class _NoText:
         return ""
 
 
+def quant_args(args) -> dict:
+    return dict(quantize=args.quantize, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head)
+
+
 def throughput(args, ckpt, cfg, world):
     """Offline throughput: the same requests through continuous batching, then through static batching
     (a new batch starts only when the whole previous batch has finished)."""
@@ -260,7 +277,7 @@ def throughput(args, ckpt, cfg, world):
     kernels = Kernels(device)
     model = CudaTransformer(ckpt, cfg, make_shard(cfg, 0, 1), device, kernels, dtype=args.dtype,
                             max_tokens=args.max_num_batched_tokens, max_seqs=args.max_num_seqs, max_model_len=2048,
-                            gpu_memory_utilization=0.9)
+                            gpu_memory_utilization=0.9, **quant_args(args))
     runner = CudaRunner(model, device)
     gpu_time = [0.0, 0, 0]           # seconds in runner.execute, steps, decode-only steps
     execute = runner.execute

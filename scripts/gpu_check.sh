@@ -22,6 +22,13 @@ rm -f "$OUT/bench.jsonl"
 for m in "${models[@]}"; do
   echo "== bench $m tp=1" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+  # Weight-only quantization: W8A16 and, for random weights, W4A16 (a checkpoint's own Q4 blocks run by default).
+  quants=(int8); case "$m" in dummy:*) quants+=(q4);; esac
+  for q in "${quants[@]}"; do
+    echo "== bench $m tp=1 --quantize $q" | tee -a "$OUT/bench.log"
+    $PY scripts/bench.py --model "$m" --quantize $q --group-size ${GROUP_SIZE:-128} --batch 1,8,32 --prefill 2048 \
+      --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+  done
   for tp in 2 4; do
     if [ "$NGPU" -ge $tp ]; then
       echo "== bench $m tp=$tp" | tee -a "$OUT/bench.log"
@@ -32,7 +39,7 @@ done
 $PY - "$OUT/bench.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if len(sys.argv) > 1 else []
-print("\n| GPU | model | tp | what | tok/s | detail |\n|---|---|---|---|---|---|")
+print("\n| GPU | model | weights | tp | what | tok/s | detail |\n|---|---|---|---|---|---|---|")
 for r in rows:
     if r["kind"] == "decode":
         d = f"{r['ms_step']:.3f} ms/step, {r['gb_s']:.0f} GB/s = {100 * r['roofline_frac']:.1f}% of copy bw"
@@ -40,6 +47,6 @@ for r in rows:
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
         what = f"prefill {r['tokens']}"
-    print(f"| {r['gpu']} | {r['model']} | {r['tp']} | {what} | {r['tok_s']:.1f} | {d} |")
+    print(f"| {r['gpu']} | {r['model']} | {r.get('quantize', 'none')} | {r['tp']} | {what} | {r['tok_s']:.1f} | {d} |")
 PYEOF
 exit $status

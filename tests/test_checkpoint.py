@@ -535,3 +535,37 @@ def test_gguf_config_errors(tmp_path):
     ck = open_checkpoint(p)
     assert ck.config.rope_scaling == {"rope_type": "linear", "factor": 4.0} and ck.config.tie_word_embeddings
     assert ck.config.vocab_size == 10
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_native_blocks_packed_for_the_gpu_equal_float_loads(tiny_quant, tp):
+    """load_blocks + load_packed (what --quantize auto/int8 upload) hold exactly the weights load() decodes:
+    Q/K rows un-permuted as whole rows of blocks, row-parallel shards cut on block boundaries. Merged
+    projections whose sources differ in type (q8_0 q / q4_0 k / q4_1 v; q4_1 gate / f16 up) stay float."""
+    from mpillm.layers import Int8Simulated, load_merged, load_packed, projection_sources
+    from mpillm.parallel import make_shard
+    from mpillm.quant import unpack
+    _, path = tiny_quant
+    ck = open_checkpoint(path)
+    assert ck.load_blocks("model.layers.0.mlp.up_proj.weight") is None                  # F16
+    kind, raw = ck.load_blocks("model.layers.1.self_attn.k_proj.weight", rows=slice(HD, 2 * HD))
+    assert kind == "Q4_0" and raw.dtype == np.uint8
+    np.testing.assert_array_equal(dequantize(raw, kind),
+                                  ck.load("model.layers.1.self_attn.k_proj.weight", rows=slice(HD, 2 * HD)))
+    for rank in range(tp):
+        shard = make_shard(ck.config, rank, tp)
+        for i in range(2):
+            src = projection_sources(ck.config, shard, i)
+            auto = {key: load_packed(ck, s, "auto") for key, s in src.items()}
+            assert auto["qkv"] is None and auto["gate_up"] is None
+            assert auto["o"].kind == "int8" and auto["o"].group_size == 32 and auto["down"].kind == "q4"
+            for key in ("o", "down"):
+                np.testing.assert_array_equal(unpack(auto[key]), load_merged(ck, src[key]), err_msg=key)
+            assert load_packed(ck, src["o"], "none") is None
+            for key, s in src.items():              # int8: every projection, as the NumPy simulation has it
+                packed = load_packed(ck, s, "int8", 32)
+                want = (load_merged(ck, s) if key == "o"          # Q8_0 blocks as they are
+                        else load_merged(Int8Simulated(ck, 32), s))
+                np.testing.assert_array_equal(unpack(packed), want, err_msg=key)
+    with pytest.raises(ValueError, match="quantize mode"):
+        load_packed(ck, src["o"], "int4")

@@ -328,3 +328,53 @@ def test_tensor_parallel_int8_equals_single_rank(smol):
     err = np.abs(out[0] - single).max()
     assert err < tol, (err, tol)                          # only the all-reduce's summation order differs
     assert np.abs(fp - single).max() > 100 * tol          # while float weights are far outside that tolerance
+
+
+# ---------------------------------------------------------------------------------------- GPU byte layout
+
+@pytest.mark.parametrize("K", [32, 96, 576, 640, 4096 + 32])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_packed_int8_layout_is_a_permutation(K, group):
+    from mpillm.quant import pack_int8, unpack
+    if K % group:
+        pytest.skip("group does not divide K")
+    rng = np.random.default_rng(K + group)
+    q, s = quantize_int8(rng.standard_normal((19, K)).astype(np.float32), group)
+    p = pack_int8(q, s, group)
+    assert p.data.shape == (19, -(-K // 64) * 64) and p.scales.shape == (19, K // group)
+    np.testing.assert_array_equal(unpack(p), dequantize_int8(q, s, group))
+    # lane t of a quad reads bytes [16 t, 16 t + 16) of a super-block: 8 elements of each of its 2 chunks
+    t, j, e = 2, (1 if K >= 64 else 0), 5
+    assert p.data[3, 16 * t + 8 * j + e].view(np.int8) == q[3, 32 * j + 8 * t + e]
+
+
+@pytest.mark.parametrize("K", [32, 128, 576, 4096 + 96])
+@pytest.mark.parametrize("with_mins", [True, False])
+def test_packed_q4_layout_is_a_permutation(K, with_mins):
+    from mpillm.quant import pack_q4, unpack
+    rng = np.random.default_rng(K)
+    q = rng.integers(0, 16, (7, K)).astype(np.uint8)
+    d = rng.standard_normal((7, K // 32)).astype(np.float16)
+    m = rng.standard_normal((7, K // 32)).astype(np.float16) if with_mins else None
+    p = pack_q4(q, d, m)
+    np.testing.assert_array_equal(unpack(p), dequantize_q4(q, d, m))       # Q4_0 as min -8 d: exact
+    # word j of lane t: (word >> 4 p) & 0x000F000F is the pair (e_2p, e_2p+1) of chunk j, lane t
+    t, j = 3, 2 if K >= 128 else 0
+    word = int.from_bytes(bytes(p.data[0, 16 * t + 4 * j: 16 * t + 4 * j + 4]), "little")
+    for pair in range(4):
+        lo, hi = (word >> 4 * pair) & 0xF, (word >> (4 * pair + 16)) & 0xF
+        base = 32 * j + 8 * t + 2 * pair
+        assert (lo, hi) == (q[0, base], q[0, base + 1])
+
+
+def test_packing_errors():
+    from mpillm.quant import pack_int8, pack_q4
+    q, s = quantize_int8(np.ones((2, 96), np.float32), 32)
+    with pytest.raises(ValueError, match="power of two"):
+        pack_int8(q, s, 96)
+    with pytest.raises(ValueError, match="scales"):
+        pack_int8(q, s[:, :1], 32)
+    with pytest.raises(ValueError, match="blocks of 32"):
+        pack_q4(np.zeros((2, 40), np.uint8), np.zeros((2, 1), np.float16), None)
+    with pytest.raises(ValueError, match="overflows"):
+        pack_q4(np.zeros((1, 32), np.uint8), np.full((1, 1), 60000, np.float16), None)

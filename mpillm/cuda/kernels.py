@@ -41,6 +41,10 @@ GEMV_ROWS = 16              # gemv.cu GEMV_ROWS
 # 1453 GB/s for the tensor-core GEMM, whose 64-row tiles waste the weight reads on padding).
 GEMV_MAX_M = 32
 GEMV_THREADS = {1: 256, 2: 256, 4: 256}  # token tiles NT (M <= 8 NT) -> block size, as in gemv.cu GEMV_KERNELS
+QGEMV_THREADS = 256         # gemv_quant.cu QGEMV_WARPS * 32
+# Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
+# the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
+QGEMV_MAX_M = 128
 # name -> (BM, BN, BK, threads, stages), as in gemm.cu GEMM_KERNELS
 GEMM_CONFIGS = {
     "large": (128, 128, 64, 256, 3),
@@ -139,6 +143,53 @@ class AttentionScratch:
         self.partial_out = DeviceTensor.empty(shapes["partial_out"], "f32")
         self.partial_max = DeviceTensor.empty(shapes["partial_max"], "f32")
         self.partial_sum = DeviceTensor.empty(shapes["partial_sum"], "f32")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized weights on the device
+
+
+class QuantWeight:
+    """A mpillm.quant.PackedLinear on the device: what `Kernels.linear` takes in place of a float weight.
+
+    `random(...)` makes one with random codes of a real shape for benchmarks (no host copy of the weight)."""
+
+    def __init__(self, kind: str, n: int, k: int, group_size: int, data: DeviceTensor, scales: DeviceTensor):
+        self.kind, self.n, self.k, self.group_size = kind, n, k, group_size
+        self.bits = 8 if kind == "int8" else 4
+        self.data, self.scales = data, scales
+        self.super_blocks = data.shape[1] // 64
+        self.n_groups = _cdiv(k, group_size) if kind == "int8" else 0
+        self.gshift = int(math.log2(group_size // 32)) if kind == "int8" else 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes
+
+    @classmethod
+    def from_packed(cls, p) -> "QuantWeight":
+        scales = np.ascontiguousarray(p.scales).view(np.uint8).reshape(p.n, -1)
+        return cls(p.kind, p.n, p.k, p.group_size, DeviceTensor.from_numpy(p.data, "u8"),
+                   DeviceTensor.from_numpy(scales, "u8"))
+
+    @classmethod
+    def random(cls, kind: str, n: int, k: int, group_size: int, fill) -> "QuantWeight":
+        """Codes from `fill(tensor)` (random bytes), every scale 1/512 and min 0."""
+        sb = _cdiv(k, 64 if kind == "int8" else 128)
+        data = DeviceTensor.empty((n, sb * 64), "u8")
+        fill(data)
+        scale_bytes = _cdiv(k, group_size) * 2 if kind == "int8" else sb * 16
+        scales = DeviceTensor.empty((n, scale_bytes), "u8")
+        import pycuda.driver as cuda
+        if kind == "int8":
+            cuda.memset_d16(scales.ptr, 0x1800, scales.nbytes // 2)          # fp16 2^-9
+        else:
+            cuda.memset_d32(scales.ptr, 0x00001800, scales.nbytes // 4)      # (d, m) = (2^-9, 0)
+        return cls(kind, n, k, group_size, data, scales)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,13 +342,17 @@ class Kernels:
         self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter, int(vec))
 
     # -- linear -----------------------------------------------------------------------------------
-    def linear(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias: DeviceTensor | None = None,
-               path: str | None = None) -> None:
+    def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,
+               path: str | None = None, scratch: DeviceTensor | None = None) -> None:
         """y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]), fp32 accumulation; y in the model dtype or f32.
 
-        M <= GEMV_MAX_M (32) runs the bandwidth-bound small-M kernel, larger M the tensor-core GEMM.
+        Float w: M <= GEMV_MAX_M (32) runs the bandwidth-bound small-M kernel, larger M the tensor-core GEMM.
         `path` ("gemv", "gemm" or "cublaslt") forces one (tests, benchmarks).
+        QuantWeight w: see linear_quant (`scratch` serves its dequantize path).
         """
+        if isinstance(w, QuantWeight):
+            self.linear_quant(y, x, w, bias, path, scratch)
+            return
         _check(w, "w", MODEL_DTYPES, (None, None))
         n, k = w.shape
         _check(x, "x", w.dtype, (None, k))
@@ -333,6 +388,54 @@ class Kernels:
                          shared=shared)
         else:
             raise ValueError(f"path: {path!r}, expected 'gemv', 'gemm', 'cublaslt' or None")
+
+    def linear_quant(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias: DeviceTensor | None = None,
+                     path: str | None = None, scratch: DeviceTensor | None = None) -> None:
+        """y[M, N] = x[M, K] @ deq(w)^T (+ bias) for a W8A16 / W4A16 weight.
+
+        path "qgemv" (default up to QGEMV_MAX_M rows): the fused kernel of gemv_quant.cu, exact dequantized
+        weights, in tiles of 32 rows. path "dequant" (default beyond): dequantize w into `scratch` (model
+        dtype, >= N * K elements; each weight rounded once to it) and run the float GEMM."""
+        _check(x, "x", MODEL_DTYPES, (None, w.k))
+        m, n, k = x.shape[0], w.n, w.k
+        _check(y, "y", (x.dtype, "f32"), (m, n))
+        if bias is not None:
+            _check(bias, "bias", x.dtype, (n,))
+        if k % 32:
+            raise ValueError(f"w: K = {k} must be a multiple of 32 (quantized chunks)")
+        _check_aligned(x, "x")
+        if m == 0 or n == 0:
+            return
+        if path is None:
+            path = "qgemv" if m <= QGEMV_MAX_M else "dequant"
+        if path == "dequant":
+            if scratch is None or scratch.dtype != x.dtype or scratch.numel < n * k:
+                raise ValueError(f"scratch: a {x.dtype} buffer of at least {n * k} elements is needed to dequantize "
+                                 f"a [{n}, {k}] weight for M = {m}")
+            dense = scratch.view(0, (n, k))
+            self.dequantize(dense, w)
+            self.linear(y, x, dense, bias)
+            return
+        if path != "qgemv":
+            raise ValueError(f"path: {path!r}, expected 'qgemv', 'dequant' or None")
+        bias_ptr = 0 if bias is None else bias.ptr
+        for lo in range(0, m, 32):
+            rows = min(32, m - lo)
+            tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
+            fn = self._fn("gemv_quant", f"qgemv{w.bits}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii")
+            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS, y.ptr + lo * n * y.itemsize,
+                         x.ptr + lo * k * x.itemsize, w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k,
+                         w.super_blocks, w.n_groups, w.gshift)
+
+    def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
+        """out[N, K] (model dtype) = the quantized weight, each value d q (+ m) rounded once."""
+        _check(out, "out", MODEL_DTYPES, (w.n, w.k))
+        _check_aligned(out, "out")
+        fn = self._fn("gemv_quant", f"dequantize{w.bits}_{out.dtype}", "PPPiiiii")
+        units = w.n * w.super_blocks * 4
+        grid = min(_cdiv(units, 256), self.device.sm_count * 16)
+        self._launch(fn, (grid, 1), 256, out.ptr, w.data.ptr, w.scales.ptr, w.n, w.k, w.super_blocks,
+                     w.n_groups, w.gshift)
 
     def _gemm_config(self, m: int, n: int) -> str:
         """Large tiles once they occupy about 3/4 of the SMs; below that the 4x more numerous small tiles

@@ -24,9 +24,17 @@ from mpillm.batch import StepInput
 from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
-from mpillm.cuda.kernels import DECODE_PARTITION, AttentionScratch, seed_words
+from mpillm.cuda.kernels import DECODE_PARTITION, QGEMV_MAX_M, AttentionScratch, QuantWeight, seed_words
 from mpillm.cuda.runtime import DeviceTensor, device_alloc
+from mpillm.layers import bias_sources, load_merged, load_packed, projection_sources
 from mpillm.parallel import Shard
+from mpillm.quant import dequantize_int8, pack_int8, quantize_int8
+
+# quantize: "none" (model dtype), "auto" (GGUF Q8_0/Q4 blocks as they are), "int8" (W8A16 at load);
+# "q4" only for random weights (benchmarks of the W4A16 kernels).
+QUANTIZE = ("none", "auto", "int8", "q4")
+# Bytes per weight element of a projection, by what it becomes on the GPU (q4: 16 B codes + (d, m) per 32).
+_NATIVE_BYTES = {"Q8_0": 34 / 32, "Q4_0": 20 / 32, "Q4_1": 20 / 32}
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
@@ -42,12 +50,12 @@ def _mib(n: int) -> str:
 @dataclass
 class LayerWeights:
     ln1: DeviceTensor          # [H]
-    qkv: DeviceTensor          # [(nq + 2 nkv) hd, H]
+    qkv: DeviceTensor | QuantWeight        # [(nq + 2 nkv) hd, H]
     qkv_bias: DeviceTensor | None
-    o: DeviceTensor            # [H, nq hd]
-    ln2: DeviceTensor          # [H]
-    gate_up: DeviceTensor      # [2 I_local, H]
-    down: DeviceTensor         # [H, I_local]
+    o: DeviceTensor | QuantWeight          # [H, nq hd]
+    ln2: DeviceTensor                      # [H]
+    gate_up: DeviceTensor | QuantWeight    # [2 I_local, H]
+    down: DeviceTensor | QuantWeight       # [H, I_local]
 
 
 class StepBuffers:
@@ -95,8 +103,13 @@ class CudaTransformer:
     def __init__(self, ckpt: Checkpoint | None, cfg: ModelConfig, shard: Shard, device, kernels, *,
                  dtype: str = "bf16", comm=None, max_tokens: int = 2048, max_seqs: int = 64,
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
-                 num_blocks: int | None = None, log=lambda m: None):
+                 num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
+                 quantize_lm_head: bool = False, log=lambda m: None):
         import pycuda.driver as cuda
+        if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
+            raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
+                             + (" (4-bit weights come from GGUF Q4_0/Q4_1 files with auto)" if quantize == "q4" else ""))
+        self.quantize, self.group_size, self.quantize_lm_head = quantize, group_size, quantize_lm_head
         self.cuda, self.cfg, self.shard, self.dev, self.k = cuda, cfg, shard, device, kernels
         self.comm = comm or SingleComm()
         self.dtype, self.block_size = dtype, block_size
@@ -108,19 +121,31 @@ class CudaTransformer:
         self.inter = shard.ffn_hi - shard.ffn_lo
         self.vocab_local = shard.vocab_hi - shard.vocab_lo
 
-        self._check_weight_memory(log)
+        self._check_weight_memory(ckpt, log)
         t0 = time.perf_counter()
-        self._pool = None
+        self._pool = self._qpool = None
         self.layers = [self._load_layer(ckpt, i) for i in range(cfg.num_layers)]
-        self.embed = self._param(ckpt, "model.embed_tokens.weight", (self.vocab_local, H),
-                                 lambda: ckpt.load("model.embed_tokens.weight", rows=slice(shard.vocab_lo, shard.vocab_hi)))
+        vocab_rows = slice(shard.vocab_lo, shard.vocab_hi)
+        def embed_rows():
+            w = ckpt.load("model.embed_tokens.weight", rows=vocab_rows)
+            if quantize == "int8" and quantize_lm_head:      # the gather reads int8-rounded rows, as on CPU
+                w = dequantize_int8(*quantize_int8(w, group_size), group_size)
+            return w
+        self.embed = self._param(ckpt, "model.embed_tokens.weight", (self.vocab_local, H), embed_rows)
         self.norm = self._param(ckpt, "model.norm.weight", (H,), lambda: ckpt.load("model.norm.weight"))
-        if cfg.tie_word_embeddings:
-            self.lm_head = self.embed
-        else:
-            self.lm_head = self._param(ckpt, "lm_head.weight", (self.vocab_local, H),
-                                       lambda: ckpt.load("lm_head.weight", rows=slice(shard.vocab_lo, shard.vocab_hi)))
-        self._pool = None
+        self.lm_head = self._load_lm_head(ckpt, vocab_rows)
+        device.synchronize()
+        self._pool = self._qpool = None
+        # Dequantized weights for steps over QGEMV_MAX_M tokens (prefill): one buffer, the largest projection.
+        quantized = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                     if isinstance(w, QuantWeight)]
+        self.wscratch = None
+        if quantized and max_tokens > QGEMV_MAX_M:
+            self.wscratch = DeviceTensor.empty((max(w.n * w.k for w in quantized),), dtype)
+        self.weight_bytes = sum(t.nbytes for t in self._weights())
+        # What a decode step reads: every weight but the embedding table, of which only the step's rows are
+        # gathered (unless it doubles as the LM head).
+        self.streamed_bytes = self.weight_bytes - (self.embed.nbytes if self.embed is not self.lm_head else 0)
         self.inv_freq = DeviceTensor.from_numpy(ops.rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling), "f32")
         device.synchronize()
         self.load_seconds = time.perf_counter() - t0
@@ -152,22 +177,45 @@ class CudaTransformer:
         self.graph_seconds = 0.0
 
     # ---------------------------------------------------------------------------------------- weights
-    def _weight_bytes(self) -> int:
+    def _weight_bytes(self, ckpt) -> int:
+        """About the bytes this rank's weights take on the GPU (checked before anything is loaded)."""
         c, s = self.cfg, self.shard
-        per_layer = self.qkv_width * c.hidden_size + s.n_heads * c.head_dim * c.hidden_size \
-            + 3 * self.inter * c.hidden_size + 2 * c.hidden_size
+        proj = c.num_layers * (self.qkv_width * c.hidden_size + s.n_heads * c.head_dim * c.hidden_size
+                               + 3 * self.inter * c.hidden_size)
+        per_elem = 2.0
+        if self.quantize in ("int8", "q4"):
+            per_elem = 1 + 2 / self.group_size if self.quantize == "int8" else 20 / 32
+        elif self.quantize == "auto" and ckpt is not None:
+            blocks = ckpt.load_blocks("model.layers.0.mlp.down_proj.weight", rows=slice(0, 1))
+            per_elem = _NATIVE_BYTES.get(blocks[0], 2.0) if blocks else 2.0
         vocab = self.vocab_local * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-        return (c.num_layers * per_layer + vocab + c.hidden_size) * 2
+        return int(proj * per_elem) + (vocab + (2 * c.num_layers + 1) * c.hidden_size) * 2
 
-    def _check_weight_memory(self, log):
+    def _check_weight_memory(self, ckpt, log):
         free, total = self.cuda.mem_get_info()
-        need = self._weight_bytes()
+        need = self._weight_bytes(ckpt)
         if need > free * 0.95:
             raise GpuMemoryError(
                 f"rank {self.shard.rank}: the weights need {_mib(need)} but GPU {self.dev.ordinal} "
                 f"({self.dev.name}) has {_mib(free)} free of {_mib(total)}. Use more GPUs per replica "
                 f"(--tp {self.shard.size * 2}).")
-        log(f"mpillm: rank {self.shard.rank}: weights {_mib(need)} of {_mib(free)} free on {self.dev.name}")
+        log(f"mpillm: rank {self.shard.rank}: weights about {_mib(need)} ({self._scheme()}) of {_mib(free)} free "
+            f"on {self.dev.name}")
+
+    def _scheme(self) -> str:
+        return {"none": self.dtype, "auto": "GGUF blocks as stored, else " + self.dtype,
+                "int8": f"int8 groups of {self.group_size}", "q4": "random 4-bit"}[self.quantize]
+
+    def _weights(self):
+        seen = set()
+        for layer in self.layers:
+            for t in vars(layer).values():
+                if t is not None:
+                    yield t
+        for t in (self.embed, self.norm, self.lm_head):
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield t
 
     def _param(self, ckpt, name, shape, load) -> DeviceTensor:
         if ckpt is not None:
@@ -190,23 +238,67 @@ class CudaTransformer:
             done += step
         return t
 
+    def _random_quant(self, n: int, k: int) -> QuantWeight:
+        if self._qpool is None:
+            rng = np.random.default_rng(1)
+            self._qpool = DeviceTensor.from_numpy(rng.integers(0, 256, 1 << 22, dtype=np.uint8), "u8")
+        pool = self._qpool
+
+        def fill(t):
+            done = 0
+            while done < t.nbytes:
+                step = min(pool.nbytes, t.nbytes - done)
+                self.cuda.memcpy_dtod_async(t.ptr + done, pool.ptr, step, self.dev.stream)
+                done += step
+        kind = "int8" if self.quantize == "int8" else "q4"
+        return QuantWeight.random(kind, n, k, self.group_size if kind == "int8" else 32, fill)
+
+    def _projection(self, ckpt, sources, shape):
+        """One merged projection on the GPU: quantized per self.quantize where it applies, else model dtype."""
+        if ckpt is None:
+            return self._random_quant(*shape) if self.quantize in ("int8", "q4") else self._random(shape)
+        packed = load_packed(ckpt, sources, self.quantize, self.group_size)
+        if packed is not None:
+            return QuantWeight.from_packed(packed)
+        w = load_merged(ckpt, sources)
+        if w.shape != tuple(shape):
+            raise ValueError(f"{sources[0][0]}: checkpoint shard has shape {w.shape}, expected {shape}")
+        return DeviceTensor.from_numpy(w, self.dtype)
+
     def _load_layer(self, ckpt, i: int) -> LayerWeights:
         c, s = self.cfg, self.shard
         H, hd = c.hidden_size, c.head_dim
-        if ckpt is None:
-            return LayerWeights(self._random((H,)), self._random((self.qkv_width, H)),
-                                self._random((self.qkv_width,)) if c.attention_bias else None,
-                                self._random((H, s.n_heads * hd)), self._random((H,)),
-                                self._random((2 * self.inter, H)), self._random((H, self.inter)))
-        # The NumPy layer classes own the sharding rules; build one layer on the host, upload, drop it.
-        from mpillm.model import DecoderLayer
-        layer = DecoderLayer(ckpt, c, s, SingleComm(), i)
-        up = lambda a: DeviceTensor.from_numpy(a, self.dtype)
-        a, m = layer.self_attn, layer.mlp
-        return LayerWeights(up(layer.input_layernorm.weight), up(a.qkv_proj.weight),
-                            None if a.qkv_proj.bias is None else up(a.qkv_proj.bias), up(a.o_proj.weight),
-                            up(layer.post_attention_layernorm.weight), up(m.gate_up_proj.weight),
-                            up(m.down_proj.weight))
+        src = projection_sources(c, s, i) if ckpt is not None else {}
+        proj = lambda key, shape: self._projection(ckpt, src.get(key), shape)  # noqa: E731
+        norm = lambda name: self._param(ckpt, name, (H,), lambda: ckpt.load(name))  # noqa: E731
+        bias = None
+        if c.attention_bias:
+            bias = self._param(ckpt, "qkv bias", (self.qkv_width,), lambda: load_merged(ckpt, bias_sources(src["qkv"])))
+        return LayerWeights(norm(f"model.layers.{i}.input_layernorm.weight"), proj("qkv", (self.qkv_width, H)), bias,
+                            proj("o", (H, s.n_heads * hd)), norm(f"model.layers.{i}.post_attention_layernorm.weight"),
+                            proj("gate_up", (2 * self.inter, H)), proj("down", (H, self.inter)))
+
+    def _load_lm_head(self, ckpt, rows):
+        """The LM head: the embedding table when tied, unless it is quantized (auto: the file's Q8_0/Q4 blocks;
+        int8 with quantize_lm_head), in which case the embedding keeps its float copy for the gather."""
+        c = self.cfg
+        name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        shape = (self.vocab_local, c.hidden_size)
+        if self.quantize in ("int8", "q4") and self.quantize_lm_head and ckpt is None:
+            return self._random_quant(*shape)
+        if ckpt is not None and self.quantize == "auto":
+            packed = load_packed(ckpt, [(name, rows, None)], "auto")
+            if packed is not None:
+                return QuantWeight.from_packed(packed)
+        if ckpt is not None and self.quantize == "int8" and self.quantize_lm_head:
+            try:
+                return QuantWeight.from_packed(pack_int8(*quantize_int8(ckpt.load(name, rows=rows), self.group_size),
+                                                         self.group_size))
+            except ValueError as e:
+                raise ValueError(f"int8 quantization of {name}: {e}") from None
+        if c.tie_word_embeddings:
+            return self.embed
+        return self._param(ckpt, name, shape, lambda: ckpt.load(name, rows=rows))
 
     # --------------------------------------------------------------------------------------- KV cache
     def _alloc_kv_cache(self, num_blocks, utilization, log):
@@ -289,7 +381,7 @@ class CudaTransformer:
                 k.rms_norm(h, resid, w.ln1, c.rms_norm_eps)
             else:
                 k.add_rms_norm(h, delta, resid, w.ln1, c.rms_norm_eps)      # r += mlp out; h = norm(r)
-            k.linear(qkv, h, w.qkv, w.qkv_bias)
+            k.linear(qkv, h, w.qkv, w.qkv_bias, scratch=self.wscratch)
             k.rope_store_kv(qkv, positions, self.inv_freq, self.k_cache[i], self.v_cache[i], slots,
                             s.n_heads, s.n_kv_heads, hd)
             for lo, hi, max_q, max_ctx in attn_groups:
@@ -299,7 +391,7 @@ class CudaTransformer:
                             s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
             self._row_parallel(delta, attn, w.o)
             k.add_rms_norm(h, delta, resid, w.ln2, c.rms_norm_eps)          # r += attn out; h = norm(r)
-            k.linear(gate_up, h, w.gate_up)
+            k.linear(gate_up, h, w.gate_up, scratch=self.wscratch)
             k.silu_mul(act, gate_up)
             self._row_parallel(delta, act, w.down)
         k.add_rms_norm(h, delta, resid, self.norm, c.rms_norm_eps)
@@ -321,7 +413,7 @@ class CudaTransformer:
 
     def _row_parallel(self, y, x, w):
         """y = all_reduce(x_local @ w_local.T): each rank holds the input columns it computes."""
-        self.k.linear(y, x, w)
+        self.k.linear(y, x, w, scratch=self.wscratch)
         if self.comm.size > 1:
             self.comm.all_reduce_device(y)
 
@@ -329,7 +421,8 @@ class CudaTransformer:
         """Logits [L, vocab] f32: each rank its vocab rows, gathered side by side."""
         L = x.shape[0]
         local = self.logits_local.view(0, (L, self.vocab_local))
-        self.k.linear(local, x, self.lm_head)
+        # A quantized head runs the small-M kernel in 32-row tiles at any L: no vocab-sized scratch.
+        self.k.linear(local, x, self.lm_head, path="qgemv" if isinstance(self.lm_head, QuantWeight) else None)
         if self.comm.size == 1:
             return local
         full = self.logits.view(0, (L, self.cfg.vocab_size))

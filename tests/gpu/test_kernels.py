@@ -220,6 +220,80 @@ def test_linear_checks(kernels):
 
 
 # ---------------------------------------------------------------------------------------------------
+# quantized linear (W8A16, W4A16)
+
+
+def _packed(rng, kind, n, k, group):
+    from mpillm.quant import pack_int8, pack_q4, quantize_int8
+    if kind == "int8":
+        return pack_int8(*quantize_int8(rng.normal(size=(n, k)) / math.sqrt(k), group), group)
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    d = (rng.uniform(0.5, 1.5, (n, k // 32)) / (8 * math.sqrt(k))).astype(np.float16)
+    m = None if kind == "q4_0" else (-8 * d.astype(np.float32) * rng.uniform(0.8, 1.2, d.shape)).astype(np.float16)
+    return pack_q4(q, d, m)
+
+
+def _quant_case(kernels, dtype, kind, m, n, k, group=32, with_bias=False, out_dtype=None, path=None, seed=0):
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.quant import unpack
+    rng = np.random.default_rng(seed + m * 31 + n * 7 + k + group)
+    p = _packed(rng, kind, n, k, group)
+    x = rounded(rng.normal(size=(m, k)), dtype)
+    b = rounded(rng.normal(size=n), dtype) if with_bias else None
+    out_dtype = out_dtype or dtype
+    y = DeviceTensor.empty((m, n), out_dtype)
+    scratch = DeviceTensor.empty((n * k,), dtype)
+    kernels.linear(y, dev(x, dtype), QuantWeight.from_packed(p), dev(b, dtype) if with_bias else None, path=path,
+                   scratch=scratch)
+    want = x.astype(np.float64) @ unpack(p).astype(np.float64).T + (b if with_bias else 0.0)
+    tol = TOL[out_dtype if out_dtype == "f32" else dtype]
+    if path == "dequant" and out_dtype == "f32":          # weights rounded once to the model dtype
+        tol = TOL[dtype]
+    np.testing.assert_allclose(y.to_numpy(), want, err_msg=f"{kind} {path} M={m} N={n} K={k} G={group}", **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,group", [("int8", 32), ("int8", 64), ("int8", 128), ("q4_1", 32), ("q4_0", 32)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 17, 32, 45, 128])
+@pytest.mark.parametrize("n,k", [(192, 576), (1000, 1536), (50, 4096), (576, 96)])
+def test_linear_quant_small_m(kernels, dtype, kind, group, m, n, k):
+    if k % group:
+        pytest.skip("group does not divide K")
+    _quant_case(kernels, dtype, kind, m, n, k, group, with_bias=m % 2 == 1, path="qgemv")
+
+
+@pytest.mark.parametrize("kind,group", [("int8", 64), ("q4_1", 32)])
+@pytest.mark.parametrize("m", [1, 20, 129])
+def test_linear_quant_f32_out_and_dispatch(kernels, kind, group, m):
+    _quant_case(kernels, "bf16", kind, m, 1003, 576, group, out_dtype="f32")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,group", [("int8", 128), ("q4_1", 32)])
+def test_linear_quant_dequantize_path(kernels, dtype, kind, group):
+    _quant_case(kernels, dtype, kind, 300, 640, 4096 + 128, group, with_bias=True, path="dequant")
+
+
+@pytest.mark.parametrize("kind", ["int8", "q4_1"])
+def test_dequantize_rounds_once(kernels, kind):
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.quant import unpack
+    p = _packed(np.random.default_rng(5), kind, 77, 608, 32)
+    out = DeviceTensor.empty((77, 608), "bf16")
+    kernels.dequantize(out, QuantWeight.from_packed(p))
+    np.testing.assert_array_equal(out.to_numpy(), rounded(unpack(p), "bf16"))
+
+
+def test_linear_quant_checks(kernels):
+    from mpillm.cuda.kernels import QuantWeight
+    w = QuantWeight.from_packed(_packed(np.random.default_rng(0), "int8", 64, 576, 64))
+    with pytest.raises(ValueError, match="^x:"):
+        kernels.linear(DeviceTensor.empty((4, 64), "bf16"), DeviceTensor.empty((4, 512), "bf16"), w)
+    with pytest.raises(ValueError, match="^scratch:"):
+        kernels.linear(DeviceTensor.empty((200, 64), "bf16"), DeviceTensor.empty((200, 576), "bf16"), w)
+
+
+# ---------------------------------------------------------------------------------------------------
 # attention
 
 

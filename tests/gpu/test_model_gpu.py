@@ -43,11 +43,11 @@ def tiny_checkpoint(tmp_path, kind):
     return open_checkpoint(tmp_path / kind)
 
 
-def build(ckpt, cuda_device, kernels, dtype="bf16", max_seqs=8, max_tokens=1024, max_model_len=2048):
+def build(ckpt, cuda_device, kernels, dtype="bf16", max_seqs=8, max_tokens=1024, max_model_len=2048, **quant):
     from mpillm.cuda.model import CudaTransformer
     cfg = ckpt.config
     return CudaTransformer(ckpt, cfg, make_shard(cfg, 0, 1), cuda_device, kernels, dtype=dtype, max_tokens=max_tokens,
-                           max_seqs=max_seqs, max_model_len=max_model_len, num_blocks=max_seqs * 130)
+                           max_seqs=max_seqs, max_model_len=max_model_len, num_blocks=max_seqs * 130, **quant)
 
 
 def rel_err(a, b):
@@ -166,4 +166,47 @@ def test_default_model_matches_numpy(smollm_gguf, cuda_device, kernels):
     assert rel_err(got, want) < 3e-2
     ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompt, 32, list(range(8)))
     assert_greedy_equal(ids_gpu, ids_ref, gaps, tie=0.3)   # bf16 weights: a looser near-tie bound
+    assert ids_gpu[:7] == [504, 3575, 282, 4649, 314, 7042, 30]   # "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_int8_matches_numpy_int8(tmp_path, cuda_device, kernels, kind):
+    """W8A16 on the GPU against the NumPy W8A16 simulation (same int8 weights, float32 math)."""
+    from mpillm.cuda.kernels import QuantWeight
+    ckpt = tiny_checkpoint(tmp_path, kind)
+    ref = Transformer(ckpt, quantize="int8", group_size=64, quantize_lm_head=True)
+    gpu = build(ckpt, cuda_device, kernels, "bf16", quantize="int8", group_size=64, quantize_lm_head=True)
+    assert isinstance(gpu.layers[0].gate_up, QuantWeight) and isinstance(gpu.lm_head, QuantWeight)
+    assert gpu.wscratch is not None
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 200)]      # 205 tokens: the dequantize path
+    tables = [list(range(i * 40, i * 40 + 40)) for i in range(2)]
+    step = StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16)
+    _, got = gpu.forward(step, [SampleSpec(GREEDY, 0, 0, None)] * 2, want_logits=True)
+    want = ref.forward(step, ref.new_cache(80, 16))
+    assert rel_err(got, want) < 3e-2
+    ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompts[0], 24, list(range(40)))
+    assert_greedy_equal(ids_gpu, ids_ref, gaps)
+
+
+def test_default_model_native_blocks_match_numpy(smollm_gguf, cuda_device, kernels):
+    """--quantize auto: the GGUF's Q4_1 projections run as W4A16 and its Q8_0 table as a W8A16 LM head, bit
+    for bit the weights the NumPy backend dequantizes."""
+    from mpillm.cuda.kernels import QuantWeight
+    ckpt = open_checkpoint(smollm_gguf)
+    ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
+    assert gpu.layers[0].qkv.kind == "q4" and isinstance(gpu.lm_head, QuantWeight) and gpu.lm_head.kind == "int8"
+    bf16 = build(ckpt, cuda_device, kernels, "bf16")
+    assert gpu.weight_bytes < 0.5 * bf16.weight_bytes
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+              8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    step = StepInput.build([(prompt, 0, [0, 1, 2], True)], 16)
+    _, got = gpu.forward(step, [SampleSpec(GREEDY, 0, 0, None)], want_logits=True)
+    _, got_bf16 = bf16.forward(step, [SampleSpec(GREEDY, 0, 0, None)], want_logits=True)
+    want = ref.forward(step, ref.new_cache(8, 16))
+    # Exact weights: closer to the reference than the bf16-rounded ones.
+    assert rel_err(got, want) < 3e-2
+    assert rel_err(got, want) <= rel_err(got_bf16, want) * 1.2
+    ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompt, 32, list(range(8)))
+    assert_greedy_equal(ids_gpu, ids_ref, gaps, tie=0.3)
     assert ids_gpu[:7] == [504, 3575, 282, 4649, 314, 7042, 30]   # "The capital of France is Paris."

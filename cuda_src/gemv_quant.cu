@@ -1,0 +1,300 @@
+// Weight-only quantized linear layers (W8A16, W4A16): y[M, N] = x[M, K] @ deq(w)[N, K]^T (+ bias).
+//
+// Same plan as gemv.cu (decode is bound by the weight stream: 16-byte loads that bypass L1, tensor-core
+// mma with 16 weight rows as "M" and up to 8 tokens per tile as "N"), with the weight bytes halved (int8)
+// or quartered (4-bit). Dequantization must cost no bandwidth and little issue:
+//   - The codes go into the mma as they are: int8 and 4-bit integers are exact in bf16 and fp16, and the
+//     conversion is a few integer ops per pair (magic-number tricks, no cvt chains).
+//   - Each mma covers one 32-element chunk of each row, so its fp32 result is multiplied by that chunk's
+//     scale once, after the mma: sum_k d q_k x_k = d * sum_k q_k x_k. No weight is rounded to bf16, so
+//     the result is the exact dequantized product up to fp32 summation order (the NumPy reference).
+//   - Q4_1's min: sum_k (d q_k + m) x_k = d * sum q x + m * sum x; the chunk sums of x come from one
+//     more mma with an all-ones A fragment, which lands them in the accumulator layout.
+// The byte order that makes a lane's 16-byte load hold 8 elements of each chunk of a super-block is
+// mpillm/quant.py's PackedLinear (packed on the host at load time; no value is re-quantized).
+//
+// Block: QGEMV_WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
+// stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
+#include "mma.cuh"
+
+#define QGEMV_ROWS 16
+#define QGEMV_WARPS 8
+#define QGEMV_SB_BYTES 64   // bytes per row per super-block (int8: 2 chunks of 32; 4-bit: 4 chunks)
+
+__device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Four signed bytes e0..e3 -> packed pairs (e0, e1), (e2, e3) of T, exact.
+template <typename T> __device__ __forceinline__ void s8x4_pairs(uint32_t w, uint32_t& p01, uint32_t& p23);
+template <>
+__device__ __forceinline__ void s8x4_pairs<bf16>(uint32_t w, uint32_t& p01, uint32_t& p23) {
+    // bf16 has 8 significant bits, too few for the magic-number trick on 0..255: go through fp32, where
+    // 0x4B000000 | u is 2^23 + u exactly; subtracting 2^23 + 128 leaves the signed value, whose bf16 is
+    // its fp32 bits' upper half (small integers: truncation is exact).
+    const uint32_t u = w ^ 0x80808080u;  // bytes + 128, as unsigned
+    const float f0 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - 8388736.f;
+    const float f1 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - 8388736.f;
+    const float f2 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - 8388736.f;
+    const float f3 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.f;
+    p01 = __byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632);
+    p23 = __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632);
+}
+template <>
+__device__ __forceinline__ void s8x4_pairs<f16>(uint32_t w, uint32_t& p01, uint32_t& p23) {
+    // fp16 0x6400 | u is 1024 + u exactly for u < 1024; subtract 1024 + 128.
+    const uint32_t u = w ^ 0x80808080u;
+    const uint32_t bias = 0x64806480u, lo = __byte_perm(u, 0x64646464u, 0x5140), hi = __byte_perm(u, 0x64646464u, 0x5342);
+    __half2 a = __hsub2(*reinterpret_cast<const __half2*>(&lo), *reinterpret_cast<const __half2*>(&bias));
+    __half2 b = __hsub2(*reinterpret_cast<const __half2*>(&hi), *reinterpret_cast<const __half2*>(&bias));
+    p01 = *reinterpret_cast<uint32_t*>(&a);
+    p23 = *reinterpret_cast<uint32_t*>(&b);
+}
+
+// Pair p (0..3) of a 4-bit word with nibbles e0 e2 e4 e6 e1 e3 e5 e7: (e_2p, e_2p+1) as T, exact.
+// 0x4300 (bf16) and 0x6400 (fp16) are 128 and 1024 with a mantissa step of 1: OR in the code, subtract.
+template <typename T> __device__ __forceinline__ uint32_t u4_pair(uint32_t w, int p);
+template <> __device__ __forceinline__ uint32_t u4_pair<bf16>(uint32_t w, int p) {
+    const uint32_t v = ((w >> (4 * p)) & 0x000F000Fu) | 0x43004300u, base = 0x43004300u;
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
+                               *reinterpret_cast<const __nv_bfloat162*>(&base));
+    return *reinterpret_cast<uint32_t*>(&r);
+}
+template <> __device__ __forceinline__ uint32_t u4_pair<f16>(uint32_t w, int p) {
+    const uint32_t v = ((w >> (4 * p)) & 0x000F000Fu) | 0x64006400u, base = 0x64006400u;
+    __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), *reinterpret_cast<const __half2*>(&base));
+    return *reinterpret_cast<uint32_t*>(&r);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t ones_pair();
+template <> __device__ __forceinline__ uint32_t ones_pair<bf16>() { return 0x3F803F80u; }
+template <> __device__ __forceinline__ uint32_t ones_pair<f16>() { return 0x3C003C00u; }
+
+__device__ __forceinline__ float half_bits_to_float(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
+
+// BITS = 8: CH = 2 chunks per super-block, scales fp16 [N, n_groups] (group = 32 << gshift elements).
+// BITS = 4: CH = 4, scales (d, m) fp16 pairs [N, n_sb, 4]: one 16-byte load per row per super-block.
+template <int BITS, int UNROLL, int NT>
+struct QStage {
+    static constexpr int CH = BITS == 8 ? 2 : 4;
+    uint4 wa[UNROLL], wb[UNROLL];          // rows g and g + 8
+    uint32_t sa[UNROLL][CH], sb[UNROLL][CH];  // their chunk scales (int8: fp16 bits; 4-bit: (d, m) half2)
+    uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
+};
+
+template <typename T, typename OutT, int BITS, int NT, int UNROLL>
+__device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
+                                             const uint8_t* __restrict__ w, const void* __restrict__ scales,
+                                             const T* __restrict__ bias, int M, int N, int K, int n_sb,
+                                             int n_groups, int gshift) {
+    constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32, WARPS = QGEMV_WARPS;
+    __shared__ float partial[WARPS][NT * 4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * QGEMV_ROWS;
+    // Rows past N are clamped onto row N-1: loads stay in bounds, results are never stored.
+    const int row_a = min(n0 + g, N - 1), row_b = min(n0 + g + 8, N - 1);
+    const size_t row_bytes = (size_t)n_sb * QGEMV_SB_BYTES;
+    const uint8_t* w_a = w + row_a * row_bytes + 16 * t;
+    const uint8_t* w_b = w + row_b * row_bytes + 16 * t;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    constexpr int STEP = WARPS * UNROLL;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+    auto load = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int sb = sb0 + u * WARPS;
+            const bool ok = sb < n_sb;
+            st.wa[u] = ok ? ld_stream16(w_a + (size_t)sb * QGEMV_SB_BYTES) : zero;
+            st.wb[u] = ok ? ld_stream16(w_b + (size_t)sb * QGEMV_SB_BYTES) : zero;
+            if (BITS == 8) {
+                const unsigned short* s = reinterpret_cast<const unsigned short*>(scales);
+#pragma unroll
+                for (int j = 0; j < CH; ++j) {
+                    const int chunk = sb * CH + j;
+                    const bool in = ok && chunk * 32 < K;  // padded chunks: scale 0
+                    st.sa[u][j] = in ? __ldg(s + (size_t)row_a * n_groups + (chunk >> gshift)) : 0u;
+                    st.sb[u][j] = in ? __ldg(s + (size_t)row_b * n_groups + (chunk >> gshift)) : 0u;
+                }
+            } else {
+                const uint4* s = reinterpret_cast<const uint4*>(scales);
+                const uint4 a = ok ? __ldg(s + (size_t)row_a * n_sb + sb) : zero;
+                const uint4 b = ok ? __ldg(s + (size_t)row_b * n_sb + sb) : zero;
+#pragma unroll
+                for (int j = 0; j < CH; ++j) st.sa[u][j] = word_at(a, j), st.sb[u][j] = word_at(b, j);
+            }
+#pragma unroll
+            for (int j = 0; j < CH; ++j) {
+                const int k = sb * SB_ELEMS + 32 * j + 8 * t;
+                const bool in = ok && k < K;       // K % 32 == 0: a chunk is all in or all out
+#pragma unroll
+                for (int jt = 0; jt < NT; ++jt) {
+                    const int tok = jt * 8 + g;
+                    st.xv[u][jt][j] = in && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
+                                                    : zero;
+                }
+            }
+        }
+    };
+
+    auto compute = [&](const QStage<BITS, UNROLL, NT>& st) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+            for (int j = 0; j < CH; ++j) {
+                uint32_t pa[4], pb[4];  // pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8
+                if (BITS == 8) {
+                    s8x4_pairs<T>(word_at(st.wa[u], 2 * j), pa[0], pa[1]);
+                    s8x4_pairs<T>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
+                    s8x4_pairs<T>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
+                    s8x4_pairs<T>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
+                } else {
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        pa[p] = u4_pair<T>(word_at(st.wa[u], j), p);
+                        pb[p] = u4_pair<T>(word_at(st.wb[u], j), p);
+                    }
+                }
+                const uint32_t a0[4] = {pa[0], pb[0], pa[1], pb[1]};
+                const uint32_t a1[4] = {pa[2], pb[2], pa[3], pb[3]};
+                float da, db, ma = 0.f, mb = 0.f;
+                if (BITS == 8) {
+                    da = half_bits_to_float(st.sa[u][j]);
+                    db = half_bits_to_float(st.sb[u][j]);
+                } else {
+                    const float2 fa = __half22float2(*reinterpret_cast<const __half2*>(&st.sa[u][j]));
+                    const float2 fb = __half22float2(*reinterpret_cast<const __half2*>(&st.sb[u][j]));
+                    da = fa.x, ma = fa.y, db = fb.x, mb = fb.y;
+                }
+#pragma unroll
+                for (int jt = 0; jt < NT; ++jt) {
+                    const uint4& xv = st.xv[u][jt][j];
+                    float c[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma_16816<T>(c, a0, xv.x, xv.y);
+                    mma_16816<T>(c, a1, xv.z, xv.w);
+                    acc[jt][0] += da * c[0];
+                    acc[jt][1] += da * c[1];
+                    acc[jt][2] += db * c[2];
+                    acc[jt][3] += db * c[3];
+                    if (BITS == 4) {
+                        const uint32_t one = ones_pair<T>();
+                        const uint32_t ones[4] = {one, one, one, one};
+                        float s[4] = {0.f, 0.f, 0.f, 0.f};  // chunk sums of x for tokens 2t, 2t + 1
+                        mma_16816<T>(s, ones, xv.x, xv.y);
+                        mma_16816<T>(s, ones, xv.z, xv.w);
+                        acc[jt][0] += ma * s[0];
+                        acc[jt][1] += ma * s[1];
+                        acc[jt][2] += mb * s[2];
+                        acc[jt][3] += mb * s[3];
+                    }
+                }
+            }
+        }
+    };
+
+    QStage<BITS, UNROLL, NT> front, back;
+    load(front, warp);
+    for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
+        load(back, sb0 + STEP);
+        compute(front);
+        load(front, sb0 + 2 * STEP);
+        compute(back);
+    }
+
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
+        const int jc = idx >> 5, l = idx & 31, j = jc >> 2, c = jc & 3;
+        const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);  // C fragment: c0,c1 row g; c2,c3 row g+8
+        const int tok = j * 8 + 2 * (l & 3) + (c & 1);
+        if (row >= N || tok >= M) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) v += partial[wi][jc][l];
+        if (bias) v += to_float(bias[row]);
+        y[(size_t)tok * N + row] = from_float<OutT>(v);
+    }
+}
+
+// Dequantize the whole packed weight into out[N, K] (model dtype) for the prefill GEMM; one thread per
+// lane-load unit (16 bytes of one row's super-block). The fp32 value d q (+ m) is rounded once to T.
+template <typename T, int BITS>
+__device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uint8_t* __restrict__ w,
+                                                  const void* __restrict__ scales, int N, int K, int n_sb,
+                                                  int n_groups, int gshift) {
+    constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
+    const size_t units = (size_t)N * n_sb * 4;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < units;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const int t = (int)(idx & 3);
+        const size_t rs = idx >> 2;
+        const int sb = (int)(rs % n_sb);
+        const size_t row = rs / n_sb;
+        const uint4 v = *reinterpret_cast<const uint4*>(w + (row * n_sb + sb) * QGEMV_SB_BYTES + 16 * t);
+        uint4 sm = make_uint4(0, 0, 0, 0);
+        if (BITS == 4) sm = reinterpret_cast<const uint4*>(scales)[row * n_sb + sb];
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+            const int k = sb * SB_ELEMS + 32 * j + 8 * t;
+            if (k >= K) continue;
+            float f[8];
+            if (BITS == 8) {
+                const float d = half_bits_to_float(
+                    reinterpret_cast<const unsigned short*>(scales)[row * n_groups + ((sb * CH + j) >> gshift)]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t wd = word_at(v, 2 * j + h);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) f[4 * h + e] = d * (float)(int8_t)(wd >> (8 * e));
+                }
+            } else {
+                const uint32_t dm_bits = word_at(sm, j);
+                const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(&dm_bits));
+                const uint32_t wd = word_at(v, j);
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    f[2 * p] = dm.x * (float)((wd >> (4 * p)) & 0xF) + dm.y;
+                    f[2 * p + 1] = dm.x * (float)((wd >> (4 * p + 16)) & 0xF) + dm.y;
+                }
+            }
+            *reinterpret_cast<uint4*>(out + row * K + k) = pack8<T>(f);
+        }
+    }
+}
+
+#define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, UNROLL)                                                          \
+    extern "C" __global__ void __launch_bounds__(QGEMV_WARPS * 32) qgemv##BITS##_##NAME##_m##NT(                \
+        OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
+        int n_sb, int n_groups, int gshift) {                                                                   \
+        quant_linear<T, OUT_T, BITS, NT, UNROLL>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);       \
+    }
+#define QGEMV_KERNELS(T, OUT_T, NAME) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 1, 2) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 2, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 4, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 1, 2) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 2, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 1)
+
+// NAME = <activation dtype>_<output dtype>
+QGEMV_KERNELS(bf16, bf16, bf16_bf16)
+QGEMV_KERNELS(bf16, float, bf16_f32)
+QGEMV_KERNELS(f16, f16, f16_f16)
+QGEMV_KERNELS(f16, float, f16_f32)
+
+#define DEQUANT_KERNEL(T, NAME, BITS)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) dequantize##BITS##_##NAME(                                 \
+        T* out, const uint8_t* w, const void* scales, int N, int K, int n_sb, int n_groups, int gshift) {        \
+        dequantize_packed<T, BITS>(out, w, scales, N, K, n_sb, n_groups, gshift);                                \
+    }
+DEQUANT_KERNEL(bf16, bf16, 8)
+DEQUANT_KERNEL(bf16, bf16, 4)
+DEQUANT_KERNEL(f16, f16, 8)
+DEQUANT_KERNEL(f16, f16, 4)

@@ -363,7 +363,7 @@ def run_job(opts: JobOptions) -> int:
     return code
 
 
-SHUTDOWN_GRACE_S = 30.0
+SHUTDOWN_GRACE_S = float(os.environ.get("MPILLM_SHUTDOWN_GRACE_S", "30"))
 
 
 def shutdown_watchdog(code: int):
@@ -373,8 +373,10 @@ def shutdown_watchdog(code: int):
     import threading
 
     def force():
-        print(f"mpillm: rank {STATE.get('rank', '?')}: teardown took over {SHUTDOWN_GRACE_S:.0f} s; exiting",
-              file=sys.stderr, flush=True)
+        import faulthandler
+        print(f"mpillm: rank {STATE.get('rank', '?')}: teardown took over {SHUTDOWN_GRACE_S:.0f} s; exiting. "
+              f"Where it was stuck:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(code)
     timer = threading.Timer(SHUTDOWN_GRACE_S, force)
     timer.daemon = True

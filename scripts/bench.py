@@ -198,6 +198,7 @@ def main():
         with open(args.json, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
+    model.close()                 # the decode graphs hold the NCCL communicator: destroy them first
     if comm is not None:
         comm.abort()
     device.close()
@@ -344,6 +345,7 @@ def throughput(args, ckpt, cfg, world):
                                         total_tok_s=(n_in + n_out) / secs)) + "\n")
     print(f"continuous vs static: {results['static'] / results['continuous']:.2f}x; "
           f"vs static-padded: {results['static-padded'] / results['continuous']:.2f}x")
+    model.close()
     device.close()
 
 

@@ -21,6 +21,7 @@ class CudaRunner:
         return [(int(t), None) for t in ids] if sample else []
 
     def close(self):
+        self.model.close()               # graphs first: they pin the NCCL communicator
         comm = getattr(self.model, "comm", None)
         if hasattr(comm, "abort"):
             # NCCL first (it needs the context that device.close() pops); abort rather than destroy, which

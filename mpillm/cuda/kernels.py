@@ -367,7 +367,9 @@ class Kernels:
         if m == 0 or n == 0:
             return
         if path is None:
-            path = "gemv" if m <= GEMV_MAX_M else ("cublaslt" if self.blas is not None else "gemm")
+            # cuBLASLt rejects a model-dtype bias with an f32 output (never used: the LM head has no bias).
+            blas = self.blas is not None and not (bias is not None and y.dtype == "f32")
+            path = "gemv" if m <= GEMV_MAX_M else ("cublaslt" if blas else "gemm")
         if path == "cublaslt":
             self.blas.matmul(y, x, w, bias)
             return

@@ -510,9 +510,22 @@ class CudaTransformer:
             self._run(*args)
         finally:
             graph = _check_cu(cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
-        exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        try:
+            exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        finally:
+            _check_cu(cu.cuGraphDestroy(graph), "cuGraphDestroy")     # the executable graph is independent
         self.graph_seconds += time.perf_counter() - t0
         return exe
+
+    def close(self):
+        """Destroy the decode graphs. Must come before NCCL's destroy/abort: graphs that captured collectives
+        hold references on the communicator, and ncclCommDestroy / ncclCommAbort wait for them to go
+        (both ranks of a TP=2 job on H200s sat in ncclCommAbort until the graphs were destroyed first)."""
+        from cuda.bindings import driver as cu
+        self.dev.synchronize()
+        graphs, self.graphs = self.graphs, {}
+        for exe in graphs.values():
+            _check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
 
 
 def _attention_groups(step: StepInput) -> list[tuple[int, int, int, int]]:

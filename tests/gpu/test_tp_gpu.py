@@ -84,6 +84,8 @@ def test_tp_logits_and_greedy_equal_single_gpu(tp_env, smollm_gguf):
     everyone = world.allgather(ids_tp)
     assert all(e == everyone[0] for e in everyone), "ranks of a TP group sampled different tokens"
     assert ids_tp[:7] == ids_one[:7]
+    tp.close()                                 # graphs before the communicator they captured
+    single.close()
     comm.destroy()
 
 
@@ -121,4 +123,6 @@ def test_tp_int8_greedy_equals_single_gpu_int8(tp_env, smollm_gguf):
     everyone = world.allgather(ids_tp)
     assert all(e == everyone[0] for e in everyone)
     assert ids_tp[:7] == ids_one[:7]
+    tp.close()                                 # graphs before the communicator they captured
+    single.close()
     comm.destroy()

@@ -13,12 +13,11 @@
 // The byte order that makes a lane's 16-byte load hold 8 elements of each chunk of a super-block is
 // mpillm/quant.py's PackedLinear (packed on the host at load time; no value is re-quantized).
 //
-// Block: QGEMV_WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
+// Block: WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
 // stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
 #include "mma.cuh"
 
 #define QGEMV_ROWS 16
-#define QGEMV_WARPS 8
 #define QGEMV_SB_BYTES 64   // bytes per row per super-block (int8: 2 chunks of 32; 4-bit: 4 chunks)
 
 __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
@@ -82,12 +81,12 @@ struct QStage {
     uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
 };
 
-template <typename T, typename OutT, int BITS, int NT, int UNROLL>
+template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
                                              int n_groups, int gshift) {
-    constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32, WARPS = QGEMV_WARPS;
+    constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     __shared__ float partial[WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -269,25 +268,29 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     }
 }
 
-#define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, UNROLL)                                                          \
-    extern "C" __global__ void __launch_bounds__(QGEMV_WARPS * 32) qgemv##BITS##_##NAME##_m##NT(                \
+// One kernel per (bits, token tiles NT): WARPS per block, UNROLL super-blocks per warp step, at least MINB
+// blocks per SM (caps registers). kernels.py QGEMV_CONFIGS mirrors WARPS.
+#define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB)                                             \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##BITS##_##NAME##_m##NT(                 \
         OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
         int n_sb, int n_groups, int gshift) {                                                                   \
-        quant_linear<T, OUT_T, BITS, NT, UNROLL>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);       \
+        quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift); \
     }
-#define QGEMV_KERNELS(T, OUT_T, NAME) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 1, 2) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 2, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 4, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 1, 2) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 2, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 1)
+#ifndef QGEMV_VARIANTS_ONLY
+#define QGEMV_KERNELS(T, OUT_T, NAME)             \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 1, 8, 2, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 2, 8, 1, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 4, 8, 1, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 1, 8, 2, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 2, 8, 1, 1) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 8, 1, 1)
 
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)
 QGEMV_KERNELS(bf16, float, bf16_f32)
 QGEMV_KERNELS(f16, f16, f16_f16)
 QGEMV_KERNELS(f16, float, f16_f32)
+#endif
 
 #define DEQUANT_KERNEL(T, NAME, BITS)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) dequantize##BITS##_##NAME(                                 \

@@ -59,6 +59,7 @@ def main():
                          "batching vs static batching")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="--throughput: sequences decoded together")
     ap.add_argument("--gemm", action="store_true", help="instead: our GEMM vs cuBLASLt on the model's shapes")
+    ap.add_argument("--qgemv", action="store_true", help="instead: quantized small-M kernel variants vs bf16 GEMV")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
     ap.add_argument("--quantize", default=None, choices=["none", "auto", "int8", "q4"],
                     help="weights: none, auto (a GGUF's own Q8_0/Q4 blocks), int8 (W8A16), q4 (random W4A16, dummy "
@@ -95,11 +96,13 @@ def main():
         return throughput(args, ckpt, cfg, world)
     if args.gemm:
         return gemm_compare(args, cfg)
+    if args.qgemv:
+        return qgemv_compare(args, cfg)
     batches = [int(b) for b in args.batch.split(",") if b]
     prefills = [int(p) for p in args.prefill.split(",") if p]
     max_seqs = max(batches + [1])
     max_len = max(prefills + [args.context + args.steps + 16]) + 16
-    max_tokens = max(prefills + [max_seqs])
+    max_tokens = max(prefills + [max_seqs, args.context])
     say = print if rank == 0 else (lambda *a, **k: None)
 
     device = init_device(rank)
@@ -238,6 +241,65 @@ def gemm_compare(args, cfg):
                 row.append(f"{2 * m * n * kk / secs / 1e12:.0f}")
         print(f"M={m:5d}: " + "   ".join(f"{n}x{kk}: {row[2 * j]}|{row[2 * j + 1]}"
                                          for j, (n, kk) in enumerate(((qkv, h), (h, h), (2 * i, h), (h, i)))))
+    device.close()
+
+
+# (warps, unroll, min blocks per SM) shapes of the quantized small-M kernel tried by --qgemv
+QGEMV_VARIANTS = [(8, 2, 1), (8, 1, 1), (8, 2, 2), (8, 1, 2), (4, 2, 2), (4, 1, 3), (4, 2, 4), (16, 1, 1)]
+
+
+def qgemv_compare(args, cfg):
+    """GB/s of the quantized small-M kernel shapes (QGEMV_VARIANTS) against the bf16 GEMV, on the model's
+    projection shapes: which variant to ship (gemv_quant.cu QGEMV_KERNELS)."""
+    import pycuda.driver as cuda
+    from pycuda.compiler import SourceModule
+    from mpillm.cuda.kernels import CUDA_SRC, GEMV_ROWS, NVCC_OPTIONS, Kernels, QuantWeight
+    from mpillm.cuda.runtime import DeviceTensor, init_device
+    device = init_device(0)
+    k = Kernels(device)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    shapes = ((qkv, h), (h, cfg.num_heads * cfg.head_dim), (2 * i, h), (h, i))
+    src = "#define QGEMV_VARIANTS_ONLY\n" + (CUDA_SRC / "gemv_quant.cu").read_text()
+    for bits in (8, 4):
+        for nt in (1, 4):
+            for v, (wp, un, mb) in enumerate(QGEMV_VARIANTS):
+                src += f"QGEMV_KERNEL(bf16, bf16, v{v}, {bits}, {nt}, {wp}, {un}, {mb})\n"
+    mod = SourceModule(src, options=list(NVCC_OPTIONS), no_extern_c=True, arch=device.arch, include_dirs=[str(CUDA_SRC)])
+    start, end = cuda.Event(), cuda.Event()
+    rng = np.random.default_rng(0)
+
+    def timed(fn, reps=30):
+        fn()
+        start.record(device.stream)
+        for _ in range(reps):
+            fn()
+        end.record(device.stream)
+        end.synchronize()
+        return end.time_since(start) / 1e3 / reps
+
+    print(f"# {device.name}: quantized small-M kernel variants (warps, unroll, min blocks/SM): GB/s of weight bytes")
+    for n, kk in shapes:
+        for m in (1, 8, 32):
+            x = DeviceTensor.from_numpy(rng.standard_normal((m, kk)).astype(np.float32), "bf16")
+            y = DeviceTensor.empty((m, n), "bf16")
+            wf = DeviceTensor.empty((n, kk), "bf16")
+            line = [f"N={n:6d} K={kk:6d} M={m:3d}: bf16 {wf.nbytes / timed(lambda: k.linear(y, x, wf, path='gemv')) / 1e9:5.0f}"]
+            for bits, kind in ((8, "int8"), (4, "q4")):
+                def fill(t):
+                    cuda.memcpy_htod(t.ptr, rng.integers(0, 256, t.nbytes, dtype=np.uint8))
+                w = QuantWeight.random(kind, n, kk, 128 if bits == 8 else 32, fill)
+                nt = 1 if m <= 8 else 4
+                cells = []
+                for v, (wp, un, mb) in enumerate(QGEMV_VARIANTS):
+                    fn = mod.get_function(f"qgemv{bits}_v{v}_m{nt}")
+                    fn.prepare("PPPPPiiiiii")
+                    grid = (-(-n // GEMV_ROWS), 1)
+                    call = lambda: fn.prepared_async_call(grid, (wp * 32, 1, 1), device.stream, y.ptr, x.ptr, w.data.ptr,  # noqa: E731
+                                                          w.scales.ptr, 0, m, n, kk, w.super_blocks, w.n_groups, w.gshift)
+                    cells.append(f"{w.nbytes / timed(call) / 1e9:5.0f}")
+                line.append(f"{kind} " + " ".join(cells))
+            print("  ".join(line), flush=True)
     device.close()
 
 

@@ -41,7 +41,8 @@ GEMV_ROWS = 16              # gemv.cu GEMV_ROWS
 # 1453 GB/s for the tensor-core GEMM, whose 64-row tiles waste the weight reads on padding).
 GEMV_MAX_M = 32
 GEMV_THREADS = {1: 256, 2: 256, 4: 256}  # token tiles NT (M <= 8 NT) -> block size, as in gemv.cu GEMV_KERNELS
-QGEMV_THREADS = 256         # gemv_quant.cu QGEMV_WARPS * 32
+QGEMV_THREADS = {(8, 1): 256, (8, 2): 256, (8, 4): 256,   # (bits, token tiles) -> block size, as in
+                 (4, 1): 256, (4, 2): 256, (4, 4): 256}   # gemv_quant.cu QGEMV_KERNELS (WARPS * 32)
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
@@ -425,7 +426,7 @@ class Kernels:
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
             fn = self._fn("gemv_quant", f"qgemv{w.bits}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii")
-            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS, y.ptr + lo * n * y.itemsize,
+            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * n * y.itemsize,
                          x.ptr + lo * k * x.itemsize, w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k,
                          w.super_blocks, w.n_groups, w.gshift)
 

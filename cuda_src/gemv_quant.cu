@@ -277,13 +277,15 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
         quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift); \
     }
 #ifndef QGEMV_VARIANTS_ONLY
+// Chosen with `scripts/bench.py --qgemv` (H100, Llama-3-8B shapes, docs/PERFORMANCE.md): two blocks per SM
+// (registers capped at 128) beat one fatter block by 10-40%; the kernel is latency-bound, not issue-bound.
 #define QGEMV_KERNELS(T, OUT_T, NAME)             \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 1, 8, 2, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 2, 8, 1, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 4, 8, 1, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 1, 8, 2, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 2, 8, 1, 1) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 8, 1, 1)
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 1, 8, 2, 2) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 2, 8, 1, 2) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 8, 4, 8, 1, 2) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 1, 8, 1, 2) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 2, 8, 1, 2) \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 4, 2, 2)
 
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)

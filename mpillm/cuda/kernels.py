@@ -42,7 +42,7 @@ GEMV_ROWS = 16              # gemv.cu GEMV_ROWS
 GEMV_MAX_M = 32
 GEMV_THREADS = {1: 256, 2: 256, 4: 256}  # token tiles NT (M <= 8 NT) -> block size, as in gemv.cu GEMV_KERNELS
 QGEMV_THREADS = {(8, 1): 256, (8, 2): 256, (8, 4): 256,   # (bits, token tiles) -> block size, as in
-                 (4, 1): 256, (4, 2): 256, (4, 4): 256}   # gemv_quant.cu QGEMV_KERNELS (WARPS * 32)
+                 (4, 1): 256, (4, 2): 256, (4, 4): 128}   # gemv_quant.cu QGEMV_KERNELS (WARPS * 32)
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128

@@ -209,5 +209,7 @@ def test_default_model_native_blocks_match_numpy(smollm_gguf, cuda_device, kerne
     assert rel_err(got, want) < 3e-2
     assert rel_err(got, want) <= rel_err(got_bf16, want) * 1.2
     ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompt, 32, list(range(8)))
+    # The reference's first step is a near tie ("The" 25.33 vs 25.24, H100 2026-11-27): the GPU may take
+    # either; from there on it must follow the reference until the next near tie.
+    assert gaps[0] < 0.3
     assert_greedy_equal(ids_gpu, ids_ref, gaps, tie=0.3)
-    assert ids_gpu[:7] == [504, 3575, 282, 4649, 314, 7042, 30]   # "The capital of France is Paris."

@@ -66,6 +66,8 @@ def main():
                          "models only) [default: auto for a checkpoint, none for dummy:]")
     ap.add_argument("--group-size", type=int, default=128, help="--quantize int8: elements per scale")
     ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4: the LM head too")
+    ap.add_argument("--nccl-only", action="store_true",
+                    help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
 
     from mpi4py import MPI
@@ -82,6 +84,8 @@ def main():
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
+    if args.nccl_only:
+        os.environ["MPILLM_IPC_ALLREDUCE"] = "0"
     if size != args.tp:
         sys.exit(f"run with {args.tp} ranks for --tp {args.tp} (got {size})")
     if args.quantize is None:
@@ -121,6 +125,8 @@ def main():
                             **quant_args(args))
     bw = copy_bandwidth(cuda, device.stream)
     weight_bytes = model.streamed_bytes          # bytes a decode step reads (the embedding table is not streamed)
+    if size > 1:
+        say(f"# all-reduce: {'one-shot IPC kernel up to %d bytes, NCCL beyond' % comm.ipc.max_bytes if comm.ipc else 'NCCL'}")
     say(f"# {device.name}, {args.model}, tp={size}, {args.dtype}, weights {model._scheme()}; "
         f"kernels compiled in {compile_s:.2f} s; "
         f"weights {model.weight_bytes / 2**30:.2f} GiB/rank, {weight_bytes / 2**30:.2f} GiB read per decode step; "
@@ -128,7 +134,8 @@ def main():
     results = []
 
     def record(**kw):
-        kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize)
+        kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
+                  allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl")
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)

@@ -16,7 +16,7 @@ ARCHS = ("sm_80", "sm_90")
 def test_every_kernel_file_compiles(tmp_path):
     sources = kernel_sources()
     assert {"embedding", "norm", "rope_kv", "activation", "gemv", "gemm", "attention_prefill",
-            "attention_decode", "sampling", "gemv_quant"} <= set(sources)
+            "attention_decode", "sampling", "gemv_quant", "allreduce"} <= set(sources)
 
     def compile_one(job):
         name, arch = job

@@ -446,6 +446,18 @@ class Kernels:
         bm, bn = GEMM_CONFIGS["large"][:2]
         return "large" if _cdiv(m, bm) * _cdiv(n, bn) * 4 >= 3 * self.device.sm_count else "small"
 
+    # -- collectives ------------------------------------------------------------------------------
+    def ipc_all_reduce(self, t: DeviceTensor, rank: int, world: int, table: DeviceTensor, parity_bytes: int) -> None:
+        """t (bf16/f16, in place) = sum over the `world` ranks of their t, through the peer-mapped buffers whose
+        pointers `table` holds (mpillm/cuda/ipc_allreduce.py). Every rank must make the same calls."""
+        from .ipc_allreduce import AR_BLOCKS, AR_THREADS
+        _check(t, "t", MODEL_DTYPES)
+        _check_aligned(t, "t")
+        if t.numel % 8 or t.nbytes > parity_bytes:
+            raise ValueError(f"t: {t.numel} elements; the IPC all-reduce takes multiples of 8 up to {parity_bytes} bytes")
+        fn = self._fn("allreduce", f"all_reduce_{t.dtype}", "PiiiPQ")
+        self._launch(fn, (AR_BLOCKS, 1), AR_THREADS, t.ptr, t.numel // 8, rank, world, table.ptr, parity_bytes)
+
     # -- attention --------------------------------------------------------------------------------
     def attention(self, out: DeviceTensor, qkv: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                   block_tables: DeviceTensor, query_start: DeviceTensor, context_lens: DeviceTensor,

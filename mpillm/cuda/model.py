@@ -170,6 +170,10 @@ class CudaTransformer:
         self.buf = StepBuffers(T, S, self.max_blocks)
         self.scratch = AttentionScratch(S, nq, hd, self.max_blocks * block_size)
 
+        if self.comm.size > 1 and hasattr(self.comm, "enable_ipc_all_reduce"):
+            # Decode-sized all-reduces (up to 64 tokens) through the one-shot IPC kernel; larger ones NCCL.
+            note = self.comm.enable_ipc_all_reduce(kernels, min(max_tokens, 64) * H * self.resid.itemsize)
+            log(f"mpillm: rank {shard.rank}: all-reduce: {note}")
         self._alloc_kv_cache(num_blocks, gpu_memory_utilization, log)
         # Decode batch sizes that get a CUDA graph: a batch runs in the smallest bucket that holds it.
         self.buckets = sorted({b for b in GRAPH_BUCKETS if b < max_seqs} | {min(max_seqs, GRAPH_BUCKETS[-1])})

@@ -8,6 +8,7 @@ the device's stream, so they order with our kernels and can be captured in the d
 from __future__ import annotations
 
 import atexit
+import os
 
 NCCL_DTYPE = {"f16": 6, "f32": 7, "bf16": 9}   # ncclFloat16, ncclFloat32, ncclBfloat16
 NCCL_SUM = 0
@@ -24,11 +25,34 @@ class NcclComm:
         self.comm = nc.comm_init_rank(self.size, nc.UniqueId.from_buffer(bytearray(uid)), self.rank)
         self.stream = device.stream.handle
         self.vocab_splits = vocab_splits
+        self.group = group
         self._gathered = None
+        self.ipc = None               # IpcAllReduce for small messages, once enabled
         atexit.register(self.destroy)
 
+    def enable_ipc_all_reduce(self, kernels, max_bytes: int) -> str:
+        """Route all-reduces of up to max_bytes through the one-shot IPC kernel where the group allows it
+        (collective: every rank calls it). MPILLM_IPC_ALLREDUCE=0 keeps NCCL for everything. Returns what
+        was decided, for the log."""
+        from mpillm.cuda.ipc_allreduce import IpcAllReduce, why_not
+        if os.environ.get("MPILLM_IPC_ALLREDUCE", "1") == "0":
+            return "NCCL (MPILLM_IPC_ALLREDUCE=0)"
+        if self.ipc is not None and self.ipc.max_bytes >= max_bytes:
+            return f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
+        reason = why_not(self.group, self.device)
+        if reason:
+            return f"NCCL ({reason})"
+        if self.ipc is not None:
+            self.ipc.close()
+        self.ipc = IpcAllReduce(self.group, self.device, kernels, max_bytes)
+        return f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
+
     def all_reduce_device(self, t):
-        """In-place sum over the group."""
+        """In-place sum over the group: small messages through the IPC kernel when enabled, else NCCL. The
+        choice depends only on the size, which every rank shares."""
+        if self.ipc is not None and self.ipc.fits(t):
+            self.ipc.all_reduce(t)
+            return
         self.nc.all_reduce(t.ptr, t.ptr, t.numel, NCCL_DTYPE[t.dtype], NCCL_SUM, self.comm, self.stream)
 
     def all_gather_vocab(self, out, local):
@@ -62,7 +86,13 @@ class NcclComm:
         pad = max(hi - lo for lo, hi in self.vocab_splits)
         self._gathered = DeviceTensor.empty((self.size * max_rows * pad,), "f32")
 
+    def _close_ipc(self):
+        if self.ipc is not None:
+            self.ipc.close()
+            self.ipc = None
+
     def destroy(self):
+        self._close_ipc()
         if self.comm is not None:
             try:
                 self.nc.comm_destroy(self.comm)
@@ -71,6 +101,7 @@ class NcclComm:
 
     def abort(self):
         """End in-flight collectives at once (a peer died): never leave this rank waiting forever."""
+        self._close_ipc()
         if self.comm is not None:
             try:
                 self.nc.comm_abort(self.comm)

@@ -126,3 +126,59 @@ def test_tp_int8_greedy_equals_single_gpu_int8(tp_env, smollm_gguf):
     tp.close()                                 # graphs before the communicator they captured
     single.close()
     comm.destroy()
+
+
+@mpi
+def test_ipc_all_reduce_sums_like_nccl_in_and_out_of_graphs(tp_env):
+    """The one-shot IPC all-reduce: sums for sizes up to its limit, the same bits on every rank, many calls
+    back to back (the two buffers alternate), replays of a captured graph, and NCCL beyond the limit."""
+    from cuda.bindings import driver as cu
+
+    from mpillm.cuda.nccl import NcclComm
+    from mpillm.cuda.runtime import DeviceTensor, bf16_to_f32, f32_to_bf16
+    world, dev, kernels = tp_env
+    r, n = world.Get_rank(), world.Get_size()
+    comm = NcclComm(world, dev, [(0, 1)] * n)
+    note = comm.enable_ipc_all_reduce(kernels, 1 << 16)
+    if comm.ipc is None:
+        comm.destroy()
+        pytest.skip(note)
+    bf = lambda a: bf16_to_f32(f32_to_bf16(a)).reshape(a.shape)  # noqa: E731
+    for it, numel in enumerate([8, 4096, 8 * 1001, 1 << 15, 3 * (1 << 14)]):   # the last one goes to NCCL
+        x = bf(np.random.default_rng(100 * r + it).normal(size=numel).astype(np.float32))
+        want = np.sum(world.allgather(x), axis=0)
+        t = DeviceTensor.from_numpy(x, "bf16")
+        comm.all_reduce_device(t)
+        dev.synchronize()
+        got = t.to_numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-2 * n)
+        everyone = world.allgather(got)
+        assert all(np.array_equal(e, everyone[0]) for e in everyone), f"ranks differ at {numel} elements"
+    t = DeviceTensor.from_numpy(np.full(4096, r + 1, np.float32), "bf16")
+    zeros = DeviceTensor.from_numpy(np.zeros(4096, np.float32), "bf16")
+    for _ in range(101):                                   # odd count: the parity ends flipped
+        comm.all_reduce_device(t)
+        comm.all_reduce_device(zeros)
+        dev.synchronize()
+        t.copy_from_numpy(np.full(4096, r + 1, np.float32))
+    comm.all_reduce_device(t)
+    dev.synchronize()
+    assert (t.to_numpy() == n * (n + 1) / 2).all()
+    # captured once, replayed: each replay sums the previous result again
+    stream = cu.CUstream(dev.stream.handle)
+    t.copy_from_numpy(np.full(4096, r + 1, np.float32))
+    dev.synchronize()
+    cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    comm.all_reduce_device(t)
+    _, graph = cu.cuStreamEndCapture(stream)
+    _, exe = cu.cuGraphInstantiate(graph, 0)
+    value = float(r + 1)
+    total = n * (n + 1) / 2
+    for k in range(6):
+        cu.cuGraphLaunch(exe, stream)
+        dev.synchronize()
+        value = total * n ** k
+        assert (t.to_numpy() == value).all(), k
+    cu.cuGraphExecDestroy(exe)
+    cu.cuGraphDestroy(graph)
+    comm.destroy()

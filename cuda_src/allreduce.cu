@@ -1,0 +1,91 @@
+// One-shot all-reduce (sum) over the GPUs of one node, through memory they map from each other (CUDA IPC,
+// NVLink / PCIe peer access). For the small messages of decode (a few tokens x hidden), NCCL's per-call
+// latency, not bandwidth, is the cost; here one kernel does it with one barrier:
+//   1. each block copies its slice of the input into this rank's shared buffer,
+//   2. it raises its flag in every peer's signal array and waits for the peers' flags (block b only meets
+//      block b of the other ranks, so blocks never wait on each other within a GPU),
+//   3. it sums the slice over all ranks' buffers (fixed rank order: every rank gets the same bits) in fp32
+//      and writes it back in place.
+// Flags are per-block counters kept in device memory (a CUDA graph replays fixed arguments, so the kernel
+// counts calls itself); two buffers alternate by the counter's parity, so a fast rank's next call never
+// overwrites data a slow rank is still reading (it cannot pass the next barrier before the slow rank
+// finished this call). Flags only grow, and waiting is `>=`: a peer one call ahead cannot be missed.
+// Every call runs the same grid (AR_BLOCKS, whatever the size): then every block counts every call, all
+// blocks agree on the parity, and block b covers the same slice each time, which the argument above needs.
+#include "common.cuh"
+
+#define AR_MAX_RANKS 8
+#define AR_MAX_BLOCKS 64
+#define AR_BLOCKS 32     // the grid of every call (kernels.py AR_BLOCKS)
+#define AR_THREADS 256
+
+struct ArSignal {  // mpillm/cuda/ipc_allreduce.py SIGNAL_BYTES is its size
+    uint32_t start[AR_MAX_BLOCKS][AR_MAX_RANKS];  // start[b][r]: last call whose data rank r's block b published
+    uint32_t counter[AR_MAX_BLOCKS];              // calls made by this rank's block b
+};
+
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// Peer data is re-read at the same addresses every other call: never from a (non-coherent) L1 line.
+__device__ __forceinline__ uint4 ld_volatile16(const void* p) {
+    uint4 v;
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+
+// table: [AR_MAX_RANKS] buffer base pointers (this process's mappings), then [AR_MAX_RANKS] ArSignal
+// pointers. data: n_vec vectors of 8 elements, reduced in place. parity_bytes: offset of the second buffer.
+template <typename T>
+__device__ __forceinline__ void one_shot_all_reduce(T* data, int n_vec, int rank, int world,
+                                                    const unsigned long long* __restrict__ table,
+                                                    unsigned long long parity_bytes) {
+    __shared__ uint32_t s_flag;
+    ArSignal* me = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + rank]);
+    const int b = blockIdx.x;
+    if (threadIdx.x == 0) s_flag = me->counter[b] + 1;
+    __syncthreads();
+    const uint32_t flag = s_flag;
+    const unsigned long long par = (flag & 1) ? parity_bytes : 0ull;
+    const int stride = gridDim.x * blockDim.x;
+
+    uint4* mine = reinterpret_cast<uint4*>(table[rank] + par);
+    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride) mine[i] = reinterpret_cast<const uint4*>(data)[i];
+    __syncthreads();
+    if (threadIdx.x < world) {
+        __threadfence_system();  // this block's copies are visible to the peers before the flag is
+        ArSignal* peer = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + threadIdx.x]);
+        st_release_sys(&peer->start[b][rank], flag);
+        while (ld_acquire_sys(&me->start[b][threadIdx.x]) < flag) {
+        }
+    }
+    __syncthreads();
+
+    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int r = 0; r < world; ++r) {
+            float f[8];
+            unpack8<T>(ld_volatile16(reinterpret_cast<const uint4*>(table[r] + par) + i), f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += f[e];
+        }
+        reinterpret_cast<uint4*>(data)[i] = pack8<T>(acc);
+    }
+    if (threadIdx.x == 0) me->counter[b] = flag;
+}
+
+#define AR_KERNEL(T, NAME)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(AR_THREADS) all_reduce_##NAME(                              \
+        T* data, int n_vec, int rank, int world, const unsigned long long* table, unsigned long long parity) { \
+        one_shot_all_reduce<T>(data, n_vec, rank, world, table, parity);                                     \
+    }
+AR_KERNEL(bf16, bf16)
+AR_KERNEL(f16, f16)

@@ -1,0 +1,78 @@
+"""One-shot all-reduce over peer-mapped GPU memory (cuda_src/allreduce.cu) for the small messages of decode.
+
+NCCL's all-reduce costs ~10-15 us per call at decode sizes (a few tokens x hidden), whatever the bytes, and a
+tensor-parallel Llama step makes two per layer: at TP = 2 that was a third of the step. Here each rank
+exports two buffers and a signal array with CUDA IPC, maps its peers', and one kernel copies in, meets the
+peers at a flag barrier and sums (see the .cu file for the protocol). It needs every rank of the group on
+one node with peer access between their GPUs; NcclComm uses it for messages up to `max_bytes` and NCCL
+for the rest, and only when every rank can (the choice must be the same on all of them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpillm.cuda.runtime import DeviceTensor, device_alloc
+
+AR_MAX_RANKS = 8        # allreduce.cu
+AR_MAX_BLOCKS = 64
+AR_BLOCKS = 32
+AR_THREADS = 256
+SIGNAL_BYTES = 4 * (AR_MAX_BLOCKS * AR_MAX_RANKS + AR_MAX_BLOCKS)   # sizeof(ArSignal)
+
+
+def why_not(group, device) -> str | None:
+    """None when the group can use the IPC all-reduce, else the reason. Collective: every rank must call it,
+    and every rank gets the same answer."""
+    import pycuda.driver as cuda
+    from mpi4py import MPI
+    size = group.Get_size()
+    if size > AR_MAX_RANKS:
+        return f"{size} ranks (at most {AR_MAX_RANKS})"
+    hosts = group.allgather(MPI.Get_processor_name())
+    ordinals = group.allgather(device.ordinal)
+    reason = None
+    if len(set(hosts)) > 1:
+        reason = "the group spans several nodes"
+    elif len(set(ordinals)) < size:
+        reason = "several ranks share a GPU"
+    else:
+        me = cuda.Device(device.ordinal)
+        if not all(o == device.ordinal or me.can_access_peer(cuda.Device(o)) for o in ordinals):
+            reason = f"GPU {device.ordinal} cannot map the memory of every peer GPU"
+    reasons = [r for r in group.allgather(reason) if r]
+    return reasons[0] if reasons else None
+
+
+class IpcAllReduce:
+    def __init__(self, group, device, kernels, max_bytes: int):
+        import pycuda.driver as cuda
+        self.rank, self.world, self.k = group.Get_rank(), group.Get_size(), kernels
+        self.max_bytes = -(-int(max_bytes) // 16) * 16
+        self._data = device_alloc(2 * self.max_bytes)           # two buffers, alternating by call parity
+        self._signal = device_alloc(SIGNAL_BYTES)
+        cuda.memset_d8(int(self._signal), 0, SIGNAL_BYTES)
+        handles = group.allgather((cuda.mem_get_ipc_handle(int(self._data)),
+                                   cuda.mem_get_ipc_handle(int(self._signal))))
+        table = np.zeros(2 * AR_MAX_RANKS, np.uint64)
+        self._mapped = []
+        for r, (data, signal) in enumerate(handles):
+            if r == self.rank:
+                table[r], table[AR_MAX_RANKS + r] = int(self._data), int(self._signal)
+                continue
+            d, s = cuda.IPCMemoryHandle(data), cuda.IPCMemoryHandle(signal)
+            self._mapped += [d, s]
+            table[r], table[AR_MAX_RANKS + r] = int(d), int(s)
+        self.table = DeviceTensor.from_numpy(table.view(np.uint8), "u8")
+        group.Barrier()        # every rank's signals are zero before any rank's first call
+
+    def fits(self, t) -> bool:
+        return t.dtype in ("bf16", "f16") and t.nbytes <= self.max_bytes and t.numel % 8 == 0
+
+    def all_reduce(self, t) -> None:
+        self.k.ipc_all_reduce(t, self.rank, self.world, self.table, self.max_bytes)
+
+    def close(self) -> None:
+        for h in self._mapped:
+            h.close()
+        self._mapped = []

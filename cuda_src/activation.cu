@@ -1,8 +1,7 @@
 // SwiGLU: out[t, i] = silu(gate[t, i]) * up[t, i], with gate_up[t] = [gate | up] as the merged
-// gate/up projection produces it. fp32 math, one rounding.
+// gate/up projection produces it, or (the GPU model's layout) with gate and up rows interleaved,
+// gate_up[t] = [g0 u0 g1 u1 ...]. fp32 math, one rounding.
 #include "common.cuh"
-
-__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
 // grid-stride over rows x 8-element vectors (VEC: inter % 8 == 0) or over single elements.
 template <typename T, bool VEC>
@@ -36,3 +35,21 @@ __device__ __forceinline__ void silu_mul_impl(T* out, const T* gate_up, int n_to
 
 SILU_KERNELS(bf16, bf16)
 SILU_KERNELS(f16, f16)
+
+// Interleaved pairs: one 32-bit word (g_i, u_i) per output element.
+template <typename T>
+__device__ __forceinline__ void silu_mul_pairs_impl(T* out, const T* gate_up, int n_tokens, int inter) {
+    const size_t total = (size_t)n_tokens * inter;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const float2 gu = unpack2<T>(reinterpret_cast<const uint32_t*>(gate_up)[idx]);
+        out[idx] = from_float<T>(silu(gu.x) * gu.y);
+    }
+}
+#define SILU_PAIRS_KERNELS(T, NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) silu_mul_pairs_##NAME(T* out, const T* gate_up,    \
+                                                                             int n_tokens, int inter) {   \
+        silu_mul_pairs_impl<T>(out, gate_up, n_tokens, inter);                                               \
+    }
+SILU_PAIRS_KERNELS(bf16, bf16)
+SILU_PAIRS_KERNELS(f16, f16)

@@ -49,6 +49,9 @@ template <typename T> __device__ __forceinline__ uint4 pack8(const float (&f)[8]
     return v;
 }
 
+// SiLU in fp32, one expression for every kernel that applies it (so fused and unfused paths agree bitwise).
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

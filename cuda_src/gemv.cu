@@ -55,7 +55,7 @@ struct GemvStage {
 // PIPELINE: two register stages, so the next step's loads are issued before this step's mma work and
 // each warp keeps weight bytes in flight without a gap.
 template <typename T, typename OutT, int NT, int WARPS = GEMV_WARPS, int UNROLL = GEMV_UNROLL,
-          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE>
+          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false>
 __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                                const T* __restrict__ w, const T* __restrict__ bias, int M,
                                                int N, int K) {
@@ -133,17 +133,7 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 #pragma unroll
         for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
     __syncthreads();
-    for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
-        const int jc = idx >> 5, l = idx & 31, j = jc >> 2, c = jc & 3;
-        const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);  // C fragment: c0,c1 row g; c2,c3 row g+8
-        const int tok = j * 8 + 2 * (l & 3) + (c & 1);
-        if (row >= N || tok >= M) continue;
-        float v = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < WARPS; ++wi) v += partial[wi][jc][l];
-        if (bias) v += to_float(bias[row]);
-        y[(size_t)tok * N + row] = from_float<OutT>(v);
-    }
+    store_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, y, bias, n0, M, N);
 }
 
 // Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_CONFIGS mirrors WARPS.
@@ -151,6 +141,10 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
     extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_##NAME##_m##NT(                         \
         OUT_T* y, const T* x, const T* w, const T* bias, int M, int N, int K) {                            \
         small_m_linear<T, OUT_T, NT, WARPS, UNROLL, L2, PIPE>(y, x, w, bias, M, N, K);                     \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_swiglu_##NAME##_m##NT(                  \
+        OUT_T* y, const T* x, const T* w, const T* bias, int M, int N, int K) {                            \
+        small_m_linear<T, OUT_T, NT, WARPS, UNROLL, L2, PIPE, true>(y, x, w, bias, M, N, K);               \
     }
 #define GEMV_KERNELS(T, OUT_T, NAME)                 \
     GEMV_KERNEL(T, OUT_T, NAME, 1, 8, 2, true, true) \

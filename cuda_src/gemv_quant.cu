@@ -81,7 +81,7 @@ struct QStage {
     uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
 };
 
-template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL>
+template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
@@ -209,17 +209,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
         for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
     __syncthreads();
-    for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
-        const int jc = idx >> 5, l = idx & 31, j = jc >> 2, c = jc & 3;
-        const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);  // C fragment: c0,c1 row g; c2,c3 row g+8
-        const int tok = j * 8 + 2 * (l & 3) + (c & 1);
-        if (row >= N || tok >= M) continue;
-        float v = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < WARPS; ++wi) v += partial[wi][jc][l];
-        if (bias) v += to_float(bias[row]);
-        y[(size_t)tok * N + row] = from_float<OutT>(v);
-    }
+    store_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, y, bias, n0, M, N);
 }
 
 // Dequantize the whole packed weight into out[N, K] (model dtype) for the prefill GEMM; one thread per
@@ -275,6 +265,12 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
         OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
         int n_sb, int n_groups, int gshift) {                                                                   \
         quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift); \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##BITS##_swiglu_##NAME##_m##NT(         \
+        OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
+        int n_sb, int n_groups, int gshift) {                                                                   \
+        quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups,   \
+                                                              gshift);                                          \
     }
 #ifndef QGEMV_VARIANTS_ONLY
 // Chosen with `scripts/bench.py --qgemv` (H100, Llama-3-8B shapes, docs/PERFORMANCE.md): two blocks per SM

@@ -65,3 +65,42 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
         : "l"(p));
     return v;
 }
+
+// The end of the small-M kernels (gemv.cu, gemv_quant.cu): WARPS partial 16-row x 8 NT-token tiles in
+// shared memory, laid out as mma C fragments (partial[warp][tile * 4 + c][lane]; c0,c1: row g, tokens
+// 2t, 2t+1; c2,c3: row g + 8), are summed over warps and stored as y[M, N] (+ bias).
+// SWIGLU: rows come in (gate, up) pairs (row 2i = gate_i, 2i + 1 = up_i; the GPU model interleaves the
+// merged gate/up weight that way), and the tile stores act[M, N / 2] = silu(gate) * up instead, each of
+// gate and up first rounded to the model dtype T as the unfused path rounds them (so both agree bitwise).
+template <typename T, typename OutT, int WARPS, int NT, bool SWIGLU>
+__device__ __forceinline__ void store_small_m_tile(const float (*partial)[NT * 4][32], OutT* __restrict__ y,
+                                                   const T* __restrict__ bias, int n0, int M, int N) {
+    if constexpr (!SWIGLU) {
+        for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
+            const int jc = idx >> 5, l = idx & 31, j = jc >> 2, c = jc & 3;
+            const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);
+            const int tok = j * 8 + 2 * (l & 3) + (c & 1);
+            if (row >= N || tok >= M) continue;
+            float v = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < WARPS; ++wi) v += partial[wi][jc][l];
+            if (bias) v += to_float(bias[row]);
+            y[(size_t)tok * N + row] = from_float<OutT>(v);
+        }
+    } else {
+        // Lanes with an even g hold the gate rows; lane + 4 (g + 1, same t) holds the matching up row.
+        for (int idx = threadIdx.x; idx < NT * 4 * 16; idx += blockDim.x) {
+            const int jc = idx >> 4, q = idx & 15, j = jc >> 2, c = jc & 3;
+            const int l = (q >> 2) * 8 + (q & 3);
+            const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);
+            const int tok = j * 8 + 2 * (l & 3) + (c & 1);
+            if (row + 1 >= N || tok >= M) continue;
+            float g = 0.f, u = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < WARPS; ++wi) g += partial[wi][jc][l], u += partial[wi][jc][l + 4];
+            g = to_float(from_float<T>(g));
+            u = to_float(from_float<T>(u));
+            y[(size_t)tok * (N >> 1) + (row >> 1)] = from_float<OutT>(silu(g) * u);
+        }
+    }
+}

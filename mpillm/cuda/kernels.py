@@ -325,14 +325,22 @@ class Kernels:
                      slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
 
     # -- activation -------------------------------------------------------------------------------
-    def silu_mul(self, out: DeviceTensor, gate_up: DeviceTensor) -> None:
-        """out[T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]."""
+    def silu_mul(self, out: DeviceTensor, gate_up: DeviceTensor, interleaved: bool = False) -> None:
+        """out[T, I] = silu(gate) * up, with gate_up[T, 2I] = [gate | up], or, interleaved, [g0 u0 g1 u1 ...]
+        (the GPU model's layout: see linear_swiglu)."""
         _check(gate_up, "gate_up", MODEL_DTYPES, (None, None))
         n, width = gate_up.shape
         if width % 2:
             raise ValueError(f"gate_up: last dimension {width} must be even (gate | up)")
         inter = width // 2
         _check(out, "out", gate_up.dtype, (n, inter))
+        if interleaved:
+            if n * inter == 0:
+                return
+            blocks = min(_cdiv(n * inter, SILU_THREADS), self.device.sm_count * 16)
+            fn = self._fn("activation", f"silu_mul_pairs_{gate_up.dtype}", "PPii")
+            self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter)
+            return
         vec = inter % 8 == 0 and out.ptr % 16 == 0 and gate_up.ptr % 16 == 0
         total = n * (inter // 8 if vec else inter)
         if total == 0:
@@ -341,6 +349,45 @@ class Kernels:
         blocks = min(_cdiv(total, SILU_THREADS), self.device.sm_count * 16)
         fn = self._fn("activation", f"silu_mul_{gate_up.dtype}", "PPiii")
         self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter, int(vec))
+
+    def linear_swiglu(self, act: DeviceTensor, x: DeviceTensor, w, gate_up: DeviceTensor,
+                      scratch: DeviceTensor | None = None) -> None:
+        """act[M, I] = silu(x @ w_gate^T) * (x @ w_up^T) for a merged gate/up weight w[2I, K] whose rows are
+        interleaved (row 2i = gate_i, 2i + 1 = up_i).
+
+        Small M (the float GEMV's or the quantized kernel's range): one kernel, whose epilogue pairs the rows
+        (no gate_up round trip, one launch fewer per layer). Larger M: the GEMM into `gate_up` [M, 2I], then
+        silu_mul on the pairs. Both round gate and up to the model dtype before SiLU: the same bits."""
+        quant = isinstance(w, QuantWeight)
+        n, k = w.shape
+        m = x.shape[0]
+        if n % 2:
+            raise ValueError(f"w: {n} rows; a merged gate/up weight has an even number")
+        _check(act, "act", x.dtype, (m, n // 2))
+        _check(gate_up, "gate_up", x.dtype, (m, n))
+        if m > (QGEMV_MAX_M if quant else GEMV_MAX_M):
+            self.linear(gate_up, x, w, scratch=scratch)
+            self.silu_mul(act, gate_up, interleaved=True)
+            return
+        _check(x, "x", MODEL_DTYPES, (None, k))
+        _check_aligned(x, "x")
+        if m == 0:
+            return
+        for lo in range(0, m, 32):
+            rows = min(32, m - lo)
+            tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
+            y_ptr, x_ptr = act.ptr + lo * (n // 2) * act.itemsize, x.ptr + lo * k * x.itemsize
+            if quant:
+                fn = self._fn("gemv_quant", f"qgemv{w.bits}_swiglu_{x.dtype}_{x.dtype}_m{tiles}", "PPPPPiiiiii")
+                self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS[(w.bits, tiles)], y_ptr, x_ptr, w.data.ptr,
+                             w.scales.ptr, 0, rows, n, k, w.super_blocks, w.n_groups, w.gshift)
+            else:
+                _check(w, "w", x.dtype, (n, k))
+                if k % 8:
+                    raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
+                _check_aligned(w, "w")
+                fn = self._fn("gemv", f"gemv_swiglu_{x.dtype}_{x.dtype}_m{tiles}", "PPPPiii")
+                self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y_ptr, x_ptr, w.ptr, 0, rows, n, k)
 
     # -- linear -----------------------------------------------------------------------------------
     def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,

@@ -6,7 +6,8 @@ device buffers that are all allocated once at startup:
     embed -> for each layer: h = norm(r); r += o_proj(attn(h)); h = norm(r); r += down(silu(gate_up(h)))
           -> norm -> LM head -> sample
 
-The residual add is fused into the next norm (add_rms_norm). A step's metadata travels in one packed
+The residual add is fused into the next norm (add_rms_norm); at decode sizes SwiGLU is fused into the gate/up
+projection (its rows are interleaved at load so each tile holds gate/up pairs). A step's metadata travels in one packed
 int32 buffer (one host-to-device copy); only sampled token ids come back. Pure decode steps replay a
 CUDA graph captured once per batch-size bucket.
 """
@@ -54,7 +55,7 @@ class LayerWeights:
     qkv_bias: DeviceTensor | None
     o: DeviceTensor | QuantWeight          # [H, nq hd]
     ln2: DeviceTensor                      # [H]
-    gate_up: DeviceTensor | QuantWeight    # [2 I_local, H]
+    gate_up: DeviceTensor | QuantWeight    # [2 I_local, H], gate and up rows interleaved
     down: DeviceTensor | QuantWeight       # [H, I_local]
 
 
@@ -257,23 +258,26 @@ class CudaTransformer:
         kind = "int8" if self.quantize == "int8" else "q4"
         return QuantWeight.random(kind, n, k, self.group_size if kind == "int8" else 32, fill)
 
-    def _projection(self, ckpt, sources, shape):
-        """One merged projection on the GPU: quantized per self.quantize where it applies, else model dtype."""
+    def _projection(self, ckpt, sources, shape, interleave: bool = False):
+        """One merged projection on the GPU: quantized per self.quantize where it applies, else model dtype.
+        interleave: rows [gate; up] become [g0 u0 g1 u1 ...] (what Kernels.linear_swiglu takes)."""
         if ckpt is None:
             return self._random_quant(*shape) if self.quantize in ("int8", "q4") else self._random(shape)
         packed = load_packed(ckpt, sources, self.quantize, self.group_size)
         if packed is not None:
+            if interleave:
+                packed = packed._replace(data=interleave_halves(packed.data), scales=interleave_halves(packed.scales))
             return QuantWeight.from_packed(packed)
         w = load_merged(ckpt, sources)
         if w.shape != tuple(shape):
             raise ValueError(f"{sources[0][0]}: checkpoint shard has shape {w.shape}, expected {shape}")
-        return DeviceTensor.from_numpy(w, self.dtype)
+        return DeviceTensor.from_numpy(interleave_halves(w) if interleave else w, self.dtype)
 
     def _load_layer(self, ckpt, i: int) -> LayerWeights:
         c, s = self.cfg, self.shard
         H, hd = c.hidden_size, c.head_dim
         src = projection_sources(c, s, i) if ckpt is not None else {}
-        proj = lambda key, shape: self._projection(ckpt, src.get(key), shape)  # noqa: E731
+        proj = lambda key, shape: self._projection(ckpt, src.get(key), shape, key == "gate_up")  # noqa: E731
         norm = lambda name: self._param(ckpt, name, (H,), lambda: ckpt.load(name))  # noqa: E731
         bias = None
         if c.attention_bias:
@@ -395,8 +399,7 @@ class CudaTransformer:
                             s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
             self._row_parallel(delta, attn, w.o)
             k.add_rms_norm(h, delta, resid, w.ln2, c.rms_norm_eps)          # r += attn out; h = norm(r)
-            k.linear(gate_up, h, w.gate_up, scratch=self.wscratch)
-            k.silu_mul(act, gate_up)
+            k.linear_swiglu(act, h, w.gate_up, gate_up, scratch=self.wscratch)  # act = silu(gate) * up
             self._row_parallel(delta, act, w.down)
         k.add_rms_norm(h, delta, resid, self.norm, c.rms_norm_eps)
         last = self.last.view(0, (L, H))
@@ -530,6 +533,12 @@ class CudaTransformer:
         graphs, self.graphs = self.graphs, {}
         for exe in graphs.values():
             _check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
+
+
+def interleave_halves(a: np.ndarray) -> np.ndarray:
+    """Rows [first half; second half] -> [a0 b0 a1 b1 ...] (any trailing shape)."""
+    half = a.shape[0] // 2
+    return np.ascontiguousarray(a.reshape(2, half, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape))
 
 
 def _attention_groups(step: StepInput) -> list[tuple[int, int, int, int]]:

@@ -295,6 +295,39 @@ def test_linear_quant_checks(kernels):
 
 
 # ---------------------------------------------------------------------------------------------------
+# SwiGLU fused into the gate/up projection
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["float", "int8", "q4_1"])
+@pytest.mark.parametrize("m", [1, 5, 17, 32, 33, 100, 140])
+def test_linear_swiglu_fused_equals_unfused(kernels, dtype, kind, m):
+    """act = silu(gate) * up from one kernel (small M) is bitwise the GEMV/GEMM followed by silu_mul on the
+    interleaved pairs, and both match NumPy."""
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.quant import unpack
+    inter, k = 200, 576
+    rng = np.random.default_rng(m + 7)
+    if kind == "float":
+        wf = rounded(rng.normal(size=(2 * inter, k)) / math.sqrt(k), dtype)
+        w = dev(wf, dtype)
+    else:
+        p = _packed(rng, kind, 2 * inter, k, 64)
+        wf, w = unpack(p), QuantWeight.from_packed(p)
+    x = rounded(rng.normal(size=(m, k)), dtype)
+    xd, scratch = dev(x, dtype), DeviceTensor.empty((2 * inter * k,), dtype)
+    act, gate_up = DeviceTensor.empty((m, inter), dtype), DeviceTensor.empty((m, 2 * inter), dtype)
+    kernels.linear_swiglu(act, xd, w, gate_up, scratch=scratch)
+    y, ref = DeviceTensor.empty((m, 2 * inter), dtype), DeviceTensor.empty((m, inter), dtype)
+    kernels.linear(y, xd, w, scratch=scratch)
+    kernels.silu_mul(ref, y, interleaved=True)
+    np.testing.assert_array_equal(act.to_numpy(), ref.to_numpy())
+    yy = rounded(x.astype(np.float64) @ wf.astype(np.float64).T, dtype)
+    want = ops.silu_mul(np.concatenate([yy[:, 0::2], yy[:, 1::2]], axis=1))
+    assert_close(act.to_numpy(), want, dtype, f"{kind} M={m}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # attention
 
 

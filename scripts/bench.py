@@ -66,6 +66,8 @@ def main():
                          "models only) [default: auto for a checkpoint, none for dummy:]")
     ap.add_argument("--group-size", type=int, default=128, help="--quantize int8: elements per scale")
     ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4: the LM head too")
+    ap.add_argument("--no-fuse-swiglu", action="store_true",
+                    help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -135,7 +137,7 @@ def main():
 
     def record(**kw):
         kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
-                  allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl")
+                  allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -328,7 +330,8 @@ class _NoText:
 
 
 def quant_args(args) -> dict:
-    return dict(quantize=args.quantize, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head)
+    return dict(quantize=args.quantize, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
+                fuse_swiglu=not args.no_fuse_swiglu)
 
 
 def throughput(args, ckpt, cfg, world):

@@ -105,12 +105,13 @@ class CudaTransformer:
                  dtype: str = "bf16", comm=None, max_tokens: int = 2048, max_seqs: int = 64,
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
-                 quantize_lm_head: bool = False, log=lambda m: None):
+                 quantize_lm_head: bool = False, fuse_swiglu: bool = True, log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
                              + (" (4-bit weights come from GGUF Q4_0/Q4_1 files with auto)" if quantize == "q4" else ""))
         self.quantize, self.group_size, self.quantize_lm_head = quantize, group_size, quantize_lm_head
+        self.fuse_swiglu = fuse_swiglu     # False: gate/up projection and silu_mul as two kernels (A/B runs)
         self.cuda, self.cfg, self.shard, self.dev, self.k = cuda, cfg, shard, device, kernels
         self.comm = comm or SingleComm()
         self.dtype, self.block_size = dtype, block_size
@@ -399,7 +400,11 @@ class CudaTransformer:
                             s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
             self._row_parallel(delta, attn, w.o)
             k.add_rms_norm(h, delta, resid, w.ln2, c.rms_norm_eps)          # r += attn out; h = norm(r)
-            k.linear_swiglu(act, h, w.gate_up, gate_up, scratch=self.wscratch)  # act = silu(gate) * up
+            if self.fuse_swiglu:
+                k.linear_swiglu(act, h, w.gate_up, gate_up, scratch=self.wscratch)   # act = silu(gate) * up
+            else:
+                k.linear(gate_up, h, w.gate_up, scratch=self.wscratch)
+                k.silu_mul(act, gate_up, interleaved=True)
             self._row_parallel(delta, act, w.down)
         k.add_rms_norm(h, delta, resid, self.norm, c.rms_norm_eps)
         last = self.last.view(0, (L, H))

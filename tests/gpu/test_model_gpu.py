@@ -213,3 +213,18 @@ def test_default_model_native_blocks_match_numpy(smollm_gguf, cuda_device, kerne
     # either; from there on it must follow the reference until the next near tie.
     assert gaps[0] < 0.3
     assert_greedy_equal(ids_gpu, ids_ref, gaps, tie=0.3)
+
+
+def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kernels):
+    """fuse_swiglu=False (gate/up GEMV, then silu_mul on the pairs: the A side of bench --no-fuse-swiglu) and
+    the fused epilogue round the same values the same way."""
+    ckpt = tiny_checkpoint(tmp_path, "llama")
+    fused, plain = build(ckpt, cuda_device, kernels), build(ckpt, cuda_device, kernels, fuse_swiglu=False)
+    rng = np.random.default_rng(3)
+    for n in (1, 5, 40):                              # GEMV-sized and GEMM-sized steps
+        prompts = [rng.integers(0, 1000, n).tolist() for _ in range(2)]
+        step = StepInput.build([(p, 0, list(range(i * 8, i * 8 + 8)), True) for i, p in enumerate(prompts)], 16)
+        specs = [SampleSpec(GREEDY, 0, 0, None)] * 2
+        _, a = fused.forward(step, specs, want_logits=True)
+        _, b = plain.forward(step, specs, want_logits=True)
+        np.testing.assert_array_equal(a, b)

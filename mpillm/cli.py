@@ -123,7 +123,11 @@ def _exit(code: int):
 @click.option("--max-model-len", default=None, type=int, help="context length for the KV estimate [default: the model's]")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="dtype for the memory estimate")
-def info(model, tp, max_model_len, dtype):
+@click.option("--quantize", type=click.Choice(["auto", "none", "int8"]), default="none", show_default=True,
+              help="also estimate GPU weight memory as `mpillm run --quantize` holds it")
+@click.option("--group-size", default=128, show_default=True, help="--quantize int8: elements per scale")
+@click.option("--quantize-lm-head", is_flag=True, help="--quantize int8: the LM head too")
+def info(model, tp, max_model_len, dtype, quantize, group_size, quantize_lm_head):
     """Architecture, parameter count, and weight and KV memory per rank for a TP degree."""
     from mpillm.checkpoint import CheckpointError, open_checkpoint
     from mpillm.job import UsageError
@@ -155,6 +159,12 @@ def info(model, tp, max_model_len, dtype):
         kv_token = 2 * cfg.num_layers * s.n_kv_heads * hd * nbytes
         click.echo(f"  rank {s.rank}: weights {weights / 2**30:.3f} GiB; KV {kv_token / 1024:.1f} KiB/token, "
                    f"{kv_token * ctx / 2**30:.3f} GiB for one {ctx}-token sequence")
+        if quantize != "none":
+            from mpillm.quant import gpu_weight_bytes
+            q = gpu_weight_bytes(cfg, s, quantize, group_size, quantize_lm_head, ckpt)
+            full = gpu_weight_bytes(cfg, s)
+            click.echo(f"          --quantize {quantize}: GPU weights {q / 2**30:.3f} GiB "
+                       f"({100 * q / full:.0f}% of {full / 2**30:.3f} GiB in bf16)")
 
 
 @main.command()

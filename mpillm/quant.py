@@ -169,6 +169,37 @@ def int8_weight_bytes(cfg, shard, group_size: int = 128, lm_head: bool = False) 
                        bf16=2 * (proj + vocab + norms))
 
 
+# ------------------------------------------------------------------------------------ GPU memory
+
+# Bytes per weight as the GPU holds a GGUF tensor run natively (Q4_0 gains an fp16 min, -8 d, like Q4_1).
+NATIVE_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 20 / 32, "Q4_1": 20 / 32}
+
+
+def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, lm_head: bool = False,
+                     ckpt=None) -> int:
+    """About the bytes one rank's weights take on the GPU (bf16/fp16 model dtype) for `mpillm run --quantize`:
+    projections as quantized; the embedding table always in the model dtype; the LM head quantized with
+    int8 + lm_head, or under auto when the file stores it as Q8_0/Q4 (then it is held besides the table).
+    "q4" is the benchmarks' random 4-bit weights. Under auto, every projection is taken to have the type of
+    layer 0's down_proj."""
+    h = cfg.hidden_size
+    proj = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
+                             + shard.n_heads * cfg.head_dim * h + 3 * h * (shard.ffn_hi - shard.ffn_lo))
+    vocab = (shard.vocab_hi - shard.vocab_lo) * h
+    per, head = 2.0, None
+    if quantize in ("int8", "q4"):
+        per = 1 + 2 / group_size if quantize == "int8" else 20 / 32
+        head = per if lm_head else None
+    elif quantize == "auto" and ckpt is not None:
+        down = ckpt.load_blocks("model.layers.0.mlp.down_proj.weight", rows=slice(0, 1))
+        per = NATIVE_BYTES_PER_WEIGHT.get(down[0], 2.0) if down else 2.0
+        name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        blocks = ckpt.load_blocks(name, rows=slice(0, 1))
+        head = NATIVE_BYTES_PER_WEIGHT.get(blocks[0]) if blocks else None
+    head_bytes = vocab * head if head else (0 if cfg.tie_word_embeddings else 2 * vocab)
+    return int(proj * per + head_bytes) + 2 * vocab + 2 * (2 * cfg.num_layers + 1) * h
+
+
 # ------------------------------------------------------------------------------------ GPU packed layout
 
 SB_BYTES = 64            # bytes of one row's super-block: what the 4 lanes of a quad load per step

@@ -69,6 +69,8 @@ def test_info(model):
     p = mpillm("info", "--model", model, "--tp", "3", check=0)
     assert "llama" in p.stdout and "30 layers" in p.stdout and "rank 2" in p.stdout
     assert "134,515,008" in p.stdout   # SmolLM2-135M parameter count (tied embeddings)
+    p = mpillm("info", "--model", model, "--quantize", "auto", check=0)
+    assert "--quantize auto: GPU weights 0.14" in p.stdout and "(57% of 0.251 GiB in bf16)" in p.stdout
 
 
 def test_run_default_model_end_to_end(single_run):

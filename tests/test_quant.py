@@ -378,3 +378,29 @@ def test_packing_errors():
         pack_q4(np.zeros((2, 40), np.uint8), np.zeros((2, 1), np.float16), None)
     with pytest.raises(ValueError, match="overflows"):
         pack_q4(np.zeros((1, 32), np.uint8), np.full((1, 1), 60000, np.float16), None)
+
+
+def test_gpu_weight_bytes_estimates():
+    """mpillm info --quantize and the GPU's pre-load memory check: int8 agrees with int8_weight_bytes, and the
+    8B shape's bf16 / int8 / random-4-bit totals match what the H200 runs allocated (docs/PERFORMANCE.md)."""
+    from mpillm.quant import gpu_weight_bytes
+    l8 = dummy_config("dummy:llama3-8b")
+    s = make_shard(l8, 0, 1)
+    assert gpu_weight_bytes(l8, s, "int8", 128) == int8_weight_bytes(l8, s, 128).int8
+    assert gpu_weight_bytes(l8, s, "int8", 128, lm_head=True) < gpu_weight_bytes(l8, s, "int8", 128)
+    measured = {"none": 14.96, "int8": 8.56, "q4": 6.02}          # GiB, CudaTransformer.weight_bytes
+    for q, gib in measured.items():
+        assert abs(gpu_weight_bytes(l8, s, q) / 2 ** 30 - gib) < 0.02 * gib, q
+    half = [gpu_weight_bytes(l8, make_shard(l8, r, 2), "int8") for r in range(2)]
+    assert abs(sum(half) - gpu_weight_bytes(l8, s, "int8")) < 0.001 * sum(half)     # only norms are repeated
+
+
+def test_gpu_weight_bytes_native_gguf(smollm_gguf):
+    from mpillm.quant import gpu_weight_bytes
+    ck = open_checkpoint(smollm_gguf)
+    s = make_shard(ck.config, 0, 1)
+    # Q4_1 projections at 20 B / 32, the Q8_0 table as an int8 LM head beside the bf16 embedding
+    # (the H200 run allocated 158,659,200 bytes: rows padded to whole 128-element super-blocks).
+    got = gpu_weight_bytes(ck.config, s, "auto", ckpt=ck)
+    assert 0.9 * 158_659_200 < got <= 158_659_200
+    assert gpu_weight_bytes(ck.config, s, "none", ckpt=ck) == gpu_weight_bytes(ck.config, s)

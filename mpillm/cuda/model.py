@@ -29,13 +29,12 @@ from mpillm.cuda.kernels import DECODE_PARTITION, QGEMV_MAX_M, AttentionScratch,
 from mpillm.cuda.runtime import DeviceTensor, device_alloc
 from mpillm.layers import bias_sources, load_merged, load_packed, projection_sources
 from mpillm.parallel import Shard
-from mpillm.quant import dequantize_int8, pack_int8, quantize_int8
+from mpillm.quant import dequantize_int8, gpu_weight_bytes, pack_int8, quantize_int8
 
 # quantize: "none" (model dtype), "auto" (GGUF Q8_0/Q4 blocks as they are), "int8" (W8A16 at load);
 # "q4" only for random weights (benchmarks of the W4A16 kernels).
 QUANTIZE = ("none", "auto", "int8", "q4")
-# Bytes per weight element of a projection, by what it becomes on the GPU (q4: 16 B codes + (d, m) per 32).
-_NATIVE_BYTES = {"Q8_0": 34 / 32, "Q4_0": 20 / 32, "Q4_1": 20 / 32}
+
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
@@ -185,17 +184,7 @@ class CudaTransformer:
     # ---------------------------------------------------------------------------------------- weights
     def _weight_bytes(self, ckpt) -> int:
         """About the bytes this rank's weights take on the GPU (checked before anything is loaded)."""
-        c, s = self.cfg, self.shard
-        proj = c.num_layers * (self.qkv_width * c.hidden_size + s.n_heads * c.head_dim * c.hidden_size
-                               + 3 * self.inter * c.hidden_size)
-        per_elem = 2.0
-        if self.quantize in ("int8", "q4"):
-            per_elem = 1 + 2 / self.group_size if self.quantize == "int8" else 20 / 32
-        elif self.quantize == "auto" and ckpt is not None:
-            blocks = ckpt.load_blocks("model.layers.0.mlp.down_proj.weight", rows=slice(0, 1))
-            per_elem = _NATIVE_BYTES.get(blocks[0], 2.0) if blocks else 2.0
-        vocab = self.vocab_local * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-        return int(proj * per_elem) + (vocab + (2 * c.num_layers + 1) * c.hidden_size) * 2
+        return gpu_weight_bytes(self.cfg, self.shard, self.quantize, self.group_size, self.quantize_lm_head, ckpt)
 
     def _check_weight_memory(self, ckpt, log):
         free, total = self.cuda.mem_get_info()

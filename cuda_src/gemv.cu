@@ -128,12 +128,7 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         }
     }
 
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
-    __syncthreads();
-    store_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, y, bias, n0, M, N);
+    finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
 }
 
 // Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_CONFIGS mirrors WARPS.

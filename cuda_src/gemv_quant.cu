@@ -175,20 +175,14 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     float c[4] = {0.f, 0.f, 0.f, 0.f};
                     mma_16816<T>(c, a0, xv.x, xv.y);
                     mma_16816<T>(c, a1, xv.z, xv.w);
-                    acc[jt][0] += da * c[0];
-                    acc[jt][1] += da * c[1];
-                    acc[jt][2] += db * c[2];
-                    acc[jt][3] += db * c[3];
+                    add_scaled(acc[jt], da, db, c);
                     if (BITS == 4) {
                         const uint32_t one = ones_pair<T>();
                         const uint32_t ones[4] = {one, one, one, one};
                         float s[4] = {0.f, 0.f, 0.f, 0.f};  // chunk sums of x for tokens 2t, 2t + 1
                         mma_16816<T>(s, ones, xv.x, xv.y);
                         mma_16816<T>(s, ones, xv.z, xv.w);
-                        acc[jt][0] += ma * s[0];
-                        acc[jt][1] += ma * s[1];
-                        acc[jt][2] += mb * s[2];
-                        acc[jt][3] += mb * s[3];
+                        add_scaled(acc[jt], ma, mb, s);
                     }
                 }
             }
@@ -204,12 +198,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         compute(back);
     }
 
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
-    __syncthreads();
-    store_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, y, bias, n0, M, N);
+    finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
 }
 
 // Dequantize the whole packed weight into out[N, K] (model dtype) for the prefill GEMM; one thread per

@@ -66,15 +66,30 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     return v;
 }
 
-// The end of the small-M kernels (gemv.cu, gemv_quant.cu): WARPS partial 16-row x 8 NT-token tiles in
-// shared memory, laid out as mma C fragments (partial[warp][tile * 4 + c][lane]; c0,c1: row g, tokens
-// 2t, 2t+1; c2,c3: row g + 8), are summed over warps and stored as y[M, N] (+ bias).
+// acc += a * c for the rows g (c0, c1) and b * c for the rows g + 8 (c2, c3) of a C fragment.
+__device__ __forceinline__ void add_scaled(float (&acc)[4], float a, float b, const float (&c)[4]) {
+    acc[0] += a * c[0];
+    acc[1] += a * c[1];
+    acc[2] += b * c[2];
+    acc[3] += b * c[3];
+}
+
+// The end of the small-M kernels (gemv.cu, gemv_quant.cu): each warp's 16-row x 8 NT-token accumulators (mma
+// C fragments: c0,c1 row g, tokens 2t, 2t+1; c2,c3 row g + 8) go to shared memory (partial[warp][tile * 4 +
+// c][lane]), are summed over the WARPS warps and stored as y[M, N] (+ bias).
 // SWIGLU: rows come in (gate, up) pairs (row 2i = gate_i, 2i + 1 = up_i; the GPU model interleaves the
 // merged gate/up weight that way), and the tile stores act[M, N / 2] = silu(gate) * up instead, each of
 // gate and up first rounded to the model dtype T as the unfused path rounds them (so both agree bitwise).
 template <typename T, typename OutT, int WARPS, int NT, bool SWIGLU>
-__device__ __forceinline__ void store_small_m_tile(const float (*partial)[NT * 4][32], OutT* __restrict__ y,
-                                                   const T* __restrict__ bias, int n0, int M, int N) {
+__device__ __forceinline__ void finish_small_m_tile(float (*partial)[NT * 4][32], const float (&acc)[NT][4],
+                                                    OutT* __restrict__ y, const T* __restrict__ bias, int n0,
+                                                    int M, int N) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
+    __syncthreads();
     if constexpr (!SWIGLU) {
         for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
             const int jc = idx >> 5, l = idx & 31, j = jc >> 2, c = jc & 3;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import click
@@ -28,6 +29,9 @@ def _fail(exc: BaseException) -> None:
                      f"{type(exc).__name__}: {exc}\n")
     sys.stderr.flush()
     if world is not None and size > 1:
+        # The launcher forwards our stderr asynchronously, and MPI_Abort tears the job down at once: on a
+        # loaded node (CI, 2 cores) MPICH's hydra lost this message. A moment's grace lets it through.
+        time.sleep(1.0)
         world.Abort(EXIT_FAILURE)   # never leave the other ranks waiting in a collective
     sys.exit(EXIT_FAILURE)
 

@@ -49,15 +49,14 @@ def test_all_reduce_and_vocab_gather(tp_env):
     comm.destroy()
 
 
-@mpi
-def test_tp_logits_and_greedy_equal_single_gpu(tp_env, smollm_gguf):
-    """The real default model (9 heads, 3 kv heads: uneven head split) at TP = world size vs TP = 1."""
-    from mpillm.batch import StepInput
+PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+
+
+def _tp_and_single(tp_env, smollm_gguf, **kw):
+    """The default model at TP = world size (its own NCCL group) and at TP = 1 on this rank's GPU."""
     from mpillm.checkpoint import open_checkpoint
     from mpillm.cuda.model import CudaTransformer
     from mpillm.cuda.nccl import NcclComm
-    from mpillm.engine import SampleSpec
-    from mpillm.jobio import SamplingParams
     from mpillm.parallel import make_shard
     world, dev, kernels = tp_env
     r, n = world.Get_rank(), world.Get_size()
@@ -65,67 +64,63 @@ def test_tp_logits_and_greedy_equal_single_gpu(tp_env, smollm_gguf):
     cfg = ck.config
     comm = NcclComm(world, dev, [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, i, n) for i in range(n))])
     comm.reserve(8)
-    kw = dict(dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64)
+    kw = dict(dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64, **kw)
     tp = CudaTransformer(ck, cfg, make_shard(cfg, r, n), dev, kernels, comm=comm, **kw)
     single = CudaTransformer(ck, cfg, make_shard(cfg, 0, 1), dev, kernels, **kw)
-    prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    return comm, tp, single
+
+
+def _greedy_both(world, tp, single, steps=24):
+    """Greedy ids of the TP model (fed its own tokens) and of the single-GPU one fed the same tokens; asserts
+    that every rank of the group sampled the same ids."""
+    from mpillm.batch import StepInput
+    from mpillm.engine import SampleSpec
+    from mpillm.jobio import SamplingParams
     spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)]
     ids_tp, ids_one = [], []
-    step = StepInput.build([(prompt, 0, [0, 1, 2], True)], 16)
-    _, lt = tp.forward(step, spec, want_logits=True)
-    _, l1 = single.forward(step, spec, want_logits=True)
-    assert np.abs(lt - l1).max() < 3e-2 * np.abs(l1).max()
-    for i in range(24):                        # a fixed count on every rank: NCCL calls must match
-        a, _ = tp.forward(step, spec)          # graph replay with NCCL inside on decode steps
+    step = StepInput.build([(PROMPT, 0, [0, 1, 2], True)], 16)
+    for i in range(steps):                     # a fixed count on every rank: NCCL calls must match
+        a, _ = tp.forward(step, spec)          # graph replay with the collectives inside on decode steps
         b, _ = single.forward(step, spec)
         ids_tp.append(int(a[0]))
         ids_one.append(int(b[0]))
-        step = StepInput.build([([ids_tp[-1]], len(prompt) + i, [0, 1, 2], True)], 16)
+        step = StepInput.build([([ids_tp[-1]], len(PROMPT) + i, [0, 1, 2], True)], 16)
     everyone = world.allgather(ids_tp)
     assert all(e == everyone[0] for e in everyone), "ranks of a TP group sampled different tokens"
-    assert ids_tp[:7] == ids_one[:7]
-    tp.close()                                 # graphs before the communicator they captured
-    single.close()
+    return ids_tp, ids_one
+
+
+def _close(comm, *models):
+    for m in models:
+        m.close()                              # graphs before the communicator they captured
     comm.destroy()
+
+
+@mpi
+def test_tp_logits_and_greedy_equal_single_gpu(tp_env, smollm_gguf):
+    """The real default model (9 heads, 3 kv heads: uneven head split) at TP = world size vs TP = 1."""
+    from mpillm.batch import StepInput
+    from mpillm.engine import SampleSpec
+    from mpillm.jobio import SamplingParams
+    comm, tp, single = _tp_and_single(tp_env, smollm_gguf)
+    spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)]
+    step = StepInput.build([(PROMPT, 0, [0, 1, 2], True)], 16)
+    _, lt = tp.forward(step, spec, want_logits=True)
+    _, l1 = single.forward(step, spec, want_logits=True)
+    assert np.abs(lt - l1).max() < 3e-2 * np.abs(l1).max()
+    ids_tp, ids_one = _greedy_both(tp_env[0], tp, single)
+    assert ids_tp[:7] == ids_one[:7]
+    _close(comm, tp, single)
 
 
 @mpi
 def test_tp_int8_greedy_equals_single_gpu_int8(tp_env, smollm_gguf):
     """W8A16 (group 64) at TP = world size: every rank's row-parallel shard starts on a group boundary, so the
     group holds exactly the TP = 1 int8 weights and greedy ids agree."""
-    from mpillm.batch import StepInput
-    from mpillm.checkpoint import open_checkpoint
-    from mpillm.cuda.model import CudaTransformer
-    from mpillm.cuda.nccl import NcclComm
-    from mpillm.engine import SampleSpec
-    from mpillm.jobio import SamplingParams
-    from mpillm.parallel import make_shard
-    world, dev, kernels = tp_env
-    r, n = world.Get_rank(), world.Get_size()
-    ck = open_checkpoint(smollm_gguf)
-    cfg = ck.config
-    comm = NcclComm(world, dev, [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, i, n) for i in range(n))])
-    comm.reserve(8)
-    kw = dict(dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64, quantize="int8",
-              group_size=64)
-    tp = CudaTransformer(ck, cfg, make_shard(cfg, r, n), dev, kernels, comm=comm, **kw)
-    single = CudaTransformer(ck, cfg, make_shard(cfg, 0, 1), dev, kernels, **kw)
-    prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-    spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)]
-    ids_tp, ids_one = [], []
-    step = StepInput.build([(prompt, 0, [0, 1, 2], True)], 16)
-    for i in range(24):
-        a, _ = tp.forward(step, spec)
-        b, _ = single.forward(step, spec)
-        ids_tp.append(int(a[0]))
-        ids_one.append(int(b[0]))
-        step = StepInput.build([([ids_tp[-1]], len(prompt) + i, [0, 1, 2], True)], 16)
-    everyone = world.allgather(ids_tp)
-    assert all(e == everyone[0] for e in everyone)
+    comm, tp, single = _tp_and_single(tp_env, smollm_gguf, quantize="int8", group_size=64)
+    ids_tp, ids_one = _greedy_both(tp_env[0], tp, single)
     assert ids_tp[:7] == ids_one[:7]
-    tp.close()                                 # graphs before the communicator they captured
-    single.close()
-    comm.destroy()
+    _close(comm, tp, single)
 
 
 @mpi

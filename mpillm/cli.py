@@ -65,8 +65,9 @@ def main():
 @click.option("--quantize", type=click.Choice(["auto", "none", "int8"]), default="auto", show_default=True,
               help="weights: auto = GGUF Q8_0/Q4_0/Q4_1 tensors run as stored (W8A16/W4A16 on the GPU), others "
                    "in --dtype; none = everything in --dtype; int8 = W8A16, projections quantized at load")
-@click.option("--group-size", default=128, show_default=True,
-              help="--quantize int8: elements per scale along the input dimension (32, 64, 128, 256)")
+@click.option("--group-size", default=None, type=int,
+              help="--quantize int8: elements per scale along the input dimension (32, 64, 128, 256) "
+                   "[default: 128, or the largest of 64, 32 that the model's shapes take at this --tp]")
 @click.option("--quantize-lm-head", is_flag=True, help="--quantize int8: the LM head too")
 @click.option("--no-prefix-caching", is_flag=True, help="do not share KV blocks between equal prompt prefixes")
 @click.option("--resume", is_flag=True, help="skip requests already in --output (manifest must match)")
@@ -129,7 +130,7 @@ def _exit(code: int):
               help="dtype for the memory estimate")
 @click.option("--quantize", type=click.Choice(["auto", "none", "int8"]), default="none", show_default=True,
               help="also estimate GPU weight memory as `mpillm run --quantize` holds it")
-@click.option("--group-size", default=128, show_default=True, help="--quantize int8: elements per scale")
+@click.option("--group-size", default=None, type=int, help="--quantize int8: elements per scale [default: as run picks it]")
 @click.option("--quantize-lm-head", is_flag=True, help="--quantize int8: the LM head too")
 def info(model, tp, max_model_len, dtype, quantize, group_size, quantize_lm_head):
     """Architecture, parameter count, and weight and KV memory per rank for a TP degree."""
@@ -164,8 +165,8 @@ def info(model, tp, max_model_len, dtype, quantize, group_size, quantize_lm_head
         click.echo(f"  rank {s.rank}: weights {weights / 2**30:.3f} GiB; KV {kv_token / 1024:.1f} KiB/token, "
                    f"{kv_token * ctx / 2**30:.3f} GiB for one {ctx}-token sequence")
         if quantize != "none":
-            from mpillm.quant import gpu_weight_bytes
-            q = gpu_weight_bytes(cfg, s, quantize, group_size, quantize_lm_head, ckpt)
+            from mpillm.quant import gpu_weight_bytes, pick_group_size
+            q = gpu_weight_bytes(cfg, s, quantize, group_size or pick_group_size(cfg, tp), quantize_lm_head, ckpt)
             full = gpu_weight_bytes(cfg, s)
             click.echo(f"          --quantize {quantize}: GPU weights {q / 2**30:.3f} GiB "
                        f"({100 * q / full:.0f}% of {full / 2**30:.3f} GiB in bf16)")
@@ -176,7 +177,8 @@ def info(model, tp, max_model_len, dtype, quantize, group_size, quantize_lm_head
 @click.option("--text", required=True, help="UTF-8 text file to evaluate (e.g. mpillm/data/perplexity.txt)")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="simulate W8A16: int8 projection weights with fp16 group scales [default: float32 weights]")
-@click.option("--group-size", default=128, show_default=True, help="int8 group size along the input dimension")
+@click.option("--group-size", default=None, type=int,
+              help="int8 group size along the input dimension [default: 128, or the largest of 64, 32 the model takes]")
 @click.option("--quantize-lm-head", is_flag=True, help="with --quantize: quantize the embedding/LM head too")
 @click.option("--context", default=512, show_default=True, help="tokens per window")
 @click.option("--stride", default=256, show_default=True, help="window start step; each window scores new tokens only")
@@ -220,6 +222,9 @@ def perplexity(model, text, quantize, group_size, quantize_lm_head, context, str
         if len(ids) < 2:
             usage(f"--text {text}: {len(ids)} token(s); at least 2 are needed to score one")
         ids = ids[:max_tokens]
+        if quantize and group_size is None:
+            from mpillm.quant import pick_group_size
+            group_size = pick_group_size(ckpt.config)
         started = time.perf_counter()
         net = Transformer(ckpt, quantize=quantize, group_size=group_size, quantize_lm_head=quantize_lm_head)
     except (UsageError, CheckpointError) as e:

@@ -44,7 +44,7 @@ class JobOptions:
     kv_cache_memory: float = 1.0       # GiB of KV cache per rank (CPU backend)
     gpu_memory_utilization: float = 0.9
     quantize: str = "auto"             # auto | none | int8 (see `mpillm run --help`)
-    group_size: int = 128
+    group_size: int | None = None      # --quantize int8; None: quant.pick_group_size
     quantize_lm_head: bool = False
     prefix_caching: bool = True
     resume: bool = False
@@ -230,7 +230,7 @@ def _prepare_input(opts: JobOptions, model_id: str):
         "defaults": asdict(opts.defaults), "seed": opts.seed, "device": opts.device, "dtype": opts.dtype,
         "max_model_len": opts.max_model_len,
         "quantize": opts.quantize if opts.quantize != "int8" else
-        f"int8/g{opts.group_size}" + ("/lm_head" if opts.quantize_lm_head else ""),
+        f"int8/g{opts.group_size or 'auto'}" + ("/lm_head" if opts.quantize_lm_head else ""),
     }
     done = set()
     if os.path.exists(opts.output) and os.path.getsize(opts.output) > 0:

@@ -113,7 +113,7 @@ def _cpu_runner(ckpt, opts, layout, comm, max_len: int, block_size: int, log):
     # The NumPy backend computes in float32 on exactly dequantized GGUF blocks, which is what --quantize auto
     # means on the GPU too; int8 simulates W8A16 (int8-rounded weights, float32 math).
     int8 = opts.quantize == "int8"
-    net = Transformer(ckpt, comm, quantize="int8" if int8 else None, group_size=opts.group_size,
+    net = Transformer(ckpt, comm, quantize="int8" if int8 else None, group_size=opts.group_size or 128,
                       quantize_lm_head=int8 and opts.quantize_lm_head)
     return NumpyRunner(net, num_blocks, block_size), num_blocks, max_len
 
@@ -135,6 +135,13 @@ def build_replica(opts, layout) -> Replica:
         log(f"mpillm: --max-model-len {opts.max_model_len} exceeds the model's {cfg.max_position_embeddings}; using that")
     device = pick_device(opts.device, log)
     block_size = 16
+    if opts.quantize == "int8" and opts.group_size is None:
+        from mpillm.quant import pick_group_size
+        try:
+            opts.group_size = pick_group_size(cfg, layout.tp)     # the same on every rank: same model, same --tp
+        except ValueError as e:
+            raise UsageError(f"--quantize int8: {e}") from None
+        log(f"mpillm: --quantize int8: groups of {opts.group_size} along the input dimension")
     try:
         if device == "cuda":
             try:

@@ -143,6 +143,31 @@ def check_group_split(K: int, group_size: int, col_start: int, col_stop: int) ->
                          f"use --group-size {g} or another --tp")
 
 
+GROUP_SIZES = (128, 64, 32)     # what --group-size picks from when it is not given, largest first
+
+
+def group_size_fits(cfg, shard, group_size: int) -> bool:
+    """Whether every int8 weight of this rank can be quantized in groups of group_size: each K a multiple of it,
+    and each row-parallel shard (o_proj's head columns, down_proj's MLP columns) cut on group boundaries."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    spans = [(h, 0, h), (cfg.num_heads * hd, shard.q_lo * hd, shard.q_hi * hd),
+             (cfg.intermediate_size, shard.ffn_lo, shard.ffn_hi)]
+    return all(K % group_size == 0 and lo % group_size == 0 and hi % group_size == 0 for K, lo, hi in spans)
+
+
+def pick_group_size(cfg, tp: int = 1) -> int:
+    """The largest of GROUP_SIZES that every rank of a TP group can take (128 for Llama shapes; 64 for
+    SmolLM2's hidden 576). ValueError naming the shapes when none can."""
+    from mpillm.parallel import make_shard
+    shards = [make_shard(cfg, r, tp) for r in range(tp)]
+    for g in GROUP_SIZES:
+        if all(group_size_fits(cfg, s, g) for s in shards):
+            return g
+    raise ValueError(f"no int8 group size of {', '.join(map(str, GROUP_SIZES))} divides this model's weights at "
+                     f"--tp {tp} (hidden {cfg.hidden_size}, {cfg.num_heads} heads x {cfg.head_dim}, intermediate "
+                     f"{cfg.intermediate_size}); try another --tp")
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 class WeightBytes(NamedTuple):

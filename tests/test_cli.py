@@ -280,3 +280,20 @@ def test_default_model_manifest_is_stable_across_first_fetch(tmp_path, monkeypat
     (tmp_path / "empty-cache" / DEFAULT_MODEL_NAME).write_bytes(b"x")
     assert model_identity(None) == before      # cached now: a resume must not see "different settings"
     assert model_identity("some/dir") == os.path.abspath("some/dir")
+
+
+def test_run_int8_on_cpu_picks_a_group_size_and_records_it(model, tmp_path):
+    """--quantize int8 without --group-size: 128 does not divide SmolLM2's 576, so 64 is taken and said; the
+    manifest records the setting; an explicit --group-size 128 is a usage error naming the one that works."""
+    rows = [{"id": "a", "prompt": "The capital of France is", "max_tokens": 6}]
+    prompts = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    p = mpillm("run", "--model", model, "--prompts", prompts, "--output", out, "--quantize", "int8",
+               "--device", "cpu", "--no-progress", check=0)
+    assert "--quantize int8: groups of 64" in p.stderr
+    assert len(records(out)[0]["token_ids"]) == 6
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    assert manifest["quantize"] == "int8/gauto"
+    p = mpillm("run", "--model", model, "--prompts", prompts, "--output", tmp_path / "o2.jsonl", "--quantize",
+               "int8", "--group-size", "128", "--device", "cpu", check=2)
+    assert "--group-size 64" in p.stderr

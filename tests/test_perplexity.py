@@ -120,6 +120,14 @@ def test_cli_json_int8_windows(smollm_gguf):
     assert math.isclose(out["perplexity"], math.exp(out["mean_nll"]))
 
 
+def test_cli_int8_picks_the_group_size_the_model_takes(smollm_gguf):
+    r = CliRunner().invoke(main, ["perplexity", "--model", str(smollm_gguf), "--text", str(DEFAULT_TEXT),
+                                  "--max-tokens", "40", "--context", "32", "--stride", "16", "--json",
+                                  "--quantize", "int8"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["group_size"] == 64        # 128 does not divide SmolLM2's hidden 576
+
+
 def _cli_error(args):
     r = CliRunner().invoke(main, ["perplexity", *map(str, args)])
     assert r.exit_code == 2, r.output
@@ -138,6 +146,6 @@ def test_cli_errors_exit_2_naming_the_file(smollm_gguf, tmp_path):
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
     assert f"--text {binary}: cannot read it as UTF-8" in _cli_error(["--text", binary])
-    err = _cli_error(["--model", smollm_gguf, "--text", DEFAULT_TEXT, "--quantize", "int8"])
+    err = _cli_error(["--model", smollm_gguf, "--text", DEFAULT_TEXT, "--quantize", "int8", "--group-size", "128"])
     assert "--group-size 64" in err                        # 128 does not divide SmolLM2's 576
     assert "--stride" in _cli_error(["--text", DEFAULT_TEXT, "--context", "8", "--stride", "9"])

@@ -404,3 +404,21 @@ def test_gpu_weight_bytes_native_gguf(smollm_gguf):
     got = gpu_weight_bytes(ck.config, s, "auto", ckpt=ck)
     assert 0.9 * 158_659_200 < got <= 158_659_200
     assert gpu_weight_bytes(ck.config, s, "none", ckpt=ck) == gpu_weight_bytes(ck.config, s)
+
+
+def test_pick_group_size():
+    """--group-size unset: 128 where every rank's int8 shards take it, else 64, else 32; an error otherwise."""
+    from dataclasses import replace
+
+    from mpillm.quant import group_size_fits, pick_group_size
+    l8 = dummy_config("dummy:llama3-8b")
+    assert pick_group_size(l8, 1) == pick_group_size(l8, 4) == 128
+    smol = dummy_config("dummy:smollm2-135m")
+    assert pick_group_size(smol, 1) == pick_group_size(smol, 2) == 64      # hidden 576 = 9 x 64
+    odd = replace(l8, intermediate_size=96 * 7)                           # 672: 32 only
+    assert pick_group_size(odd, 1) == 32
+    # 9 heads of 64 over 2 ranks: columns [0, 320) and [320, 576); 320 % 128 != 0 even with hidden 1152
+    wide = replace(smol, hidden_size=1152, num_heads=9, head_dim=64 * 2, intermediate_size=1536)
+    assert not group_size_fits(wide, make_shard(wide, 1, 2), 256)
+    with pytest.raises(ValueError, match="no int8 group size"):
+        pick_group_size(replace(l8, intermediate_size=100), 1)

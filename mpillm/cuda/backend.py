@@ -63,7 +63,7 @@ def build_cuda_runner(ckpt, opts, layout, max_len: int, block_size: int, log):
                                 dtype=dtype, comm=comm, max_tokens=max(opts.max_num_batched_tokens, opts.max_num_seqs),
                                 max_seqs=opts.max_num_seqs, max_model_len=max_len, block_size=block_size,
                                 gpu_memory_utilization=opts.gpu_memory_utilization, quantize=opts.quantize,
-                                group_size=opts.group_size, quantize_lm_head=opts.quantize_lm_head, log=log)
+                                group_size=opts.group_size or 128, quantize_lm_head=opts.quantize_lm_head, log=log)
     except (GpuMemoryError, ValueError) as e:
         device.close()
         raise UsageError(str(e)) from None

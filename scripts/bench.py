@@ -64,7 +64,8 @@ def main():
     ap.add_argument("--quantize", default=None, choices=["none", "auto", "int8", "q4"],
                     help="weights: none, auto (a GGUF's own Q8_0/Q4 blocks), int8 (W8A16), q4 (random W4A16, dummy "
                          "models only) [default: auto for a checkpoint, none for dummy:]")
-    ap.add_argument("--group-size", type=int, default=128, help="--quantize int8: elements per scale")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="--quantize int8: elements per scale [default: 128, or 64/32 where the shapes need it]")
     ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4: the LM head too")
     ap.add_argument("--no-fuse-swiglu", action="store_true",
                     help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
@@ -98,6 +99,9 @@ def main():
         from mpillm.checkpoint import open_checkpoint
         ckpt = open_checkpoint(args.model)
         cfg = ckpt.config
+    if args.group_size is None:
+        from mpillm.quant import pick_group_size
+        args.group_size = pick_group_size(cfg, args.tp)
     if args.throughput:
         return throughput(args, ckpt, cfg, world)
     if args.gemm:

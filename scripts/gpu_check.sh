@@ -26,13 +26,19 @@ for m in "${models[@]}"; do
   quants=(int8); case "$m" in dummy:*) quants+=(q4);; esac
   for q in "${quants[@]}"; do
     echo "== bench $m tp=1 --quantize $q" | tee -a "$OUT/bench.log"
-    $PY scripts/bench.py --model "$m" --quantize $q --group-size ${GROUP_SIZE:-128} --batch 1,8,32 --prefill 2048 \
+    $PY scripts/bench.py --model "$m" --quantize $q --batch 1,8,32 --prefill 2048 \
       --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
   done
+  # A/B in this run: SwiGLU fused into the gate/up projection (the default above) against two kernels.
+  echo "== bench $m tp=1 --no-fuse-swiglu" | tee -a "$OUT/bench.log"
+  $PY scripts/bench.py --model "$m" --no-fuse-swiglu --batch 1,8 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
+    | tee -a "$OUT/bench.log"
   for tp in 2 4; do
     if [ "$NGPU" -ge $tp ]; then
       echo "== bench $m tp=$tp" | tee -a "$OUT/bench.log"
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --batch 1,32 --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== bench $m tp=$tp --nccl-only" | tee -a "$OUT/bench.log"     # A/B: the one-shot IPC all-reduce
+      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --nccl-only --batch 1,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
     fi
   done
 done
@@ -43,7 +49,8 @@ print("\n| GPU | model | weights | tp | what | tok/s | detail |\n|---|---|---|--
 for r in rows:
     if r["kind"] == "decode":
         d = f"{r['ms_step']:.3f} ms/step, {r['gb_s']:.0f} GB/s = {100 * r['roofline_frac']:.1f}% of copy bw"
-        what = f"decode b={r['batch']}"
+        what = f"decode b={r['batch']}" + ("" if r.get("fuse_swiglu", True) else ", unfused SwiGLU") \
+            + (", NCCL only" if r.get("allreduce") == "nccl" and r["tp"] > 1 else "")
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
         what = f"prefill {r['tokens']}"

@@ -222,6 +222,8 @@ def _prepare_input(opts: JobOptions, model_id: str):
     problems = opts.defaults.problems()
     if problems:
         raise UsageError("bad sampling flags: " + "; ".join(problems))
+    if opts.quantize != "int8" and (opts.group_size is not None or opts.quantize_lm_head):
+        raise UsageError(f"--group-size and --quantize-lm-head apply to --quantize int8 (got --quantize {opts.quantize})")
     if not os.path.exists(opts.prompts):
         raise UsageError(f"{opts.prompts}: no such prompts file")
     requests, invalid = jobio.read_requests(opts.prompts, opts.defaults, skip_invalid=opts.skip_invalid)

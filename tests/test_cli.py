@@ -297,3 +297,7 @@ def test_run_int8_on_cpu_picks_a_group_size_and_records_it(model, tmp_path):
     p = mpillm("run", "--model", model, "--prompts", prompts, "--output", tmp_path / "o2.jsonl", "--quantize",
                "int8", "--group-size", "128", "--device", "cpu", check=2)
     assert "--group-size 64" in p.stderr
+    p = mpillm("run", "--model", model, "--prompts", prompts, "--output", tmp_path / "o3.jsonl", "--group-size", "64",
+               "--device", "cpu", check=2)
+    assert "apply to --quantize int8 (got --quantize auto)" in p.stderr
+    assert not (tmp_path / "o3.jsonl").exists()

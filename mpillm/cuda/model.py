@@ -127,6 +127,7 @@ class CudaTransformer:
         self._pool = self._qpool = None
         self.layers = [self._load_layer(ckpt, i) for i in range(cfg.num_layers)]
         vocab_rows = slice(shard.vocab_lo, shard.vocab_hi)
+
         def embed_rows():
             w = ckpt.load("model.embed_tokens.weight", rows=vocab_rows)
             if quantize == "int8" and quantize_lm_head:      # the gather reads int8-rounded rows, as on CPU

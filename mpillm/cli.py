@@ -213,6 +213,8 @@ def perplexity(model, text, quantize, group_size, quantize_lm_head, context, str
         usage(f"need --context >= 2 and 1 <= --stride <= --context (got {context}, {stride})")
     if max_tokens is not None and max_tokens < 2:
         usage(f"--max-tokens {max_tokens}: at least 2 tokens are needed to score one")
+    if not quantize and (group_size is not None or quantize_lm_head):
+        usage("--group-size and --quantize-lm-head apply to --quantize int8")
     try:
         path = resolve_model(model)
         ckpt = open_checkpoint(path)

@@ -149,3 +149,4 @@ def test_cli_errors_exit_2_naming_the_file(smollm_gguf, tmp_path):
     err = _cli_error(["--model", smollm_gguf, "--text", DEFAULT_TEXT, "--quantize", "int8", "--group-size", "128"])
     assert "--group-size 64" in err                        # 128 does not divide SmolLM2's 576
     assert "--stride" in _cli_error(["--text", DEFAULT_TEXT, "--context", "8", "--stride", "9"])
+    assert "apply to --quantize int8" in _cli_error(["--text", DEFAULT_TEXT, "--group-size", "64"])

@@ -29,3 +29,12 @@ def dummy_config(model: str) -> ModelConfig:
                        rope_theta=theta, rope_scaling=None, max_position_embeddings=8192,
                        tie_word_embeddings=tied, attention_bias=bias, torch_dtype="bfloat16",
                        name=model).validate(model)
+
+
+class IdsOnlyTokenizer:
+    """Tokenizer stand-in for random-weight runs, whose prompts come as token ids: no EOS (every request runs
+    to its max_tokens) and no text."""
+    eos_ids = frozenset()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""

@@ -152,7 +152,12 @@ def group_size_fits(cfg, shard, group_size: int) -> bool:
     h, hd = cfg.hidden_size, cfg.head_dim
     spans = [(h, 0, h), (cfg.num_heads * hd, shard.q_lo * hd, shard.q_hi * hd),
              (cfg.intermediate_size, shard.ffn_lo, shard.ffn_hi)]
-    return all(K % group_size == 0 and lo % group_size == 0 and hi % group_size == 0 for K, lo, hi in spans)
+    try:
+        for K, lo, hi in spans:
+            check_group_split(K, group_size, lo, hi)
+    except ValueError:
+        return False
+    return True
 
 
 def pick_group_size(cfg, tp: int = 1) -> int:

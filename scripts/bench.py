@@ -325,14 +325,6 @@ def sharegpt_like(n: int, vocab: int, seed: int = 0):
     return [(rng.integers(0, vocab, p).tolist(), int(o)) for p, o in zip(plen, olen)]
 
 
-class _NoText:
-    """Tokenizer stand-in for random-weight runs: ids only, no EOS (every request runs to its length)."""
-    eos_ids = frozenset()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
 def quant_args(args) -> dict:
     return dict(quantize=args.quantize, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
                 fuse_swiglu=not args.no_fuse_swiglu)
@@ -345,6 +337,7 @@ def throughput(args, ckpt, cfg, world):
     from mpillm.cuda.kernels import Kernels
     from mpillm.cuda.model import CudaTransformer
     from mpillm.cuda.runtime import init_device
+    from mpillm.dummy import IdsOnlyTokenizer
     from mpillm.engine import Engine, EngineConfig
     from mpillm.jobio import Request, SamplingParams
     from mpillm.parallel import make_shard
@@ -377,7 +370,7 @@ def throughput(args, ckpt, cfg, world):
     # "static-padded": as HF generate() batches, every row of a batch decodes until the batch's longest output
     # is done; only each request's own tokens count as output.
     for mode in ("continuous", "static", "static-padded"):
-        eng = Engine(runner, _NoText(), EngineConfig(max_model_len=2048, num_blocks=model.num_blocks,
+        eng = Engine(runner, IdsOnlyTokenizer(), EngineConfig(max_model_len=2048, num_blocks=model.num_blocks,
                                                      max_num_seqs=args.max_num_seqs,
                                                      max_num_batched_tokens=args.max_num_batched_tokens,
                                                      prefix_caching=False))

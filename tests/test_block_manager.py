@@ -2,8 +2,6 @@
 
 import random
 
-import pytest
-
 from mpillm.block_manager import BlockManager, block_hash
 
 BS = 16

@@ -22,3 +22,54 @@ def test_bf16_round_trip_rounds_to_nearest_even():
     assert y[0] == 1.0 and y[1] == 1.0           # halfway: ties to even (1.0)
     assert y[2] == np.float32(1.015625)          # halfway between 1.0078125 and 1.015625: even mantissa
     assert np.all(np.abs(y - x) <= np.abs(x) * 2 ** -8 + 1e-38)
+
+
+class _Recorder:
+    """Kernels' launchers with the GPU taken out: every launch is recorded as (kernel, grid, block, args)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from mpillm.cuda.kernels import Kernels
+        self.k = Kernels.__new__(Kernels)
+        self.k.device = SimpleNamespace(sm_count=132)
+        self.k.blas = None
+        self.launches = []
+        self.k._fn = lambda module, name, fmt, shared=0: name
+        self.k._launch = lambda fn, grid, block, *args, shared=0: self.launches.append((fn, grid, block, args))
+
+
+def _tensor(addr, shape, dtype="bf16"):
+    from mpillm.cuda.runtime import DeviceTensor
+    return DeviceTensor(addr, shape, dtype)
+
+
+def test_quantized_small_m_launches_tile_rows_by_32():
+    """45 rows: a 32-row tile (4 token tiles) then a 13-row one (2), each pointing at its own rows of x and y;
+    with SwiGLU the output rows are N / 2 wide."""
+    from mpillm.cuda.kernels import QuantWeight
+    n, k = 1000, 576
+    w = QuantWeight("int8", n, k, 64, _tensor(0x100000, (n, 9 * 64), "u8"), _tensor(0x200000, (n, 18), "u8"))
+    x = _tensor(0x300000, (45, k))
+    rec = _Recorder()
+    rec.k.linear(_tensor(0x400000, (45, n)), x, w)
+    assert [(name, args[0], args[1], args[5]) for name, _, _, args in rec.launches] == [
+        ("qgemv8_bf16_bf16_m4", 0x400000, 0x300000, 32),
+        ("qgemv8_bf16_bf16_m2", 0x400000 + 32 * n * 2, 0x300000 + 32 * k * 2, 13)]
+    assert all(grid == (63, 1) and block == 256 for _, grid, block, _ in rec.launches)
+    rec.launches.clear()
+    rec.k.linear_swiglu(_tensor(0x500000, (45, n // 2)), x, w, _tensor(0x600000, (45, n)))
+    assert [(name, args[0], args[1], args[4], args[5]) for name, _, _, args in rec.launches] == [
+        ("qgemv8_swiglu_bf16_bf16_m4", 0x500000, 0x300000, 0, 32),
+        ("qgemv8_swiglu_bf16_bf16_m2", 0x500000 + 32 * (n // 2) * 2, 0x300000 + 32 * k * 2, 0, 13)]
+
+
+def test_float_small_m_and_swiglu_launch_one_gemv():
+    n, k = 1000, 576
+    w, x = _tensor(0x100000, (n, k)), _tensor(0x300000, (9, k))
+    rec = _Recorder()
+    rec.k.linear(_tensor(0x400000, (9, n)), x, w)
+    rec.k.linear_swiglu(_tensor(0x500000, (9, n // 2)), x, w, _tensor(0x600000, (9, n)))
+    assert [(name, grid, block, args) for name, grid, block, args in rec.launches] == [
+        ("gemv_bf16_bf16_m2", (63, 1), 256, (0x400000, 0x300000, 0x100000, 0, 9, n, k)),
+        ("gemv_swiglu_bf16_bf16_m2", (63, 1), 256, (0x500000, 0x300000, 0x100000, 0, 9, n, k))]

@@ -373,21 +373,14 @@ class Kernels:
         _check_aligned(x, "x")
         if m == 0:
             return
-        for lo in range(0, m, 32):
-            rows = min(32, m - lo)
-            tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
-            y_ptr, x_ptr = act.ptr + lo * (n // 2) * act.itemsize, x.ptr + lo * k * x.itemsize
-            if quant:
-                fn = self._fn("gemv_quant", f"qgemv{w.bits}_swiglu_{x.dtype}_{x.dtype}_m{tiles}", "PPPPPiiiiii")
-                self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS[(w.bits, tiles)], y_ptr, x_ptr, w.data.ptr,
-                             w.scales.ptr, 0, rows, n, k, w.super_blocks, w.n_groups, w.gshift)
-            else:
-                _check(w, "w", x.dtype, (n, k))
-                if k % 8:
-                    raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
-                _check_aligned(w, "w")
-                fn = self._fn("gemv", f"gemv_swiglu_{x.dtype}_{x.dtype}_m{tiles}", "PPPPiii")
-                self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y_ptr, x_ptr, w.ptr, 0, rows, n, k)
+        if quant:
+            self._qgemv(act, x, w, 0, swiglu=True)
+            return
+        _check(w, "w", x.dtype, (n, k))
+        if k % 8:
+            raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
+        _check_aligned(w, "w")
+        self._gemv(act, x, w, 0, swiglu=True)
 
     # -- linear -----------------------------------------------------------------------------------
     def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,
@@ -424,11 +417,7 @@ class Kernels:
         suffix = f"{w.dtype}_{y.dtype}"
         bias_ptr = 0 if bias is None else bias.ptr
         if path == "gemv":
-            tiles = next((nt for nt in GEMV_THREADS if m <= 8 * nt), None)
-            if tiles is None:
-                raise ValueError(f"x: gemv path takes at most {8 * max(GEMV_THREADS)} rows, got {m}")
-            fn = self._fn("gemv", f"gemv_{suffix}_m{tiles}", "PPPPiii")
-            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y.ptr, x.ptr, w.ptr, bias_ptr, m, n, k)
+            self._gemv(y, x, w, bias_ptr)
         elif path == "gemm":
             cfg = self._gemm_config(m, n)
             bm, bn, bk, threads, stages = GEMM_CONFIGS[cfg]
@@ -468,14 +457,28 @@ class Kernels:
             return
         if path != "qgemv":
             raise ValueError(f"path: {path!r}, expected 'qgemv', 'dequant' or None")
-        bias_ptr = 0 if bias is None else bias.ptr
+        self._qgemv(y, x, w, 0 if bias is None else bias.ptr)
+
+    # The small-M kernels, shapes already checked. y has N columns, or N / 2 with swiglu (linear_swiglu).
+    def _gemv(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias_ptr: int, swiglu: bool = False) -> None:
+        m, (n, k) = x.shape[0], w.shape
+        tiles = next((nt for nt in GEMV_THREADS if m <= 8 * nt), None)
+        if tiles is None:
+            raise ValueError(f"x: gemv path takes at most {8 * max(GEMV_THREADS)} rows, got {m}")
+        name = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}"
+        self._launch(self._fn("gemv", name, "PPPPiii"), (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y.ptr, x.ptr,
+                     w.ptr, bias_ptr, m, n, k)
+
+    def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False) -> None:
+        """In tiles of 32 rows of x (the kernel's largest token tiling), each pointing at its rows of x and y."""
+        m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
-            fn = self._fn("gemv_quant", f"qgemv{w.bits}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii")
-            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * n * y.itemsize,
-                         x.ptr + lo * k * x.itemsize, w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k,
-                         w.super_blocks, w.n_groups, w.gshift)
+            name = f"qgemv{w.bits}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_m{tiles}"
+            self._launch(self._fn("gemv_quant", name, "PPPPPiiiiii"), (_cdiv(n, GEMV_ROWS), 1),
+                         QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
+                         w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift)
 
     def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
         """out[N, K] (model dtype) = the quantized weight, each value d q (+ m) rounded once."""

@@ -230,20 +230,13 @@ def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kern
         np.testing.assert_array_equal(a, b)
 
 
-class _IdsOnly:
-    """Tokenizer stand-in: prompts come as ids, no EOS (every request runs to max_tokens)."""
-    eos_ids = frozenset()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
 def test_continuous_batch_equals_each_request_alone(tmp_path, cuda_device, kernels):
     """Greedy ids from a continuous batch (chunked prefill mixed with decode, late arrivals, preemption in a
     small cache) equal each request run alone on the same GPU model. Batch size changes which kernel computes a
     row (GEMV, cuBLASLt, graph buckets), so bf16 rounding may differ: a difference is allowed only at a step
     the float reference calls a near tie, and the comparison ends there."""
     from mpillm.cuda.backend import CudaRunner
+    from mpillm.dummy import IdsOnlyTokenizer
     from mpillm.engine import Engine, EngineConfig
     from mpillm.jobio import Request
     ckpt = tiny_checkpoint(tmp_path, "llama")
@@ -257,7 +250,7 @@ def test_continuous_batch_equals_each_request_alone(tmp_path, cuda_device, kerne
         return Request(str(i), i, i, "", None, SamplingParams(temperature=0.0, max_tokens=m), None)
 
     def run(items, late=(), **cfg):
-        eng = Engine(runner, _IdsOnly(), EngineConfig(max_model_len=512, num_blocks=cfg.pop("num_blocks", 64),
+        eng = Engine(runner, IdsOnlyTokenizer(), EngineConfig(max_model_len=512, num_blocks=cfg.pop("num_blocks", 64),
                                                       prefix_caching=False, **cfg))
         for i, (p, m) in items:
             eng.add(request(i, m), prompt_ids=p)

@@ -29,6 +29,7 @@ __device__ __forceinline__ void silu_mul_impl(T* out, const T* gate_up, int n_to
 #define SILU_KERNELS(T, NAME)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) silu_mul_##NAME(T* out, const T* gate_up,          \
                                                                        int n_tokens, int inter, int vec) { \
+        pdl_begin();                                                                                        \
         if (vec) silu_mul_impl<T, true>(out, gate_up, n_tokens, inter);                                    \
         else silu_mul_impl<T, false>(out, gate_up, n_tokens, inter);                                       \
     }
@@ -49,6 +50,7 @@ __device__ __forceinline__ void silu_mul_pairs_impl(T* out, const T* gate_up, in
 #define SILU_PAIRS_KERNELS(T, NAME)                                                                         \
     extern "C" __global__ void __launch_bounds__(256) silu_mul_pairs_##NAME(T* out, const T* gate_up,    \
                                                                              int n_tokens, int inter) {   \
+        pdl_begin();                                                                                        \
         silu_mul_pairs_impl<T>(out, gate_up, n_tokens, inter);                                               \
     }
 SILU_PAIRS_KERNELS(bf16, bf16)

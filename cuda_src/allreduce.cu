@@ -85,6 +85,7 @@ __device__ __forceinline__ void one_shot_all_reduce(T* data, int n_vec, int rank
 #define AR_KERNEL(T, NAME)                                                                                   \
     extern "C" __global__ void __launch_bounds__(AR_THREADS) all_reduce_##NAME(                              \
         T* data, int n_vec, int rank, int world, const unsigned long long* table, unsigned long long parity) { \
+        pdl_begin();                                                                                          \
         one_shot_all_reduce<T>(data, n_vec, rank, world, table, parity);                                     \
     }
 AR_KERNEL(bf16, bf16)

@@ -261,6 +261,7 @@ __device__ __forceinline__ void attention_decode_merge(T* __restrict__ out, cons
         const T* v_cache, const int* block_tables, const int* query_start, const int* context_lens,        \
         int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int max_parts,            \
         int direct, int group_size, int head_offset) {                                                     \
+        pdl_begin();                                                                                       \
         attention_decode_partition<T, HD, MAXG>(out, part_out, part_max, part_sum, qkv, k_cache, v_cache,  \
                                                 block_tables, query_start, context_lens, max_blocks,       \
                                                 n_heads, n_kv, block_size, scale_log2, max_parts, direct,  \
@@ -270,6 +271,7 @@ __device__ __forceinline__ void attention_decode_merge(T* __restrict__ out, cons
     extern "C" __global__ void __launch_bounds__(128) attention_decode_reduce_##NAME##_hd##HD(            \
         T* out, const float* part_out, const float* part_max, const float* part_sum,                       \
         const int* query_start, const int* context_lens, int n_heads, int max_parts) {                     \
+        pdl_begin();                                                                                       \
         attention_decode_merge<T, HD>(out, part_out, part_max, part_sum, query_start, context_lens,        \
                                       n_heads, max_parts);                                                 \
     }

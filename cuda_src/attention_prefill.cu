@@ -182,6 +182,7 @@ __device__ __forceinline__ void attention_prefill_tile(
         T* out, const T* qkv, const T* k_cache, const T* v_cache, const int* block_tables,                  \
         const int* query_start, const int* context_lens, int max_blocks, int n_heads, int n_kv,            \
         int block_size, float scale_log2, int group, int head_offset) {                                    \
+        pdl_begin();                                                                                       \
         attention_prefill_tile<T, HD>(out, qkv, k_cache, v_cache, block_tables, query_start, context_lens, \
                                       max_blocks, n_heads, n_kv, block_size, scale_log2, group,            \
                                       head_offset);                                                        \

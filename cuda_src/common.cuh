@@ -10,6 +10,32 @@ typedef __half f16;
 
 #define FULL_MASK 0xffffffffu
 
+// Programmatic dependent launch (sm_90+). The decode CUDA graph links consecutive kernels of ours with
+// programmatic edges (mpillm/cuda/graphs.py), so a kernel's blocks may be scheduled while the kernel before
+// it is still finishing: its launch latency and its first weight loads then hide behind that tail.
+// The contract every __global__ in cuda_src keeps:
+//   - pdl_wait() comes before the kernel's first access to memory that another kernel writes or reads
+//     (activations, KV cache, scratch, flags). Only weights, which no kernel writes, may be read before it.
+//   - Every block reaches it, also blocks with no work: a kernel that could finish without waiting would let
+//     the next one start before the one before it had finished (the chain of waits is what orders them).
+//   - pdl_launch_dependents() follows it, letting the next kernel's blocks be scheduled from then on.
+// Without a programmatic edge (eager launches, prefill, sm_80) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// The usual kernel prologue: wait for the kernels before, then let the next one be scheduled.
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(f16 x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }

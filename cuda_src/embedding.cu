@@ -6,6 +6,7 @@
 extern "C" __global__ void __launch_bounds__(256)
 embedding_b16(uint16_t* __restrict__ out, const int* __restrict__ ids, const uint16_t* __restrict__ table,
               int vocab_start, int vocab_local, int hidden) {
+    pdl_begin();
     const int t = blockIdx.x;
     const int local = ids[t] - vocab_start;
     const bool owned = local >= 0 && local < vocab_local;

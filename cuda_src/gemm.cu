@@ -135,6 +135,7 @@ __device__ __forceinline__ void gemm_tn(OutT* __restrict__ y, const T* __restric
 #define GEMM_KERNEL(T, OUT_T, NAME, CFG, BM, BN, BK, WM, WN, STAGES, MIN_BLOCKS)                          \
     extern "C" __global__ void __launch_bounds__(WM * WN * 32, MIN_BLOCKS) gemm_##NAME##_##CFG(          \
         OUT_T* y, const T* x, const T* w, const T* bias, int M, int N, int K) {                            \
+        pdl_begin();                                                                                       \
         gemm_tn<T, OUT_T, BM, BN, BK, WM, WN, STAGES>(y, x, w, bias, M, N, K);                             \
     }
 #define GEMM_KERNELS(T, OUT_T, NAME)                                  \

@@ -74,8 +74,9 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-    // Loads of k blocks kb0, kb0 + WARPS, ...; blocks past the end load nothing and read as zeros.
-    auto load = [&](GemvStage<UNROLL, NT>& st, int kb0) {
+    // Loads of k blocks kb0, kb0 + WARPS, ...; blocks past the end load nothing and read as zeros. The
+    // weight half and the activation half are separate so the first weights can load before pdl_wait().
+    auto load_w = [&](GemvStage<UNROLL, NT>& st, int kb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = kb0 + u * WARPS;
@@ -85,6 +86,17 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
                 const bool ok = kb < n_kblocks && k < K;  // K % 8 == 0: a vector is all in or all out
                 st.wa[u][h] = ok ? ld_weight16<L2_PREFETCH>(w_lo + k) : zero;
                 st.wb[u][h] = ok ? ld_weight16<L2_PREFETCH>(w_hi + k) : zero;
+            }
+        }
+    };
+    auto load_x = [&](GemvStage<UNROLL, NT>& st, int kb0) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u * WARPS;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int k = kb * GEMV_KBLOCK + h * 32 + t * 8;
+                const bool ok = kb < n_kblocks && k < K;
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     const int tok = j * 8 + g;
@@ -93,6 +105,10 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
                 }
             }
         }
+    };
+    auto load = [&](GemvStage<UNROLL, NT>& st, int kb0) {
+        load_w(st, kb0);
+        load_x(st, kb0);
     };
     auto compute = [&](const GemvStage<UNROLL, NT>& st) {
 #pragma unroll
@@ -113,7 +129,9 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 
     if (PIPELINE) {
         GemvStage<UNROLL, NT> front, back;
-        load(front, warp);
+        load_w(front, warp);  // weights are never written by a kernel: safe before the wait
+        pdl_begin();
+        load_x(front, warp);
         for (int kb0 = warp; kb0 < n_kblocks; kb0 += 2 * STEP) {
             load(back, kb0 + STEP);
             compute(front);
@@ -121,6 +139,7 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
             compute(back);
         }
     } else {
+        pdl_begin();
         for (int kb0 = warp; kb0 < n_kblocks; kb0 += STEP) {
             GemvStage<UNROLL, NT> st;
             load(st, kb0);

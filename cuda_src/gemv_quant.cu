@@ -103,7 +103,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-    auto load = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+    // Weights and scales (never written by a kernel, so the first ones may load before pdl_wait()), then x.
+    auto load_w = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
@@ -126,6 +127,13 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
                 for (int j = 0; j < CH; ++j) st.sa[u][j] = word_at(a, j), st.sb[u][j] = word_at(b, j);
             }
+        }
+    };
+    auto load_x = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int sb = sb0 + u * WARPS;
+            const bool ok = sb < n_sb;
 #pragma unroll
             for (int j = 0; j < CH; ++j) {
                 const int k = sb * SB_ELEMS + 32 * j + 8 * t;
@@ -189,8 +197,15 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         }
     };
 
+    auto load = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+        load_w(st, sb0);
+        load_x(st, sb0);
+    };
+
     QStage<BITS, UNROLL, NT> front, back;
-    load(front, warp);
+    load_w(front, warp);
+    pdl_begin();
+    load_x(front, warp);
     for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
         load(back, sb0 + STEP);
         compute(front);
@@ -207,6 +222,7 @@ template <typename T, int BITS>
 __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uint8_t* __restrict__ w,
                                                   const void* __restrict__ scales, int N, int K, int n_sb,
                                                   int n_groups, int gshift) {
+    pdl_begin();
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     const size_t units = (size_t)N * n_sb * 4;
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < units;

@@ -58,11 +58,13 @@ __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, co
 #define NORM_KERNELS(T, NAME)                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) rms_norm_##NAME(                                  \
         T* out, const T* x, const T* weight, int hidden, float eps, int vec) {                             \
+        pdl_begin();                                                                                       \
         if (vec) rms_norm_row<T, false, true>(out, x, nullptr, weight, hidden, eps);                       \
         else rms_norm_row<T, false, false>(out, x, nullptr, weight, hidden, eps);                          \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##NAME(                              \
         T* out, const T* x, T* residual, const T* weight, int hidden, float eps, int vec) {                \
+        pdl_begin();                                                                                       \
         if (vec) rms_norm_row<T, true, true>(out, x, residual, weight, hidden, eps);                       \
         else rms_norm_row<T, true, false>(out, x, residual, weight, hidden, eps);                          \
     }

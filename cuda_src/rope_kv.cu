@@ -64,6 +64,7 @@ __device__ __forceinline__ void rope_store_kv_token(T* qkv, const int* positions
     extern "C" __global__ void __launch_bounds__(256) rope_store_kv_##NAME(                              \
         T* qkv, const int* positions, const float* inv_freq, T* k_cache, T* v_cache,                       \
         const int* slot_mapping, int n_heads, int n_kv, int head_dim) {                                    \
+        pdl_begin();                                                                                       \
         rope_store_kv_token<T>(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, n_heads, n_kv,    \
                                head_dim);                                                                  \
     }

@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4: the LM head too")
     ap.add_argument("--no-fuse-swiglu", action="store_true",
                     help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="decode graphs without programmatic dependent launch (the A side of an A/B; sets MPILLM_PDL=0)")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -89,6 +91,8 @@ def main():
     rank, size = world.Get_rank(), world.Get_size()
     if args.nccl_only:
         os.environ["MPILLM_IPC_ALLREDUCE"] = "0"
+    if args.no_pdl:
+        os.environ["MPILLM_PDL"] = "0"
     if size != args.tp:
         sys.exit(f"run with {args.tp} ranks for --tp {args.tp} (got {size})")
     if args.quantize is None:
@@ -141,7 +145,8 @@ def main():
 
     def record(**kw):
         kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
-                  allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu)
+                  allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
+                  pdl=model.pdl)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -184,7 +189,8 @@ def main():
         step_bytes = weight_bytes + B * ctx * kv_per_token
         gbs = step_bytes / dt / 1e9
         say(f"decode  batch {B:4d}: {B / dt:9.1f} tok/s  {dt * 1e3:7.3f} ms/step  {gbs:7.0f} GB/s  "
-            f"{100 * gbs / bw:5.1f}% of copy bandwidth (roofline {bw * 1e9 / step_bytes * B:9.1f} tok/s)")
+            f"{100 * gbs / bw:5.1f}% of copy bandwidth (roofline {bw * 1e9 / step_bytes * B:9.1f} tok/s)"
+            + ("" if args.no_graph else f"  [graph: {model.pdl_edges} programmatic edges]"))
         record(kind="decode", batch=B, tok_s=B / dt, ms_step=dt * 1e3, gb_s=gbs, roofline_frac=gbs / bw,
                graph=not args.no_graph)
 

@@ -1,5 +1,7 @@
-"""Every cuda_src/*.cu compiles with nvcc for sm_80 and sm_90, as PyCUDA will compile it (no GPU needed)."""
+"""Every cuda_src/*.cu compiles with nvcc for sm_80 and sm_90, as PyCUDA will compile it (no GPU needed), and
+every kernel keeps the programmatic-dependent-launch contract of cuda_src/common.cuh."""
 
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,10 @@ def test_every_kernel_file_compiles(tmp_path):
         src = tmp_path / f"{name}_{arch}.cu"
         src.write_text(sources[name])
         cmd = nvcc_command(NVCC, str(src), arch, str(tmp_path / f"{name}_{arch}.cubin"))
+        if arch == "sm_90":  # keep the PTX for the PDL check below (no extra compile)
+            keep = tmp_path / f"keep_{name}"
+            keep.mkdir()
+            cmd += ["-keep", "-keep-dir", str(keep)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         return name, arch, proc.returncode, proc.stdout + proc.stderr
 
@@ -36,3 +42,18 @@ def test_every_kernel_file_compiles(tmp_path):
     noisy = [f"{name} ({arch}): {log}" for name, arch, rc, log in results if log.strip()]
     assert not noisy, "\n".join(noisy)
     assert CUDA_SRC.is_dir()
+
+    # The decode graph links our kernels with programmatic edges (mpillm/cuda/graphs.py): a kernel that
+    # never executes griddepcontrol.wait could read its input before the kernel that writes it has
+    # finished. Every entry point must wait, so check each one in the sm_90 PTX.
+    entries = {}
+    for name in sources:
+        ptx = (tmp_path / f"keep_{name}" / f"{name}_sm_90.ptx").read_text()
+        for part in re.split(r"^\.visible \.entry ", ptx, flags=re.M)[1:]:
+            entries[part.split("(", 1)[0]] = part
+    assert len(entries) > 100, sorted(entries)
+    assert any(k.startswith("gemv_bf16_bf16_m") for k in entries)
+    missing = sorted(k for k, body in entries.items() if "griddepcontrol.wait;" not in body)
+    assert not missing, f"kernels without pdl_wait() (griddepcontrol.wait): {missing}"
+    no_trigger = sorted(k for k, body in entries.items() if "griddepcontrol.launch_dependents;" not in body)
+    assert not no_trigger, f"kernels without pdl_launch_dependents(): {no_trigger}"

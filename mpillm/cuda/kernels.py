@@ -247,6 +247,11 @@ class Kernels:
             self._functions[name] = fn
         return fn
 
+    def owns(self, name: str) -> bool:
+        """Whether `name` is a kernel of cuda_src launched through this object (so it keeps the PDL contract
+        of cuda_src/common.cuh); mpillm/cuda/graphs.py links only such kernels programmatically."""
+        return name in self._functions
+
     def _launch(self, fn, grid, block: int, *args, shared: int = 0) -> None:
         fn.prepared_async_call(grid, (block, 1, 1), self.stream, *args, shared_size=shared)
 

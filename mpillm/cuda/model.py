@@ -25,6 +25,7 @@ from mpillm.batch import StepInput
 from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
+from mpillm.cuda.graphs import link_programmatic, pdl_enabled
 from mpillm.cuda.kernels import DECODE_PARTITION, QGEMV_MAX_M, AttentionScratch, QuantWeight, seed_words
 from mpillm.cuda.runtime import DeviceTensor, device_alloc
 from mpillm.layers import bias_sources, load_merged, load_packed, projection_sources
@@ -104,13 +105,18 @@ class CudaTransformer:
                  dtype: str = "bf16", comm=None, max_tokens: int = 2048, max_seqs: int = 64,
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
-                 quantize_lm_head: bool = False, fuse_swiglu: bool = True, log=lambda m: None):
+                 quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
+                 log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
                              + (" (4-bit weights come from GGUF Q4_0/Q4_1 files with auto)" if quantize == "q4" else ""))
         self.quantize, self.group_size, self.quantize_lm_head = quantize, group_size, quantize_lm_head
         self.fuse_swiglu = fuse_swiglu     # False: gate/up projection and silu_mul as two kernels (A/B runs)
+        # Programmatic edges between our kernels in the decode graphs (mpillm/cuda/graphs.py); None: on where
+        # the GPU has them (sm_90) unless MPILLM_PDL=0.
+        self.pdl = pdl_enabled(device.compute_capability) if pdl is None else bool(pdl)
+        self.pdl_edges = 0                 # programmatic edges in the last captured graph
         self.cuda, self.cfg, self.shard, self.dev, self.k = cuda, cfg, shard, device, kernels
         self.comm = comm or SingleComm()
         self.dtype, self.block_size = dtype, block_size
@@ -513,6 +519,7 @@ class CudaTransformer:
         finally:
             graph = _check_cu(cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
         try:
+            self.pdl_edges = link_programmatic(graph, self.k.owns) if self.pdl else 0
             exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         finally:
             _check_cu(cu.cuGraphDestroy(graph), "cuGraphDestroy")     # the executable graph is independent

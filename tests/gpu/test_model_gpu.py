@@ -124,6 +124,39 @@ def test_chunked_prefill_and_decode_graphs_equal_eager(tmp_path, cuda_device, ke
     assert gpu.graphs, "decode steps did not use CUDA graphs"
 
 
+def test_programmatic_launch_graphs_give_the_same_ids(tmp_path, cuda_device, kernels):
+    """Decode graphs whose kernels are linked by programmatic edges (PDL, the default on sm_90: each kernel's
+    blocks may start while the one before finishes) sample exactly the ids of plain graphs, step after step,
+    for several batch buckets, sampled and greedy rows, and contexts on both sides of one split-K partition
+    (the direct and the split-K attention graphs). A kernel that read its input before the wait would race."""
+    from mpillm.cuda.kernels import DECODE_PARTITION
+    if cuda_device.compute_capability < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    ckpt = tiny_checkpoint(tmp_path, "qwen2")
+    pdl, plain = build(ckpt, cuda_device, kernels, pdl=True), build(ckpt, cuda_device, kernels, pdl=False)
+    rng = np.random.default_rng(11)
+    for B, ctx in ((1, 40), (3, 40), (8, 40), (2, DECODE_PARTITION + 30)):
+        tables = [list(range(130 * i, 130 * i + 130)) for i in range(B)]
+        prompts = [rng.integers(0, 1000, ctx + 3 * i).tolist() for i in range(B)]
+        specs = [SampleSpec(SamplingParams(temperature=0.9, top_p=0.95) if i % 2 else GREEDY, 100 + i, 0, None)
+                 for i in range(B)]
+        runs = []
+        for gpu in (pdl, plain):
+            ids, _ = gpu.forward(StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16), specs)
+            toks, out = [int(i) for i in ids], []
+            for s in range(24):
+                step = StepInput.build([([toks[i]], len(p) + s, t, True)
+                                        for i, (p, t) in enumerate(zip(prompts, tables))], 16)
+                specs = [SampleSpec(sp.params, sp.seed, s + 1, None) for sp in specs]
+                toks = [int(i) for i in gpu.forward(step, specs)[0]]
+                out.append(toks)
+            specs = [SampleSpec(sp.params, sp.seed, 0, None) for sp in specs]
+            runs.append(out)
+        assert runs[0] == runs[1], f"B={B} ctx={ctx}"
+    assert pdl.graphs and plain.graphs
+    assert pdl.pdl_edges >= 3 * 7 and plain.pdl_edges == 0    # 3 layers of ~8 kernels, all ours
+
+
 def test_decode_loop_allocates_nothing(tmp_path, cuda_device, kernels):
     from mpillm.cuda.runtime import allocation_count
     ckpt = tiny_checkpoint(tmp_path, "qwen2")

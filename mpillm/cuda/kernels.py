@@ -311,8 +311,8 @@ class Kernels:
         """Rotate q and k of qkv[T, (nh + 2 nkv) hd] in place at `positions`, and store k, v of token t in
         cache slot slot_mapping[t] (block = slot // block_size, offset = slot % block_size; < 0 skips).
         Caches: [num_blocks, block_size, nkv, hd]."""
-        if head_dim % 2 or head_dim > 256:
-            raise ValueError(f"head_dim: {head_dim} must be even and <= 256")
+        if head_dim % 2:
+            raise ValueError(f"head_dim: {head_dim} must be even")
         _check(qkv, "qkv", MODEL_DTYPES, (None, (n_heads + 2 * n_kv_heads) * head_dim))
         n = qkv.shape[0]
         _check(positions, "positions", "i32", (n,))
@@ -320,14 +320,12 @@ class Kernels:
         _check(k_cache, "k_cache", qkv.dtype, (None, None, n_kv_heads, head_dim))
         _check(v_cache, "v_cache", qkv.dtype, k_cache.shape)
         _check(slot_mapping, "slot_mapping", "i32", (n,))
-        if head_dim % 8 == 0:
-            for t, name in ((qkv, "qkv"), (k_cache, "k_cache"), (v_cache, "v_cache")):
-                _check_aligned(t, name)
         if n == 0:
             return
         fn = self._fn("rope_kv", f"rope_store_kv_{qkv.dtype}", "PPPPPPiii")
-        self._launch(fn, (n, 1), ROPE_THREADS, qkv.ptr, positions.ptr, inv_freq.ptr, k_cache.ptr, v_cache.ptr,
-                     slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
+        pairs = (n_heads + 2 * n_kv_heads) * (head_dim // 2)      # one thread per pair (rope_kv.cu)
+        self._launch(fn, (n, _cdiv(pairs, ROPE_THREADS)), ROPE_THREADS, qkv.ptr, positions.ptr, inv_freq.ptr,
+                     k_cache.ptr, v_cache.ptr, slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
 
     # -- activation -------------------------------------------------------------------------------
     def silu_mul(self, out: DeviceTensor, gate_up: DeviceTensor, interleaved: bool = False) -> None:

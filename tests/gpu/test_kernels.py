@@ -109,7 +109,7 @@ def test_add_rms_norm(kernels, dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 8, 8), (128, 12, 4), (80, 8, 1), (96, 6, 2)])
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 8, 8), (128, 12, 4), (80, 8, 1), (96, 6, 2), (34, 3, 1)])
 def test_rope_store_kv(kernels, dtype, head_dim, n_heads, n_kv):
     rng = np.random.default_rng(head_dim * 7 + n_heads)
     n_tok, num_blocks, block_size = 37, 11, 16

@@ -264,7 +264,8 @@ def gemm_compare(args, cfg):
 
 
 # (warps, unroll, min blocks per SM) shapes of the quantized small-M kernel tried by --qgemv
-QGEMV_VARIANTS = [(8, 2, 1), (8, 1, 1), (8, 2, 2), (8, 1, 2), (4, 2, 2), (4, 1, 3), (4, 2, 4), (16, 1, 1)]
+QGEMV_VARIANTS = [(8, 2, 1), (8, 1, 1), (8, 2, 2), (8, 1, 2), (4, 2, 2), (4, 1, 3), (4, 2, 4), (16, 1, 1),
+                  (8, 4, 1), (4, 4, 2)]
 
 
 def qgemv_compare(args, cfg):

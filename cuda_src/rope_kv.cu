@@ -25,9 +25,13 @@ __device__ __forceinline__ void rope_store_kv_pair(T* qkv, const int* positions,
         // Full-precision sincosf: arguments reach 1e5 rad at long positions, where __sinf is useless.
         float sin_i, cos_i;
         sincosf((float)positions[t] * inv_freq[i], &sin_i, &cos_i);
+        // Roundings spelled out: left to itself the compiler picks which product to fuse into an fma from the
+        // shape of the surrounding code, and a one-ulp change here flips bf16 roundings downstream (the
+        // default model's first greedy step is a near tie). These are the ones ptxas chose for the kernel's
+        // first version (read off its SASS): the x0 c and x1 c products fused, the other two rounded.
         const float x0 = to_float(lo), x1 = to_float(hi);
-        lo = from_float<T>(x0 * cos_i - x1 * sin_i);
-        hi = from_float<T>(x1 * cos_i + x0 * sin_i);
+        lo = from_float<T>(__fmaf_rn(x0, cos_i, -__fmul_rn(x1, sin_i)));
+        hi = from_float<T>(__fmaf_rn(x1, cos_i, __fmul_rn(x0, sin_i)));
         x[i] = lo;
         x[i + half] = hi;
     }

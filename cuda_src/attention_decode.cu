@@ -50,10 +50,13 @@ __device__ __forceinline__ void attention_decode_partition(
     // inside a GQA group, so the first and last kv heads can serve fewer than group_size query heads.
     const int head0 = max(0, kv_head * group_size - head_offset);
     const int group = min(n_heads, (kv_head + 1) * group_size - head_offset) - head0;
+    // Sequence bounds and block-table lookups come from the step's metadata: done before the wait (PDL), while
+    // the kernel before (rope) may still be finishing.
     const int q_row = query_start[seq];
     const int ctx = context_lens[seq];
     const int k0 = part * DECODE_PARTITION;
     if (k0 >= ctx) {
+        pdl_begin();
         if (ctx == 0 && part == 0 && direct) {  // empty (padding) sequence: defined zeros, not garbage
             for (int i = tid; i < group * HD; i += DECODE_THREADS)
                 out[((size_t)q_row * n_heads + head0) * HD + i] = from_float<T>(0.f);
@@ -71,6 +74,7 @@ __device__ __forceinline__ void attention_decode_partition(
         const int key = k0 + j;
         s_slot[j] = table[key / block_size] * block_size + key % block_size;
     }
+    pdl_begin();
     const T* q = qkv + (size_t)q_row * (n_heads + 2 * n_kv) * HD + (size_t)head0 * HD;
     for (int i = tid; i < group * HD; i += DECODE_THREADS) s_q[i / HD][i % HD] = to_float(q[i]) * scale_log2;
     __syncthreads();
@@ -261,7 +265,6 @@ __device__ __forceinline__ void attention_decode_merge(T* __restrict__ out, cons
         const T* v_cache, const int* block_tables, const int* query_start, const int* context_lens,        \
         int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int max_parts,            \
         int direct, int group_size, int head_offset) {                                                     \
-        pdl_begin();                                                                                       \
         attention_decode_partition<T, HD, MAXG>(out, part_out, part_max, part_sum, qkv, k_cache, v_cache,  \
                                                 block_tables, query_start, context_lens, max_blocks,       \
                                                 n_heads, n_kv, block_size, scale_log2, max_parts, direct,  \

@@ -15,7 +15,9 @@ typedef __half f16;
 // it is still finishing: its launch latency and its first weight loads then hide behind that tail.
 // The contract every __global__ in cuda_src keeps:
 //   - pdl_wait() comes before the kernel's first access to memory that another kernel writes or reads
-//     (activations, KV cache, scratch, flags). Only weights, which no kernel writes, may be read before it.
+//     (activations, KV cache, scratch, flags). Only weights, which no kernel writes, and the step's metadata
+//     (ids, positions, slots, block tables: the host uploads them before the graph's first kernel starts,
+//     and every later kernel starts after that one) may be read before it.
 //   - Every block reaches it, also blocks with no work: a kernel that could finish without waiting would let
 //     the next one start before the one before it had finished (the chain of waits is what orders them).
 //   - pdl_launch_dependents() follows it, letting the next kernel's blocks be scheduled from then on.

@@ -74,6 +74,70 @@ __device__ __forceinline__ void add_scaled(float (&acc)[4], float a, float b, co
     acc[3] += b * c[3];
 }
 
+// The fused pre-norm of the small-M kernels (gemv.cu, gemv_quant.cu with NORM): instead of reading x, a block
+// computes x = rms_norm(resid (+ delta)) * weight for its M <= 8 rows into shared memory, and its first block
+// writes the new residual stream resid_out = round_T(resid + delta). One kernel instead of add_rms_norm then
+// the projection, twice per layer.
+// Same bits as norm.cu's kernel run with norm_threads threads (kernels.py _norm_threads): thread vt of that
+// block summed a^2 over vectors vt, vt + norm_threads, ... in order, then block_sum reduced warp by warp;
+// here each of the blockDim threads plays threads vt = tid, tid + blockDim, ... of it, and the warps' sums
+// are reduced by the same tree.
+template <typename T>
+struct PreNorm {
+    const T* resid;   // [M, K]
+    const T* delta;   // [M, K] or null (first layer: no residual add)
+    T* resid_out;     // [M, K], written by block 0 when delta is given; never aliases resid or delta
+    const T* weight;  // [K]
+    float eps;
+    int threads;      // norm.cu's block size for K
+};
+
+template <typename T>
+__device__ __forceinline__ void pre_norm_rows(T* __restrict__ xs, const PreNorm<T>& pn, int M, int K) {
+    __shared__ float scratch[32];
+    const int n_vec = K >> 3, lane = threadIdx.x & 31;
+    const bool store_resid = pn.delta != nullptr && blockIdx.x == 0;
+    for (int m = 0; m < M; ++m) {
+        const uint4* r = reinterpret_cast<const uint4*>(pn.resid + (size_t)m * K);
+        const uint4* d = pn.delta ? reinterpret_cast<const uint4*>(pn.delta + (size_t)m * K) : nullptr;
+        uint4* row = reinterpret_cast<uint4*>(xs + (size_t)m * K);
+        __syncthreads();  // scratch is free again
+        // norm_threads and blockDim are multiples of 32: a warp's lanes are all in or all out of a round.
+        for (int vt = threadIdx.x; vt < pn.threads; vt += blockDim.x) {
+            float sum_sq = 0.f;
+            for (int v = vt; v < n_vec; v += pn.threads) {
+                float a[8];
+                unpack8<T>(r[v], a);
+                if (pn.delta) {
+                    float x[8];
+                    unpack8<T>(d[v], x);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) a[i] = to_float(from_float<T>(x[i] + a[i]));
+                }
+                const uint4 packed = pack8<T>(a);
+                row[v] = packed;
+                if (store_resid) reinterpret_cast<uint4*>(pn.resid_out + (size_t)m * K)[v] = packed;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) sum_sq = __fmaf_rn(a[i], a[i], sum_sq);
+            }
+            sum_sq = warp_sum(sum_sq);
+            if (lane == 0) scratch[vt >> 5] = sum_sq;
+        }
+        __syncthreads();
+        const float total = warp_sum(lane < (pn.threads >> 5) ? scratch[lane] : 0.f);
+        const float rstd = rsqrtf(__fadd_rn(__fdiv_rn(total, (float)K), pn.eps));
+        for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
+            float a[8], w[8];
+            unpack8<T>(row[v], a);
+            unpack8<T>(reinterpret_cast<const uint4*>(pn.weight)[v], w);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) a[i] = __fmul_rn(__fmul_rn(a[i], rstd), w[i]);
+            row[v] = pack8<T>(a);
+        }
+    }
+    __syncthreads();
+}
+
 // The end of the small-M kernels (gemv.cu, gemv_quant.cu): each warp's 16-row x 8 NT-token accumulators (mma
 // C fragments: c0,c1 row g, tokens 2t, 2t+1; c2,c3 row g + 8) go to shared memory (partial[warp][tile * 4 +
 // c][lane]), are summed over the WARPS warps and stored as y[M, N] (+ bias).

@@ -5,6 +5,8 @@
 // ADD: residual += x first (stored rounded to T, as the model's own residual stream is), then the
 // norm is taken over that rounded residual. out may alias x: every x element is read before the
 // block-wide reduction that precedes the first write of out.
+// The roundings are spelled out (fma for the sum of squares, then (a rstd) w): the small-M linears fuse
+// this step into their prologue (pre_norm_rows in mma.cuh) and must produce the same bits.
 template <typename T, bool ADD, bool VEC>
 __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, const T* weight, int hidden,
                                              float eps) {
@@ -25,7 +27,7 @@ __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, co
                 reinterpret_cast<uint4*>(residual + row)[v] = pack8<T>(a);
             }
 #pragma unroll
-            for (int i = 0; i < 8; ++i) sum_sq += a[i] * a[i];
+            for (int i = 0; i < 8; ++i) sum_sq = __fmaf_rn(a[i], a[i], sum_sq);
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -35,10 +37,10 @@ __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, co
                 residual[row + i] = s;
                 a = to_float(s);
             }
-            sum_sq += a * a;
+            sum_sq = __fmaf_rn(a, a, sum_sq);
         }
     }
-    const float rstd = rsqrtf(block_sum(sum_sq, scratch) / hidden + eps);
+    const float rstd = rsqrtf(__fadd_rn(__fdiv_rn(block_sum(sum_sq, scratch), (float)hidden), eps));
     if (VEC) {
         const int n_vec = hidden >> 3;
         for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
@@ -46,12 +48,12 @@ __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, co
             unpack8<T>(reinterpret_cast<const uint4*>(src)[v], a);
             unpack8<T>(reinterpret_cast<const uint4*>(weight)[v], w);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) a[i] = a[i] * rstd * w[i];
+            for (int i = 0; i < 8; ++i) a[i] = __fmul_rn(__fmul_rn(a[i], rstd), w[i]);
             reinterpret_cast<uint4*>(out + row)[v] = pack8<T>(a);
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-            out[row + i] = from_float<T>(to_float(src[i]) * rstd * to_float(weight[i]));
+            out[row + i] = from_float<T>(__fmul_rn(__fmul_rn(to_float(src[i]), rstd), to_float(weight[i])));
     }
 }
 

@@ -17,14 +17,20 @@ __device__ __forceinline__ void rope_store_kv_pair(T* qkv, const int* positions,
     const int t = blockIdx.x;
     const int half = head_dim >> 1;
     const int p = blockIdx.y * blockDim.x + threadIdx.x;
-    if (p >= (n_heads + 2 * n_kv) * half) return;
+    const bool active = p < (n_heads + 2 * n_kv) * half;
     const int h = p / half, i = p - h * half;
+    const bool rotate = active && h < n_heads + n_kv;
+    // The angle and the slot depend only on the step's metadata and the constant frequencies: computed before
+    // the wait, while the projection before may still be finishing. Full-precision sincosf: arguments reach
+    // 1e5 rad at long positions, where __sinf is useless.
+    float sin_i = 0.f, cos_i = 1.f;
+    if (rotate) sincosf((float)positions[t] * inv_freq[i], &sin_i, &cos_i);
+    const int slot = active ? slot_mapping[t] : -1;
+    pdl_begin();
+    if (!active) return;
     T* x = qkv + ((size_t)t * (n_heads + 2 * n_kv) + h) * head_dim;
     T lo = x[i], hi = x[i + half];
-    if (h < n_heads + n_kv) {
-        // Full-precision sincosf: arguments reach 1e5 rad at long positions, where __sinf is useless.
-        float sin_i, cos_i;
-        sincosf((float)positions[t] * inv_freq[i], &sin_i, &cos_i);
+    if (rotate) {
         // Roundings spelled out: left to itself the compiler picks which product to fuse into an fma from the
         // shape of the surrounding code, and a one-ulp change here flips bf16 roundings downstream (the
         // default model's first greedy step is a near tie). These are the ones ptxas chose for the kernel's
@@ -35,7 +41,6 @@ __device__ __forceinline__ void rope_store_kv_pair(T* qkv, const int* positions,
         x[i] = lo;
         x[i + half] = hi;
     }
-    const int slot = slot_mapping[t];
     if (h >= n_heads && slot >= 0) {
         const int kv = h - n_heads;  // k heads 0..n_kv-1, then v heads
         T* dst = (kv < n_kv ? k_cache : v_cache) + ((size_t)slot * n_kv + kv % n_kv) * head_dim;
@@ -48,7 +53,6 @@ __device__ __forceinline__ void rope_store_kv_pair(T* qkv, const int* positions,
     extern "C" __global__ void __launch_bounds__(256) rope_store_kv_##NAME(                              \
         T* qkv, const int* positions, const float* inv_freq, T* k_cache, T* v_cache,                       \
         const int* slot_mapping, int n_heads, int n_kv, int head_dim) {                                    \
-        pdl_begin();                                                                                       \
         rope_store_kv_pair<T>(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, n_heads, n_kv,     \
                               head_dim);                                                                   \
     }

@@ -54,17 +54,12 @@ struct GemvStage {
 
 // PIPELINE: two register stages, so the next step's loads are issued before this step's mma work and
 // each warp keeps weight bytes in flight without a gap.
-// NORM: x is not read; the block computes rms_norm(pn.resid (+ pn.delta)) into shared memory first
-// (pre_norm_rows, mma.cuh), its [M, K] rows in the dynamic shared memory the launcher sizes.
 template <typename T, typename OutT, int NT, int WARPS = GEMV_WARPS, int UNROLL = GEMV_UNROLL,
-          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false,
-          bool NORM = false>
+          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false>
 __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                                const T* __restrict__ w, const T* __restrict__ bias, int M,
-                                               int N, int K, const PreNorm<T> pn = PreNorm<T>{}) {
+                                               int N, int K) {
     __shared__ float partial[WARPS][NT * 4][32];
-    extern __shared__ __align__(16) unsigned char gemv_dyn_smem[];
-    T* xs = reinterpret_cast<T*>(gemv_dyn_smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * GEMV_ROWS;
@@ -105,12 +100,8 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     const int tok = j * 8 + g;
-                    if (NORM)
-                        st.xv[u][j][h] = ok && tok < M ? *reinterpret_cast<const uint4*>(xs + (size_t)tok * K + k)
-                                                       : zero;
-                    else
-                        st.xv[u][j][h] = ok && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
-                                                       : zero;
+                    st.xv[u][j][h] = ok && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
+                                                   : zero;
                 }
             }
         }
@@ -140,7 +131,6 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         GemvStage<UNROLL, NT> front, back;
         load_w(front, warp);  // weights are never written by a kernel: safe before the wait
         pdl_begin();
-        if (NORM) pre_norm_rows<T>(xs, pn, M, K);
         load_x(front, warp);
         for (int kb0 = warp; kb0 < n_kblocks; kb0 += 2 * STEP) {
             load(back, kb0 + STEP);
@@ -150,7 +140,6 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         }
     } else {
         pdl_begin();
-        if (NORM) pre_norm_rows<T>(xs, pn, M, K);
         for (int kb0 = warp; kb0 < n_kblocks; kb0 += STEP) {
             GemvStage<UNROLL, NT> st;
             load(st, kb0);
@@ -171,20 +160,6 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         OUT_T* y, const T* x, const T* w, const T* bias, int M, int N, int K) {                            \
         small_m_linear<T, OUT_T, NT, WARPS, UNROLL, L2, PIPE, true>(y, x, w, bias, M, N, K);               \
     }
-// The fused pre-norm variants (one token tile, output in the model dtype): the qkv and gate/up projections.
-#define GEMV_NORM_KERNEL(T, NAME, SWIGLU_NAME, SWIGLU, WARPS, UNROLL, L2, PIPE)                              \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv##SWIGLU_NAME##_norm_##NAME##_m1(           \
-        T* y, const T* resid, const T* delta, T* resid_out, const T* norm_w, float eps, int norm_threads,     \
-        const T* w, const T* bias, int M, int N, int K) {                                                     \
-        small_m_linear<T, T, 1, WARPS, UNROLL, L2, PIPE, SWIGLU, true>(                                       \
-            y, nullptr, w, bias, M, N, K, PreNorm<T>{resid, delta, resid_out, norm_w, eps, norm_threads});    \
-    }
-#define GEMV_NORM_KERNELS(T, NAME)                            \
-    GEMV_NORM_KERNEL(T, NAME, , false, 8, 2, true, true)      \
-    GEMV_NORM_KERNEL(T, NAME, _swiglu, true, 8, 2, true, true)
-GEMV_NORM_KERNELS(bf16, bf16_bf16)
-GEMV_NORM_KERNELS(f16, f16_f16)
-
 #define GEMV_KERNELS(T, OUT_T, NAME)                 \
     GEMV_KERNEL(T, OUT_T, NAME, 1, 8, 2, true, true) \
     GEMV_KERNEL(T, OUT_T, NAME, 2, 8, 2, true, true) \

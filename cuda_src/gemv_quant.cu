@@ -81,16 +81,13 @@ struct QStage {
     uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
 };
 
-// NORM: as in gemv.cu, x = rms_norm(pn.resid (+ pn.delta)) is computed into dynamic shared memory first.
-template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false, bool NORM = false>
+template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
-                                             int n_groups, int gshift, const PreNorm<T> pn = PreNorm<T>{}) {
+                                             int n_groups, int gshift) {
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     __shared__ float partial[WARPS][NT * 4][32];
-    extern __shared__ __align__(16) unsigned char qgemv_dyn_smem[];
-    T* xs = reinterpret_cast<T*>(qgemv_dyn_smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * QGEMV_ROWS;
@@ -144,12 +141,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
                 for (int jt = 0; jt < NT; ++jt) {
                     const int tok = jt * 8 + g;
-                    if (NORM)
-                        st.xv[u][jt][j] = in && tok < M ? *reinterpret_cast<const uint4*>(xs + (size_t)tok * K + k)
-                                                        : zero;
-                    else
-                        st.xv[u][jt][j] = in && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
-                                                        : zero;
+                    st.xv[u][jt][j] = in && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
+                                                    : zero;
                 }
             }
         }
@@ -212,7 +205,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     QStage<BITS, UNROLL, NT> front, back;
     load_w(front, warp);
     pdl_begin();
-    if (NORM) pre_norm_rows<T>(xs, pn, M, K);
     load_x(front, warp);
     for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
         load(back, sb0 + STEP);
@@ -285,16 +277,6 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
         quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups,   \
                                                               gshift);                                          \
     }
-// The fused pre-norm variants (one token tile, output in the model dtype): the qkv and gate/up projections.
-#define QGEMV_NORM_KERNEL(T, NAME, BITS, SWIGLU_NAME, SWIGLU, WARPS, UNROLL, MINB)                              \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##BITS##SWIGLU_NAME##_norm_##NAME##_m1(  \
-        T* y, const T* resid, const T* delta, T* resid_out, const T* norm_w, float eps, int norm_threads,        \
-        const uint8_t* w, const void* scales, const T* bias, int M, int N, int K, int n_sb, int n_groups,        \
-        int gshift) {                                                                                           \
-        quant_linear<T, T, BITS, 1, WARPS, UNROLL, SWIGLU, true>(                                                \
-            y, nullptr, w, scales, bias, M, N, K, n_sb, n_groups, gshift,                                        \
-            PreNorm<T>{resid, delta, resid_out, norm_w, eps, norm_threads});                                     \
-    }
 #ifndef QGEMV_VARIANTS_ONLY
 // Chosen with `scripts/bench.py --qgemv` (H100, Llama-3-8B shapes, docs/PERFORMANCE.md): two blocks per SM
 // (registers capped at 128) beat one fatter block by 10-40%; the kernel is latency-bound, not issue-bound.
@@ -305,15 +287,6 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_KERNEL(T, OUT_T, NAME, 4, 1, 8, 1, 2) \
     QGEMV_KERNEL(T, OUT_T, NAME, 4, 2, 8, 1, 2) \
     QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 4, 2, 2)
-
-// Same shapes as the m1 kernels above.
-#define QGEMV_NORM_KERNELS(T, NAME)                                \
-    QGEMV_NORM_KERNEL(T, NAME, 8, , false, 8, 2, 2)                \
-    QGEMV_NORM_KERNEL(T, NAME, 8, _swiglu, true, 8, 2, 2)          \
-    QGEMV_NORM_KERNEL(T, NAME, 4, , false, 8, 1, 2)                \
-    QGEMV_NORM_KERNEL(T, NAME, 4, _swiglu, true, 8, 1, 2)
-QGEMV_NORM_KERNELS(bf16, bf16_bf16)
-QGEMV_NORM_KERNELS(f16, f16_f16)
 
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)

@@ -5,8 +5,8 @@
 // ADD: residual += x first (stored rounded to T, as the model's own residual stream is), then the
 // norm is taken over that rounded residual. out may alias x: every x element is read before the
 // block-wide reduction that precedes the first write of out.
-// The roundings are spelled out (fma for the sum of squares, then (a rstd) w): the small-M linears fuse
-// this step into their prologue (pre_norm_rows in mma.cuh) and must produce the same bits.
+// The roundings are spelled out (fma for the sum of squares, then (a rstd) w), as the compiler chose them
+// before: left implicit, its contraction choices can change with the shape of the code around them.
 template <typename T, bool ADD, bool VEC>
 __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, const T* weight, int hidden,
                                              float eps) {

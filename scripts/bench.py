@@ -69,8 +69,6 @@ def main():
     ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4: the LM head too")
     ap.add_argument("--no-fuse-swiglu", action="store_true",
                     help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
-    ap.add_argument("--no-fuse-norm", action="store_true",
-                    help="add_rms_norm and the qkv / gate-up projection as two kernels at decode sizes too (A/B)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="decode graphs without programmatic dependent launch (the A side of an A/B; sets MPILLM_PDL=0)")
     ap.add_argument("--nccl-only", action="store_true",
@@ -148,7 +146,7 @@ def main():
     def record(**kw):
         kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
-                  fuse_norm=not args.no_fuse_norm, pdl=model.pdl)
+                  pdl=model.pdl)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -336,7 +334,7 @@ def sharegpt_like(n: int, vocab: int, seed: int = 0):
 
 def quant_args(args) -> dict:
     return dict(quantize=args.quantize, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
-                fuse_swiglu=not args.no_fuse_swiglu, fuse_norm=not args.no_fuse_norm)
+                fuse_swiglu=not args.no_fuse_swiglu)
 
 
 def throughput(args, ckpt, cfg, world):

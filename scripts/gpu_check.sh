@@ -33,10 +33,6 @@ for m in "${models[@]}"; do
   echo "== bench $m tp=1 --no-pdl" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --no-pdl --batch 1,8,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
     | tee -a "$OUT/bench.log"
-  # A/B in this run: the pre-norm fused into the qkv and gate/up projections (the default above) against two kernels.
-  echo "== bench $m tp=1 --no-fuse-norm" | tee -a "$OUT/bench.log"
-  $PY scripts/bench.py --model "$m" --no-fuse-norm --batch 1,8 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
-    | tee -a "$OUT/bench.log"
   # A/B in this run: SwiGLU fused into the gate/up projection (the default above) against two kernels.
   echo "== bench $m tp=1 --no-fuse-swiglu" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --no-fuse-swiglu --batch 1,8 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
@@ -59,8 +55,7 @@ for r in rows:
         d = f"{r['ms_step']:.3f} ms/step, {r['gb_s']:.0f} GB/s = {100 * r['roofline_frac']:.1f}% of copy bw"
         what = f"decode b={r['batch']}" + ("" if r.get("fuse_swiglu", True) else ", unfused SwiGLU") \
             + (", NCCL only" if r.get("allreduce") == "nccl" and r["tp"] > 1 else "") \
-            + ("" if r.get("pdl", True) else ", no PDL") \
-            + ("" if r.get("fuse_norm", True) else ", unfused norm")
+            + ("" if r.get("pdl", True) else ", no PDL")
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
         what = f"prefill {r['tokens']}"

@@ -46,10 +46,6 @@ QGEMV_THREADS = {(8, 1): 256, (8, 2): 256, (8, 4): 256,   # (bits, token tiles) 
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
-# linear_norm (the pre-norm fused into the small-M kernels): up to one token tile, with the normalised rows
-# staged in shared memory (8 rows of a 4096-wide model take 64 KiB; two blocks per SM still fit).
-NORM_FUSE_MAX_M = 8
-NORM_FUSE_MAX_SMEM = 64 * 1024
 # name -> (BM, BN, BK, threads, stages), as in gemm.cu GEMM_KERNELS
 GEMM_CONFIGS = {
     "large": (128, 128, 64, 256, 3),
@@ -388,58 +384,6 @@ class Kernels:
             raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
         _check_aligned(w, "w")
         self._gemv(act, x, w, 0, swiglu=True)
-
-    # -- pre-norm fused into the projection --------------------------------------------------------
-    @staticmethod
-    def fuses_norm(m: int, hidden: int, itemsize: int = 2) -> bool:
-        """Whether linear_norm takes m rows of a hidden-wide model."""
-        return 0 < m <= NORM_FUSE_MAX_M and hidden % 32 == 0 and m * hidden * itemsize <= NORM_FUSE_MAX_SMEM
-
-    def linear_norm(self, y: DeviceTensor, resid: DeviceTensor, delta: DeviceTensor | None,
-                    resid_out: DeviceTensor | None, norm_weight: DeviceTensor, eps: float, w,
-                    bias: DeviceTensor | None = None, swiglu: bool = False) -> None:
-        """add_rms_norm (or rms_norm without delta) and the small-M projection after it, as one kernel:
-        r = resid + delta (rounded to the model dtype; written to resid_out, which must not alias resid or
-        delta), x = rms_norm(r) * norm_weight, y = x @ w^T (+ bias), or with swiglu y = silu(gate) * up of an
-        interleaved gate/up weight (see linear_swiglu). The same bits as the two kernels, for M <= 8 rows
-        (fuses_norm): every block normalises the rows itself, in shared memory, instead of reading x."""
-        quant = isinstance(w, QuantWeight)
-        n, k = w.shape
-        _check(resid, "resid", MODEL_DTYPES, (None, k))
-        m, dt = resid.shape[0], resid.dtype
-        if not self.fuses_norm(m, k, resid.itemsize):
-            raise ValueError(f"resid: linear_norm takes 1 to {NORM_FUSE_MAX_M} rows of a width that is a multiple "
-                             f"of 32 and fits {NORM_FUSE_MAX_SMEM} bytes of shared memory, got {resid.shape}")
-        _check(norm_weight, "norm_weight", dt, (k,))
-        if delta is not None:
-            _check(delta, "delta", dt, (m, k))
-            _check(resid_out, "resid_out", dt, (m, k))
-            if resid_out.ptr in (resid.ptr, delta.ptr):
-                raise ValueError("resid_out: must not alias resid or delta (other blocks still read them)")
-        if swiglu and n % 2:
-            raise ValueError(f"w: {n} rows; a merged gate/up weight has an even number")
-        _check(y, "y", dt, (m, n // 2 if swiglu else n))
-        if bias is not None:
-            _check(bias, "bias", dt, (n,))
-        for t, name in ((resid, "resid"), (delta, "delta"), (resid_out, "resid_out"), (norm_weight, "norm_weight")):
-            if t is not None:
-                _check_aligned(t, name)
-        if not quant:
-            _check(w, "w", dt, (n, k))
-            _check_aligned(w, "w")
-        sw = "_swiglu" if swiglu else ""
-        head = (y.ptr, resid.ptr, 0 if delta is None else delta.ptr, 0 if resid_out is None else resid_out.ptr,
-                norm_weight.ptr, float(eps), self._norm_threads(k, True))
-        shared = m * k * resid.itemsize
-        bias_ptr = 0 if bias is None else bias.ptr
-        if quant:
-            fn = self._fn("gemv_quant", f"qgemv{w.bits}{sw}_norm_{dt}_{dt}_m1", "PPPPPfiPPPiiiiii", NORM_FUSE_MAX_SMEM)
-            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS[(w.bits, 1)], *head, w.data.ptr, w.scales.ptr,
-                         bias_ptr, m, n, k, w.super_blocks, w.n_groups, w.gshift, shared=shared)
-        else:
-            fn = self._fn("gemv", f"gemv{sw}_norm_{dt}_{dt}_m1", "PPPPPfiPPiii", NORM_FUSE_MAX_SMEM)
-            self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[1], *head, w.ptr, bias_ptr, m, n, k,
-                         shared=shared)
 
     # -- linear -----------------------------------------------------------------------------------
     def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,

@@ -6,9 +6,8 @@ device buffers that are all allocated once at startup:
     embed -> for each layer: h = norm(r); r += o_proj(attn(h)); h = norm(r); r += down(silu(gate_up(h)))
           -> norm -> LM head -> sample
 
-The residual add is fused into the next norm (add_rms_norm), and at decode sizes (up to 8 tokens) that norm into
-the projection after it (linear_norm: each block normalises the rows itself); at decode sizes SwiGLU is fused into
-the gate/up projection (its rows are interleaved at load so each tile holds gate/up pairs). A step's metadata travels in one packed
+The residual add is fused into the next norm (add_rms_norm); at decode sizes SwiGLU is fused into the gate/up
+projection (its rows are interleaved at load so each tile holds gate/up pairs). A step's metadata travels in one packed
 int32 buffer (one host-to-device copy); only sampled token ids come back. Pure decode steps replay a
 CUDA graph captured once per batch-size bucket.
 """
@@ -27,8 +26,7 @@ from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
 from mpillm.cuda.graphs import link_programmatic, pdl_enabled
-from mpillm.cuda.kernels import (DECODE_PARTITION, NORM_FUSE_MAX_M, QGEMV_MAX_M, AttentionScratch, QuantWeight,
-                                 seed_words)
+from mpillm.cuda.kernels import DECODE_PARTITION, QGEMV_MAX_M, AttentionScratch, QuantWeight, seed_words
 from mpillm.cuda.runtime import DeviceTensor, device_alloc
 from mpillm.layers import bias_sources, load_merged, load_packed, projection_sources
 from mpillm.parallel import Shard
@@ -107,15 +105,14 @@ class CudaTransformer:
                  dtype: str = "bf16", comm=None, max_tokens: int = 2048, max_seqs: int = 64,
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
-                 quantize_lm_head: bool = False, fuse_swiglu: bool = True, fuse_norm: bool = True,
-                 pdl: bool | None = None, log=lambda m: None):
+                 quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
+                 log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
                              + (" (4-bit weights come from GGUF Q4_0/Q4_1 files with auto)" if quantize == "q4" else ""))
         self.quantize, self.group_size, self.quantize_lm_head = quantize, group_size, quantize_lm_head
         self.fuse_swiglu = fuse_swiglu     # False: gate/up projection and silu_mul as two kernels (A/B runs)
-        self.fuse_norm = fuse_norm         # False: add_rms_norm, then the projection, also at decode sizes (A/B)
         # Programmatic edges between our kernels in the decode graphs (mpillm/cuda/graphs.py); None: on where
         # the GPU has them (sm_90) unless MPILLM_PDL=0.
         self.pdl = pdl_enabled(device.compute_capability) if pdl is None else bool(pdl)
@@ -164,9 +161,6 @@ class CudaTransformer:
         # Activations, sized for the largest step.
         T, S, dt = max_tokens, max_seqs, dtype
         self.resid = DeviceTensor.empty((T, H), dt)        # the residual stream r
-        # Fused pre-norms (decode sizes) write r + delta to the other of two buffers: the kernel's other blocks
-        # still read r.
-        self.resid_alt = DeviceTensor.empty((min(T, NORM_FUSE_MAX_M), H), dt)
         self.h = DeviceTensor.empty((T, H), dt)            # norm(r)
         self.delta = DeviceTensor.empty((T, H), dt)        # a sub-layer's output, added into r
         self.qkv = DeviceTensor.empty((T, self.qkv_width), dt)
@@ -386,24 +380,13 @@ class CudaTransformer:
         block_tables = b.dev_view("block_tables", (S, b.max_blocks))
         scale = 1.0 / math.sqrt(hd)
 
-        eps = c.rms_norm_eps
-        # Up to 8 tokens the pre-norms run inside the qkv and gate/up projections (Kernels.linear_norm): each
-        # writes r + delta to the other residual buffer, so r and r_next swap after it.
-        fuse = self.fuse_norm and k.fuses_norm(T, H, resid.itemsize)
-        r, r_next = resid, (self.resid_alt.view(0, (T, H)) if fuse else None)
-        self._embed(r, ids)
+        self._embed(resid, ids)
         for i, w in enumerate(self.layers):
-            add = delta if i > 0 else None                                  # the previous layer's MLP output
-            if fuse:
-                k.linear_norm(qkv, r, add, r_next, w.ln1, eps, w.qkv, w.qkv_bias)   # qkv = norm(r += add) W
-                if add is not None:
-                    r, r_next = r_next, r
+            if i == 0:
+                k.rms_norm(h, resid, w.ln1, c.rms_norm_eps)
             else:
-                if add is None:
-                    k.rms_norm(h, r, w.ln1, eps)
-                else:
-                    k.add_rms_norm(h, add, r, w.ln1, eps)                   # r += mlp out; h = norm(r)
-                k.linear(qkv, h, w.qkv, w.qkv_bias, scratch=self.wscratch)
+                k.add_rms_norm(h, delta, resid, w.ln1, c.rms_norm_eps)      # r += mlp out; h = norm(r)
+            k.linear(qkv, h, w.qkv, w.qkv_bias, scratch=self.wscratch)
             k.rope_store_kv(qkv, positions, self.inv_freq, self.k_cache[i], self.v_cache[i], slots,
                             s.n_heads, s.n_kv_heads, hd)
             for lo, hi, max_q, max_ctx in attn_groups:
@@ -412,22 +395,14 @@ class CudaTransformer:
                             query_start.view(lo, (hi - lo + 1,)), context_lens.view(lo, (hi - lo,)),
                             s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
             self._row_parallel(delta, attn, w.o)
-            if fuse:
-                if self.fuse_swiglu:                                        # act = silu(gate) * up of norm(r += delta)
-                    k.linear_norm(act, r, delta, r_next, w.ln2, eps, w.gate_up, swiglu=True)
-                else:
-                    k.linear_norm(gate_up, r, delta, r_next, w.ln2, eps, w.gate_up)
-                    k.silu_mul(act, gate_up, interleaved=True)
-                r, r_next = r_next, r
+            k.add_rms_norm(h, delta, resid, w.ln2, c.rms_norm_eps)          # r += attn out; h = norm(r)
+            if self.fuse_swiglu:
+                k.linear_swiglu(act, h, w.gate_up, gate_up, scratch=self.wscratch)   # act = silu(gate) * up
             else:
-                k.add_rms_norm(h, delta, r, w.ln2, eps)                     # r += attn out; h = norm(r)
-                if self.fuse_swiglu:
-                    k.linear_swiglu(act, h, w.gate_up, gate_up, scratch=self.wscratch)   # act = silu(gate) * up
-                else:
-                    k.linear(gate_up, h, w.gate_up, scratch=self.wscratch)
-                    k.silu_mul(act, gate_up, interleaved=True)
+                k.linear(gate_up, h, w.gate_up, scratch=self.wscratch)
+                k.silu_mul(act, gate_up, interleaved=True)
             self._row_parallel(delta, act, w.down)
-        k.add_rms_norm(h, delta, r, self.norm, eps)
+        k.add_rms_norm(h, delta, resid, self.norm, c.rms_norm_eps)
         last = self.last.view(0, (L, H))
         k.embedding(last, b.dev_view("logits_index", (L,)), h, 0)          # gather the rows we sample from
         logits = self._lm_head(last)

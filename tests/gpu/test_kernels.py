@@ -328,65 +328,6 @@ def test_linear_swiglu_fused_equals_unfused(kernels, dtype, kind, m):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The pre-norm fused into the projection (linear_norm)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["float", "int8", "q4_1"])
-@pytest.mark.parametrize("m,k", [(1, 576), (3, 576), (8, 576), (1, 4096), (8, 4096), (2, 2080), (1, 9184)])
-def test_linear_norm_equals_norm_then_linear(kernels, dtype, kind, m, k):
-    """One kernel (every block normalises the rows in shared memory, block 0 writes r + delta) gives bitwise
-    the add_rms_norm / rms_norm kernel followed by the projection, with and without the residual add, bias and
-    SwiGLU, for each shape of norm.cu's block: up to 256 threads, more than the projection's 256 (K = 2080: 288),
-    and 1024 threads with several vectors each (K = 9184)."""
-    from mpillm.cuda.kernels import QuantWeight
-    if not kernels.fuses_norm(m, k):
-        pytest.skip("beyond linear_norm's shared memory")
-    n = 200
-    rng = np.random.default_rng(m * 131 + k)
-    if kind == "float":
-        w = dev(rounded(rng.normal(size=(n, k)) / math.sqrt(k), dtype), dtype)
-    else:
-        w = QuantWeight.from_packed(_packed(rng, kind, n, k, 32))
-    resid, delta = rounded(rng.normal(size=(m, k)), dtype), rounded(rng.normal(size=(m, k)), dtype)
-    norm_w, bias = rounded(1 + 0.1 * rng.normal(size=k), dtype), rounded(rng.normal(size=n), dtype)
-    for add in (False, True):
-        for swiglu in (False, True):
-            r_d, d_d, out_d = dev(resid, dtype), dev(delta, dtype), DeviceTensor.zeros((m, k), dtype)
-            y = DeviceTensor.empty((m, n // 2 if swiglu else n), dtype)
-            b = None if swiglu else dev(bias, dtype)
-            kernels.linear_norm(y, r_d, d_d if add else None, out_d if add else None, dev(norm_w, dtype), 1e-5,
-                                w, b, swiglu=swiglu)
-            # The two-kernel path on fresh copies.
-            r2, h = dev(resid, dtype), DeviceTensor.empty((m, k), dtype)
-            if add:
-                kernels.add_rms_norm(h, dev(delta, dtype), r2, dev(norm_w, dtype), 1e-5)
-            else:
-                kernels.rms_norm(h, r2, dev(norm_w, dtype), 1e-5)
-            ref = DeviceTensor.empty(y.shape, dtype)
-            if swiglu:
-                kernels.linear_swiglu(ref, h, w, DeviceTensor.empty((m, n), dtype))
-            else:
-                kernels.linear(ref, h, w, b)
-            what = f"{kind} M={m} K={k} add={add} swiglu={swiglu}"
-            np.testing.assert_array_equal(y.to_numpy(), ref.to_numpy(), err_msg=what)
-            np.testing.assert_array_equal(r_d.to_numpy(), resid, err_msg=what + ": resid must stay")
-            if add:
-                np.testing.assert_array_equal(out_d.to_numpy(), r2.to_numpy(), err_msg=what + ": resid_out")
-
-
-def test_linear_norm_checks(kernels):
-    w = DeviceTensor.empty((64, 576), "bf16")
-    r, nw = DeviceTensor.empty((2, 576), "bf16"), DeviceTensor.empty((576,), "bf16")
-    with pytest.raises(ValueError, match="^resid_out: must not alias"):
-        kernels.linear_norm(DeviceTensor.empty((2, 64), "bf16"), r, DeviceTensor.empty((2, 576), "bf16"), r, nw,
-                            1e-5, w)
-    with pytest.raises(ValueError, match="^resid: linear_norm takes"):
-        kernels.linear_norm(DeviceTensor.empty((9, 64), "bf16"), DeviceTensor.empty((9, 576), "bf16"), None, None,
-                            nw, 1e-5, w)
-
-
-# ---------------------------------------------------------------------------------------------------
 # attention
 
 

@@ -154,7 +154,7 @@ def test_programmatic_launch_graphs_give_the_same_ids(tmp_path, cuda_device, ker
             runs.append(out)
         assert runs[0] == runs[1], f"B={B} ctx={ctx}"
     assert pdl.graphs and plain.graphs
-    assert pdl.pdl_edges >= 3 * 6 and plain.pdl_edges == 0    # 3 layers of 6-8 kernels, all ours
+    assert pdl.pdl_edges >= 3 * 7 and plain.pdl_edges == 0    # 3 layers of ~8 kernels, all ours
 
 
 def test_decode_loop_allocates_nothing(tmp_path, cuda_device, kernels):
@@ -261,38 +261,6 @@ def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kern
         _, a = fused.forward(step, specs, want_logits=True)
         _, b = plain.forward(step, specs, want_logits=True)
         np.testing.assert_array_equal(a, b)
-
-
-def test_fused_and_unfused_pre_norm_give_the_same_bits(tmp_path, cuda_device, kernels):
-    """fuse_norm=False (add_rms_norm, then the projection: the A side of bench --no-fuse-norm) and the norm fused
-    into the qkv and gate/up kernels give the same logits up to 8 tokens, and the same ids through the decode
-    graphs (where the residual stream alternates between two buffers)."""
-    ckpt = tiny_checkpoint(tmp_path, "qwen2")
-    fused, plain = build(ckpt, cuda_device, kernels), build(ckpt, cuda_device, kernels, fuse_norm=False)
-    rng = np.random.default_rng(4)
-    for n in (1, 3, 8, 9):                             # fused up to 8 tokens, beyond: both unfused
-        prompts = [rng.integers(0, 1000, n).tolist()]
-        step = StepInput.build([(prompts[0], 0, list(range(8)), True)], 16)
-        specs = [SampleSpec(GREEDY, 0, 0, None)]
-        _, a = fused.forward(step, specs, want_logits=True)
-        _, b = plain.forward(step, specs, want_logits=True)
-        np.testing.assert_array_equal(a, b, err_msg=f"{n} tokens")
-    B = 5
-    tables = [list(range(10 + 20 * i, 30 + 20 * i)) for i in range(B)]
-    prompts = [rng.integers(0, 1000, 17 + i).tolist() for i in range(B)]
-    specs = [SampleSpec(GREEDY, 0, 0, None)] * B
-    runs = []
-    for gpu in (fused, plain):
-        ids, _ = gpu.forward(StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16), specs)
-        toks, out = [int(i) for i in ids], []
-        for s in range(12):
-            step = StepInput.build([([toks[i]], len(p) + s, t, True) for i, (p, t) in enumerate(zip(prompts, tables))],
-                                   16)
-            toks = [int(i) for i in gpu.forward(step, specs)[0]]
-            out.append(toks)
-        runs.append(out)
-    assert runs[0] == runs[1]
-    assert fused.graphs
 
 
 def test_continuous_batch_equals_each_request_alone(tmp_path, cuda_device, kernels):

@@ -3,7 +3,7 @@
 import numpy as np
 
 from mpillm.batch import StepInput
-from mpillm.cuda.model import _attention_groups
+from mpillm.cuda.model import _attention_groups, kv_cache_shortfall
 from mpillm.cuda.runtime import bf16_to_f32, f32_to_bf16
 
 
@@ -73,3 +73,16 @@ def test_float_small_m_and_swiglu_launch_one_gemv():
     assert [(name, grid, block, args) for name, grid, block, args in rec.launches] == [
         ("gemv_bf16_bf16_m2", (63, 1), 256, (0x400000, 0x300000, 0x100000, 0, 9, n, k)),
         ("gemv_swiglu_bf16_bf16_m2", (63, 1), 256, (0x500000, 0x300000, 0x100000, 0, 9, n, k))]
+
+
+def test_kv_cache_shortfall_says_what_it_got_and_what_helps():
+    mib = 1 << 20
+    budget = kv_cache_shortfall(0, 100 * mib, 3, False, 16, 2 * mib, 2048, 500 * mib, 80000 * mib, 0.9)
+    assert budget.startswith("rank 0: the KV cache gets 100 MiB (3 blocks of 16 tokens) but one 2048-token "
+                             "sequence needs 128 blocks (256 MiB); free 500 MiB of 80,000 MiB.")
+    assert "--max-model-len" in budget and "--gpu-memory-utilization (now 0.9)" in budget and "--tp" in budget
+    # A block count given by the caller is reported as such, not as the memory budget it ignored.
+    asked = kv_cache_shortfall(1, 127706 * mib, 64, True, 16, 2 * mib, 2048, 142277 * mib, 143156 * mib, 0.9)
+    assert asked.startswith("rank 1: the KV cache gets 64 blocks of 16 tokens as asked (128 MiB) but one")
+    assert kv_cache_shortfall(0, -5, -1, False, 16, 1, 16, 0, 1, 0.5).startswith(
+        "rank 0: the KV cache gets 0 MiB (0 blocks of 16 tokens)")

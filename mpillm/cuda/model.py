@@ -314,14 +314,12 @@ class CudaTransformer:
         # processes), with 256 MiB left for NCCL, graphs and the driver.
         budget = int(total * utilization) - (total - free) - (256 << 20)
         one_seq = -(-self.max_model_len // self.block_size)
-        if num_blocks is None:
+        asked = num_blocks is not None
+        if not asked:
             num_blocks = budget // per_block
         if num_blocks < one_seq:
-            raise GpuMemoryError(
-                f"rank {s.rank}: the KV cache gets {_mib(max(budget, 0))} ({max(num_blocks, 0)} blocks of "
-                f"{self.block_size} tokens) but one {self.max_model_len}-token sequence needs {one_seq} blocks "
-                f"({_mib(one_seq * per_block)}); free {_mib(free)} of {_mib(total)}. Lower --max-model-len, "
-                f"raise --gpu-memory-utilization (now {utilization}), or add GPUs (--tp).")
+            raise GpuMemoryError(kv_cache_shortfall(s.rank, budget, num_blocks, asked, self.block_size, per_block,
+                                                    self.max_model_len, free, total, utilization))
         self.num_blocks = int(num_blocks)
         shape = (self.num_blocks, self.block_size, s.n_kv_heads, c.head_dim)
         per_layer = math.prod(shape)
@@ -535,6 +533,19 @@ class CudaTransformer:
         graphs, self.graphs = self.graphs, {}
         for exe in graphs.values():
             _check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
+
+
+def kv_cache_shortfall(rank: int, budget: int, num_blocks: int, asked: bool, block_size: int, per_block: int,
+                       max_model_len: int, free: int, total: int, utilization: float) -> str:
+    """The message of a KV cache too small for one max_model_len sequence: what it got, what one sequence needs,
+    the card's memory, and the flags that help. `asked`: num_blocks was given (tests, benchmarks), not derived
+    from the budget."""
+    one_seq = -(-max_model_len // block_size)
+    got = (f"{num_blocks} blocks of {block_size} tokens as asked ({_mib(num_blocks * per_block)})" if asked else
+           f"{_mib(max(budget, 0))} ({max(num_blocks, 0)} blocks of {block_size} tokens)")
+    return (f"rank {rank}: the KV cache gets {got} but one {max_model_len}-token sequence needs {one_seq} blocks "
+            f"({_mib(one_seq * per_block)}); free {_mib(free)} of {_mib(total)}. Lower --max-model-len, "
+            f"raise --gpu-memory-utilization (now {utilization}), or add GPUs (--tp).")
 
 
 def interleave_halves(a: np.ndarray) -> np.ndarray:

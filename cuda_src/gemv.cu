@@ -76,6 +76,8 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 
     // Loads of k blocks kb0, kb0 + WARPS, ...; blocks past the end load nothing and read as zeros. The
     // weight half and the activation half are separate so the first weights can load before pdl_wait().
+    // (One lambda with weights/acts flags compiles to differently scheduled SASS for every kernel here; these
+    // two loops are the code that was measured.)
     auto load_w = [&](GemvStage<UNROLL, NT>& st, int kb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {

@@ -86,3 +86,68 @@ def test_kv_cache_shortfall_says_what_it_got_and_what_helps():
     assert asked.startswith("rank 1: the KV cache gets 64 blocks of 16 tokens as asked (128 MiB) but one")
     assert kv_cache_shortfall(0, -5, -1, False, 16, 1, 16, 0, 1, 0.5).startswith(
         "rank 0: the KV cache gets 0 MiB (0 blocks of 16 tokens)")
+
+
+def _fake_driver(monkeypatch, kernels: dict, edges: list):
+    """A stand-in for cuda.bindings.driver holding one graph: kernels {node: name or None (not a kernel)}, edges
+    [(from, to, type)]. Records what link_programmatic removes and adds."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+    ok = "ok"
+    cu = ModuleType("cuda.bindings.driver")
+    cu.CUresult = SimpleNamespace(CUDA_SUCCESS=ok)
+    cu.CUgraphNodeType = SimpleNamespace(CU_GRAPH_NODE_TYPE_KERNEL="kernel", CU_GRAPH_NODE_TYPE_MEMCPY="memcpy")
+    cu.CUgraphDependencyType = SimpleNamespace(CU_GRAPH_DEPENDENCY_TYPE_DEFAULT=0, CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC=1)
+    cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC = 1
+
+    class CUgraphEdgeData:
+        def __init__(self, type=0):
+            self.from_port, self.to_port, self.type = 0, 0, type
+    cu.CUgraphEdgeData = CUgraphEdgeData
+    cu.cuGraphGetEdges = lambda graph, n=0: (ok, [e[0] for e in edges][:n], [e[1] for e in edges][:n],
+                                             [CUgraphEdgeData(e[2]) for e in edges][:n], len(edges))
+    cu.cuGraphNodeGetType = lambda node: (ok, "kernel" if kernels[node] is not None else "memcpy")
+    cu.cuGraphKernelNodeGetParams = lambda node: (ok, SimpleNamespace(func=100 + node))
+    cu.cuFuncGetName = lambda func: (ok, kernels[func - 100].encode())
+    log = {"removed": [], "added": []}
+
+    def remove(graph, frm, to, data, n):
+        assert [d.type for d in data] == [0] * n
+        log["removed"] += list(zip(frm, to))
+        return ok
+
+    def add(graph, frm, to, data, n):
+        assert all(d.type == 1 and d.from_port == 1 for d in data) and len(data) == n
+        log["added"] += list(zip(frm, to))
+        return ok
+    cu.cuGraphRemoveDependencies, cu.cuGraphAddDependencies = remove, add
+    bindings = ModuleType("cuda.bindings")
+    bindings.driver = cu
+    monkeypatch.setitem(sys.modules, "cuda", ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.driver", cu)
+    return log
+
+
+def test_link_programmatic_turns_only_edges_between_our_kernels(monkeypatch):
+    """Our kernel -> our kernel becomes programmatic; edges touching NCCL/cuBLAS kernels, copies, or already
+    programmatic edges stay as they are."""
+    from mpillm.cuda.graphs import link_programmatic
+    kernels = {1: "embedding_b16", 2: "gemv_bf16_bf16_m1", 3: "ncclDevKernel_AllReduce", 4: "add_rms_norm_bf16",
+               5: None, 6: "rope_store_kv_bf16", 7: "sm90_xmma_gemm"}
+    edges = [(1, 2, 0), (2, 3, 0), (3, 4, 0), (4, 6, 0), (6, 5, 0), (5, 2, 0), (6, 7, 0), (2, 6, 1)]
+    log = _fake_driver(monkeypatch, kernels, edges)
+    ours = {"embedding_b16", "gemv_bf16_bf16_m1", "add_rms_norm_bf16", "rope_store_kv_bf16"}
+    assert link_programmatic("graph", ours.__contains__) == 2
+    assert log["removed"] == log["added"] == [(1, 2), (4, 6)]
+
+
+def test_link_programmatic_without_edges_and_check_cu_errors(monkeypatch):
+    import pytest
+    from mpillm.cuda.graphs import link_programmatic
+    from mpillm.cuda.runtime import check_cu
+    log = _fake_driver(monkeypatch, {1: "gemv_bf16_bf16_m1"}, [])
+    assert link_programmatic("graph", lambda name: True) == 0 and log == {"removed": [], "added": []}
+    assert check_cu(("ok", 5), "x") == 5 and check_cu(("ok", 1, 2), "x") == [1, 2] and check_cu("ok", "x") is None
+    with pytest.raises(RuntimeError, match="cuGraphLaunch failed: boom"):
+        check_cu(("boom",), "cuGraphLaunch")

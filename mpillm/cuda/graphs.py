@@ -21,18 +21,12 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from mpillm.cuda.runtime import check_cu
+
 
 def pdl_enabled(compute_capability: tuple[int, int]) -> bool:
     """PDL needs sm_90; MPILLM_PDL=0 turns it off (the A side of `bench.py --no-pdl`)."""
     return tuple(compute_capability) >= (9, 0) and os.environ.get("MPILLM_PDL", "1") != "0"
-
-
-def _ok(result, what: str):
-    from cuda.bindings import driver as cu
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"{what} failed: {err}")
-    return rest[0] if len(rest) == 1 else (rest or None)
 
 
 def _kernel_name(node) -> str | None:
@@ -54,10 +48,10 @@ def link_programmatic(graph, is_ours: Callable[[str], bool]) -> int:
     """Turn every full edge between two kernels that `is_ours` names into a programmatic edge, in place,
     before the graph is instantiated. Returns the number of edges changed."""
     from cuda.bindings import driver as cu
-    n = _ok(cu.cuGraphGetEdges(graph, 0), "cuGraphGetEdges")[-1]
+    n = check_cu(cu.cuGraphGetEdges(graph, 0), "cuGraphGetEdges")[-1]
     if not n:
         return 0
-    src, dst, data, n = _ok(cu.cuGraphGetEdges(graph, n), "cuGraphGetEdges")
+    src, dst, data, n = check_cu(cu.cuGraphGetEdges(graph, n), "cuGraphGetEdges")
     names: dict[int, str | None] = {}
 
     def ours(node) -> bool:
@@ -72,7 +66,7 @@ def link_programmatic(graph, is_ours: Callable[[str], bool]) -> int:
     if not pick:
         return 0
     frm, to = [src[i] for i in pick], [dst[i] for i in pick]
-    _ok(cu.cuGraphRemoveDependencies(graph, frm, to, [data[i] for i in pick], len(pick)),
+    check_cu(cu.cuGraphRemoveDependencies(graph, frm, to, [data[i] for i in pick], len(pick)),
         "cuGraphRemoveDependencies")
     edges = []
     for _ in pick:
@@ -80,5 +74,5 @@ def link_programmatic(graph, is_ours: Callable[[str], bool]) -> int:
         e.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
         e.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
         edges.append(e)
-    _ok(cu.cuGraphAddDependencies(graph, frm, to, edges, len(pick)), "cuGraphAddDependencies")
+    check_cu(cu.cuGraphAddDependencies(graph, frm, to, edges, len(pick)), "cuGraphAddDependencies")
     return len(pick)

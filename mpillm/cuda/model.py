@@ -27,7 +27,7 @@ from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
 from mpillm.cuda.graphs import link_programmatic, pdl_enabled
 from mpillm.cuda.kernels import DECODE_PARTITION, QGEMV_MAX_M, AttentionScratch, QuantWeight, seed_words
-from mpillm.cuda.runtime import DeviceTensor, device_alloc
+from mpillm.cuda.runtime import DeviceTensor, check_cu, device_alloc
 from mpillm.layers import bias_sources, load_merged, load_packed, projection_sources
 from mpillm.parallel import Shard
 from mpillm.quant import dequantize_int8, gpu_weight_bytes, pack_int8, quantize_int8
@@ -498,7 +498,7 @@ class CudaTransformer:
         if graph is None:
             graph = self.graphs[(B, max_ctx)] = self._capture(B, max_ctx)
         stream = cu.CUstream(self.dev.stream.handle)
-        _check_cu(cu.cuGraphLaunch(graph, stream), "cuGraphLaunch")
+        check_cu(cu.cuGraphLaunch(graph, stream), "cuGraphLaunch")
         return self._fetch_ids(B)[:n]
 
     def _capture(self, B: int, max_ctx: int):
@@ -510,17 +510,17 @@ class CudaTransformer:
         self._run(*args)                      # warm-up: first launches load modules and set attributes
         self.dev.synchronize()
         stream = cu.CUstream(self.dev.stream.handle)
-        _check_cu(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
-                  "cuStreamBeginCapture")
+        check_cu(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+                 "cuStreamBeginCapture")
         try:
             self._run(*args)
         finally:
-            graph = _check_cu(cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
+            graph = check_cu(cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
         try:
             self.pdl_edges = link_programmatic(graph, self.k.owns) if self.pdl else 0
-            exe = _check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+            exe = check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         finally:
-            _check_cu(cu.cuGraphDestroy(graph), "cuGraphDestroy")     # the executable graph is independent
+            check_cu(cu.cuGraphDestroy(graph), "cuGraphDestroy")     # the executable graph is independent
         self.graph_seconds += time.perf_counter() - t0
         return exe
 
@@ -532,7 +532,7 @@ class CudaTransformer:
         self.dev.synchronize()
         graphs, self.graphs = self.graphs, {}
         for exe in graphs.values():
-            _check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
+            check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
 
 
 def kv_cache_shortfall(rank: int, budget: int, num_blocks: int, asked: bool, block_size: int, per_block: int,
@@ -563,12 +563,3 @@ def _attention_groups(step: StepInput) -> list[tuple[int, int, int, int]]:
             groups.append((lo, i, int(n_q[lo:i].max()), int(step.context_lens[lo:i].max())))
             lo = i
     return groups
-
-
-def _check_cu(result, what: str):
-    """cuda.bindings returns (err, *values): raise with the call's name on error."""
-    from cuda.bindings import driver as cu
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"{what} failed: {err}")
-    return rest[0] if len(rest) == 1 else (rest or None)

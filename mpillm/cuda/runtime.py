@@ -47,6 +47,15 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def check_cu(result, what: str):
+    """cuda.bindings calls return (err, *values): raise naming the call on error, else the value(s)."""
+    from cuda.bindings import driver as cu
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"{what} failed: {err}")
+    return rest[0] if len(rest) == 1 else (rest or None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Allocation: every device buffer of the project comes from device_alloc, so a test can prove that a
 # decode step allocates nothing by reading allocation_count() before and after.

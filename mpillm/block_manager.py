@@ -81,6 +81,8 @@ class BlockManager:
 
     def grow(self, table: list[int], num_tokens: int) -> bool:
         """Extend `table` in place to hold num_tokens; False (unchanged) if blocks ran out."""
+        if num_tokens <= len(table) * self.block_size:       # most decode steps: the last block has room
+            return True
         need = self.blocks_needed(num_tokens) - len(table)
         if need > self.num_free:
             return False

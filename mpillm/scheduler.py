@@ -58,8 +58,9 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """[(sequence, number of new tokens)] for the next step; every sequence has blocks for them."""
         budget, out = self.budget, []
+        preempted: set[Sequence] = set()       # this step, to make room for an earlier sequence
         for seq in list(self.running):
-            if seq not in self.running:        # preempted below to make room for an earlier one
+            if seq in preempted:
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if n <= 0:
@@ -72,9 +73,10 @@ class Scheduler:
                         f"cannot hold a sequence of {seq.num_computed + n} tokens")
                 victim = self.running[-1]
                 self._preempt(victim)
+                preempted.add(victim)
                 if victim is seq:
                     break
-            if seq in self.running:
+            if seq not in preempted:
                 out.append((seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

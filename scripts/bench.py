@@ -58,6 +58,9 @@ def main():
                     help="instead: N requests (ShareGPT-like lengths, seeded) through the engine, continuous "
                          "batching vs static batching")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="--throughput: sequences decoded together")
+    ap.add_argument("--engine-only", action="store_true",
+                    help="--throughput: the engine's host work alone (scheduling, step metadata, detokenising), with a "
+                         "stand-in runner that samples random ids: no GPU needed")
     ap.add_argument("--gemm", action="store_true", help="instead: our GEMM vs cuBLASLt on the model's shapes")
     ap.add_argument("--qgemv", action="store_true", help="instead: quantized small-M kernel variants vs bf16 GEMV")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
@@ -75,6 +78,8 @@ def main():
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
 
+    if args.engine_only:
+        return engine_overhead(args)
     from mpi4py import MPI
 
     import pycuda.driver as cuda
@@ -330,6 +335,49 @@ def sharegpt_like(n: int, vocab: int, seed: int = 0):
     plen = np.clip(rng.lognormal(5.1, 1.0, n), 4, 1024).astype(int)
     olen = np.clip(rng.lognormal(5.2, 0.9, n), 4, 512).astype(int)
     return [(rng.integers(0, vocab, p).tolist(), int(o)) for p, o in zip(plen, olen)]
+
+
+def engine_overhead(args) -> dict:
+    """Host time per step of continuous batching outside the runner: what the GPU waits for between steps
+    (the runner here returns random ids at once). Returns the numbers it prints."""
+    from mpillm.dummy import IdsOnlyTokenizer, dummy_config, is_dummy
+    from mpillm.engine import Engine, EngineConfig
+    from mpillm.jobio import Request, SamplingParams
+    if is_dummy(args.model):
+        vocab = dummy_config(args.model).vocab_size
+    else:
+        from mpillm.checkpoint import open_checkpoint
+        vocab = open_checkpoint(args.model).config.vocab_size
+    n = args.throughput or 1000
+
+    class StandIn:
+        def __init__(self):
+            self.rng, self.steps = np.random.default_rng(0), 0
+
+        def execute(self, step, specs, sample=True):
+            self.steps += 1
+            return [(int(t), None) for t in self.rng.integers(0, vocab, len(specs))] if sample else []
+
+    runner = StandIn()
+    work = sharegpt_like(n, vocab)
+    eng = Engine(runner, IdsOnlyTokenizer(), EngineConfig(max_model_len=2048, num_blocks=1 << 20,
+                                                         max_num_seqs=args.max_num_seqs,
+                                                         max_num_batched_tokens=args.max_num_batched_tokens,
+                                                         prefix_caching=True))
+    for i, (p, o) in enumerate(work):
+        eng.add(Request(str(i), i, i, "", None, SamplingParams(max_tokens=o, ignore_eos=True), None), prompt_ids=p)
+    t, done = time.perf_counter(), 0
+    while eng.has_work():
+        done += len(eng.step())
+    secs = time.perf_counter() - t
+    assert done == n
+    out = dict(kind="engine", requests=n, steps=runner.steps, seconds=secs, ms_step=1e3 * secs / runner.steps)
+    print(f"engine host work: {n} requests in {runner.steps} steps, {secs:.2f} s, {out['ms_step']:.3f} ms/step "
+          f"(max {args.max_num_seqs} sequences, {args.max_num_batched_tokens} tokens per step, prefix caching on)")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(out) + "\n")
+    return out
 
 
 def quant_args(args) -> dict:

@@ -24,3 +24,17 @@ def test_sharegpt_like_workload_is_seeded_and_in_range():
     assert 100 < np.median(plen) < 300 and 100 < np.median(olen) < 350   # ShareGPT-like medians
     assert all(0 <= t < 32000 for p, _ in a[:50] for t in p)
     assert bench.sharegpt_like(10, 32000, seed=1) != bench.sharegpt_like(10, 32000, seed=0)
+
+
+def test_engine_only_runs_every_request_without_a_gpu(tmp_path, monkeypatch, capsys):
+    """bench --throughput N --engine-only: the engine's host work per step, with a stand-in runner."""
+    import json
+    import sys
+    bench = _bench()
+    out = tmp_path / "b.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", "dummy:llama3-8b", "--throughput", "30", "--engine-only",
+                                      "--max-num-seqs", "8", "--json", str(out)])
+    got = bench.main()
+    assert got["requests"] == 30 and got["steps"] > 30 and got["ms_step"] > 0
+    assert json.loads(out.read_text())["kind"] == "engine"
+    assert "engine host work: 30 requests" in capsys.readouterr().out

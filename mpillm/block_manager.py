@@ -9,12 +9,14 @@ reused, so a later request can still hit them (LRU order of the free list).
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 
 
 def block_hash(prev: bytes, tokens) -> bytes:
+    """blake2b-128 of the previous block's hash and these token ids (4 bytes each, little-endian)."""
     h = hashlib.blake2b(prev, digest_size=16)
-    h.update(b"".join(int(t).to_bytes(4, "little") for t in tokens))
+    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
     return h.digest()
 
 

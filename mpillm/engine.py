@@ -43,7 +43,7 @@ class SampleSpec:
 class _State:
     request: Request
     seed: int
-    decoder: IncrementalDecoder
+    decoder: IncrementalDecoder | None   # only with stop strings, which need the text as it grows
     text: str = ""
     logprobs: list = field(default_factory=list)
 
@@ -86,8 +86,10 @@ class Engine:
             return self._error(req, "kv_cache_too_small",
                                f"the request needs KV cache for {need} tokens; the cache holds "
                                f"{self.cfg.num_blocks * self.cfg.block_size}", len(ids))
+        # Without stop strings nobody reads the text before the end: one decode then, instead of two small
+        # decodes per token (with a real tokenizer, 1.9 against 0.13 us per token on SmolLM2's).
         state = _State(req, request_seed(req.params.seed, self.cfg.global_seed, req.id),
-                       IncrementalDecoder(self.tokenizer))
+                       IncrementalDecoder(self.tokenizer) if req.params.stop else None)
         # max_tokens past the context is not an error: generation stops at the context end with "length".
         seq = Sequence(self._next_id, list(ids), len(ids), min(req.params.max_tokens, room), state)
         self._next_id += 1
@@ -138,10 +140,10 @@ class Engine:
         if lp is not None:
             st.logprobs.append(lp)
         if token in self.eos and not p.ignore_eos:
-            return self._result(seq, "stop")
-        st.decoder.step(token)
-        text = st.decoder.text
-        if p.stop:
+            return self._result(seq, "stop", eos=True)
+        if st.decoder is not None:
+            st.decoder.step(token)
+            text = st.decoder.text
             # Only the tail can hold a new match: the last token's text plus the longest stop string.
             window = len(text) - len(st.text) + max(map(len, p.stop))
             tail_start = max(0, len(text) - window)
@@ -149,17 +151,22 @@ class Engine:
             if hits:
                 st.text = text[: min(hits)]
                 return self._result(seq, "stop", truncated=True)
-        st.text = text
+            st.text = text
         if seq.num_generated >= seq.max_tokens:
             return self._result(seq, "length")
         return None
 
-    def _result(self, seq: Sequence, reason: str, truncated: bool = False) -> Result:
+    def _result(self, seq: Sequence, reason: str, truncated: bool = False, eos: bool = False) -> Result:
+        """eos: the last token is the EOS that ended the sequence; it is in token_ids, not in the text."""
         st: _State = seq.payload
         out = seq.token_ids[seq.num_prompt:]
-        if not truncated:
+        if truncated:
+            text = st.text
+        elif st.decoder is not None:
             st.decoder.flush()   # a cut mid-character shows as U+FFFD, exactly as a full decode would
-        text = st.text if truncated else st.decoder.text
+            text = st.decoder.text
+        else:
+            text = self.tokenizer.decode(out[:-1] if eos else out, True)
         return Result(request=st.request, text=text, token_ids=list(out), finish_reason=reason,
                       prompt_tokens=seq.num_prompt, completion_tokens=len(out),
                       logprobs=self._logprobs(st) if st.request.params.logprobs else None)

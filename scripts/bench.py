@@ -344,10 +344,11 @@ def engine_overhead(args) -> dict:
     from mpillm.engine import Engine, EngineConfig
     from mpillm.jobio import Request, SamplingParams
     if is_dummy(args.model):
-        vocab = dummy_config(args.model).vocab_size
-    else:
+        vocab, tokenizer = dummy_config(args.model).vocab_size, IdsOnlyTokenizer()
+    else:                       # a checkpoint: its own tokenizer turns the ids into text
         from mpillm.checkpoint import open_checkpoint
-        vocab = open_checkpoint(args.model).config.vocab_size
+        ckpt = open_checkpoint(args.model)
+        vocab, tokenizer = ckpt.config.vocab_size, ckpt.tokenizer()
     n = args.throughput or 1000
 
     class StandIn:
@@ -360,7 +361,7 @@ def engine_overhead(args) -> dict:
 
     runner = StandIn()
     work = sharegpt_like(n, vocab)
-    eng = Engine(runner, IdsOnlyTokenizer(), EngineConfig(max_model_len=2048, num_blocks=1 << 20,
+    eng = Engine(runner, tokenizer, EngineConfig(max_model_len=2048, num_blocks=1 << 20,
                                                          max_num_seqs=args.max_num_seqs,
                                                          max_num_batched_tokens=args.max_num_batched_tokens,
                                                          prefix_caching=True))
@@ -373,7 +374,8 @@ def engine_overhead(args) -> dict:
     assert done == n
     out = dict(kind="engine", requests=n, steps=runner.steps, seconds=secs, ms_step=1e3 * secs / runner.steps)
     print(f"engine host work: {n} requests in {runner.steps} steps, {secs:.2f} s, {out['ms_step']:.3f} ms/step "
-          f"(max {args.max_num_seqs} sequences, {args.max_num_batched_tokens} tokens per step, prefix caching on)")
+          f"(max {args.max_num_seqs} sequences, {args.max_num_batched_tokens} tokens per step, prefix caching on, "
+          f"{'ids-only' if is_dummy(args.model) else 'the checkpoint'} tokenizer)")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(out) + "\n")

@@ -38,3 +38,12 @@ def test_engine_only_runs_every_request_without_a_gpu(tmp_path, monkeypatch, cap
     assert got["requests"] == 30 and got["steps"] > 30 and got["ms_step"] > 0
     assert json.loads(out.read_text())["kind"] == "engine"
     assert "engine host work: 30 requests" in capsys.readouterr().out
+
+
+def test_engine_only_with_a_checkpoint_uses_its_tokenizer(smollm_gguf, monkeypatch, capsys):
+    import sys
+    bench = _bench()
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", str(smollm_gguf), "--throughput", "12", "--engine-only",
+                                      "--max-num-seqs", "4"])
+    assert bench.main()["requests"] == 12
+    assert "the checkpoint tokenizer" in capsys.readouterr().out

@@ -704,3 +704,18 @@ def test_request_seed():
     assert s == request_seed(None, 0, "req-1") and 0 <= s < 2 ** 64
     assert s != request_seed(None, 1, "req-1") and s != request_seed(None, 0, "req-2")
     assert len({request_seed(None, 0, str(i)) for i in range(1000)}) == 1000
+
+
+def test_text_without_stop_strings_is_one_decode_of_the_ids():
+    """Without stop strings the text is decode(token_ids) once at the end (minus a final EOS): exactly what
+    transformers' decode returns, even for byte-fallback garbage after a complete character of the same byte
+    run, where a growing text would have kept that character."""
+    tok = _spm_tokenizer()
+    h = tok.encode("h", add_special_tokens=False)
+    garbage = h + [3 + 0xC3, 3 + 0xA9, 3 + 0xC3] + h            # "h", "é", a lone lead byte, "h"
+    out = scripted(tok, {1: garbage + [2]}, [req("len", "hi", seed=1, max_tokens=len(garbage)),
+                                             req("eos", "hi", seed=1, max_tokens=20)])
+    for r in out.values():
+        assert r.text == tok.decode(garbage) and "\u00e9" not in r.text
+    assert out["eos"].finish_reason == "stop" and out["eos"].token_ids == garbage + [2]
+    assert out["len"].finish_reason == "length" and out["len"].token_ids == garbage

@@ -361,7 +361,8 @@ def engine_overhead(args) -> dict:
 
     runner = StandIn()
     work = sharegpt_like(n, vocab)
-    eng = Engine(runner, tokenizer, EngineConfig(max_model_len=2048, num_blocks=1 << 20,
+    # Room for every sequence at full length: no preemption, and no million-entry free list to build.
+    eng = Engine(runner, tokenizer, EngineConfig(max_model_len=2048, num_blocks=args.max_num_seqs * 2048 // 16,
                                                          max_num_seqs=args.max_num_seqs,
                                                          max_num_batched_tokens=args.max_num_batched_tokens,
                                                          prefix_caching=True))

@@ -1,12 +1,17 @@
 // Paged attention for decode (one new query per sequence), split-K over the context.
 //
-// attention_decode_*: grid (partitions, n_kv, n_seqs), 256 threads. A block takes one partition of
-// DECODE_PARTITION keys of one KV head and serves all query heads of that head's GQA group, so each K
-// and V row is read from memory once per group rather than once per query head. Decode is bound by
-// reading the cache, so this is plain fp32 FMA: scores go to shared memory, the partition's max and
-// sum are computed per head, then P V. With one partition per sequence the block writes the final
-// normalised output itself; otherwise it writes the unnormalised partial output with its max and sum
-// to caller-provided scratch and attention_decode_reduce_* merges the partitions.
+// attention_decode_*: grid (P, n_kv, n_seqs), 256 threads. A block takes one partition of a sequence's keys
+// for one KV head and serves all query heads of that head's GQA group, so each K and V row is read from
+// memory once per group rather than once per query head. Decode is bound by reading the cache, so this is
+// plain fp32 FMA: scores go to shared memory, the partition's max and sum are computed per head, then P V.
+//
+// The partition length is chosen per sequence on the device (decode_part_len): the host fixes only the
+// grid's P (so one CUDA graph serves every context up to its bound), and each sequence spreads its keys over
+// as many of the P blocks as keeps partitions >= min_part keys. At batch 1 the host asks for enough P to
+// fill the GPU: one block per KV head would leave almost every SM idle while each block walks its whole
+// context through a chain of dependent memory round trips. A sequence that fits one partition has its block
+// write the final normalised output; otherwise its blocks write unnormalised partial outputs with their max
+// and sum to caller-provided scratch and attention_decode_reduce_* merges them.
 // Scores are in log2 units (q pre-scaled by scale * log2 e) so that exp2f applies directly.
 #include "common.cuh"
 
@@ -20,14 +25,24 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #define DECODE_LANES_PER_KEY 8   // QK^T: 8 lanes share one key row, so a warp reads 4 rows at once
 #define DECODE_QK_KEYS 4         // keys per 8-lane group and step (loads issued together)
 #define DECODE_PV_UNROLL 8       // V rows in flight per thread in P V
+#define DECODE_PART_ALIGN 16     // partition lengths are multiples of this
+
+// Keys per partition for a sequence of ctx keys spread over at most P partitions of at least min_part keys
+// (at most DECODE_PARTITION: the host sizes P so that P * DECODE_PARTITION covers every context). The decode
+// kernel and the merge kernel both derive their bounds from it.
+__device__ __forceinline__ int decode_part_len(int ctx, int P, int min_part) {
+    const int even = (ctx + P - 1) / P;
+    const int len = max(min_part, (even + DECODE_PART_ALIGN - 1) / DECODE_PART_ALIGN * DECODE_PART_ALIGN);
+    return min(len, DECODE_PARTITION);
+}
 
 template <typename T, int HD, int MAXG>
 __device__ __forceinline__ void attention_decode_partition(
     T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
     const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int* __restrict__ block_tables, const int* __restrict__ query_start, const int* __restrict__ context_lens,
-    int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int max_parts, int direct,
-    int group_size, int head_offset) {
+    int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int min_part, int group_size,
+    int head_offset) {
     constexpr int VECS = HD / 8;                                      // 16-byte vectors per head row
     constexpr int VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY;
     constexpr int N_WARPS = DECODE_THREADS / 32;
@@ -54,7 +69,10 @@ __device__ __forceinline__ void attention_decode_partition(
     // the kernel before (rope) may still be finishing.
     const int q_row = query_start[seq];
     const int ctx = context_lens[seq];
-    const int k0 = part * DECODE_PARTITION;
+    const int P = gridDim.x;
+    const int part_len = decode_part_len(ctx, P, min_part);
+    const bool direct = ctx <= part_len;  // one partition: no merge for this sequence
+    const int k0 = part * part_len;
     if (k0 >= ctx) {
         pdl_begin();
         if (ctx == 0 && part == 0 && direct) {  // empty (padding) sequence: defined zeros, not garbage
@@ -63,7 +81,7 @@ __device__ __forceinline__ void attention_decode_partition(
         }
         return;
     }
-    const int n = min(DECODE_PARTITION, ctx - k0);
+    const int n = min(part_len, ctx - k0);
     const int* table = block_tables + (size_t)seq * max_blocks;
     const size_t row_stride = (size_t)n_kv * HD;  // between consecutive cache slots
     const size_t kv_offset = (size_t)kv_head * HD;
@@ -215,7 +233,7 @@ __device__ __forceinline__ void attention_decode_partition(
         if (direct) {
             out[((size_t)q_row * n_heads + head) * HD + d] = from_float<T>(o / s_sum[gi]);
         } else {
-            const size_t idx = ((size_t)seq * n_heads + head) * max_parts + part;
+            const size_t idx = ((size_t)seq * n_heads + head) * P + part;
             part_out[idx * HD + d] = o;
             if (d == 0) {
                 part_max[idx] = s_max[gi];
@@ -232,13 +250,15 @@ __device__ __forceinline__ void attention_decode_merge(T* __restrict__ out, cons
                                                        const float* __restrict__ part_sum,
                                                        const int* __restrict__ query_start,
                                                        const int* __restrict__ context_lens, int n_heads,
-                                                       int max_parts) {
+                                                       int P, int min_part) {
     __shared__ float s_weight[DECODE_MAX_PARTS];
     __shared__ float s_scratch[32];
     const int head = blockIdx.x, seq = blockIdx.y;
     const int ctx = context_lens[seq];
-    const int n_parts = (ctx + DECODE_PARTITION - 1) / DECODE_PARTITION;
-    const size_t base = ((size_t)seq * n_heads + head) * max_parts;
+    const int part_len = decode_part_len(ctx, P, min_part);
+    const int n_parts = (ctx + part_len - 1) / part_len;
+    if (n_parts <= 1) return;  // the decode kernel wrote this sequence's output itself
+    const size_t base = ((size_t)seq * n_heads + head) * P;
     T* dst = out + ((size_t)query_start[seq] * n_heads + head) * HD;
 
     float mx = -INFINITY;
@@ -263,20 +283,20 @@ __device__ __forceinline__ void attention_decode_merge(T* __restrict__ out, cons
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 2) attention_decode_##NAME##_hd##HD##_g##MAXG( \
         T* out, float* part_out, float* part_max, float* part_sum, const T* qkv, const T* k_cache,          \
         const T* v_cache, const int* block_tables, const int* query_start, const int* context_lens,        \
-        int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int max_parts,            \
-        int direct, int group_size, int head_offset) {                                                     \
+        int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int min_part,             \
+        int group_size, int head_offset) {                                                                 \
         attention_decode_partition<T, HD, MAXG>(out, part_out, part_max, part_sum, qkv, k_cache, v_cache,  \
                                                 block_tables, query_start, context_lens, max_blocks,       \
-                                                n_heads, n_kv, block_size, scale_log2, max_parts, direct,  \
+                                                n_heads, n_kv, block_size, scale_log2, min_part,           \
                                                 group_size, head_offset);                                  \
     }
 #define MERGE_KERNEL(T, NAME, HD)                                                                          \
     extern "C" __global__ void __launch_bounds__(128) attention_decode_reduce_##NAME##_hd##HD(            \
         T* out, const float* part_out, const float* part_max, const float* part_sum,                       \
-        const int* query_start, const int* context_lens, int n_heads, int max_parts) {                     \
+        const int* query_start, const int* context_lens, int n_heads, int P, int min_part) {               \
         pdl_begin();                                                                                       \
         attention_decode_merge<T, HD>(out, part_out, part_max, part_sum, query_start, context_lens,        \
-                                      n_heads, max_parts);                                                 \
+                                      n_heads, P, min_part);                                               \
     }
 // GQA group sizes are served by the smallest MAXG >= group (1, 4, 8 or 16).
 #define DECODE_KERNELS_HD(T, NAME, HD)                                                                     \

@@ -15,6 +15,9 @@
 //
 // Block: WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
 // stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
+// Benchmark variants (scripts/bench.py --qgemv) may instead stream the weights through a per-warp
+// shared-memory ring of STAGES cp.async stages, which keeps more bytes in flight without holding them in
+// registers.
 #include "mma.cuh"
 
 #define QGEMV_ROWS 16
@@ -81,13 +84,16 @@ struct QStage {
     uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
 };
 
-template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false>
+// L2_HINT: weight loads with the L2::256B segment prefetch. STAGES: 0 = two register stages (production);
+// >= 2 = the weight ring described above, STAGES - 1 steps ahead.
+template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false,
+          bool L2_HINT = false, int STAGES = 0>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
                                              int n_groups, int gshift) {
+    static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
-    __shared__ float partial[WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * QGEMV_ROWS;
@@ -104,13 +110,17 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
     // Weights and scales (never written by a kernel, so the first ones may load before pdl_wait()), then x.
+    // With the ring (STAGES > 0) only the scales: the weights arrive through shared memory.
+    auto load_weight = [&](const uint8_t* p) { return L2_HINT ? ld_stream16_l2_256(p) : ld_stream16(p); };
     auto load_w = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
             const bool ok = sb < n_sb;
-            st.wa[u] = ok ? ld_stream16(w_a + (size_t)sb * QGEMV_SB_BYTES) : zero;
-            st.wb[u] = ok ? ld_stream16(w_b + (size_t)sb * QGEMV_SB_BYTES) : zero;
+            if (STAGES == 0) {
+                st.wa[u] = ok ? load_weight(w_a + (size_t)sb * QGEMV_SB_BYTES) : zero;
+                st.wb[u] = ok ? load_weight(w_b + (size_t)sb * QGEMV_SB_BYTES) : zero;
+            }
             if (BITS == 8) {
                 const unsigned short* s = reinterpret_cast<const unsigned short*>(scales);
 #pragma unroll
@@ -203,17 +213,70 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     };
 
     QStage<BITS, UNROLL, NT> front, back;
-    load_w(front, warp);
-    pdl_begin();
-    load_x(front, warp);
-    for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
-        load(back, sb0 + STEP);
-        compute(front);
-        load(front, sb0 + 2 * STEP);
-        compute(back);
+    if constexpr (STAGES == 0) {
+        __shared__ float partial[WARPS][NT * 4][32];
+        load_w(front, warp);
+        pdl_begin();
+        load_x(front, warp);
+        for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
+            load(back, sb0 + STEP);
+            compute(front);
+            load(front, sb0 + 2 * STEP);
+            compute(back);
+        }
+        finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
+    } else {
+        // Slot [warp][s][u][row a / b][lane]: 1 KB per super-block, so WARPS * STAGES * UNROLL KB. Every lane
+        // copies only its own 16-byte pieces and reads back only those, and cp.async.wait_group makes a
+        // thread's own copies visible to it: no barrier inside the loop.
+        __shared__ __align__(16) uint4 ring[WARPS][STAGES][UNROLL][2][32];
+        uint4(*slots)[UNROLL][2][32] = ring[warp];
+        // One commit group per step, also for steps past the end (zero-filled), so that the group of the
+        // step being read is always the (STAGES - 1)-th most recent.
+        auto issue = [&](int slot, int sb0) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int sb = sb0 + u * WARPS;
+                const bool ok = sb < n_sb;
+                const size_t off = ok ? (size_t)sb * QGEMV_SB_BYTES : 0;
+                if (L2_HINT) {
+                    cp_async16_l2_256(&slots[slot][u][0][lane], w_a + off, ok);
+                    cp_async16_l2_256(&slots[slot][u][1][lane], w_b + off, ok);
+                } else {
+                    cp_async16(&slots[slot][u][0][lane], w_a + off, ok);
+                    cp_async16(&slots[slot][u][1][lane], w_b + off, ok);
+                }
+            }
+            cp_async_commit();
+        };
+        int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
+        // Scales and x (small, cache-resident) stay in registers, loaded one step ahead.
+        auto step = [&](QStage<BITS, UNROLL, NT>& cur, QStage<BITS, UNROLL, NT>& next, int sb0) {
+            cp_async_wait<STAGES - 2>();
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) cur.wa[u] = slots[slot][u][0][lane], cur.wb[u] = slots[slot][u][1][lane];
+            issue(slot == 0 ? STAGES - 1 : slot - 1, sb0 + (STAGES - 1) * STEP);
+            slot = slot + 1 == STAGES ? 0 : slot + 1;
+            load_w(next, sb0 + STEP);
+            load_x(next, sb0 + STEP);
+            compute(cur);
+        };
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * STEP);
+        load_w(front, warp);
+        pdl_begin();
+        load_x(front, warp);
+        for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
+            step(front, back, sb0);
+            step(back, front, sb0 + STEP);
+        }
+        // The ring becomes `partial` (it is always large enough): the trailing zero-fill copies must have
+        // landed and every warp must be done reading its slots first.
+        cp_async_wait<0>();
+        __syncthreads();
+        finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(reinterpret_cast<float(*)[NT * 4][32]>(&ring[0][0][0][0][0]),
+                                                        acc, y, bias, n0, M, N);
     }
-
-    finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
 }
 
 // Dequantize the whole packed weight into out[N, K] (model dtype) for the prefill GEMM; one thread per
@@ -264,19 +327,20 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 }
 
 // One kernel per (bits, token tiles NT): WARPS per block, UNROLL super-blocks per warp step, at least MINB
-// blocks per SM (caps registers). kernels.py QGEMV_CONFIGS mirrors WARPS.
-#define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB)                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##BITS##_##NAME##_m##NT(                 \
+// blocks per SM (caps registers), L2 hint and weight ring STAGES as in quant_linear. kernels.py QGEMV_CONFIGS
+// mirrors WARPS. QGEMV_ENTRY is one entry point (bench variants); QGEMV_KERNEL_EX the linear and its SwiGLU twin.
+#define QGEMV_ENTRY(T, OUT_T, FNAME, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, SWIGLU)                          \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) FNAME(                                        \
         OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
         int n_sb, int n_groups, int gshift) {                                                                   \
-        quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift); \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##BITS##_swiglu_##NAME##_m##NT(         \
-        OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
-        int n_sb, int n_groups, int gshift) {                                                                   \
-        quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups,   \
-                                                              gshift);                                          \
+        quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL, SWIGLU, L2, STAGES>(y, x, w, scales, bias, M, N, K, n_sb, \
+                                                                            n_groups, gshift);                  \
     }
+#define QGEMV_KERNEL_EX(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES)                               \
+    QGEMV_ENTRY(T, OUT_T, qgemv##BITS##_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, false)        \
+    QGEMV_ENTRY(T, OUT_T, qgemv##BITS##_swiglu_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, true)
+#define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB) \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB, false, 0)
 #ifndef QGEMV_VARIANTS_ONLY
 // Chosen with `scripts/bench.py --qgemv` (H100, Llama-3-8B shapes, docs/PERFORMANCE.md): two blocks per SM
 // (registers capped at 128) beat one fatter block by 10-40%; the kernel is latency-bound, not issue-bound.

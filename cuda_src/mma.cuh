@@ -18,6 +18,13 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// cp_async16 with L2::256B: L2 fetches the whole 256-byte segment around a miss, for weight streams whose
+// neighbouring pieces other warps ask for next (as gemv.cu's ld_weight16<true>).
+__device__ __forceinline__ void cp_async16_l2_256(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
@@ -61,6 +68,15 @@ __device__ __forceinline__ void mma_16816<f16>(float (&d)[4], const uint32_t (&a
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+// ld_stream16 with the L2::256B segment prefetch (cp_async16_l2_256).
+__device__ __forceinline__ uint4 ld_stream16_l2_256(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(p));
     return v;

@@ -74,6 +74,9 @@ def main():
                     help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="decode graphs without programmatic dependent launch (the A side of an A/B; sets MPILLM_PDL=0)")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="--tp > 1: prefill steps as one batch with the all-reduces in line (the A side of an A/B with "
+                         "the two overlapped micro-batches)")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -137,7 +140,7 @@ def main():
     blocks_needed = max_seqs * -(-max_len // 16) + 16
     model = CudaTransformer(ckpt, cfg, shard, device, kernels, dtype=args.dtype, comm=comm, max_tokens=max_tokens,
                             max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed,
-                            **quant_args(args))
+                            overlap=not args.no_overlap, **quant_args(args))
     bw = copy_bandwidth(cuda, device.stream)
     weight_bytes = model.streamed_bytes          # bytes a decode step reads (the embedding table is not streamed)
     if size > 1:
@@ -145,13 +148,14 @@ def main():
     say(f"# {device.name}, {args.model}, tp={size}, {args.dtype}, weights {model._scheme()}; "
         f"kernels compiled in {compile_s:.2f} s; "
         f"weights {model.weight_bytes / 2**30:.2f} GiB/rank, {weight_bytes / 2**30:.2f} GiB read per decode step; "
-        f"copy bandwidth {bw:.0f} GB/s")
+        f"copy bandwidth {bw:.0f} GB/s; decode split {kernels.decode_split:g} blocks/SM (min {kernels.decode_min_part} "
+        f"keys)" + (f"; prefill micro-batch overlap {'on' if model.overlap else 'off'}" if size > 1 else ""))
     results = []
 
     def record(**kw):
         kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
-                  pdl=model.pdl)
+                  pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -268,63 +272,166 @@ def gemm_compare(args, cfg):
     device.close()
 
 
-# (warps, unroll, min blocks per SM) shapes of the quantized small-M kernel tried by --qgemv
-QGEMV_VARIANTS = [(8, 2, 1), (8, 1, 1), (8, 2, 2), (8, 1, 2), (4, 2, 2), (4, 1, 3), (4, 2, 4), (16, 1, 1),
-                  (8, 4, 1), (4, 4, 2)]
+# (warps, unroll, min blocks per SM, L2::256B hint, weight ring stages) of the quantized small-M kernel tried by
+# --qgemv. Stages 0: two register stages (production); >= 2: a per-warp cp.async ring of that many stages,
+# warps x stages x unroll KB of static shared memory (at most 48).
+QGEMV_VARIANTS = [(8, 2, 1, False, 0), (8, 1, 1, False, 0), (8, 2, 2, False, 0), (8, 1, 2, False, 0),
+                  (4, 2, 2, False, 0), (4, 1, 3, False, 0), (4, 2, 4, False, 0), (16, 1, 1, False, 0),
+                  (8, 4, 1, False, 0), (4, 4, 2, False, 0),
+                  (8, 2, 2, True, 0), (8, 1, 2, True, 0),
+                  (8, 1, 2, False, 4), (8, 1, 2, True, 3), (8, 1, 2, True, 4), (8, 1, 2, True, 6), (8, 2, 2, True, 3),
+                  (8, 2, 1, True, 3), (4, 2, 2, True, 4), (4, 2, 2, True, 6), (4, 1, 3, True, 6)]
+QGEMV_TILES = (1, 4)       # token tiles NT the sweep instantiates: M <= 8 and M <= 32
+
+
+def qgemv_variant_source() -> str:
+    """What --qgemv compiles: gemv_quant.cu without its production kernels, plus one bf16 entry point
+    qgemv{bits}_v{i}_m{nt} per variant, bits and token tiles. Needs no GPU (tests/test_qgemv_variants.py)."""
+    from mpillm.cuda.kernels import CUDA_SRC
+    src = "#define QGEMV_VARIANTS_ONLY\n" + (CUDA_SRC / "gemv_quant.cu").read_text()
+    for bits in (8, 4):
+        for nt in QGEMV_TILES:
+            for v, (wp, un, mb, l2, stages) in enumerate(QGEMV_VARIANTS):
+                src += (f"QGEMV_ENTRY(bf16, bf16, qgemv{bits}_v{v}_m{nt}, {bits}, {nt}, {wp}, {un}, {mb}, "
+                        f"{'true' if l2 else 'false'}, {stages}, false)\n")
+    return src
 
 
 def qgemv_compare(args, cfg):
     """GB/s of the quantized small-M kernel shapes (QGEMV_VARIANTS) against the bf16 GEMV, on the model's
-    projection shapes: which variant to ship (gemv_quant.cu QGEMV_KERNELS)."""
+    projection shapes: which variant to ship (gemv_quant.cu QGEMV_KERNELS).
+
+    Timed as decode runs them: from DRAM, back to back in a CUDA graph (programmatic edges where the decode
+    graphs have them). Each measurement rotates through enough copies of the weight (>= 400 MB) that none is
+    still in L2 (50-60 MB on H100/H200) when it comes round again, and the graph takes the host's launch
+    cost (~5 us, more than a 16 MB weight takes to stream) out of the number."""
     import pycuda.driver as cuda
+    from cuda.bindings import driver as cu
     from pycuda.compiler import SourceModule
+    from mpillm.cuda.graphs import link_programmatic, pdl_enabled
     from mpillm.cuda.kernels import CUDA_SRC, GEMV_ROWS, NVCC_OPTIONS, Kernels, QuantWeight
-    from mpillm.cuda.runtime import DeviceTensor, init_device
+    from mpillm.cuda.runtime import DeviceTensor, check_cu, init_device
     device = init_device(0)
     k = Kernels(device)
+    pdl = pdl_enabled(device.compute_capability)
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     shapes = ((qkv, h), (h, cfg.num_heads * cfg.head_dim), (2 * i, h), (h, i))
-    src = "#define QGEMV_VARIANTS_ONLY\n" + (CUDA_SRC / "gemv_quant.cu").read_text()
+    mod = SourceModule(qgemv_variant_source(), options=list(NVCC_OPTIONS), no_extern_c=True, arch=device.arch,
+                       include_dirs=[str(CUDA_SRC)])
+    fns = {}
     for bits in (8, 4):
-        for nt in (1, 4):
-            for v, (wp, un, mb) in enumerate(QGEMV_VARIANTS):
-                src += f"QGEMV_KERNEL(bf16, bf16, v{v}, {bits}, {nt}, {wp}, {un}, {mb})\n"
-    mod = SourceModule(src, options=list(NVCC_OPTIONS), no_extern_c=True, arch=device.arch, include_dirs=[str(CUDA_SRC)])
+        for nt in QGEMV_TILES:
+            for v in range(len(QGEMV_VARIANTS)):
+                fns[bits, nt, v] = fn = mod.get_function(f"qgemv{bits}_v{v}_m{nt}")
+                fn.prepare("PPPPPiiiiii")
     start, end = cuda.Event(), cuda.Event()
+    stream = cu.CUstream(device.stream.handle)
     rng = np.random.default_rng(0)
+    min_bytes, max_copies, reps = 400 << 20, 64, 10
 
-    def timed(fn, reps=30):
-        fn()
-        start.record(device.stream)
-        for _ in range(reps):
-            fn()
-        end.record(device.stream)
-        end.synchronize()
-        return end.time_since(start) / 1e3 / reps
+    def copies_for(nbytes):
+        return min(max_copies, -(-min_bytes // nbytes))
 
-    print(f"# {device.name}: quantized small-M kernel variants (warps, unroll, min blocks/SM): GB/s of weight bytes")
-    for n, kk in shapes:
+    def graph_seconds(launch, copies):
+        """Seconds per launch of launch(c) for c = 0..copies-1, captured once as a graph and replayed."""
+        for c in range(copies):          # first launches load modules; nothing may do that during capture
+            launch(c)
+        device.synchronize()
+        check_cu(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+                 "cuStreamBeginCapture")
+        try:
+            for c in range(copies):
+                launch(c)
+        finally:
+            graph = check_cu(cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
+        try:
+            if pdl:                      # every node is a kernel of gemv.cu / gemv_quant.cu
+                link_programmatic(graph, lambda name: True)
+            exe = check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        finally:
+            check_cu(cu.cuGraphDestroy(graph), "cuGraphDestroy")
+        try:
+            check_cu(cu.cuGraphLaunch(exe, stream), "cuGraphLaunch")
+            start.record(device.stream)
+            for _ in range(reps):
+                check_cu(cu.cuGraphLaunch(exe, stream), "cuGraphLaunch")
+            end.record(device.stream)
+            end.synchronize()
+        finally:
+            check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
+        return end.time_since(start) / 1e3 / (reps * copies)
+
+    def fill_random(t):
+        cuda.memcpy_htod(t.ptr, rng.integers(0, 256, t.nbytes, dtype=np.uint8))
+
+    def quant_copies(kind, n, kk):
+        """Distinct device copies of one random quantized weight (same codes, so every copy gives one y)."""
+        first = QuantWeight.random(kind, n, kk, 128 if kind == "int8" else 32, fill_random)
+        same = lambda t: cuda.memcpy_dtod(t.ptr, first.data.ptr, t.nbytes)  # noqa: E731
+        return [first] + [QuantWeight.random(kind, n, kk, first.group_size, same)
+                          for _ in range(copies_for(first.nbytes) - 1)]
+
+    legend = " ".join(f"v{v}=({wp},{un},{mb},{'L2' if l2 else '-'},{st})"
+                      for v, (wp, un, mb, l2, st) in enumerate(QGEMV_VARIANTS))
+    print(f"# {device.name}: quantized small-M kernel variants vs the bf16 GEMV, GB/s of weight bytes (data + scales), "
+          f"from DRAM (>= {min_bytes >> 20} MB of weight copies rotated, CUDA graph{', PDL edges' if pdl else ''})")
+    print(f"# variants (warps, unroll, min blocks/SM, L2::256B hint, ring stages): {legend}")
+    print("# after a cell: '=' output bitwise equal to the production kernel, '~' within 1e-2 of max|y| (another "
+          "summation order), '!' MISMATCH; max|dy|/max|y| over the variants per kind at the end of the line")
+    names = " ".join(f"{'v%d' % v:>6s}" for v in range(len(QGEMV_VARIANTS)))
+    print(f"# {'shape':22s} {'bf16':>5s}  int8 {names}  q4 {names}  max|dy|/max|y| int8 q4")
+    mismatches = []
+
+    def sweep(n, kk):
+        """One projection shape; its weight copies are freed on return."""
+        # bf16 weights uninitialised: their values do not change the GEMV's speed (no output is checked).
+        dense = [DeviceTensor.empty((n, kk), "bf16") for _ in range(copies_for(n * kk * 2))]
+        quant = {kind: quant_copies(kind, n, kk) for kind in ("int8", "q4")}
         for m in (1, 8, 32):
             x = DeviceTensor.from_numpy(rng.standard_normal((m, kk)).astype(np.float32), "bf16")
             y = DeviceTensor.empty((m, n), "bf16")
-            wf = DeviceTensor.empty((n, kk), "bf16")
-            line = [f"N={n:6d} K={kk:6d} M={m:3d}: bf16 {wf.nbytes / timed(lambda: k.linear(y, x, wf, path='gemv')) / 1e9:5.0f}"]
+            secs = graph_seconds(lambda c: k.linear(y, x, dense[c], path="gemv"), len(dense))
+            line = [f"N={n:6d} K={kk:6d} M={m:3d}: {dense[0].nbytes / secs / 1e9:5.0f}"]
+            rel, before = [], len(mismatches)
             for bits, kind in ((8, "int8"), (4, "q4")):
-                def fill(t):
-                    cuda.memcpy_htod(t.ptr, rng.integers(0, 256, t.nbytes, dtype=np.uint8))
-                w = QuantWeight.random(kind, n, kk, 128 if bits == 8 else 32, fill)
+                ws = quant[kind]
                 nt = 1 if m <= 8 else 4
-                cells = []
-                for v, (wp, un, mb) in enumerate(QGEMV_VARIANTS):
-                    fn = mod.get_function(f"qgemv{bits}_v{v}_m{nt}")
-                    fn.prepare("PPPPPiiiiii")
-                    grid = (-(-n // GEMV_ROWS), 1)
-                    call = lambda: fn.prepared_async_call(grid, (wp * 32, 1, 1), device.stream, y.ptr, x.ptr, w.data.ptr,  # noqa: E731
-                                                          w.scales.ptr, 0, m, n, kk, w.super_blocks, w.n_groups, w.gshift)
-                    cells.append(f"{w.nbytes / timed(call) / 1e9:5.0f}")
+                # The production path (kernels.py _qgemv) on copy 0 is the reference. A variant that changes
+                # only how the weights reach registers (L2 hint, ring) with the production warps and unroll
+                # must match it bitwise; other warps / unroll sum in another fp32 order (a few bf16 ulps).
+                k.linear(y, x, ws[0])
+                y_ref = y.to_numpy()
+                scale = max(float(np.abs(y_ref).max()), 1e-30)
+                cells, worst = [], 0.0
+                for v, (wp, *_) in enumerate(QGEMV_VARIANTS):
+                    fn = fns[bits, nt, v]
+
+                    def launch(c, fn=fn, wp=wp):
+                        w = ws[c]
+                        fn.prepared_async_call((-(-n // GEMV_ROWS), 1), (wp * 32, 1, 1), device.stream, y.ptr, x.ptr,
+                                               w.data.ptr, w.scales.ptr, 0, m, n, kk, w.super_blocks, w.n_groups,
+                                               w.gshift)
+                    cuda.memset_d16(y.ptr, 0x7FC0, y.numel)          # NaN: a variant that skips a store shows
+                    launch(0)
+                    diff = float(np.nan_to_num(np.abs(y.to_numpy() - y_ref), nan=np.inf).max())
+                    err = diff / scale
+                    worst = max(worst, err)
+                    flag = "=" if diff == 0 else ("~" if err <= 1e-2 else "!")
+                    if flag == "!":
+                        mismatches.append(f"{kind} v{v}{QGEMV_VARIANTS[v]} N={n} K={kk} M={m}: max|dy| {diff:.3g}")
+                    cells.append(f"{ws[0].nbytes / graph_seconds(launch, len(ws)) / 1e9:5.0f}{flag}")
                 line.append(f"{kind} " + " ".join(cells))
-            print("  ".join(line), flush=True)
+                rel.append(f"{worst:.1e}")
+            bad = len(mismatches) > before
+            print("  ".join(line) + "  " + " ".join(rel) + ("  MISMATCH" if bad else ""), flush=True)
+
+    for n, kk in shapes:
+        sweep(n, kk)
+    if mismatches:
+        print("MISMATCH (variant output differs from the production kernel by more than 1e-2 of max|y|):")
+        for line in mismatches:
+            print("  MISMATCH " + line)
     device.close()
 
 

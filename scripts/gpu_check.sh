@@ -33,6 +33,11 @@ for m in "${models[@]}"; do
   echo "== bench $m tp=1 --no-pdl" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --no-pdl --batch 1,8,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
     | tee -a "$OUT/bench.log"
+  # A/B in this run: decode attention spread over more blocks at small batch (the default above) against one
+  # partition per 512 keys.
+  echo "== bench $m tp=1 MPILLM_DECODE_SPLIT=0" | tee -a "$OUT/bench.log"
+  MPILLM_DECODE_SPLIT=0 $PY scripts/bench.py --model "$m" --batch 1,8,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
+    | tee -a "$OUT/bench.log"
   # A/B in this run: SwiGLU fused into the gate/up projection (the default above) against two kernels.
   echo "== bench $m tp=1 --no-fuse-swiglu" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --no-fuse-swiglu --batch 1,8 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
@@ -41,6 +46,8 @@ for m in "${models[@]}"; do
     if [ "$NGPU" -ge $tp ]; then
       echo "== bench $m tp=$tp" | tee -a "$OUT/bench.log"
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --batch 1,32 --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== bench $m tp=$tp --no-overlap" | tee -a "$OUT/bench.log"    # A/B: overlapped prefill micro-batches
+      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --no-overlap --batch "" --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
       echo "== bench $m tp=$tp --nccl-only" | tee -a "$OUT/bench.log"     # A/B: the one-shot IPC all-reduce
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --nccl-only --batch 1,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
     fi
@@ -55,10 +62,11 @@ for r in rows:
         d = f"{r['ms_step']:.3f} ms/step, {r['gb_s']:.0f} GB/s = {100 * r['roofline_frac']:.1f}% of copy bw"
         what = f"decode b={r['batch']}" + ("" if r.get("fuse_swiglu", True) else ", unfused SwiGLU") \
             + (", NCCL only" if r.get("allreduce") == "nccl" and r["tp"] > 1 else "") \
-            + ("" if r.get("pdl", True) else ", no PDL")
+            + ("" if r.get("pdl", True) else ", no PDL") \
+            + (", no decode split" if r.get("decode_split", 1) == 0 else "")
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
-        what = f"prefill {r['tokens']}"
+        what = f"prefill {r['tokens']}" + (", no overlap" if r["tp"] > 1 and not r.get("overlap", True) else "")
     print(f"| {r['gpu']} | {r['model']} | {r.get('quantize', 'none')} | {r['tp']} | {what} | {r['tok_s']:.1f} | {d} |")
 PYEOF
 exit $status

@@ -1,8 +1,10 @@
 """Host-side logic of the CUDA backend that needs no GPU."""
 
 import numpy as np
+import pytest
 
 from mpillm.batch import StepInput
+from mpillm.cuda.kernels import decode_split_settings
 from mpillm.cuda.model import _attention_groups, kv_cache_shortfall
 from mpillm.cuda.runtime import bf16_to_f32, f32_to_bf16
 
@@ -151,3 +153,50 @@ def test_link_programmatic_without_edges_and_check_cu_errors(monkeypatch):
     assert check_cu(("ok", 5), "x") == 5 and check_cu(("ok", 1, 2), "x") == [1, 2] and check_cu("ok", "x") is None
     with pytest.raises(RuntimeError, match="cuGraphLaunch failed: boom"):
         check_cu(("boom",), "cuGraphLaunch")
+
+
+def _device_part_len(ctx, P, min_part):
+    """attention_decode.cu decode_part_len, term for term."""
+    from mpillm.cuda.kernels import DECODE_PART_ALIGN, DECODE_PARTITION
+    even = -(-ctx // P)
+    return min(max(min_part, -(-even // DECODE_PART_ALIGN) * DECODE_PART_ALIGN), DECODE_PARTITION)
+
+
+def test_decode_partitions_cover_every_context_within_the_scratch():
+    from mpillm.cuda.kernels import (DECODE_MAX_PARTS, DECODE_PARTITION, attention_scratch_rows,
+                                     decode_partitions)
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        max_seqs = int(rng.integers(1, 300))
+        n_seqs = int(rng.integers(1, max_seqs + 1))
+        n_kv = int(rng.choice([1, 2, 3, 4, 8]))
+        max_ctx = int(rng.integers(1, 40000))
+        bound = int(rng.integers(max_ctx, 40001))            # the scratch's context bound
+        sms = int(rng.choice([8, 108, 132]))
+        split = float(rng.choice([0.0, 0.5, 1.0, 2.0, 8.0]))
+        min_part = int(rng.choice([16, 32, 64, 512]))
+        rows = attention_scratch_rows(max_seqs, bound)
+        P = decode_partitions(n_seqs, n_kv, max_ctx, sms, rows, split, min_part)
+        assert 1 <= P <= DECODE_MAX_PARTS and P * n_seqs <= rows
+        assert P * DECODE_PARTITION >= max_ctx
+        if split == 0:
+            assert P == -(-max_ctx // DECODE_PARTITION)
+        for ctx in (1, max_ctx, int(rng.integers(1, max_ctx + 1))):
+            part = _device_part_len(ctx, P, min_part)
+            assert part % 16 == 0 or part == DECODE_PARTITION
+            assert -(-ctx // part) <= P          # no key is left without a block
+
+
+def test_decode_split_fills_the_gpu_at_batch_1_only():
+    from mpillm.cuda.kernels import attention_scratch_rows, decode_partitions
+    rows = attention_scratch_rows(256, 4096)
+    # Llama-3-8B (8 kv heads) on 132 SMs: batch 1 at a 512-key bound gets 16 partitions of >= 32 keys ...
+    assert decode_partitions(1, 8, 512, 132, rows) == 16
+    assert decode_partitions(1, 8, 4096, 132, rows) == 17      # ... and a long-context graph 132 / 8 -> 17
+    assert decode_partitions(32, 8, 512, 132, rows) == 1       # 256 blocks already: one partition each
+    assert decode_partitions(1, 8, 512, 132, None) == 1        # no scratch, no split
+    with pytest.raises(ValueError, match="MPILLM_DECODE_MIN_PART"):
+        decode_split_settings({"MPILLM_DECODE_MIN_PART": "40"})
+    with pytest.raises(ValueError, match="MPILLM_DECODE_SPLIT"):
+        decode_split_settings({"MPILLM_DECODE_SPLIT": "lots"})
+    assert decode_split_settings({"MPILLM_DECODE_SPLIT": "0", "MPILLM_DECODE_MIN_PART": "64"}) == (0.0, 64)

@@ -479,3 +479,40 @@ def test_smollm_parity_check_catches_missing_qk_unpermutation(smol, smol_generat
         assert_close(got, want)
     assert np.abs(got - want).max() > 100 * (REL * np.abs(want).max() + 1e-5)
     assert_close(prompt_logits[3], want)        # while the real one passes on the same prompt
+
+
+def test_split_step_halves_run_in_order_equal_the_whole_step(case):
+    """mpillm.batch.split_step (the tensor-parallel overlap's micro-batches): a mixed step of decodes and
+    prefills cut at every kind of place gives, run half after half, the whole step's logits and KV cache."""
+    from mpillm.batch import split_step
+    bs = 4
+    prompts = _prompts(5, [1, 9, 1, 14, 6])
+    cached = [7, 0, 5, 3, 0]
+    tables = [[3, 9], [0, 4, 12], [6, 2], [1, 10, 13, 15, 16], [5, 8]]
+    rng = np.random.default_rng(0)
+    warm = case.model.new_cache(num_blocks=20, block_size=bs)
+    # The cached prefixes: random k/v in the cache (every layer), as an earlier step would have left.
+    for layer in range(len(warm.k)):
+        warm.k[layer][:] = rng.normal(size=warm.k[layer].shape)
+        warm.v[layer][:] = rng.normal(size=warm.v[layer].shape)
+    step = StepInput.build([(p, c, t, True) for p, c, t in zip(prompts, cached, tables)], bs)
+    whole_cache = _copy_cache(warm)
+    whole = case.model.forward(step, whole_cache, all_logits=True)
+    T = step.num_tokens
+    for t1 in (1, int(step.query_start[2]), int(step.query_start[3]) + 5, T - 1):
+        first, second = split_step(step, t1)
+        assert first.num_tokens == t1 and second.num_tokens == T - t1
+        cache = _copy_cache(warm)
+        got = np.concatenate([case.model.forward(first, cache, all_logits=True),
+                              case.model.forward(second, cache, all_logits=True)])
+        assert_close(got, whole, what=f"{case.kind} split at {t1}")
+        for layer in range(len(cache.k)):
+            np.testing.assert_allclose(cache.k[layer], whole_cache.k[layer], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(cache.v[layer], whole_cache.v[layer], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="^t1"):
+        split_step(step, 0)
+
+
+def _copy_cache(cache):
+    import copy
+    return copy.deepcopy(cache)

@@ -53,8 +53,17 @@ GEMM_CONFIGS = {
 }
 ATTN_BQ, ATTN_BKV, ATTN_THREADS = 64, 64, 128   # attention_prefill.cu
 ATTN_HEAD_DIMS = (64, 80, 96, 128)
-DECODE_PARTITION = 512      # attention_decode.cu: keys per split-K partition
+DECODE_PARTITION = 512      # attention_decode.cu: most keys per split-K partition
 DECODE_MAX_PARTS = 1024
+# Small batches spread each sequence's keys over more partitions (at least DECODE_MIN_PART keys each) until the
+# grid has about DECODE_SPLIT_BLOCKS_PER_SM blocks per SM. MPILLM_DECODE_SPLIT (blocks per SM, 0 = off) and
+# MPILLM_DECODE_MIN_PART override them for A/B runs (scripts/bench.py).
+DECODE_MIN_PART = 32
+DECODE_PART_ALIGN = 16      # attention_decode.cu: partition lengths are multiples of this
+DECODE_SPLIT_BLOCKS_PER_SM = 1.0
+# Partial-output rows (sequence x partition) an AttentionScratch holds beyond what its context bound needs:
+# room for the small-batch split (P x n_seqs <= split blocks / n_kv + n_seqs).
+DECODE_SPLIT_ROWS = 512
 DECODE_THREADS = 256
 DECODE_REDUCE_THREADS = 128
 DECODE_GROUPS = (1, 4, 8, 16)  # instantiated GQA group bounds
@@ -116,14 +125,21 @@ def seed_words(seeds) -> np.ndarray:
 # Decode attention scratch
 
 
+def attention_scratch_rows(max_seqs: int, max_context_len: int) -> int:
+    """Partial-output rows (sequence x partition) of the split-K decode scratch: every sequence of a batch
+    of max_seqs at max_context_len keys, plus room for the small-batch split."""
+    return max_seqs * max(1, _cdiv(max_context_len, DECODE_PARTITION)) + DECODE_SPLIT_ROWS
+
+
 def attention_scratch_shapes(max_seqs: int, n_heads: int, head_dim: int, max_context_len: int) -> dict:
     """Shapes (all f32) of the split-K decode scratch for batches up to max_seqs sequences and contexts
-    up to max_context_len keys: partial outputs and the per-partition softmax max and sum."""
-    parts = max(1, _cdiv(max_context_len, DECODE_PARTITION))
+    up to max_context_len keys: partial outputs and the per-partition softmax max and sum, laid out
+    [n_seqs, n_heads, P(, head_dim)] for the grid's P partitions (a flat buffer of `rows` x n_heads rows)."""
+    rows = attention_scratch_rows(max_seqs, max_context_len)
     return {
-        "partial_out": (max_seqs, n_heads, parts, head_dim),
-        "partial_max": (max_seqs, n_heads, parts),
-        "partial_sum": (max_seqs, n_heads, parts),
+        "partial_out": (rows * n_heads, head_dim),
+        "partial_max": (rows * n_heads,),
+        "partial_sum": (rows * n_heads,),
     }
 
 
@@ -132,15 +148,53 @@ def attention_scratch_bytes(max_seqs: int, n_heads: int, head_dim: int, max_cont
                                                                   max_context_len).values())
 
 
+def decode_partitions(n_seqs: int, n_kv_heads: int, max_context_len: int, sm_count: int, rows: int | None,
+                      split_blocks_per_sm: float = DECODE_SPLIT_BLOCKS_PER_SM,
+                      min_part: int = DECODE_MIN_PART) -> int:
+    """The decode grid's partition count P for a batch of n_seqs sequences of at most max_context_len keys.
+
+    At least enough partitions of DECODE_PARTITION keys to cover max_context_len; at small batch more, up
+    to about split_blocks_per_sm * sm_count blocks in all, with partitions of at least min_part keys, and
+    within the scratch's `rows` (None: no scratch, so no split)."""
+    need = max(1, _cdiv(max_context_len, DECODE_PARTITION))
+    if rows is None or split_blocks_per_sm <= 0:
+        return need
+    want = _cdiv(int(split_blocks_per_sm * sm_count), n_kv_heads * n_seqs)
+    cap = min(_cdiv(max_context_len, min_part), rows // n_seqs, DECODE_MAX_PARTS)
+    return max(need, min(want, cap))
+
+
+def decode_split_settings(env) -> tuple[float, int]:
+    """(blocks per SM, min keys per partition) of the small-batch decode split, from MPILLM_DECODE_SPLIT and
+    MPILLM_DECODE_MIN_PART when set."""
+    raw_split = env.get("MPILLM_DECODE_SPLIT", str(DECODE_SPLIT_BLOCKS_PER_SM))
+    raw_min = env.get("MPILLM_DECODE_MIN_PART", str(DECODE_MIN_PART))
+    try:
+        split = float(raw_split)
+    except ValueError:
+        split = -1.0
+    if not (split >= 0 and math.isfinite(split)):
+        raise ValueError(f"MPILLM_DECODE_SPLIT: {raw_split!r} is not a number >= 0 (blocks per SM; 0 = off)")
+    try:
+        min_part = int(raw_min)
+    except ValueError:
+        min_part = 0
+    if not (DECODE_PART_ALIGN <= min_part <= DECODE_PARTITION and min_part % DECODE_PART_ALIGN == 0):
+        raise ValueError(f"MPILLM_DECODE_MIN_PART: {raw_min!r} is not a multiple of {DECODE_PART_ALIGN} in "
+                         f"[{DECODE_PART_ALIGN}, {DECODE_PARTITION}]")
+    return split, min_part
+
+
 class AttentionScratch:
     """Preallocated split-K decode buffers; allocate once (at engine start), pass to every attention()."""
 
     def __init__(self, max_seqs: int, n_heads: int, head_dim: int, max_context_len: int):
+        if _cdiv(max_context_len, DECODE_PARTITION) > DECODE_MAX_PARTS:
+            raise ValueError(f"max_context_len: at most {DECODE_MAX_PARTS * DECODE_PARTITION} keys")
         shapes = attention_scratch_shapes(max_seqs, n_heads, head_dim, max_context_len)
         self.max_seqs, self.n_heads, self.head_dim = max_seqs, n_heads, head_dim
-        self.max_parts = shapes["partial_max"][2]
-        if self.max_parts > DECODE_MAX_PARTS:
-            raise ValueError(f"max_context_len: at most {DECODE_MAX_PARTS * DECODE_PARTITION} keys")
+        self.max_context_len = max_context_len
+        self.rows = attention_scratch_rows(max_seqs, max_context_len)
         self.partial_out = DeviceTensor.empty(shapes["partial_out"], "f32")
         self.partial_max = DeviceTensor.empty(shapes["partial_max"], "f32")
         self.partial_sum = DeviceTensor.empty(shapes["partial_sum"], "f32")
@@ -207,6 +261,7 @@ class Kernels:
         self.device = device
         self.stream = device.stream
         self._cuda = cuda
+        self.decode_split, self.decode_min_part = decode_split_settings(os.environ)
         sources = kernel_sources()
         workers = workers or min(len(sources), os.cpu_count() or 1)
 
@@ -572,30 +627,33 @@ class Kernels:
         group_bound = next((g for g in DECODE_GROUPS if group <= g), None)
         if group_bound is None:
             raise ValueError(f"n_heads: GQA group {group} exceeds {DECODE_GROUPS[-1]}")
-        parts = _cdiv(max_context_len, DECODE_PARTITION)
-        direct = parts == 1
-        if direct:
-            part_ptrs, max_parts = (0, 0, 0), 1
-        else:
-            if not isinstance(scratch, AttentionScratch):
+        need = _cdiv(max_context_len, DECODE_PARTITION)
+        if scratch is None:
+            if need > 1:
                 raise ValueError("scratch: an AttentionScratch is required when max_context_len > "
                                  f"{DECODE_PARTITION} on the decode path")
-            if (n_seqs > scratch.max_seqs or parts > scratch.max_parts or scratch.n_heads != n_heads
-                    or scratch.head_dim != head_dim):
-                raise ValueError(f"scratch: sized for {scratch.max_seqs} seqs x {scratch.n_heads} heads x "
-                                 f"{scratch.max_parts} partitions x hd {scratch.head_dim}; this call needs "
-                                 f"{n_seqs} x {n_heads} x {parts} x {head_dim}")
+        elif not isinstance(scratch, AttentionScratch):
+            raise ValueError(f"scratch: expected an AttentionScratch, got {type(scratch).__name__}")
+        elif (n_seqs * need > scratch.rows or scratch.n_heads != n_heads or scratch.head_dim != head_dim):
+            raise ValueError(f"scratch: sized for {scratch.max_seqs} seqs x {scratch.n_heads} heads x "
+                             f"{scratch.max_context_len} keys x hd {scratch.head_dim}; this call needs "
+                             f"{n_seqs} x {n_heads} x {max_context_len} x {head_dim}")
+        rows = scratch.rows if scratch is not None else None
+        parts = decode_partitions(n_seqs, n_kv_heads, max_context_len, self.device.sm_count, rows,
+                                  self.decode_split, self.decode_min_part)
+        if parts == 1:
+            part_ptrs = (0, 0, 0)   # every sequence fits one partition: no partials, no merge
+        else:
             part_ptrs = (scratch.partial_out.ptr, scratch.partial_max.ptr, scratch.partial_sum.ptr)
-            max_parts = scratch.max_parts
         fn = self._fn("attention_decode", f"attention_decode_{dt}_hd{head_dim}_g{group_bound}",
-                      "PPPPPPPPPPiiiifiiii")
+                      "PPPPPPPPPPiiiifiii")
         self._launch(fn, (parts, n_kv_heads, n_seqs), DECODE_THREADS, out.ptr, *part_ptrs, qkv.ptr, k_cache.ptr,
                      v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr, max_blocks, n_heads,
-                     n_kv_heads, block_size, scale_log2, max_parts, int(direct), group, head_offset)
-        if not direct:
-            fn = self._fn("attention_decode", f"attention_decode_reduce_{dt}_hd{head_dim}", "PPPPPPii")
+                     n_kv_heads, block_size, scale_log2, self.decode_min_part, group, head_offset)
+        if parts > 1:
+            fn = self._fn("attention_decode", f"attention_decode_reduce_{dt}_hd{head_dim}", "PPPPPPiii")
             self._launch(fn, (n_heads, n_seqs), DECODE_REDUCE_THREADS, out.ptr, *part_ptrs, query_start.ptr,
-                         context_lens.ptr, n_heads, max_parts)
+                         context_lens.ptr, n_heads, parts, self.decode_min_part)
 
     # -- sampling ---------------------------------------------------------------------------------
     def argmax(self, out_ids: DeviceTensor, logits: DeviceTensor) -> None:

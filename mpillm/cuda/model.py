@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from mpillm import ops
-from mpillm.batch import StepInput
+from mpillm.batch import StepInput, split_step
 from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
@@ -46,6 +47,27 @@ class GpuMemoryError(RuntimeError):
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
+
+
+class _Rows(NamedTuple):
+    """Views of a range of token rows (CudaTransformer._rows)."""
+    resid: DeviceTensor
+    h: DeviceTensor
+    delta: DeviceTensor
+    qkv: DeviceTensor
+    attn: DeviceTensor
+    gate_up: DeviceTensor
+    act: DeviceTensor
+    positions: DeviceTensor
+    slots: DeviceTensor
+    attn_in: DeviceTensor      # the whole qkv buffer
+    attn_out: DeviceTensor     # the whole attn buffer
+
+
+# Eager steps of at least this many tokens run as two micro-batches under tensor parallelism (overlap):
+# below it the halves' GEMMs are too short to hide a collective behind and decode-sized all-reduces go
+# through the one-shot IPC kernel anyway.
+OVERLAP_MIN_TOKENS = 256
 
 
 @dataclass
@@ -106,7 +128,7 @@ class CudaTransformer:
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
-                 log=lambda m: None):
+                 overlap: bool = True, log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
@@ -119,6 +141,9 @@ class CudaTransformer:
         self.pdl_edges = 0                 # programmatic edges in the last captured graph
         self.cuda, self.cfg, self.shard, self.dev, self.k = cuda, cfg, shard, device, kernels
         self.comm = comm or SingleComm()
+        # Tensor parallelism: eager steps of at least OVERLAP_MIN_TOKENS run as two micro-batches whose
+        # all-reduces (on a second stream) hide behind each other's GEMMs. False: one batch, collectives in line.
+        self.overlap = bool(overlap) and self.comm.size > 1 and hasattr(self.comm, "all_reduce_device")
         self.dtype, self.block_size = dtype, block_size
         self.max_tokens, self.max_seqs, self.max_model_len = max_tokens, max_seqs, max_model_len
         self.max_blocks = -(-max_model_len // block_size)
@@ -177,6 +202,13 @@ class CudaTransformer:
         self.out_host = cuda.pagelocked_empty(S, np.int32)
         self.buf = StepBuffers(T, S, self.max_blocks)
         self.scratch = AttentionScratch(S, nq, hd, self.max_blocks * block_size)
+        if self.overlap:
+            self.side = cuda.Stream()      # the micro-batches' all-reduces
+            # query_start [S + 1] and context_lens [S] of each micro-batch (query_start in whole-step rows).
+            self.half_host = cuda.pagelocked_empty(2 * (2 * S + 1), np.int32)
+            self.half_dev = DeviceTensor.empty((2 * (2 * S + 1),), "i32")
+            flags = cuda.event_flags.DISABLE_TIMING
+            self.events = [[cuda.Event(flags) for _ in range(2)] for _ in range(2)]   # [half][computed, reduced]
 
         if self.comm.size > 1 and hasattr(self.comm, "enable_ipc_all_reduce"):
             # Decode-sized all-reduces (up to 64 tokens) through the one-shot IPC kernel; larger ones NCCL.
@@ -349,6 +381,26 @@ class CudaTransformer:
         bt[:, w:] = 0
         self._stage_sampling(specs)
 
+    def _stage_halves(self, step: StepInput):
+        """Split the step at its middle token (split_step) and upload each half's query_start (in whole-step
+        rows) and context_lens. Returns [(first row, end row, attention runs)] for _run_overlapped."""
+        T, S = step.num_tokens, self.buf.max_seqs
+        t1 = T // 2
+        host, dev, out, off = self.half_host, self.half_dev, [], 0
+        for j, (half, lo) in enumerate(zip(split_step(step, t1), (0, t1))):
+            n = half.num_seqs
+            host[off: off + n + 1] = half.query_start + lo
+            host[off + S + 1: off + S + 1 + n] = half.context_lens
+            seq_lo = 0 if j == 0 else step.num_seqs - n            # the second half's sequences end the step's
+            tables = self.buf.dev_view("block_tables", (step.num_seqs, self.buf.max_blocks))
+            meta = self._seq_meta(dev.view(off, (n + 1,)), dev.view(off + S + 1, (n,)),
+                                  tables.view(seq_lo * self.buf.max_blocks, (n, self.buf.max_blocks)),
+                                  _attention_groups(half))
+            out.append((lo, lo + half.num_tokens, meta))
+            off += 2 * S + 1
+        self.cuda.memcpy_htod_async(dev.ptr, host, self.dev.stream)
+        return out
+
     def _stage_sampling(self, specs):
         b = self.buf
         n = len(specs)
@@ -368,38 +420,100 @@ class CudaTransformer:
         that are all decodes (one query) or all prefill chunks; each run gets the attention kernel made for
         it, sized by its own longest query and context (a mixed step would otherwise launch prefill tiles
         for every decode sequence)."""
-        k, c, s, b = self.k, self.cfg, self.shard, self.buf
-        H, hd = c.hidden_size, c.head_dim
-        resid, h, delta = self.resid.view(0, (T, H)), self.h.view(0, (T, H)), self.delta.view(0, (T, H))
-        qkv, attn = self.qkv.view(0, (T, self.qkv_width)), self.attn.view(0, (T, s.n_heads * hd))
-        gate_up, act = self.gate_up.view(0, (T, 2 * self.inter)), self.act.view(0, (T, self.inter))
-        ids, positions, slots = b.dev_view("ids", (T,)), b.dev_view("positions", (T,)), b.dev_view("slots", (T,))
-        query_start, context_lens = b.dev_view("query_start", (S + 1,)), b.dev_view("context_lens", (S,))
-        block_tables = b.dev_view("block_tables", (S, b.max_blocks))
-        scale = 1.0 / math.sqrt(hd)
-
-        self._embed(resid, ids)
+        b = self.buf
+        rows = self._rows(0, T)
+        meta = self._seq_meta(b.dev_view("query_start", (S + 1,)), b.dev_view("context_lens", (S,)),
+                              b.dev_view("block_tables", (S, b.max_blocks)), attn_groups)
+        self._embed(rows.resid, b.dev_view("ids", (T,)))
         for i, w in enumerate(self.layers):
-            if i == 0:
-                k.rms_norm(h, resid, w.ln1, c.rms_norm_eps)
-            else:
-                k.add_rms_norm(h, delta, resid, w.ln1, c.rms_norm_eps)      # r += mlp out; h = norm(r)
-            k.linear(qkv, h, w.qkv, w.qkv_bias, scratch=self.wscratch)
-            k.rope_store_kv(qkv, positions, self.inv_freq, self.k_cache[i], self.v_cache[i], slots,
-                            s.n_heads, s.n_kv_heads, hd)
-            for lo, hi, max_q, max_ctx in attn_groups:
-                k.attention(attn, qkv, self.k_cache[i], self.v_cache[i],
-                            block_tables.view(lo * b.max_blocks, (hi - lo, b.max_blocks)),
-                            query_start.view(lo, (hi - lo + 1,)), context_lens.view(lo, (hi - lo,)),
-                            s.n_heads, s.n_kv_heads, hd, scale, max_q, max_ctx, self.scratch, s.group, s.head_offset)
-            self._row_parallel(delta, attn, w.o)
-            k.add_rms_norm(h, delta, resid, w.ln2, c.rms_norm_eps)          # r += attn out; h = norm(r)
-            if self.fuse_swiglu:
-                k.linear_swiglu(act, h, w.gate_up, gate_up, scratch=self.wscratch)   # act = silu(gate) * up
-            else:
-                k.linear(gate_up, h, w.gate_up, scratch=self.wscratch)
-                k.silu_mul(act, gate_up, interleaved=True)
-            self._row_parallel(delta, act, w.down)
+            self._attention_block(i, w, rows, meta)
+            self._row_parallel(rows.delta, rows.attn, w.o)
+            self._mlp_block(w, rows)
+            self._row_parallel(rows.delta, rows.act, w.down)
+        return self._head(T, L, sample)
+
+    def _run_overlapped(self, T: int, S: int, L: int, halves, sample: bool):
+        """_run as two micro-batches (mpillm.batch.split_step) that take turns: while one half's all-reduce
+        runs on the side stream, the main stream computes the other half's next sub-layer. The halves touch
+        disjoint rows of every activation buffer; the second reads the first's KV only after the first
+        wrote it on the main stream. The same kernels on the same rows as _run (the GEMMs see half the M, so
+        cuBLASLt may pick another algorithm: equal up to rounding)."""
+        b = self.buf
+        parts = [(self._rows(lo, hi), meta) for lo, hi, meta in halves]
+        pending = [None, None]           # each half's all-reduce in flight (an event on the side stream)
+
+        def settle(j):                   # the main stream waits for half j's sum before reading it
+            if pending[j] is not None:
+                self.dev.stream.wait_for_event(pending[j])
+                pending[j] = None
+
+        self._embed(self._rows(0, T).resid, b.dev_view("ids", (T,)))
+        for i, w in enumerate(self.layers):
+            for j, (rows, meta) in enumerate(parts):
+                settle(j)
+                self._attention_block(i, w, rows, meta)
+                pending[j] = self._row_parallel(rows.delta, rows.attn, w.o, half=j)
+            for j, (rows, meta) in enumerate(parts):
+                settle(j)
+                self._mlp_block(w, rows)
+                pending[j] = self._row_parallel(rows.delta, rows.act, w.down, half=j)
+        settle(0)
+        settle(1)
+        return self._head(T, L, sample)
+
+    def _rows(self, lo: int, hi: int):
+        """Views of token rows lo..hi-1 of the activations and per-token metadata. attn_in / attn_out are
+        whole: the attention kernel addresses its rows through query_start."""
+        n, b, s, hd = hi - lo, self.buf, self.shard, self.cfg.head_dim
+        H = self.cfg.hidden_size
+        return _Rows(self.resid.view(lo * H, (n, H)), self.h.view(lo * H, (n, H)), self.delta.view(lo * H, (n, H)),
+                     self.qkv.view(lo * self.qkv_width, (n, self.qkv_width)),
+                     self.attn.view(lo * s.n_heads * hd, (n, s.n_heads * hd)),
+                     self.gate_up.view(lo * 2 * self.inter, (n, 2 * self.inter)),
+                     self.act.view(lo * self.inter, (n, self.inter)),
+                     b.dev_view("positions", (b.max_tokens,)).view(lo, (n,)),
+                     b.dev_view("slots", (b.max_tokens,)).view(lo, (n,)),
+                     self.qkv.view(0, (b.max_tokens, self.qkv_width)),
+                     self.attn.view(0, (b.max_tokens, s.n_heads * hd)))
+
+    def _seq_meta(self, query_start, context_lens, block_tables, attn_groups):
+        """Per attention run: (block tables, query_start, context_lens) views of its sequences, longest query
+        and context."""
+        mb = self.buf.max_blocks
+        return [(block_tables.view(lo * mb, (hi - lo, mb)), query_start.view(lo, (hi - lo + 1,)),
+                 context_lens.view(lo, (hi - lo,)), max_q, max_ctx) for lo, hi, max_q, max_ctx in attn_groups]
+
+    def _attention_block(self, i: int, w: LayerWeights, rows, meta):
+        """h = norm(r) (r += delta first, from layer 1 on), qkv = h Wqkv, rope and KV store, attention."""
+        k, c, s = self.k, self.cfg, self.shard
+        hd = c.head_dim
+        if i == 0:
+            k.rms_norm(rows.h, rows.resid, w.ln1, c.rms_norm_eps)
+        else:
+            k.add_rms_norm(rows.h, rows.delta, rows.resid, w.ln1, c.rms_norm_eps)   # r += mlp out; h = norm(r)
+        k.linear(rows.qkv, rows.h, w.qkv, w.qkv_bias, scratch=self.wscratch)
+        k.rope_store_kv(rows.qkv, rows.positions, self.inv_freq, self.k_cache[i], self.v_cache[i], rows.slots,
+                        s.n_heads, s.n_kv_heads, hd)
+        for tables, query_start, context_lens, max_q, max_ctx in meta:
+            k.attention(rows.attn_out, rows.attn_in, self.k_cache[i], self.v_cache[i], tables, query_start,
+                        context_lens, s.n_heads, s.n_kv_heads, hd, 1.0 / math.sqrt(hd), max_q, max_ctx,
+                        self.scratch, s.group, s.head_offset)
+
+    def _mlp_block(self, w: LayerWeights, rows):
+        """r += delta (the attention output); h = norm(r); act = silu(h Wgate) * (h Wup)."""
+        k, c = self.k, self.cfg
+        k.add_rms_norm(rows.h, rows.delta, rows.resid, w.ln2, c.rms_norm_eps)
+        if self.fuse_swiglu:
+            k.linear_swiglu(rows.act, rows.h, w.gate_up, rows.gate_up, scratch=self.wscratch)
+        else:
+            k.linear(rows.gate_up, rows.h, w.gate_up, scratch=self.wscratch)
+            k.silu_mul(rows.act, rows.gate_up, interleaved=True)
+
+    def _head(self, T: int, L: int, sample: bool):
+        """Final norm of the rows we want logits of, LM head, and (sample) the token ids on the GPU."""
+        k, c, b = self.k, self.cfg, self.buf
+        H = c.hidden_size
+        h, delta, resid = self.h.view(0, (T, H)), self.delta.view(0, (T, H)), self.resid.view(0, (T, H))
         k.add_rms_norm(h, delta, resid, self.norm, c.rms_norm_eps)
         last = self.last.view(0, (L, H))
         k.embedding(last, b.dev_view("logits_index", (L,)), h, 0)          # gather the rows we sample from
@@ -417,11 +531,23 @@ class CudaTransformer:
         if self.comm.size > 1:
             self.comm.all_reduce_device(out)
 
-    def _row_parallel(self, y, x, w):
-        """y = all_reduce(x_local @ w_local.T): each rank holds the input columns it computes."""
+    def _row_parallel(self, y, x, w, half: int | None = None):
+        """y = all_reduce(x_local @ w_local.T): each rank holds the input columns it computes.
+
+        half (micro-batch 0 or 1 of _run_overlapped): the all-reduce goes to the side stream once the main
+        stream has computed y; returns the event that marks the sum done (None when there is no collective)."""
         self.k.linear(y, x, w, scratch=self.wscratch)
-        if self.comm.size > 1:
+        if self.comm.size == 1:
+            return None
+        if half is None:
             self.comm.all_reduce_device(y)
+            return None
+        computed, reduced = self.events[half]
+        computed.record(self.dev.stream)
+        self.side.wait_for_event(computed)
+        self.comm.all_reduce_device(y, stream=self.side)
+        reduced.record(self.side)
+        return reduced
 
     def _lm_head(self, x):
         """Logits [L, vocab] f32: each rank its vocab rows, gathered side by side."""
@@ -443,7 +569,11 @@ class CudaTransformer:
         if self._graphable(step) and not want_logits and L == S:
             return self._replay(step, specs), None
         self.buf.upload(S, self.dev.stream)
-        logits = self._run(T, S, L, _attention_groups(step), sample=not want_logits and L > 0)
+        sample = not want_logits and L > 0
+        if self.overlap and T >= OVERLAP_MIN_TOKENS:
+            logits = self._run_overlapped(T, S, L, self._stage_halves(step), sample)
+        else:
+            logits = self._run(T, S, L, _attention_groups(step), sample)
         if want_logits:
             out = logits.to_numpy() if L else np.zeros((0, self.cfg.vocab_size), np.float32)
             return None, out

@@ -47,13 +47,15 @@ class NcclComm:
         self.ipc = IpcAllReduce(self.group, self.device, kernels, max_bytes)
         return f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
 
-    def all_reduce_device(self, t):
+    def all_reduce_device(self, t, stream=None):
         """In-place sum over the group: small messages through the IPC kernel when enabled, else NCCL. The
-        choice depends only on the size, which every rank shares."""
-        if self.ipc is not None and self.ipc.fits(t):
+        choice depends only on the size and the stream, which every rank shares. `stream` (a pycuda Stream):
+        enqueue there instead of the device's stream (NCCL only; the caller orders it with events)."""
+        if stream is None and self.ipc is not None and self.ipc.fits(t):
             self.ipc.all_reduce(t)
             return
-        self.nc.all_reduce(t.ptr, t.ptr, t.numel, NCCL_DTYPE[t.dtype], NCCL_SUM, self.comm, self.stream)
+        handle = self.stream if stream is None else stream.handle
+        self.nc.all_reduce(t.ptr, t.ptr, t.numel, NCCL_DTYPE[t.dtype], NCCL_SUM, self.comm, handle)
 
     def all_gather_vocab(self, out, local):
         """out [L, V] f32 = the ranks' local logits [L, V_r] side by side (vocab shards may differ in size).

@@ -425,6 +425,33 @@ def test_attention_decode_single_partition(kernels, dtype):
     assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("split,min_part", [(0.0, 32), (1.0, 16), (1.0, 32), (4.0, 16), (1.0, 512), (64.0, 16)])
+@pytest.mark.parametrize("seqs", [[(1, 150)], [(1, 1), (1, 33), (1, 512)], [(1, 0), (1, 700), (1, 16), (1, 4097)]])
+def test_attention_decode_small_batch_split(kernels, monkeypatch, split, min_part, seqs):
+    """Small batches spread each sequence over more partitions, chosen per sequence on the device from the
+    grid's P: sequences that fit one partition (including empty ones) and ones split many ways share a
+    launch, with and without the split (split 0) and with partitions down to 16 keys."""
+    from mpillm.cuda.kernels import AttentionScratch
+
+    monkeypatch.setattr(kernels, "decode_split", split)
+    monkeypatch.setattr(kernels, "decode_min_part", min_part)
+    nh, nkv, hd = 12, 3, 128
+    rng = np.random.default_rng(len(seqs) + min_part)
+    host, d = _paged_batch(rng, "bf16", seqs, nh, nkv, hd, 16)
+    out = DeviceTensor.from_numpy(np.full((len(seqs), nh, hd), 7.0, np.float32), "bf16")
+    kernels.attention(out, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
+                      d["context_lens"], nh, nkv, hd, hd ** -0.5, max_query_len=1,
+                      max_context_len=max(c for _, c in seqs), scratch=AttentionScratch(4, nh, hd, 8192))
+    got = out.to_numpy()
+    live = [i for i, (_, c) in enumerate(seqs) if c > 0]
+    # The reference takes the live sequences only (an empty context has no softmax).
+    sub = dict(host, tables=host["tables"][live], qkv=host["qkv"][live],
+               query_start=np.arange(len(live) + 1, dtype=np.int32))
+    want = _attention_reference(sub, [seqs[i] for i in live], nh, nkv, hd, 16)
+    assert not np.any(np.delete(got, live, axis=0)), "an empty sequence's output must be zeros"
+    assert_close(got[live], want, "bf16")
+
+
 @pytest.mark.parametrize("seqs", [PREFILL_SEQS[:4], DECODE_SEQS])
 @pytest.mark.parametrize("n_heads,n_kv,group,head_offset", [(5, 2, 3, 0), (4, 2, 3, 2), (3, 1, 9, 6), (2, 2, 3, 2)])
 def test_attention_tensor_parallel_head_offset(kernels, seqs, n_heads, n_kv, group, head_offset):

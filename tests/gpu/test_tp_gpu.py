@@ -124,6 +124,58 @@ def test_tp_int8_greedy_equals_single_gpu_int8(tp_env, smollm_gguf):
 
 
 @mpi
+def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
+    """A mixed step over OVERLAP_MIN_TOKENS (two prompts, one straddling the cut, and a decode) runs as two
+    micro-batches whose all-reduces overlap; its logits and the KV cache it writes equal those of the
+    one-batch step (overlap=False), and every rank samples the same ids."""
+    from mpillm.batch import StepInput
+    from mpillm.checkpoint import open_checkpoint
+    from mpillm.cuda.model import OVERLAP_MIN_TOKENS, CudaTransformer
+    from mpillm.cuda.nccl import NcclComm
+    from mpillm.engine import SampleSpec
+    from mpillm.jobio import SamplingParams
+    from mpillm.parallel import make_shard
+    world, dev, kernels = tp_env
+    r, n = world.Get_rank(), world.Get_size()
+    ck = open_checkpoint(smollm_gguf)
+    cfg = ck.config
+    comm = NcclComm(world, dev, [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, i, n) for i in range(n))])
+    comm.reserve(8)
+    kw = dict(comm=comm, dtype="bf16", max_tokens=512, max_seqs=8, max_model_len=512, num_blocks=64)
+    models = {flag: CudaTransformer(ck, cfg, make_shard(cfg, r, n), dev, kernels, overlap=flag, **kw)
+              for flag in (False, True)}
+    assert models[True].overlap and not models[False].overlap
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 40000, 150).tolist(), rng.integers(0, 40000, 170).tolist()
+    spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)] * 3
+    warm = StepInput.build([(PROMPT + PROMPT[:4], 0, [20, 21], True)], 16)     # sequence 3: 20 cached tokens
+    step = StepInput.build([(a, 0, list(range(0, 10)), True), (b, 0, list(range(10, 20)), True),
+                            ([7], 20, [20, 21], True)], 16)
+    assert step.num_tokens >= OVERLAP_MIN_TOKENS
+    assert step.query_start[1] < step.num_tokens // 2 < step.query_start[2]     # the cut is inside prompt b
+    logits, ids = {}, {}
+    for flag, m in models.items():
+        m.forward(warm, spec[:1])
+        _, logits[flag] = m.forward(step, spec, want_logits=True)
+        ids[flag], _ = m.forward(step, spec)                                     # sampled on the GPU, same KV
+    ref, tol = logits[False], 2e-2 * np.abs(logits[False]).max()
+    np.testing.assert_allclose(logits[True], ref, rtol=0, atol=tol)
+    for flag in models:
+        assert list(ids[flag]) == list(logits[flag].argmax(-1))
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tol                                    # not a near tie
+    assert (logits[True].argmax(-1) == ref.argmax(-1))[clear].all()
+    for i in range(cfg.num_layers):
+        for cache in ("k_cache", "v_cache"):
+            want = getattr(models[False], cache)[i].to_numpy()[:22]
+            got = getattr(models[True], cache)[i].to_numpy()[:22]
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max(), err_msg=f"{cache} {i}")
+    everyone = world.allgather(list(ids[True]))
+    assert all(e == everyone[0] for e in everyone), "ranks of a TP group sampled different tokens"
+    _close(comm, *models.values())
+
+
+@mpi
 def test_ipc_all_reduce_sums_like_nccl_in_and_out_of_graphs(tp_env):
     """The one-shot IPC all-reduce: sums for sizes up to its limit, the same bits on every rank, many calls
     back to back (the two buffers alternate), replays of a captured graph, and NCCL beyond the limit."""

@@ -11,7 +11,8 @@
 // fill the GPU: one block per KV head would leave almost every SM idle while each block walks its whole
 // context through a chain of dependent memory round trips. A sequence that fits one partition has its block
 // write the final normalised output; otherwise its blocks write unnormalised partial outputs with their max
-// and sum to caller-provided scratch and attention_decode_reduce_* merges them.
+// and sum to caller-provided scratch, and the last of them to finish merges them (an arrival counter per
+// sequence and kv head, in the scratch).
 // Scores are in log2 units (q pre-scaled by scale * log2 e) so that exp2f applies directly.
 #include "common.cuh"
 
@@ -21,7 +22,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 
 #define DECODE_THREADS 256
 #define DECODE_PARTITION 512
-#define DECODE_MAX_PARTS 1024    // contexts up to 512K keys
 #define DECODE_LANES_PER_KEY 8   // QK^T: 8 lanes share one key row, so a warp reads 4 rows at once
 #define DECODE_QK_KEYS 4         // keys per 8-lane group and step (loads issued together)
 #define DECODE_PV_UNROLL 8       // V rows in flight per thread in P V
@@ -39,7 +39,7 @@ __device__ __forceinline__ int decode_part_len(int ctx, int P, int min_part) {
 template <typename T, int HD, int MAXG>
 __device__ __forceinline__ void attention_decode_partition(
     T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
-    const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    int* __restrict__ counters, const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int* __restrict__ block_tables, const int* __restrict__ query_start, const int* __restrict__ context_lens,
     int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int min_part, int group_size,
     int head_offset) {
@@ -241,67 +241,63 @@ __device__ __forceinline__ void attention_decode_partition(
             }
         }
     }
-}
+    if (direct) return;
 
-// grid (n_heads, n_seqs): merge the partitions of one head, weighting each by exp2(max_p - max).
-template <typename T, int HD>
-__device__ __forceinline__ void attention_decode_merge(T* __restrict__ out, const float* __restrict__ part_out,
-                                                       const float* __restrict__ part_max,
-                                                       const float* __restrict__ part_sum,
-                                                       const int* __restrict__ query_start,
-                                                       const int* __restrict__ context_lens, int n_heads,
-                                                       int P, int min_part) {
-    __shared__ float s_weight[DECODE_MAX_PARTS];
-    __shared__ float s_scratch[32];
-    const int head = blockIdx.x, seq = blockIdx.y;
-    const int ctx = context_lens[seq];
-    const int part_len = decode_part_len(ctx, P, min_part);
+    // The last block of this (sequence, kv head) to finish merges all its partitions, weighting each by
+    // exp2(max_p - max): no second kernel, whose launch and drain cost more than the merge at small batch.
+    // Publish the partials before counting (threadfence), and read the others' through L2 (__ldcg).
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
     const int n_parts = (ctx + part_len - 1) / part_len;
-    if (n_parts <= 1) return;  // the decode kernel wrote this sequence's output itself
-    const size_t base = ((size_t)seq * n_heads + head) * P;
-    T* dst = out + ((size_t)query_start[seq] * n_heads + head) * HD;
-
-    float mx = -INFINITY;
-    for (int p = threadIdx.x; p < n_parts; p += blockDim.x) mx = fmaxf(mx, part_max[base + p]);
-    mx = block_max(mx, s_scratch);
-    float sum = 0.f;
-    for (int p = threadIdx.x; p < n_parts; p += blockDim.x) {
-        const float w = exp2f(part_max[base + p] - mx);
-        s_weight[p] = w;
-        sum += w * part_sum[base + p];
+    if (tid == 0) {
+        int* counter = counters + (size_t)seq * n_kv + kv_head;
+        s_last = atomicAdd(counter, 1) == n_parts - 1;
+        if (s_last) *counter = 0;  // ready for the next launch (graphs replay this kernel)
     }
-    sum = block_sum(sum, s_scratch);  // its barriers also publish s_weight
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int gi = warp; gi < group; gi += N_WARPS) {  // softmax statistics over the partitions, a warp per head
+        const size_t base = ((size_t)seq * n_heads + head0 + gi) * P;
+        float mx = -INFINITY;
+        for (int p = lane; p < n_parts; p += 32) mx = fmaxf(mx, __ldcg(part_max + base + p));
+        mx = warp_max(mx);
+        float sum = 0.f;
+        for (int p = lane; p < n_parts; p += 32) sum += exp2f(__ldcg(part_max + base + p) - mx) * __ldcg(part_sum + base + p);
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            s_max[gi] = mx;
+            s_sum[gi] = sum;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < group * HD; i += DECODE_THREADS) {
+        const int gi = i / HD, d = i % HD;
+        const size_t base = ((size_t)seq * n_heads + head0 + gi) * P;
         float o = 0.f;
-        for (int p = 0; p < n_parts; ++p) o += s_weight[p] * part_out[(base + p) * HD + d];
-        dst[d] = from_float<T>(o * inv);
+        for (int p = 0; p < n_parts; ++p)
+            o += exp2f(__ldcg(part_max + base + p) - s_max[gi]) * __ldcg(part_out + (base + p) * HD + d);
+        out[((size_t)q_row * n_heads + head0 + gi) * HD + d] = from_float<T>(o / s_sum[gi]);
     }
 }
 
 #define DECODE_KERNEL(T, NAME, HD, MAXG)                                                                   \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 2) attention_decode_##NAME##_hd##HD##_g##MAXG( \
-        T* out, float* part_out, float* part_max, float* part_sum, const T* qkv, const T* k_cache,          \
-        const T* v_cache, const int* block_tables, const int* query_start, const int* context_lens,        \
-        int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int min_part,             \
-        int group_size, int head_offset) {                                                                 \
-        attention_decode_partition<T, HD, MAXG>(out, part_out, part_max, part_sum, qkv, k_cache, v_cache,  \
+        T* out, float* part_out, float* part_max, float* part_sum, int* counters, const T* qkv,             \
+        const T* k_cache, const T* v_cache, const int* block_tables, const int* query_start,               \
+        const int* context_lens, int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2,  \
+        int min_part, int group_size, int head_offset) {                                                   \
+        attention_decode_partition<T, HD, MAXG>(out, part_out, part_max, part_sum, counters, qkv, k_cache, \
+                                                v_cache,                                                   \
                                                 block_tables, query_start, context_lens, max_blocks,       \
                                                 n_heads, n_kv, block_size, scale_log2, min_part,           \
                                                 group_size, head_offset);                                  \
     }
-#define MERGE_KERNEL(T, NAME, HD)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) attention_decode_reduce_##NAME##_hd##HD(            \
-        T* out, const float* part_out, const float* part_max, const float* part_sum,                       \
-        const int* query_start, const int* context_lens, int n_heads, int P, int min_part) {               \
-        pdl_begin();                                                                                       \
-        attention_decode_merge<T, HD>(out, part_out, part_max, part_sum, query_start, context_lens,        \
-                                      n_heads, P, min_part);                                               \
-    }
 // GQA group sizes are served by the smallest MAXG >= group (1, 4, 8 or 16).
 #define DECODE_KERNELS_HD(T, NAME, HD)                                                                     \
     DECODE_KERNEL(T, NAME, HD, 1) DECODE_KERNEL(T, NAME, HD, 4) DECODE_KERNEL(T, NAME, HD, 8)              \
-    DECODE_KERNEL(T, NAME, HD, 16) MERGE_KERNEL(T, NAME, HD)
+    DECODE_KERNEL(T, NAME, HD, 16)
 #define DECODE_KERNELS(T, NAME)                                                                            \
     DECODE_KERNELS_HD(T, NAME, 64) DECODE_KERNELS_HD(T, NAME, 80) DECODE_KERNELS_HD(T, NAME, 96)           \
     DECODE_KERNELS_HD(T, NAME, 128)

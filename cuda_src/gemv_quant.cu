@@ -15,9 +15,8 @@
 //
 // Block: WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
 // stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
-// Benchmark variants (scripts/bench.py --qgemv) may instead stream the weights through a per-warp
-// shared-memory ring of STAGES cp.async stages, which keeps more bytes in flight without holding them in
-// registers.
+// Most shipped kernels instead stream the weights through a per-warp shared-memory ring of STAGES cp.async
+// stages, which keeps more bytes in flight without holding them in registers.
 #include "mma.cuh"
 
 #define QGEMV_ROWS 16
@@ -342,14 +341,17 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 #define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB) \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB, false, 0)
 #ifndef QGEMV_VARIANTS_ONLY
-// Chosen with `scripts/bench.py --qgemv` (H100, Llama-3-8B shapes, docs/PERFORMANCE.md): two blocks per SM
-// (registers capped at 128) beat one fatter block by 10-40%; the kernel is latency-bound, not issue-bound.
-#define QGEMV_KERNELS(T, OUT_T, NAME)             \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 1, 8, 2, 2) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 2, 8, 1, 2) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 8, 4, 8, 1, 2) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 1, 8, 1, 2) \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 2, 8, 1, 2) \
+// Chosen with `scripts/bench.py --qgemv` (docs/PERFORMANCE.md). Two blocks per SM (registers capped at 128)
+// beat one fatter block by 10-40%: the kernel waits on memory latency. The weight ring with the L2::256B hint
+// keeps more bytes in flight than registers can: int8 +13-17% at M <= 8 on every Llama-3-8B projection and
+// +4-9% at M = 32 (H200, commit 9f6da13); 4-bit gains 0-5% at M <= 8 and nothing at M = 32 (its dequantisation
+// issue, not latency, is the limit there), so its M > 16 kernel keeps the register stages.
+#define QGEMV_KERNELS(T, OUT_T, NAME)                           \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 1, 8, 1, 2, true, 4)     \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 2, 8, 1, 2, true, 4)     \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 4, 8, 1, 2, true, 3)     \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 1, 8, 1, 2, true, 4)     \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 2, 8, 1, 2, true, 4)     \
     QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 4, 2, 2)
 
 // NAME = <activation dtype>_<output dtype>

@@ -74,9 +74,9 @@ def main():
                     help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="decode graphs without programmatic dependent launch (the A side of an A/B; sets MPILLM_PDL=0)")
-    ap.add_argument("--no-overlap", action="store_true",
-                    help="--tp > 1: prefill steps as one batch with the all-reduces in line (the A side of an A/B with "
-                         "the two overlapped micro-batches)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="--tp > 1: prefill steps as two micro-batches whose all-reduces overlap the other's GEMMs on a "
+                         "second stream (the B side of an A/B with the default: one batch, all-reduces in line)")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -140,7 +140,7 @@ def main():
     blocks_needed = max_seqs * -(-max_len // 16) + 16
     model = CudaTransformer(ckpt, cfg, shard, device, kernels, dtype=args.dtype, comm=comm, max_tokens=max_tokens,
                             max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed,
-                            overlap=not args.no_overlap, **quant_args(args))
+                            overlap=args.overlap, **quant_args(args))
     bw = copy_bandwidth(cuda, device.stream)
     weight_bytes = model.streamed_bytes          # bytes a decode step reads (the embedding table is not streamed)
     if size > 1:

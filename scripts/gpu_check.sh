@@ -46,8 +46,8 @@ for m in "${models[@]}"; do
     if [ "$NGPU" -ge $tp ]; then
       echo "== bench $m tp=$tp" | tee -a "$OUT/bench.log"
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --batch 1,32 --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
-      echo "== bench $m tp=$tp --no-overlap" | tee -a "$OUT/bench.log"    # A/B: overlapped prefill micro-batches
-      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --no-overlap --batch "" --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== bench $m tp=$tp --overlap" | tee -a "$OUT/bench.log"       # A/B: overlapped prefill micro-batches
+      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --overlap --batch "" --prefill 512,2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
       echo "== bench $m tp=$tp --nccl-only" | tee -a "$OUT/bench.log"     # A/B: the one-shot IPC all-reduce
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --nccl-only --batch 1,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
     fi
@@ -66,7 +66,7 @@ for r in rows:
             + (", no decode split" if r.get("decode_split", 1) == 0 else "")
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
-        what = f"prefill {r['tokens']}" + (", no overlap" if r["tp"] > 1 and not r.get("overlap", True) else "")
+        what = f"prefill {r['tokens']}" + (", overlapped micro-batches" if r.get("overlap") else "")
     print(f"| {r['gpu']} | {r['model']} | {r.get('quantize', 'none')} | {r['tp']} | {what} | {r['tok_s']:.1f} | {d} |")
 PYEOF
 exit $status

@@ -65,7 +65,6 @@ DECODE_SPLIT_BLOCKS_PER_SM = 1.0
 # room for the small-batch split (P x n_seqs <= split blocks / n_kv + n_seqs).
 DECODE_SPLIT_ROWS = 512
 DECODE_THREADS = 256
-DECODE_REDUCE_THREADS = 128
 DECODE_GROUPS = (1, 4, 8, 16)  # instantiated GQA group bounds
 SAMPLE_THREADS = 1024
 SAMPLE_CANDIDATE_CAP = 4096  # sampling.cu CANDIDATE_CAP
@@ -132,14 +131,16 @@ def attention_scratch_rows(max_seqs: int, max_context_len: int) -> int:
 
 
 def attention_scratch_shapes(max_seqs: int, n_heads: int, head_dim: int, max_context_len: int) -> dict:
-    """Shapes (all f32) of the split-K decode scratch for batches up to max_seqs sequences and contexts
-    up to max_context_len keys: partial outputs and the per-partition softmax max and sum, laid out
-    [n_seqs, n_heads, P(, head_dim)] for the grid's P partitions (a flat buffer of `rows` x n_heads rows)."""
+    """Shapes (4-byte elements) of the split-K decode scratch for batches up to max_seqs sequences and
+    contexts up to max_context_len keys: partial outputs and the per-partition softmax max and sum, laid out
+    [n_seqs, n_heads, P(, head_dim)] for the grid's P partitions (a flat buffer of `rows` x n_heads rows),
+    and the arrival counters of the partitions of each (sequence, kv head)."""
     rows = attention_scratch_rows(max_seqs, max_context_len)
     return {
         "partial_out": (rows * n_heads, head_dim),
         "partial_max": (rows * n_heads,),
         "partial_sum": (rows * n_heads,),
+        "counters": (rows * n_heads,),      # i32: arrivals per (sequence, kv head); zero between launches
     }
 
 
@@ -198,6 +199,7 @@ class AttentionScratch:
         self.partial_out = DeviceTensor.empty(shapes["partial_out"], "f32")
         self.partial_max = DeviceTensor.empty(shapes["partial_max"], "f32")
         self.partial_sum = DeviceTensor.empty(shapes["partial_sum"], "f32")
+        self.counters = DeviceTensor.zeros(shapes["counters"], "i32")   # the kernel leaves them at zero
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -642,18 +644,15 @@ class Kernels:
         parts = decode_partitions(n_seqs, n_kv_heads, max_context_len, self.device.sm_count, rows,
                                   self.decode_split, self.decode_min_part)
         if parts == 1:
-            part_ptrs = (0, 0, 0)   # every sequence fits one partition: no partials, no merge
+            part_ptrs = (0, 0, 0, 0)   # every sequence fits one partition: no partials, no merge
         else:
-            part_ptrs = (scratch.partial_out.ptr, scratch.partial_max.ptr, scratch.partial_sum.ptr)
+            part_ptrs = (scratch.partial_out.ptr, scratch.partial_max.ptr, scratch.partial_sum.ptr,
+                         scratch.counters.ptr)
         fn = self._fn("attention_decode", f"attention_decode_{dt}_hd{head_dim}_g{group_bound}",
-                      "PPPPPPPPPPiiiifiii")
+                      "PPPPPPPPPPPiiiifiii")
         self._launch(fn, (parts, n_kv_heads, n_seqs), DECODE_THREADS, out.ptr, *part_ptrs, qkv.ptr, k_cache.ptr,
                      v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr, max_blocks, n_heads,
                      n_kv_heads, block_size, scale_log2, self.decode_min_part, group, head_offset)
-        if parts > 1:
-            fn = self._fn("attention_decode", f"attention_decode_reduce_{dt}_hd{head_dim}", "PPPPPPiii")
-            self._launch(fn, (n_heads, n_seqs), DECODE_REDUCE_THREADS, out.ptr, *part_ptrs, query_start.ptr,
-                         context_lens.ptr, n_heads, parts, self.decode_min_part)
 
     # -- sampling ---------------------------------------------------------------------------------
     def argmax(self, out_ids: DeviceTensor, logits: DeviceTensor) -> None:

@@ -64,6 +64,49 @@ class _Rows(NamedTuple):
     attn_out: DeviceTensor     # the whole attn buffer
 
 
+class SideStream:
+    """A second stream at the device's highest priority, with the events that order it against the main
+    stream: a collective enqueued there gets SMs ahead of the main stream's GEMM blocks as they free up, instead
+    of queueing behind a whole GEMM while the peer GPU waits for it. Events per micro-batch j: computed[j] (main
+    -> side) and reduced[j] (side -> main), reused every layer (a wait takes the record made before it)."""
+
+    def __init__(self, main_handle: int):
+        from cuda.bindings import driver as cu
+        self._cu = cu
+        _, greatest = check_cu(cu.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
+        self.stream = check_cu(cu.cuStreamCreateWithPriority(cu.CUstream_flags.CU_STREAM_NON_BLOCKING, greatest),
+                               "cuStreamCreateWithPriority")
+        self.handle = int(self.stream)
+        self.main = cu.CUstream(main_handle)
+        flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        self.computed = [check_cu(cu.cuEventCreate(flags), "cuEventCreate") for _ in range(2)]
+        self.reduced = [check_cu(cu.cuEventCreate(flags), "cuEventCreate") for _ in range(2)]
+
+    def follow_main(self, j: int):
+        """What the main stream enqueued so far (micro-batch j's output) comes before the side's next work."""
+        cu = self._cu
+        check_cu(cu.cuEventRecord(self.computed[j], self.main), "cuEventRecord")
+        check_cu(cu.cuStreamWaitEvent(self.stream, self.computed[j], 0), "cuStreamWaitEvent")
+
+    def mark(self, j: int):
+        """The event marking the side's work so far (micro-batch j's collective) done."""
+        check_cu(self._cu.cuEventRecord(self.reduced[j], self.stream), "cuEventRecord")
+        return self.reduced[j]
+
+    def main_waits(self, event):
+        check_cu(self._cu.cuStreamWaitEvent(self.main, event, 0), "cuStreamWaitEvent")
+
+    def close(self):
+        """No wait: every overlapped step ends with the main stream waiting on this one, and a stream with work
+        still queued (a peer died mid-collective) is released by the driver once that work ends or aborts."""
+        cu = self._cu
+        if self.stream is not None:
+            for e in self.computed + self.reduced:
+                check_cu(cu.cuEventDestroy(e), "cuEventDestroy")
+            check_cu(cu.cuStreamDestroy(self.stream), "cuStreamDestroy")
+            self.stream = None
+
+
 # Eager steps of at least this many tokens run as two micro-batches under tensor parallelism (overlap):
 # below it the halves' GEMMs are too short to hide a collective behind and decode-sized all-reduces go
 # through the one-shot IPC kernel anyway.
@@ -128,7 +171,7 @@ class CudaTransformer:
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
-                 overlap: bool = True, log=lambda m: None):
+                 overlap: bool = False, log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
@@ -141,8 +184,9 @@ class CudaTransformer:
         self.pdl_edges = 0                 # programmatic edges in the last captured graph
         self.cuda, self.cfg, self.shard, self.dev, self.k = cuda, cfg, shard, device, kernels
         self.comm = comm or SingleComm()
-        # Tensor parallelism: eager steps of at least OVERLAP_MIN_TOKENS run as two micro-batches whose
-        # all-reduces (on a second stream) hide behind each other's GEMMs. False: one batch, collectives in line.
+        # Tensor parallelism, overlap=True: eager steps of at least OVERLAP_MIN_TOKENS run as two micro-batches
+        # whose all-reduces (on a second stream) hide behind each other's GEMMs. Off by default: on 2 x H200 it
+        # lost to one batch with the collectives in line (docs/PERFORMANCE.md).
         self.overlap = bool(overlap) and self.comm.size > 1 and hasattr(self.comm, "all_reduce_device")
         self.dtype, self.block_size = dtype, block_size
         self.max_tokens, self.max_seqs, self.max_model_len = max_tokens, max_seqs, max_model_len
@@ -202,13 +246,12 @@ class CudaTransformer:
         self.out_host = cuda.pagelocked_empty(S, np.int32)
         self.buf = StepBuffers(T, S, self.max_blocks)
         self.scratch = AttentionScratch(S, nq, hd, self.max_blocks * block_size)
+        self.side = None
         if self.overlap:
-            self.side = cuda.Stream()      # the micro-batches' all-reduces
+            self.side = SideStream(device.stream.handle)   # the micro-batches' all-reduces
             # query_start [S + 1] and context_lens [S] of each micro-batch (query_start in whole-step rows).
             self.half_host = cuda.pagelocked_empty(2 * (2 * S + 1), np.int32)
             self.half_dev = DeviceTensor.empty((2 * (2 * S + 1),), "i32")
-            flags = cuda.event_flags.DISABLE_TIMING
-            self.events = [[cuda.Event(flags) for _ in range(2)] for _ in range(2)]   # [half][computed, reduced]
 
         if self.comm.size > 1 and hasattr(self.comm, "enable_ipc_all_reduce"):
             # Decode-sized all-reduces (up to 64 tokens) through the one-shot IPC kernel; larger ones NCCL.
@@ -444,7 +487,7 @@ class CudaTransformer:
 
         def settle(j):                   # the main stream waits for half j's sum before reading it
             if pending[j] is not None:
-                self.dev.stream.wait_for_event(pending[j])
+                self.side.main_waits(pending[j])
                 pending[j] = None
 
         self._embed(self._rows(0, T).resid, b.dev_view("ids", (T,)))
@@ -542,12 +585,9 @@ class CudaTransformer:
         if half is None:
             self.comm.all_reduce_device(y)
             return None
-        computed, reduced = self.events[half]
-        computed.record(self.dev.stream)
-        self.side.wait_for_event(computed)
-        self.comm.all_reduce_device(y, stream=self.side)
-        reduced.record(self.side)
-        return reduced
+        self.side.follow_main(half)
+        self.comm.all_reduce_device(y, stream=self.side.handle)
+        return self.side.mark(half)
 
     def _lm_head(self, x):
         """Logits [L, vocab] f32: each rank its vocab rows, gathered side by side."""
@@ -663,6 +703,8 @@ class CudaTransformer:
         graphs, self.graphs = self.graphs, {}
         for exe in graphs.values():
             check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
+        if self.side is not None:
+            self.side.close()
 
 
 def kv_cache_shortfall(rank: int, budget: int, num_blocks: int, asked: bool, block_size: int, per_block: int,

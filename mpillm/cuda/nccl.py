@@ -49,12 +49,12 @@ class NcclComm:
 
     def all_reduce_device(self, t, stream=None):
         """In-place sum over the group: small messages through the IPC kernel when enabled, else NCCL. The
-        choice depends only on the size and the stream, which every rank shares. `stream` (a pycuda Stream):
-        enqueue there instead of the device's stream (NCCL only; the caller orders it with events)."""
+        choice depends only on the size and the stream, which every rank shares. `stream` (a raw CUstream
+        handle): enqueue there instead of the device's stream (NCCL only; the caller orders it with events)."""
         if stream is None and self.ipc is not None and self.ipc.fits(t):
             self.ipc.all_reduce(t)
             return
-        handle = self.stream if stream is None else stream.handle
+        handle = self.stream if stream is None else stream
         self.nc.all_reduce(t.ptr, t.ptr, t.numel, NCCL_DTYPE[t.dtype], NCCL_SUM, self.comm, handle)
 
     def all_gather_vocab(self, out, local):

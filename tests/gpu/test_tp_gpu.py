@@ -148,9 +148,9 @@ def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
     rng = np.random.default_rng(5)
     a, b = rng.integers(0, 40000, 150).tolist(), rng.integers(0, 40000, 170).tolist()
     spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)] * 3
-    warm = StepInput.build([(PROMPT + PROMPT[:4], 0, [20, 21], True)], 16)     # sequence 3: 20 cached tokens
-    step = StepInput.build([(a, 0, list(range(0, 10)), True), (b, 0, list(range(10, 20)), True),
-                            ([7], 20, [20, 21], True)], 16)
+    warm = StepInput.build([(PROMPT + PROMPT[:4], 0, [21, 22], True)], 16)     # sequence 3: 20 cached tokens
+    step = StepInput.build([(a, 0, list(range(0, 10)), True), (b, 0, list(range(10, 21)), True),
+                            ([7], 20, [21, 22], True)], 16)
     assert step.num_tokens >= OVERLAP_MIN_TOKENS
     assert step.query_start[1] < step.num_tokens // 2 < step.query_start[2]     # the cut is inside prompt b
     logits, ids = {}, {}
@@ -167,8 +167,8 @@ def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
     assert (logits[True].argmax(-1) == ref.argmax(-1))[clear].all()
     for i in range(cfg.num_layers):
         for cache in ("k_cache", "v_cache"):
-            want = getattr(models[False], cache)[i].to_numpy()[:22]
-            got = getattr(models[True], cache)[i].to_numpy()[:22]
+            want = getattr(models[False], cache)[i].to_numpy()[:23]
+            got = getattr(models[True], cache)[i].to_numpy()[:23]
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max(), err_msg=f"{cache} {i}")
     everyone = world.allgather(list(ids[True]))
     assert all(e == everyone[0] for e in everyone), "ranks of a TP group sampled different tokens"

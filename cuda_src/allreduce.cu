@@ -12,7 +12,12 @@
 // finished this call). Flags only grow, and waiting is `>=`: a peer one call ahead cannot be missed.
 // Every call runs the same grid (AR_BLOCKS, whatever the size): then every block counts every call, all
 // blocks agree on the parity, and block b covers the same slice each time, which the argument above needs.
-#include "common.cuh"
+//
+// all_reduce_add_rms_norm_*: the same barrier, then residual += sum; out = rms_norm(residual) * weight for whole
+// rows (the pre-norm of the next sub-layer, which would otherwise be its own kernel after the all-reduce). Block
+// b owns rows b, b + AR_BLOCKS, ... of every call, so the argument above holds for any row count; it runs on
+// its own buffers and signals (a second IpcAllReduce), since the plain kernel's blocks own other slices.
+#include "norm.cuh"
 
 #define AR_MAX_RANKS 8
 #define AR_MAX_BLOCKS 64
@@ -82,11 +87,71 @@ __device__ __forceinline__ void one_shot_all_reduce(T* data, int n_vec, int rank
     if (threadIdx.x == 0) me->counter[b] = flag;
 }
 
+// data [rows, hidden]: this rank's partial sums, replaced by the total (rounded to T, as the plain kernel
+// leaves it); then norm.cu's add_rms_norm on each row, launched with its block size: the same bits as the two
+// kernels in sequence.
+template <typename T>
+__device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* residual, T* out, const T* weight,
+                                                                 int rows, int hidden, float eps, int rank,
+                                                                 int world,
+                                                                 const unsigned long long* __restrict__ table,
+                                                                 unsigned long long parity_bytes) {
+    __shared__ uint32_t s_flag;
+    ArSignal* me = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + rank]);
+    const int b = blockIdx.x, n_vec = hidden >> 3;
+    if (threadIdx.x == 0) s_flag = me->counter[b] + 1;
+    __syncthreads();
+    const uint32_t flag = s_flag;
+    const unsigned long long par = (flag & 1) ? parity_bytes : 0ull;
+
+    uint4* mine = reinterpret_cast<uint4*>(table[rank] + par);
+    for (int row = b; row < rows; row += gridDim.x)
+        for (int v = threadIdx.x; v < n_vec; v += blockDim.x)
+            mine[(size_t)row * n_vec + v] = reinterpret_cast<const uint4*>(data)[(size_t)row * n_vec + v];
+    __syncthreads();
+    if (threadIdx.x < world) {
+        __threadfence_system();
+        ArSignal* peer = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + threadIdx.x]);
+        st_release_sys(&peer->start[b][rank], flag);
+        while (ld_acquire_sys(&me->start[b][threadIdx.x]) < flag) {
+        }
+    }
+    __syncthreads();
+
+    for (int row = b; row < rows; row += gridDim.x) {
+        // Each thread sums, and then normalises, the same vectors of the row (rms_norm_row's split), so it
+        // reads back only what it wrote.
+        for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
+            const size_t i = (size_t)row * n_vec + v;
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int r = 0; r < world; ++r) {
+                float f[8];
+                unpack8<T>(ld_volatile16(reinterpret_cast<const uint4*>(table[r] + par) + i), f);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] += f[e];
+            }
+            reinterpret_cast<uint4*>(data)[i] = pack8<T>(acc);
+        }
+        rms_norm_row<T, true, true>(out, data, residual, weight, hidden, eps, row);
+    }
+    if (threadIdx.x == 0) me->counter[b] = flag;
+}
+
 #define AR_KERNEL(T, NAME)                                                                                   \
     extern "C" __global__ void __launch_bounds__(AR_THREADS) all_reduce_##NAME(                              \
         T* data, int n_vec, int rank, int world, const unsigned long long* table, unsigned long long parity) { \
         pdl_begin();                                                                                          \
         one_shot_all_reduce<T>(data, n_vec, rank, world, table, parity);                                     \
     }
+#define AR_NORM_KERNEL(T, NAME)                                                                              \
+    extern "C" __global__ void __launch_bounds__(1024) all_reduce_add_rms_norm_##NAME(                       \
+        T* data, T* residual, T* out, const T* weight, int rows, int hidden, float eps, int rank, int world, \
+        const unsigned long long* table, unsigned long long parity) {                                        \
+        pdl_begin();                                                                                          \
+        one_shot_all_reduce_add_rms_norm<T>(data, residual, out, weight, rows, hidden, eps, rank, world, table, \
+                                            parity);                                                          \
+    }
 AR_KERNEL(bf16, bf16)
 AR_KERNEL(f16, f16)
+AR_NORM_KERNEL(bf16, bf16)
+AR_NORM_KERNEL(f16, f16)

@@ -77,6 +77,9 @@ def main():
     ap.add_argument("--overlap", action="store_true",
                     help="--tp > 1: prefill steps as two micro-batches whose all-reduces overlap the other's GEMMs on a "
                          "second stream (the B side of an A/B with the default: one batch, all-reduces in line)")
+    ap.add_argument("--no-fuse-ar-norm", action="store_true",
+                    help="--tp > 1: the IPC all-reduce and the next residual add + RMSNorm as two kernels (the A side of an "
+                         "A/B with the fused kernel)")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -140,7 +143,7 @@ def main():
     blocks_needed = max_seqs * -(-max_len // 16) + 16
     model = CudaTransformer(ckpt, cfg, shard, device, kernels, dtype=args.dtype, comm=comm, max_tokens=max_tokens,
                             max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed,
-                            overlap=args.overlap, **quant_args(args))
+                            overlap=args.overlap, fuse_allreduce_norm=not args.no_fuse_ar_norm, **quant_args(args))
     bw = copy_bandwidth(cuda, device.stream)
     weight_bytes = model.streamed_bytes          # bytes a decode step reads (the embedding table is not streamed)
     if size > 1:
@@ -155,7 +158,8 @@ def main():
     def record(**kw):
         kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
-                  pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split)
+                  pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
+                  fuse_ar_norm=model.fuse_allreduce_norm)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)

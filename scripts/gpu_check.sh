@@ -48,6 +48,8 @@ for m in "${models[@]}"; do
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --batch 1,32 --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
       echo "== bench $m tp=$tp --overlap" | tee -a "$OUT/bench.log"       # A/B: overlapped prefill micro-batches
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --overlap --batch "" --prefill 512,2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+      echo "== bench $m tp=$tp --no-fuse-ar-norm" | tee -a "$OUT/bench.log"   # A/B: all-reduce + norm fused
+      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --no-fuse-ar-norm --batch 1,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
       echo "== bench $m tp=$tp --nccl-only" | tee -a "$OUT/bench.log"     # A/B: the one-shot IPC all-reduce
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --nccl-only --batch 1,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
     fi
@@ -63,7 +65,8 @@ for r in rows:
         what = f"decode b={r['batch']}" + ("" if r.get("fuse_swiglu", True) else ", unfused SwiGLU") \
             + (", NCCL only" if r.get("allreduce") == "nccl" and r["tp"] > 1 else "") \
             + ("" if r.get("pdl", True) else ", no PDL") \
-            + (", no decode split" if r.get("decode_split", 1) == 0 else "")
+            + (", no decode split" if r.get("decode_split", 1) == 0 else "") \
+            + (", all-reduce and norm unfused" if r["tp"] > 1 and r.get("fuse_ar_norm") is False else "")
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
         what = f"prefill {r['tokens']}" + (", overlapped micro-batches" if r.get("overlap") else "")

@@ -179,7 +179,7 @@ def test_decode_partitions_cover_every_context_within_the_scratch():
         P = decode_partitions(n_seqs, n_kv, max_ctx, sms, rows, split, min_part)
         assert 1 <= P <= DECODE_MAX_PARTS and P * n_seqs <= rows
         assert P * DECODE_PARTITION >= max_ctx
-        if split == 0:
+        if split == 0 or n_kv * n_seqs * -(-max_ctx // DECODE_PARTITION) >= 0.25 * sms:
             assert P == -(-max_ctx // DECODE_PARTITION)
         for ctx in (1, max_ctx, int(rng.integers(1, max_ctx + 1))):
             part = _device_part_len(ctx, P, min_part)
@@ -192,8 +192,11 @@ def test_decode_split_fills_the_gpu_at_batch_1_only():
     rows = attention_scratch_rows(256, 4096)
     # Llama-3-8B (8 kv heads) on 132 SMs: batch 1 at a 512-key bound gets 16 partitions of >= 32 keys ...
     assert decode_partitions(1, 8, 512, 132, rows) == 16
-    assert decode_partitions(1, 8, 4096, 132, rows) == 17      # ... and a long-context graph 132 / 8 -> 17
+    assert decode_partitions(1, 8, 2048, 132, rows) == 17      # ... a 2,048-key bound: 4 x 8 blocks -> 132 / 8
+    assert decode_partitions(1, 8, 4096, 132, rows) == 8       # 8 x 8 blocks (partition lengths adapt on the GPU)
     assert decode_partitions(32, 8, 512, 132, rows) == 1       # 256 blocks already: one partition each
+    assert decode_partitions(8, 8, 512, 132, rows) == 1        # 64 blocks, half the SMs: splitting lost there
+    assert decode_partitions(8, 3, 512, 132, rows) == 6        # SmolLM2's 3 kv heads at b=8: 24 blocks -> 144
     assert decode_partitions(1, 8, 512, 132, None) == 1        # no scratch, no split
     with pytest.raises(ValueError, match="MPILLM_DECODE_MIN_PART"):
         decode_split_settings({"MPILLM_DECODE_MIN_PART": "40"})

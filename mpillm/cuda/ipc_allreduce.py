@@ -69,8 +69,19 @@ class IpcAllReduce:
     def fits(self, t) -> bool:
         return t.dtype in ("bf16", "f16") and t.nbytes <= self.max_bytes and t.numel % 8 == 0
 
+    def fits_rows(self, t) -> bool:
+        """Whether all_reduce_add_rms_norm takes t [M, H]: whole rows of 16-byte vectors."""
+        return (t.dtype in ("bf16", "f16") and t.nbytes <= self.max_bytes and len(t.shape) == 2
+                and t.shape[1] % 8 == 0 and t.ptr % 16 == 0)
+
     def all_reduce(self, t) -> None:
         self.k.ipc_all_reduce(t, self.rank, self.world, self.table, self.max_bytes)
+
+    def all_reduce_add_rms_norm(self, t, residual, out, weight, eps: float) -> None:
+        """t = sum over the ranks; residual += t; out = rms_norm(residual) * weight, in one kernel. Use an
+        instance for this alone: its blocks own whole rows, the plain all-reduce's blocks other slices."""
+        self.k.ipc_all_reduce_add_rms_norm(t, residual, out, weight, eps, self.rank, self.world, self.table,
+                                           self.max_bytes)
 
     def close(self) -> None:
         for h in self._mapped:

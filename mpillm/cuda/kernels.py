@@ -54,13 +54,16 @@ GEMM_CONFIGS = {
 ATTN_BQ, ATTN_BKV, ATTN_THREADS = 64, 64, 128   # attention_prefill.cu
 ATTN_HEAD_DIMS = (64, 80, 96, 128)
 DECODE_PARTITION = 512      # attention_decode.cu: most keys per split-K partition
-DECODE_MAX_PARTS = 1024
+DECODE_MAX_PARTS = 1024     # the most partitions per sequence: contexts up to 512K keys
 # Small batches spread each sequence's keys over more partitions (at least DECODE_MIN_PART keys each) until the
-# grid has about DECODE_SPLIT_BLOCKS_PER_SM blocks per SM. MPILLM_DECODE_SPLIT (blocks per SM, 0 = off) and
-# MPILLM_DECODE_MIN_PART override them for A/B runs (scripts/bench.py).
+# grid has about DECODE_SPLIT_BLOCKS_PER_SM blocks per SM, when one partition per DECODE_PARTITION keys would
+# occupy fewer than DECODE_SPLIT_BELOW of the SMs. Measured on H200 (docs/PERFORMANCE.md): SmolLM2 (3 kv heads)
+# b=1 +7%, b=8 +4%; Llama-3-8B (8 kv heads) b=1 +5% at 1,024-token contexts, but b=8 (64 blocks, half the SMs)
+# -2 to -4%. MPILLM_DECODE_SPLIT (blocks per SM, 0 = off) and MPILLM_DECODE_MIN_PART override the first two.
 DECODE_MIN_PART = 32
 DECODE_PART_ALIGN = 16      # attention_decode.cu: partition lengths are multiples of this
 DECODE_SPLIT_BLOCKS_PER_SM = 1.0
+DECODE_SPLIT_BELOW = 0.25
 # Partial-output rows (sequence x partition) an AttentionScratch holds beyond what its context bound needs:
 # room for the small-batch split (P x n_seqs <= split blocks / n_kv + n_seqs).
 DECODE_SPLIT_ROWS = 512
@@ -154,11 +157,11 @@ def decode_partitions(n_seqs: int, n_kv_heads: int, max_context_len: int, sm_cou
                       min_part: int = DECODE_MIN_PART) -> int:
     """The decode grid's partition count P for a batch of n_seqs sequences of at most max_context_len keys.
 
-    At least enough partitions of DECODE_PARTITION keys to cover max_context_len; at small batch more, up
-    to about split_blocks_per_sm * sm_count blocks in all, with partitions of at least min_part keys, and
-    within the scratch's `rows` (None: no scratch, so no split)."""
+    At least enough partitions of DECODE_PARTITION keys to cover max_context_len. When those blocks would
+    occupy fewer than DECODE_SPLIT_BELOW of the SMs, more: up to about split_blocks_per_sm * sm_count blocks in
+    all, with partitions of at least min_part keys, within the scratch's `rows` (None: no scratch, no split)."""
     need = max(1, _cdiv(max_context_len, DECODE_PARTITION))
-    if rows is None or split_blocks_per_sm <= 0:
+    if rows is None or split_blocks_per_sm <= 0 or need * n_kv_heads * n_seqs >= DECODE_SPLIT_BELOW * sm_count:
         return need
     want = _cdiv(int(split_blocks_per_sm * sm_count), n_kv_heads * n_seqs)
     cap = min(_cdiv(max_context_len, min_part), rows // n_seqs, DECODE_MAX_PARTS)
@@ -567,6 +570,27 @@ class Kernels:
             raise ValueError(f"t: {t.numel} elements; the IPC all-reduce takes multiples of 8 up to {parity_bytes} bytes")
         fn = self._fn("allreduce", f"all_reduce_{t.dtype}", "PiiiPQ")
         self._launch(fn, (AR_BLOCKS, 1), AR_THREADS, t.ptr, t.numel // 8, rank, world, table.ptr, parity_bytes)
+
+    def ipc_all_reduce_add_rms_norm(self, x: DeviceTensor, residual: DeviceTensor, out: DeviceTensor,
+                                    weight: DeviceTensor, eps: float, rank: int, world: int, table: DeviceTensor,
+                                    parity_bytes: int) -> None:
+        """x [M, H] (in place) = the sum over the ranks of their x, then residual += x; out = rms_norm(residual)
+        * weight: ipc_all_reduce followed by add_rms_norm in one kernel, with the same bits. `table` must be
+        an IpcAllReduce of its own (allreduce.cu says why)."""
+        from .ipc_allreduce import AR_BLOCKS
+        _check(x, "x", MODEL_DTYPES, (None, None))
+        m, hidden = x.shape
+        _check(residual, "residual", x.dtype, (m, hidden))
+        _check(out, "out", x.dtype, (m, hidden))
+        _check(weight, "weight", x.dtype, (hidden,))
+        for t, name in ((x, "x"), (residual, "residual"), (out, "out"), (weight, "weight")):
+            _check_aligned(t, name)
+        if hidden % 8 or x.nbytes > parity_bytes:
+            raise ValueError(f"x: [{m}, {hidden}]; the fused all-reduce takes rows of a multiple of 8 elements, up to "
+                             f"{parity_bytes} bytes in all")
+        fn = self._fn("allreduce", f"all_reduce_add_rms_norm_{x.dtype}", "PPPPiifiiPQ")
+        self._launch(fn, (AR_BLOCKS, 1), self._norm_threads(hidden, True), x.ptr, residual.ptr, out.ptr, weight.ptr,
+                     m, hidden, float(eps), rank, world, table.ptr, parity_bytes)
 
     # -- attention --------------------------------------------------------------------------------
     def attention(self, out: DeviceTensor, qkv: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,

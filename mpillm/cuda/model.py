@@ -171,13 +171,16 @@ class CudaTransformer:
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
-                 overlap: bool = False, log=lambda m: None):
+                 overlap: bool = False, fuse_allreduce_norm: bool = True, log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
                              + (" (4-bit weights come from GGUF Q4_0/Q4_1 files with auto)" if quantize == "q4" else ""))
         self.quantize, self.group_size, self.quantize_lm_head = quantize, group_size, quantize_lm_head
         self.fuse_swiglu = fuse_swiglu     # False: gate/up projection and silu_mul as two kernels (A/B runs)
+        # Tensor parallelism: decode-sized all-reduces fused with the next residual add + RMSNorm (allreduce.cu);
+        # False: the IPC all-reduce and add_rms_norm as two kernels (A/B runs).
+        self.fuse_allreduce_norm = fuse_allreduce_norm
         # Programmatic edges between our kernels in the decode graphs (mpillm/cuda/graphs.py); None: on where
         # the GPU has them (sm_90) unless MPILLM_PDL=0.
         self.pdl = pdl_enabled(device.compute_capability) if pdl is None else bool(pdl)
@@ -463,16 +466,18 @@ class CudaTransformer:
         that are all decodes (one query) or all prefill chunks; each run gets the attention kernel made for
         it, sized by its own longest query and context (a mixed step would otherwise launch prefill tiles
         for every decode sequence)."""
-        b = self.buf
+        b, c = self.buf, self.cfg
         rows = self._rows(0, T)
         meta = self._seq_meta(b.dev_view("query_start", (S + 1,)), b.dev_view("context_lens", (S,)),
                               b.dev_view("block_tables", (S, b.max_blocks)), attn_groups)
         self._embed(rows.resid, b.dev_view("ids", (T,)))
+        self.k.rms_norm(rows.h, rows.resid, self.layers[0].ln1, c.rms_norm_eps)
         for i, w in enumerate(self.layers):
             self._attention_block(i, w, rows, meta)
-            self._row_parallel(rows.delta, rows.attn, w.o)
+            self._row_parallel(rows.delta, rows.attn, w.o, rows, w.ln2)              # r += o(attn); h = norm(r)
             self._mlp_block(w, rows)
-            self._row_parallel(rows.delta, rows.act, w.down)
+            after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            self._row_parallel(rows.delta, rows.act, w.down, rows, after)            # r += down(act); h = norm(r)
         return self._head(T, L, sample)
 
     def _run_overlapped(self, T: int, S: int, L: int, halves, sample: bool):
@@ -481,7 +486,7 @@ class CudaTransformer:
         disjoint rows of every activation buffer; the second reads the first's KV only after the first
         wrote it on the main stream. The same kernels on the same rows as _run (the GEMMs see half the M, so
         cuBLASLt may pick another algorithm: equal up to rounding)."""
-        b = self.buf
+        k, b, eps = self.k, self.buf, self.cfg.rms_norm_eps
         parts = [(self._rows(lo, hi), meta) for lo, hi, meta in halves]
         pending = [None, None]           # each half's all-reduce in flight (an event on the side stream)
 
@@ -490,18 +495,24 @@ class CudaTransformer:
                 self.side.main_waits(pending[j])
                 pending[j] = None
 
-        self._embed(self._rows(0, T).resid, b.dev_view("ids", (T,)))
+        whole = self._rows(0, T)
+        self._embed(whole.resid, b.dev_view("ids", (T,)))
+        k.rms_norm(whole.h, whole.resid, self.layers[0].ln1, eps)
         for i, w in enumerate(self.layers):
             for j, (rows, meta) in enumerate(parts):
                 settle(j)
+                if i > 0:
+                    k.add_rms_norm(rows.h, rows.delta, rows.resid, w.ln1, eps)
                 self._attention_block(i, w, rows, meta)
-                pending[j] = self._row_parallel(rows.delta, rows.attn, w.o, half=j)
+                pending[j] = self._row_parallel_async(rows.delta, rows.attn, w.o, j)
             for j, (rows, meta) in enumerate(parts):
                 settle(j)
+                k.add_rms_norm(rows.h, rows.delta, rows.resid, w.ln2, eps)
                 self._mlp_block(w, rows)
-                pending[j] = self._row_parallel(rows.delta, rows.act, w.down, half=j)
+                pending[j] = self._row_parallel_async(rows.delta, rows.act, w.down, j)
         settle(0)
         settle(1)
+        k.add_rms_norm(whole.h, whole.delta, whole.resid, self.norm, eps)
         return self._head(T, L, sample)
 
     def _rows(self, lo: int, hi: int):
@@ -527,13 +538,9 @@ class CudaTransformer:
                  context_lens.view(lo, (hi - lo,)), max_q, max_ctx) for lo, hi, max_q, max_ctx in attn_groups]
 
     def _attention_block(self, i: int, w: LayerWeights, rows, meta):
-        """h = norm(r) (r += delta first, from layer 1 on), qkv = h Wqkv, rope and KV store, attention."""
+        """qkv = h Wqkv (h: the normalised residual), rope and KV store, attention."""
         k, c, s = self.k, self.cfg, self.shard
         hd = c.head_dim
-        if i == 0:
-            k.rms_norm(rows.h, rows.resid, w.ln1, c.rms_norm_eps)
-        else:
-            k.add_rms_norm(rows.h, rows.delta, rows.resid, w.ln1, c.rms_norm_eps)   # r += mlp out; h = norm(r)
         k.linear(rows.qkv, rows.h, w.qkv, w.qkv_bias, scratch=self.wscratch)
         k.rope_store_kv(rows.qkv, rows.positions, self.inv_freq, self.k_cache[i], self.v_cache[i], rows.slots,
                         s.n_heads, s.n_kv_heads, hd)
@@ -543,9 +550,8 @@ class CudaTransformer:
                         self.scratch, s.group, s.head_offset)
 
     def _mlp_block(self, w: LayerWeights, rows):
-        """r += delta (the attention output); h = norm(r); act = silu(h Wgate) * (h Wup)."""
-        k, c = self.k, self.cfg
-        k.add_rms_norm(rows.h, rows.delta, rows.resid, w.ln2, c.rms_norm_eps)
+        """act = silu(h Wgate) * (h Wup) (h: the normalised residual)."""
+        k = self.k
         if self.fuse_swiglu:
             k.linear_swiglu(rows.act, rows.h, w.gate_up, rows.gate_up, scratch=self.wscratch)
         else:
@@ -553,11 +559,10 @@ class CudaTransformer:
             k.silu_mul(rows.act, rows.gate_up, interleaved=True)
 
     def _head(self, T: int, L: int, sample: bool):
-        """Final norm of the rows we want logits of, LM head, and (sample) the token ids on the GPU."""
+        """LM head of the rows we want logits of (h holds the final norm), and (sample) token ids on the GPU."""
         k, c, b = self.k, self.cfg, self.buf
         H = c.hidden_size
-        h, delta, resid = self.h.view(0, (T, H)), self.delta.view(0, (T, H)), self.resid.view(0, (T, H))
-        k.add_rms_norm(h, delta, resid, self.norm, c.rms_norm_eps)
+        h = self.h.view(0, (T, H))
         last = self.last.view(0, (L, H))
         k.embedding(last, b.dev_view("logits_index", (L,)), h, 0)          # gather the rows we sample from
         logits = self._lm_head(last)
@@ -574,17 +579,23 @@ class CudaTransformer:
         if self.comm.size > 1:
             self.comm.all_reduce_device(out)
 
-    def _row_parallel(self, y, x, w, half: int | None = None):
-        """y = all_reduce(x_local @ w_local.T): each rank holds the input columns it computes.
-
-        half (micro-batch 0 or 1 of _run_overlapped): the all-reduce goes to the side stream once the main
-        stream has computed y; returns the event that marks the sum done (None when there is no collective)."""
-        self.k.linear(y, x, w, scratch=self.wscratch)
-        if self.comm.size == 1:
-            return None
-        if half is None:
+    def _row_parallel(self, y, x, w, rows, norm_weight):
+        """y = all_reduce(x_local @ w_local.T), each rank holding the input columns it computes; then the next
+        pre-norm: r += y; h = rms_norm(r) * norm_weight. Decode-sized steps do the all-reduce and the norm in one
+        kernel (the IPC path), with the same bits as the two."""
+        k, eps = self.k, self.cfg.rms_norm_eps
+        k.linear(y, x, w, scratch=self.wscratch)
+        if self.comm.size > 1:
+            if self.fuse_allreduce_norm and hasattr(self.comm, "all_reduce_add_rms_norm") \
+                    and self.comm.all_reduce_add_rms_norm(y, rows.resid, rows.h, norm_weight, eps):
+                return
             self.comm.all_reduce_device(y)
-            return None
+        k.add_rms_norm(rows.h, y, rows.resid, norm_weight, eps)
+
+    def _row_parallel_async(self, y, x, w, half: int):
+        """_row_parallel's product for micro-batch `half` of _run_overlapped, its all-reduce on the side stream
+        once the main stream has computed y. Returns the event that marks the sum done; the caller normalises."""
+        self.k.linear(y, x, w, scratch=self.wscratch)
         self.side.follow_main(half)
         self.comm.all_reduce_device(y, stream=self.side.handle)
         return self.side.mark(half)

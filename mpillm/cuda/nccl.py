@@ -28,6 +28,7 @@ class NcclComm:
         self.group = group
         self._gathered = None
         self.ipc = None               # IpcAllReduce for small messages, once enabled
+        self.ipc_norm = None          # another, for the all-reduce fused with the next residual add + RMSNorm
         atexit.register(self.destroy)
 
     def enable_ipc_all_reduce(self, kernels, max_bytes: int) -> str:
@@ -42,9 +43,9 @@ class NcclComm:
         reason = why_not(self.group, self.device)
         if reason:
             return f"NCCL ({reason})"
-        if self.ipc is not None:
-            self.ipc.close()
+        self._close_ipc()
         self.ipc = IpcAllReduce(self.group, self.device, kernels, max_bytes)
+        self.ipc_norm = IpcAllReduce(self.group, self.device, kernels, max_bytes)   # own buffers and signals
         return f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
 
     def all_reduce_device(self, t, stream=None):
@@ -56,6 +57,15 @@ class NcclComm:
             return
         handle = self.stream if stream is None else stream
         self.nc.all_reduce(t.ptr, t.ptr, t.numel, NCCL_DTYPE[t.dtype], NCCL_SUM, self.comm, handle)
+
+    def all_reduce_add_rms_norm(self, t, residual, out, weight, eps: float) -> bool:
+        """t = sum over the group; residual += t; out = rms_norm(residual) * weight, as one kernel when the IPC
+        path takes t (returns True); otherwise does nothing and returns False (the caller all-reduces and
+        normalises in two steps). The answer depends only on t's shape, which every rank shares."""
+        if self.ipc_norm is None or not self.ipc_norm.fits_rows(t):
+            return False
+        self.ipc_norm.all_reduce_add_rms_norm(t, residual, out, weight, eps)
+        return True
 
     def all_gather_vocab(self, out, local):
         """out [L, V] f32 = the ranks' local logits [L, V_r] side by side (vocab shards may differ in size).
@@ -89,9 +99,10 @@ class NcclComm:
         self._gathered = DeviceTensor.empty((self.size * max_rows * pad,), "f32")
 
     def _close_ipc(self):
-        if self.ipc is not None:
-            self.ipc.close()
-            self.ipc = None
+        for ipc in (self.ipc, self.ipc_norm):
+            if ipc is not None:
+                ipc.close()
+        self.ipc = self.ipc_norm = None
 
     def destroy(self):
         self._close_ipc()

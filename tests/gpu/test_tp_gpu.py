@@ -176,6 +176,74 @@ def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
 
 
 @mpi
+def test_fused_all_reduce_add_rms_norm_equals_the_two_kernels(tp_env):
+    """all_reduce_add_rms_norm: the same bits as the IPC all-reduce followed by add_rms_norm, for row counts
+    that leave blocks idle or give them two rows, hidden sizes that need one or many vectors per thread, back to
+    back calls of both kernels (each on its own buffers), and the same bits on every rank."""
+    from mpillm.cuda.nccl import NcclComm
+    from mpillm.cuda.runtime import DeviceTensor
+    world, dev, kernels = tp_env
+    r, n = world.Get_rank(), world.Get_size()
+    comm = NcclComm(world, dev, [(0, 1)] * n)
+    note = comm.enable_ipc_all_reduce(kernels, 64 * 4096 * 2)
+    if comm.ipc_norm is None:
+        comm.destroy()
+        pytest.skip(note)
+    rng = np.random.default_rng(7)                        # the same residual and weight on every rank
+    for it, (m, hidden) in enumerate([(1, 4096), (3, 576), (33, 576), (64, 4096), (2, 8192 // 4)]):
+        resid0 = rng.normal(size=(m, hidden)).astype(np.float32)
+        weight = DeviceTensor.from_numpy(rng.normal(1, 0.1, hidden).astype(np.float32), "bf16")
+        part = np.random.default_rng(100 * r + it).normal(size=(m, hidden)).astype(np.float32)
+        got, want = {}, {}
+        for fused in (True, False):
+            x = DeviceTensor.from_numpy(part, "bf16")
+            resid = DeviceTensor.from_numpy(resid0, "bf16")
+            h = DeviceTensor.empty((m, hidden), "bf16")
+            if fused:
+                assert comm.all_reduce_add_rms_norm(x, resid, h, weight, 1e-5)
+            else:
+                comm.all_reduce_device(x)
+                kernels.add_rms_norm(h, x, resid, weight, 1e-5)
+            comm.all_reduce_device(DeviceTensor.from_numpy(np.ones(8, np.float32), "bf16"))   # interleave calls
+            dev.synchronize()
+            (got if fused else want)[0] = (h.to_numpy(), resid.to_numpy())
+        np.testing.assert_array_equal(got[0][0], want[0][0], err_msg=f"out, {m} x {hidden}")
+        np.testing.assert_array_equal(got[0][1], want[0][1], err_msg=f"residual, {m} x {hidden}")
+        everyone = world.allgather(got[0][0])
+        assert all(np.array_equal(e, everyone[0]) for e in everyone), f"ranks differ at {m} x {hidden}"
+    too_big = DeviceTensor.empty((65, 4096), "bf16")
+    assert not comm.all_reduce_add_rms_norm(too_big, too_big, too_big, weight, 1e-5)    # over the limit: caller's job
+    comm.destroy()
+
+
+@mpi
+def test_tp_fused_all_reduce_norm_model_equals_unfused(tp_env, smollm_gguf):
+    """The model with the fused all-reduce + norm (default) and without: the same logits bit for bit on a
+    prompt, and the same greedy ids through the decode graphs."""
+    comm, fused, single = _tp_and_single(tp_env, smollm_gguf)
+    single.close()
+    from mpillm.checkpoint import open_checkpoint
+    from mpillm.cuda.model import CudaTransformer
+    from mpillm.parallel import make_shard
+    world, dev, kernels = tp_env
+    ck = open_checkpoint(smollm_gguf)
+    plain = CudaTransformer(ck, ck.config, make_shard(ck.config, world.Get_rank(), world.Get_size()), dev, kernels,
+                            comm=comm, dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64,
+                            fuse_allreduce_norm=False)
+    from mpillm.batch import StepInput
+    from mpillm.engine import SampleSpec
+    from mpillm.jobio import SamplingParams
+    spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)]
+    step = StepInput.build([(PROMPT, 0, [0, 1, 2], True)], 16)
+    _, a = fused.forward(step, spec, want_logits=True)
+    _, b = plain.forward(step, spec, want_logits=True)
+    np.testing.assert_array_equal(a, b)
+    ids_fused, ids_plain = _greedy_both(world, fused, plain, steps=12)
+    assert ids_fused == ids_plain
+    _close(comm, fused, plain)
+
+
+@mpi
 def test_ipc_all_reduce_sums_like_nccl_in_and_out_of_graphs(tp_env):
     """The one-shot IPC all-reduce: sums for sizes up to its limit, the same bits on every rank, many calls
     back to back (the two buffers alternate), replays of a captured graph, and NCCL beyond the limit."""

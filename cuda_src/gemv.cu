@@ -54,11 +54,12 @@ struct GemvStage {
 
 // PIPELINE: two register stages, so the next step's loads are issued before this step's mma work and
 // each warp keeps weight bytes in flight without a gap.
+// ROPE: the epilogue of the q/k/v projection with rotary embedding and the KV store (finish_small_m_tile_rope).
 template <typename T, typename OutT, int NT, int WARPS = GEMV_WARPS, int UNROLL = GEMV_UNROLL,
-          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false>
+          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false, bool ROPE = false>
 __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                                const T* __restrict__ w, const T* __restrict__ bias, int M,
-                                               int N, int K) {
+                                               int N, int K, const RopeArgs<T>& rope = RopeArgs<T>{}) {
     __shared__ float partial[WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -149,7 +150,10 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         }
     }
 
-    finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
+    if constexpr (ROPE)
+        finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
+    else
+        finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
 }
 
 // Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_CONFIGS mirrors WARPS.
@@ -166,9 +170,25 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
     GEMV_KERNEL(T, OUT_T, NAME, 1, 8, 2, true, true) \
     GEMV_KERNEL(T, OUT_T, NAME, 2, 8, 2, true, true) \
     GEMV_KERNEL(T, OUT_T, NAME, 4, 8, 1, true, true)
+// The q/k/v projection with rotary embedding and the KV store (same shapes as GEMV_KERNELS; output in T).
+#define GEMV_ROPE_KERNEL(T, NAME, NT, WARPS, UNROLL, L2, PIPE)                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_rope_##NAME##_m##NT(                     \
+        T* y, const T* x, const T* w, const T* bias, int M, int N, int K, const int* positions,            \
+        const float* inv_freq, const int* slots, T* k_cache, T* v_cache, int n_heads, int n_kv,             \
+        int head_dim) {                                                                                     \
+        small_m_linear<T, T, NT, WARPS, UNROLL, L2, PIPE, false, true>(                                     \
+            y, x, w, bias, M, N, K,                                                                         \
+            RopeArgs<T>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});            \
+    }
+#define GEMV_ROPE_KERNELS(T, NAME)                      \
+    GEMV_ROPE_KERNEL(T, NAME, 1, 8, 2, true, true)      \
+    GEMV_ROPE_KERNEL(T, NAME, 2, 8, 2, true, true)      \
+    GEMV_ROPE_KERNEL(T, NAME, 4, 8, 1, true, true)
 
 // NAME = <input dtype>_<output dtype>
 GEMV_KERNELS(bf16, bf16, bf16_bf16)
 GEMV_KERNELS(bf16, float, bf16_f32)
 GEMV_KERNELS(f16, f16, f16_f16)
 GEMV_KERNELS(f16, float, f16_f32)
+GEMV_ROPE_KERNELS(bf16, bf16)
+GEMV_ROPE_KERNELS(f16, f16)

@@ -85,12 +85,13 @@ struct QStage {
 
 // L2_HINT: weight loads with the L2::256B segment prefetch. STAGES: 0 = two register stages (production);
 // >= 2 = the weight ring described above, STAGES - 1 steps ahead.
+// ROPE: the q/k/v projection's epilogue with rotary embedding and the KV store (mma.cuh).
 template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false,
-          bool L2_HINT = false, int STAGES = 0>
+          bool L2_HINT = false, int STAGES = 0, bool ROPE = false>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
-                                             int n_groups, int gshift) {
+                                             int n_groups, int gshift, const RopeArgs<T>& rope = RopeArgs<T>{}) {
     static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -223,7 +224,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             load(front, sb0 + 2 * STEP);
             compute(back);
         }
-        finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
+        if constexpr (ROPE)
+            finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
+        else
+            finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
     } else {
         // Slot [warp][s][u][row a / b][lane]: 1 KB per super-block, so WARPS * STAGES * UNROLL KB. Every lane
         // copies only its own 16-byte pieces and reads back only those, and cp.async.wait_group makes a
@@ -273,8 +277,11 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         // landed and every warp must be done reading its slots first.
         cp_async_wait<0>();
         __syncthreads();
-        finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(reinterpret_cast<float(*)[NT * 4][32]>(&ring[0][0][0][0][0]),
-                                                        acc, y, bias, n0, M, N);
+        auto* partial = reinterpret_cast<float(*)[NT * 4][32]>(&ring[0][0][0][0][0]);
+        if constexpr (ROPE)
+            finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
+        else
+            finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
     }
 }
 
@@ -340,6 +347,16 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ENTRY(T, OUT_T, qgemv##BITS##_swiglu_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, true)
 #define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB) \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB, false, 0)
+// The q/k/v projection with rotary embedding and the KV store (output in T).
+#define QGEMV_ROPE_KERNEL(T, NAME, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES)                                   \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##BITS##_rope_##NAME##_m##NT(            \
+        T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K, int n_sb,   \
+        int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, T* k_cache,    \
+        T* v_cache, int n_heads, int n_kv, int head_dim) {                                                      \
+        quant_linear<T, T, BITS, NT, WARPS, UNROLL, false, L2, STAGES, true>(                                   \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,                                             \
+            RopeArgs<T>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});                \
+    }
 #ifndef QGEMV_VARIANTS_ONLY
 // Chosen with `scripts/bench.py --qgemv` (docs/PERFORMANCE.md). Two blocks per SM (registers capped at 128)
 // beat one fatter block by 10-40%: the kernel waits on memory latency. The weight ring with the L2::256B hint
@@ -354,11 +371,22 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 2, 8, 1, 2, true, 4)     \
     QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 4, 2, 2)
 
+// The same shapes, for the q/k/v projection with rotary embedding (kernels.py QGEMV_THREADS serves both).
+#define QGEMV_ROPE_KERNELS(T, NAME)                              \
+    QGEMV_ROPE_KERNEL(T, NAME, 8, 1, 8, 1, 2, true, 4)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 8, 2, 8, 1, 2, true, 4)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 8, 4, 8, 1, 2, true, 3)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 4, 1, 8, 1, 2, true, 4)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 4, 2, 8, 1, 2, true, 4)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 4, 4, 4, 2, 2, false, 0)
+
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)
 QGEMV_KERNELS(bf16, float, bf16_f32)
 QGEMV_KERNELS(f16, f16, f16_f16)
 QGEMV_KERNELS(f16, float, f16_f32)
+QGEMV_ROPE_KERNELS(bf16, bf16)
+QGEMV_ROPE_KERNELS(f16, f16)
 #endif
 
 #define DEQUANT_KERNEL(T, NAME, BITS)                                                                            \

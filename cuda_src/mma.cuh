@@ -4,7 +4,7 @@
 //   B (16x8, "col")      b0:(k=2t..2t+1, n=g) b1:(k=2t+8.., n=g)
 //   C (16x8, fp32)       c0,c1:(g, 2t..2t+1)  c2,c3:(g+8, 2t..2t+1)
 #pragma once
-#include "common.cuh"
+#include "rope.cuh"
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -132,6 +132,55 @@ __device__ __forceinline__ void finish_small_m_tile(float (*partial)[NT * 4][32]
             g = to_float(from_float<T>(g));
             u = to_float(from_float<T>(u));
             y[(size_t)tok * (N >> 1) + (row >> 1)] = from_float<OutT>(silu(g) * u);
+        }
+    }
+}
+
+// The decode q/k/v projection fused with rope_kv.cu's work: rotary embedding of q and k, and the store of k and
+// v into the paged cache. The weight rows of every head come interleaved (row 2i = element i, row 2i + 1 =
+// element i + head_dim/2; mpillm/cuda/model.py), so lane l and lane l + 4 hold a rotation pair, as SWIGLU's
+// gate/up rows. Each element is first rounded to T as the plain projection stores it, and the rotation is
+// rope_rotate: the bits of the projection followed by rope_store_kv. y [M, N] receives q, k and v in the
+// natural order (attention reads q there).
+template <typename T, int WARPS, int NT>
+__device__ __forceinline__ void finish_small_m_tile_rope(float (*partial)[NT * 4][32], const float (&acc)[NT][4],
+                                                         T* __restrict__ y, const T* __restrict__ bias, int n0,
+                                                         int M, int N, const RopeArgs<T>& ra) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
+    __syncthreads();
+    const int half = ra.head_dim >> 1;
+    for (int idx = threadIdx.x; idx < NT * 4 * 16; idx += blockDim.x) {
+        const int jc = idx >> 4, q = idx & 15, j = jc >> 2, c = jc & 3;
+        const int l = (q >> 2) * 8 + (q & 3);
+        const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);
+        const int tok = j * 8 + 2 * (l & 3) + (c & 1);
+        if (row + 1 >= N || tok >= M) continue;
+        float a = 0.f, b = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) a += partial[wi][jc][l], b += partial[wi][jc][l + 4];
+        if (bias) a += to_float(bias[row]), b += to_float(bias[row + 1]);
+        T lo = from_float<T>(a), hi = from_float<T>(b);
+        const int h = row / ra.head_dim, i = (row - h * ra.head_dim) >> 1;
+        if (h < ra.n_heads + ra.n_kv) {
+            float sin_i, cos_i;
+            rope_angle(ra.positions[tok], ra.inv_freq[i], sin_i, cos_i);
+            rope_rotate(to_float(lo), to_float(hi), cos_i, sin_i, lo, hi);
+        }
+        T* x = y + (size_t)tok * N + (size_t)h * ra.head_dim;
+        x[i] = lo;
+        x[i + half] = hi;
+        if (h >= ra.n_heads) {
+            const int slot = ra.slots[tok];
+            if (slot >= 0) {
+                const int kv = h - ra.n_heads;  // k heads 0..n_kv-1, then v heads
+                T* dst = (kv < ra.n_kv ? ra.k_cache : ra.v_cache) + ((size_t)slot * ra.n_kv + kv % ra.n_kv) * ra.head_dim;
+                dst[i] = lo;
+                dst[i + half] = hi;
+            }
         }
     }
 }

@@ -38,6 +38,10 @@ for m in "${models[@]}"; do
   echo "== bench $m tp=1 MPILLM_DECODE_SPLIT=0" | tee -a "$OUT/bench.log"
   MPILLM_DECODE_SPLIT=0 $PY scripts/bench.py --model "$m" --batch 1,8,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
     | tee -a "$OUT/bench.log"
+  # A/B in this run: rope and the KV store fused into the q/k/v projection (the default above) against two kernels.
+  echo "== bench $m tp=1 --no-fuse-rope" | tee -a "$OUT/bench.log"
+  $PY scripts/bench.py --model "$m" --no-fuse-rope --batch 1,8,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
+    | tee -a "$OUT/bench.log"
   # A/B in this run: SwiGLU fused into the gate/up projection (the default above) against two kernels.
   echo "== bench $m tp=1 --no-fuse-swiglu" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --no-fuse-swiglu --batch 1,8 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
@@ -66,6 +70,7 @@ for r in rows:
             + (", NCCL only" if r.get("allreduce") == "nccl" and r["tp"] > 1 else "") \
             + ("" if r.get("pdl", True) else ", no PDL") \
             + (", no decode split" if r.get("decode_split", 1) == 0 else "") \
+            + ("" if r.get("fuse_rope", True) else ", unfused rope") \
             + (", all-reduce and norm unfused" if r["tp"] > 1 and r.get("fuse_ar_norm") is False else "")
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"

@@ -203,3 +203,16 @@ def test_decode_split_fills_the_gpu_at_batch_1_only():
     with pytest.raises(ValueError, match="MPILLM_DECODE_SPLIT"):
         decode_split_settings({"MPILLM_DECODE_SPLIT": "lots"})
     assert decode_split_settings({"MPILLM_DECODE_SPLIT": "0", "MPILLM_DECODE_MIN_PART": "64"}) == (0.0, 64)
+
+
+def test_rope_interleave_puts_each_rotary_pair_on_adjacent_rows():
+    from mpillm.cuda.model import rope_interleave
+    rows = np.arange(2 * 6)                                   # two heads of 6
+    assert rope_interleave(rows, 6).tolist() == [0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11]
+    w = np.arange(3 * 8 * 5).reshape(3 * 8, 5)                # trailing columns move with their row
+    got = rope_interleave(w, 8)
+    for h in range(3):
+        for i in range(4):
+            assert (got[h * 8 + 2 * i] == w[h * 8 + i]).all() and (got[h * 8 + 2 * i + 1] == w[h * 8 + 4 + i]).all()
+    with pytest.raises(ValueError, match="whole heads"):
+        rope_interleave(np.zeros((10, 2)), 4)

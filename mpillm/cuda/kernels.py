@@ -380,12 +380,25 @@ class Kernels:
         _check(k_cache, "k_cache", qkv.dtype, (None, None, n_kv_heads, head_dim))
         _check(v_cache, "v_cache", qkv.dtype, k_cache.shape)
         _check(slot_mapping, "slot_mapping", "i32", (n,))
+        self._rope(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, head_dim)
+
+    def _rope(self, qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, head_dim,
+              src: DeviceTensor | None = None) -> None:
+        """rope_store_kv, shapes checked; src: read the pairs from a per-head interleaved projection there."""
+        n = qkv.shape[0]
         if n == 0:
             return
-        fn = self._fn("rope_kv", f"rope_store_kv_{qkv.dtype}", "PPPPPPiii")
         pairs = (n_heads + 2 * n_kv_heads) * (head_dim // 2)      # one thread per pair (rope_kv.cu)
-        self._launch(fn, (n, _cdiv(pairs, ROPE_THREADS)), ROPE_THREADS, qkv.ptr, positions.ptr, inv_freq.ptr,
-                     k_cache.ptr, v_cache.ptr, slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
+        grid = (n, _cdiv(pairs, ROPE_THREADS))
+        if src is None:
+            fn = self._fn("rope_kv", f"rope_store_kv_{qkv.dtype}", "PPPPPPiii")
+            self._launch(fn, grid, ROPE_THREADS, qkv.ptr, positions.ptr, inv_freq.ptr, k_cache.ptr, v_cache.ptr,
+                         slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
+        else:
+            _check(src, "interleaved_out", qkv.dtype, qkv.shape)
+            fn = self._fn("rope_kv", f"rope_store_kv_interleaved_{qkv.dtype}", "PPPPPPPiii")
+            self._launch(fn, grid, ROPE_THREADS, qkv.ptr, src.ptr, positions.ptr, inv_freq.ptr, k_cache.ptr,
+                         v_cache.ptr, slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
 
     # -- activation -------------------------------------------------------------------------------
     def silu_mul(self, out: DeviceTensor, gate_up: DeviceTensor, interleaved: bool = False) -> None:
@@ -444,6 +457,64 @@ class Kernels:
             raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
         _check_aligned(w, "w")
         self._gemv(act, x, w, 0, swiglu=True)
+
+    def linear_rope(self, qkv: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None,
+                    positions: DeviceTensor, inv_freq: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
+                    slot_mapping: DeviceTensor, n_heads: int, n_kv_heads: int, head_dim: int,
+                    interleaved_out: DeviceTensor, scratch: DeviceTensor | None = None) -> None:
+        """The q/k/v projection followed by rope_store_kv, for a weight (and bias) whose rows are interleaved
+        per head (row 2i = element i, 2i + 1 = element i + head_dim/2; see rope_interleave): qkv [M, N] gets
+        q, k, v in the natural order, q and k rotated, and k, v go to the cache, as linear + rope_store_kv
+        give them for the natural weight (the same bits).
+
+        Small M (the float GEMV's or the quantized kernel's range): one kernel, rotation and store in its
+        epilogue. Larger M: the GEMM into `interleaved_out` [>= M, N] (model dtype), then the rope kernel
+        reading its pairs from there."""
+        quant = isinstance(w, QuantWeight)
+        n, k = w.shape
+        m = x.shape[0]
+        if head_dim % 2 or n != (n_heads + 2 * n_kv_heads) * head_dim:
+            raise ValueError(f"w: {n} rows for {n_heads} + 2 x {n_kv_heads} heads of {head_dim} (even)")
+        _check(qkv, "qkv", x.dtype, (m, n))
+        _check(positions, "positions", "i32", (m,))
+        _check(inv_freq, "inv_freq", "f32", (head_dim // 2,))
+        _check(k_cache, "k_cache", x.dtype, (None, None, n_kv_heads, head_dim))
+        _check(v_cache, "v_cache", x.dtype, k_cache.shape)
+        _check(slot_mapping, "slot_mapping", "i32", (m,))
+        if m > (QGEMV_MAX_M if quant else GEMV_MAX_M):
+            _check(interleaved_out, "interleaved_out", x.dtype, (None, None))
+            if interleaved_out.numel < m * n:
+                raise ValueError(f"interleaved_out: {interleaved_out.numel} elements, {m} x {n} needed")
+            tmp = interleaved_out.view(0, (m, n))
+            self.linear(tmp, x, w, bias, scratch=scratch)
+            self._rope(qkv, positions, inv_freq, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, head_dim, tmp)
+            return
+        _check(x, "x", MODEL_DTYPES, (None, k))
+        _check_aligned(x, "x")
+        if bias is not None:
+            _check(bias, "bias", x.dtype, (n,))
+        if m == 0:
+            return
+        bias_ptr = 0 if bias is None else bias.ptr
+        rope = (positions.ptr, inv_freq.ptr, slot_mapping.ptr, k_cache.ptr, v_cache.ptr, n_heads, n_kv_heads, head_dim)
+        if quant:
+            for lo in range(0, m, 32):                 # tiles of 32 rows, as _qgemv
+                rows = min(32, m - lo)
+                tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
+                fn = self._fn("gemv_quant", f"qgemv{w.bits}_rope_{x.dtype}_m{tiles}", "PPPPPiiiiiiPPPPPiii")
+                self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS[(w.bits, tiles)],
+                             qkv.ptr + lo * n * qkv.itemsize, x.ptr + lo * k * x.itemsize, w.data.ptr, w.scales.ptr,
+                             bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
+                             positions.ptr + 4 * lo, inv_freq.ptr, slot_mapping.ptr + 4 * lo, *rope[3:])
+            return
+        _check(w, "w", x.dtype, (n, k))
+        if k % 8:
+            raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
+        _check_aligned(w, "w")
+        tiles = next(nt for nt in GEMV_THREADS if m <= 8 * nt)
+        fn = self._fn("gemv", f"gemv_rope_{x.dtype}_m{tiles}", "PPPPiiiPPPPPiii")
+        self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], qkv.ptr, x.ptr, w.ptr, bias_ptr, m, n, k,
+                     *rope)
 
     # -- linear -----------------------------------------------------------------------------------
     def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,

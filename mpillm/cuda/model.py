@@ -171,7 +171,8 @@ class CudaTransformer:
                  max_model_len: int = 4096, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
-                 overlap: bool = False, fuse_allreduce_norm: bool = True, log=lambda m: None):
+                 overlap: bool = False, fuse_allreduce_norm: bool = True, fuse_rope: bool = True,
+                 log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
@@ -181,6 +182,11 @@ class CudaTransformer:
         # Tensor parallelism: decode-sized all-reduces fused with the next residual add + RMSNorm (allreduce.cu);
         # False: the IPC all-reduce and add_rms_norm as two kernels (A/B runs).
         self.fuse_allreduce_norm = fuse_allreduce_norm
+        # Rotary embedding and the KV store in the q/k/v projection's epilogue (Kernels.linear_rope), its weight
+        # rows interleaved per head at load; False: the projection and rope_store_kv as two kernels (A/B runs).
+        # Needs the gate/up buffer to hold a q/k/v row (it stages prefill-sized projections).
+        self.fuse_rope = bool(fuse_rope) and 2 * (shard.ffn_hi - shard.ffn_lo) >= \
+            (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
         # Programmatic edges between our kernels in the decode graphs (mpillm/cuda/graphs.py); None: on where
         # the GPU has them (sm_90) unless MPILLM_PDL=0.
         self.pdl = pdl_enabled(device.compute_capability) if pdl is None else bool(pdl)
@@ -333,30 +339,36 @@ class CudaTransformer:
         kind = "int8" if self.quantize == "int8" else "q4"
         return QuantWeight.random(kind, n, k, self.group_size if kind == "int8" else 32, fill)
 
-    def _projection(self, ckpt, sources, shape, interleave: bool = False):
+    def _projection(self, ckpt, sources, shape, reorder=None):
         """One merged projection on the GPU: quantized per self.quantize where it applies, else model dtype.
-        interleave: rows [gate; up] become [g0 u0 g1 u1 ...] (what Kernels.linear_swiglu takes)."""
-        if ckpt is None:
+        reorder: a function of the rows, applied to float weights and to packed data and scales alike
+        (interleave_halves for Kernels.linear_swiglu, rope_interleave for Kernels.linear_rope)."""
+        if ckpt is None:       # random weights: their row order means nothing
             return self._random_quant(*shape) if self.quantize in ("int8", "q4") else self._random(shape)
         packed = load_packed(ckpt, sources, self.quantize, self.group_size)
         if packed is not None:
-            if interleave:
-                packed = packed._replace(data=interleave_halves(packed.data), scales=interleave_halves(packed.scales))
+            if reorder is not None:
+                packed = packed._replace(data=reorder(packed.data), scales=reorder(packed.scales))
             return QuantWeight.from_packed(packed)
         w = load_merged(ckpt, sources)
         if w.shape != tuple(shape):
             raise ValueError(f"{sources[0][0]}: checkpoint shard has shape {w.shape}, expected {shape}")
-        return DeviceTensor.from_numpy(interleave_halves(w) if interleave else w, self.dtype)
+        return DeviceTensor.from_numpy(reorder(w) if reorder is not None else w, self.dtype)
 
     def _load_layer(self, ckpt, i: int) -> LayerWeights:
         c, s = self.cfg, self.shard
         H, hd = c.hidden_size, c.head_dim
         src = projection_sources(c, s, i) if ckpt is not None else {}
-        proj = lambda key, shape: self._projection(ckpt, src.get(key), shape, key == "gate_up")  # noqa: E731
+        by_head = (lambda a: rope_interleave(a, hd)) if self.fuse_rope else None
+        reorder = {"gate_up": interleave_halves, "qkv": by_head}
+        proj = lambda key, shape: self._projection(ckpt, src.get(key), shape, reorder.get(key))  # noqa: E731
         norm = lambda name: self._param(ckpt, name, (H,), lambda: ckpt.load(name))  # noqa: E731
         bias = None
         if c.attention_bias:
-            bias = self._param(ckpt, "qkv bias", (self.qkv_width,), lambda: load_merged(ckpt, bias_sources(src["qkv"])))
+            def load_bias():
+                b = load_merged(ckpt, bias_sources(src["qkv"]))
+                return by_head(b) if by_head is not None else b
+            bias = self._param(ckpt, "qkv bias", (self.qkv_width,), load_bias)
         return LayerWeights(norm(f"model.layers.{i}.input_layernorm.weight"), proj("qkv", (self.qkv_width, H)), bias,
                             proj("o", (H, s.n_heads * hd)), norm(f"model.layers.{i}.post_attention_layernorm.weight"),
                             proj("gate_up", (2 * self.inter, H)), proj("down", (H, self.inter)))
@@ -541,9 +553,13 @@ class CudaTransformer:
         """qkv = h Wqkv (h: the normalised residual), rope and KV store, attention."""
         k, c, s = self.k, self.cfg, self.shard
         hd = c.head_dim
-        k.linear(rows.qkv, rows.h, w.qkv, w.qkv_bias, scratch=self.wscratch)
-        k.rope_store_kv(rows.qkv, rows.positions, self.inv_freq, self.k_cache[i], self.v_cache[i], rows.slots,
-                        s.n_heads, s.n_kv_heads, hd)
+        if self.fuse_rope:      # rows interleaved at load: rotation and KV store in the projection's epilogue
+            k.linear_rope(rows.qkv, rows.h, w.qkv, w.qkv_bias, rows.positions, self.inv_freq, self.k_cache[i],
+                          self.v_cache[i], rows.slots, s.n_heads, s.n_kv_heads, hd, rows.gate_up, self.wscratch)
+        else:
+            k.linear(rows.qkv, rows.h, w.qkv, w.qkv_bias, scratch=self.wscratch)
+            k.rope_store_kv(rows.qkv, rows.positions, self.inv_freq, self.k_cache[i], self.v_cache[i], rows.slots,
+                            s.n_heads, s.n_kv_heads, hd)
         for tables, query_start, context_lens, max_q, max_ctx in meta:
             k.attention(rows.attn_out, rows.attn_in, self.k_cache[i], self.v_cache[i], tables, query_start,
                         context_lens, s.n_heads, s.n_kv_heads, hd, 1.0 / math.sqrt(hd), max_q, max_ctx,
@@ -729,6 +745,17 @@ def kv_cache_shortfall(rank: int, budget: int, num_blocks: int, asked: bool, blo
     return (f"rank {rank}: the KV cache gets {got} but one {max_model_len}-token sequence needs {one_seq} blocks "
             f"({_mib(one_seq * per_block)}); free {_mib(free)} of {_mib(total)}. Lower --max-model-len, "
             f"raise --gpu-memory-utilization (now {utilization}), or add GPUs (--tp).")
+
+
+def rope_interleave(a: np.ndarray, head_dim: int) -> np.ndarray:
+    """Rows of each head_dim-row head reordered [0, h, 1, h + 1, ...] (h = head_dim / 2): each rotary pair on
+    adjacent rows, what Kernels.linear_rope takes (any trailing shape)."""
+    n = a.shape[0]
+    if n % head_dim or head_dim % 2:
+        raise ValueError(f"rope_interleave: {n} rows are not whole heads of {head_dim} (even)")
+    half = head_dim // 2
+    heads = a.reshape(n // head_dim, 2, half, *a.shape[1:])
+    return np.ascontiguousarray(heads.swapaxes(1, 2).reshape(a.shape))
 
 
 def interleave_halves(a: np.ndarray) -> np.ndarray:

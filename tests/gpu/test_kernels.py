@@ -295,6 +295,67 @@ def test_linear_quant_checks(kernels):
 
 
 # ---------------------------------------------------------------------------------------------------
+# rotary embedding and KV store fused into the q/k/v projection
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["float", "int8", "q4_1"])
+@pytest.mark.parametrize("m", [1, 7, 17, 32, 33, 129])
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 9, 3), (128, 4, 2), (80, 2, 1)])
+def test_linear_rope_equals_linear_then_rope(kernels, dtype, kind, m, head_dim, n_heads, n_kv):
+    """linear_rope on the per-head interleaved weight and bias (small M: one kernel; larger: GEMM into a staging
+    buffer, then the rope kernel reading the pairs there) gives qkv and the caches bit for bit as linear +
+    rope_store_kv on the natural weight, padding slots (-1) included."""
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.cuda.model import rope_interleave
+    from mpillm.quant import unpack
+    rng = np.random.default_rng(m * 13 + head_dim + n_heads)
+    k, n = 576, (n_heads + 2 * n_kv) * head_dim
+    if kind == "float":
+        wf = rounded(rng.normal(size=(n, k)) / math.sqrt(k), dtype)
+        w_nat, w_int = dev(wf, dtype), dev(rope_interleave(wf, head_dim), dtype)
+    else:
+        p = _packed(rng, kind, n, k, 64)
+        w_nat = QuantWeight.from_packed(p)
+        w_int = QuantWeight.from_packed(p._replace(data=rope_interleave(p.data, head_dim),
+                                                   scales=rope_interleave(p.scales, head_dim)))
+        wf = unpack(p)
+    bias = rounded(rng.normal(size=n), dtype)
+    x = dev(rounded(rng.normal(size=(m, k)), dtype), dtype)
+    positions = dev(rng.integers(0, 5000, m).astype(np.int32), "i32")
+    slots_h = rng.permutation(8 * 16)[:m].astype(np.int32)
+    slots_h[::5] = -1
+    slots = dev(slots_h, "i32")
+    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
+    cache = rounded(rng.normal(size=(8, 16, n_kv, head_dim)), dtype)
+    out = {}
+    scratch = DeviceTensor.empty((n * k,), dtype)
+    for fused in (True, False):
+        qkv = DeviceTensor.empty((m, n), dtype)
+        kc, vc = dev(cache, dtype), dev(cache, dtype)
+        if fused:
+            stage = DeviceTensor.empty((m, n), dtype)
+            kernels.linear_rope(qkv, x, w_int, dev(rope_interleave(bias, head_dim), dtype), positions, inv_freq, kc,
+                                vc, slots, n_heads, n_kv, head_dim, stage, scratch)
+        else:
+            kernels.linear(qkv, x, w_nat, dev(bias, dtype), scratch=scratch)
+            kernels.rope_store_kv(qkv, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim)
+        out[fused] = (qkv.to_numpy(), kc.to_numpy(), vc.to_numpy())
+    from mpillm.cuda.kernels import GEMV_MAX_M, QGEMV_MAX_M
+    small = m <= (GEMV_MAX_M if kind == "float" else QGEMV_MAX_M)
+    for a, b, what in zip(out[True], out[False], ("qkv", "k cache", "v cache")):
+        if small:    # the same dot products, rounded and rotated the same way
+            np.testing.assert_array_equal(a, b, err_msg=f"{what}, {kind} M={m}")
+        else:        # the GEMM sees the rows in another order: its tiling may sum differently
+            assert_close(a, b, dtype, f"{what}, {kind} M={m}")
+    # and against NumPy: the projection, then the rotation of q and k
+    yy = rounded(x.to_numpy().astype(np.float64) @ wf.astype(np.float64).T + bias, dtype)
+    cos, sin = ops.rope_cos_sin(positions.to_numpy(), inv_freq.to_numpy())
+    q = ops.apply_rope(yy[:, : n_heads * head_dim].reshape(m, n_heads, head_dim), cos, sin)
+    assert_close(out[True][0][:, : n_heads * head_dim], q.reshape(m, -1), dtype, f"q, {kind} M={m}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # SwiGLU fused into the gate/up projection
 
 

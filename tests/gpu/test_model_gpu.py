@@ -263,6 +263,51 @@ def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kern
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_and_unfused_rope_give_the_same_bits(tmp_path, cuda_device, kernels, kind):
+    """fuse_rope (q/k/v rows interleaved per head at load, rotation and KV store in the projection's epilogue,
+    the default) against the projection and rope_store_kv as two kernels: the same logits bit for bit on
+    GEMV-sized steps, and the same greedy ids through the decode graphs (Qwen2: the q/k/v bias reordered too)."""
+    ckpt = tiny_checkpoint(tmp_path, kind)
+    fused, plain = build(ckpt, cuda_device, kernels), build(ckpt, cuda_device, kernels, fuse_rope=False)
+    assert fused.fuse_rope and not plain.fuse_rope
+    rng = np.random.default_rng(4)
+    specs = [SampleSpec(GREEDY, 0, 0, None)] * 2
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 9)]
+    step = StepInput.build([(p, 0, list(range(i * 8, i * 8 + 8)), True) for i, p in enumerate(prompts)], 16)
+    _, a = fused.forward(step, specs, want_logits=True)
+    _, b = plain.forward(step, specs, want_logits=True)
+    np.testing.assert_array_equal(a, b)
+    ids = {}
+    for name, m in (("fused", fused), ("plain", plain)):
+        toks, got = [int(t) for t in a.argmax(-1)], []
+        for i in range(8):
+            st = StepInput.build([([toks[j]], len(prompts[j]) + i, list(range(j * 8, j * 8 + 8)), True)
+                                  for j in range(2)], 16)
+            out, _ = m.forward(st, specs)
+            toks = [int(t) for t in out]
+            got.append(toks)
+        ids[name] = got
+    assert ids["fused"] == ids["plain"]
+    # A prefill-sized step (GEMM into the staging buffer, then the rope kernel on the interleaved pairs).
+    long = StepInput.build([(rng.integers(0, 1000, 60).tolist(), 0, list(range(16, 24)), True)], 16)
+    _, a = fused.forward(long, specs[:1], want_logits=True)
+    _, b = plain.forward(long, specs[:1], want_logits=True)
+    assert rel_err(a, b) < 1e-2
+
+
+def test_default_model_fused_rope_matches_unfused(smollm_gguf, cuda_device, kernels):
+    """The default model's Q4_1 q/k/v blocks reordered per head (packed rows and their scales): the same logits
+    bit for bit as the unfused path on a decode-sized step."""
+    ckpt = open_checkpoint(smollm_gguf)
+    fused, plain = (build(ckpt, cuda_device, kernels, quantize="auto", fuse_rope=f) for f in (True, False))
+    prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282]
+    step = StepInput.build([(prompt, 0, [0, 1], True)], 16)
+    _, a = fused.forward(step, [SampleSpec(GREEDY, 0, 0, None)], want_logits=True)
+    _, b = plain.forward(step, [SampleSpec(GREEDY, 0, 0, None)], want_logits=True)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_continuous_batch_equals_each_request_alone(tmp_path, cuda_device, kernels):
     """Greedy ids from a continuous batch (chunked prefill mixed with decode, late arrivals, preemption in a
     small cache) equal each request run alone on the same GPU model. Batch size changes which kernel computes a

@@ -48,22 +48,19 @@ __device__ __forceinline__ uint4 ld_volatile16(const void* p) {
 }
 
 // table: [AR_MAX_RANKS] buffer base pointers (this process's mappings), then [AR_MAX_RANKS] ArSignal
-// pointers. data: n_vec vectors of 8 elements, reduced in place. parity_bytes: offset of the second buffer.
-template <typename T>
-__device__ __forceinline__ void one_shot_all_reduce(T* data, int n_vec, int rank, int world,
-                                                    const unsigned long long* __restrict__ table,
-                                                    unsigned long long parity_bytes) {
+// pointers. parity_bytes: offset of the second buffer.
+
+// This call's flag for block b (its counter + 1); its parity picks the buffer.
+__device__ __forceinline__ uint32_t ar_next_flag(const ArSignal* me, int b) {
     __shared__ uint32_t s_flag;
-    ArSignal* me = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + rank]);
-    const int b = blockIdx.x;
     if (threadIdx.x == 0) s_flag = me->counter[b] + 1;
     __syncthreads();
-    const uint32_t flag = s_flag;
-    const unsigned long long par = (flag & 1) ? parity_bytes : 0ull;
-    const int stride = gridDim.x * blockDim.x;
+    return s_flag;
+}
 
-    uint4* mine = reinterpret_cast<uint4*>(table[rank] + par);
-    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride) mine[i] = reinterpret_cast<const uint4*>(data)[i];
+// After the block's copies into its own buffer: raise its flag in every peer's signals, wait for theirs.
+__device__ __forceinline__ void ar_barrier(const unsigned long long* __restrict__ table, ArSignal* me, int b,
+                                           int rank, int world, uint32_t flag) {
     __syncthreads();
     if (threadIdx.x < world) {
         __threadfence_system();  // this block's copies are visible to the peers before the flag is
@@ -73,17 +70,38 @@ __device__ __forceinline__ void one_shot_all_reduce(T* data, int n_vec, int rank
         }
     }
     __syncthreads();
+}
 
-    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int r = 0; r < world; ++r) {
-            float f[8];
-            unpack8<T>(ld_volatile16(reinterpret_cast<const uint4*>(table[r] + par) + i), f);
+// Vector i summed over the ranks' buffers in fp32, in rank order (every rank gets the same bits), rounded to T.
+template <typename T, typename Index>
+__device__ __forceinline__ uint4 ar_sum_vector(const unsigned long long* __restrict__ table, unsigned long long par,
+                                               int world, Index i) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int r = 0; r < world; ++r) {
+        float f[8];
+        unpack8<T>(ld_volatile16(reinterpret_cast<const uint4*>(table[r] + par) + i), f);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] += f[e];
-        }
-        reinterpret_cast<uint4*>(data)[i] = pack8<T>(acc);
+        for (int e = 0; e < 8; ++e) acc[e] += f[e];
     }
+    return pack8<T>(acc);
+}
+
+// data: n_vec vectors of 8 elements, reduced in place.
+template <typename T>
+__device__ __forceinline__ void one_shot_all_reduce(T* data, int n_vec, int rank, int world,
+                                                    const unsigned long long* __restrict__ table,
+                                                    unsigned long long parity_bytes) {
+    ArSignal* me = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + rank]);
+    const int b = blockIdx.x;
+    const uint32_t flag = ar_next_flag(me, b);
+    const unsigned long long par = (flag & 1) ? parity_bytes : 0ull;
+    const int stride = gridDim.x * blockDim.x;
+
+    uint4* mine = reinterpret_cast<uint4*>(table[rank] + par);
+    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride) mine[i] = reinterpret_cast<const uint4*>(data)[i];
+    ar_barrier(table, me, b, rank, world, flag);
+    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride)
+        reinterpret_cast<uint4*>(data)[i] = ar_sum_vector<T>(table, par, world, i);
     if (threadIdx.x == 0) me->counter[b] = flag;
 }
 
@@ -96,31 +114,20 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
                                                                  int world,
                                                                  const unsigned long long* __restrict__ table,
                                                                  unsigned long long parity_bytes) {
-    __shared__ uint32_t s_flag;
     ArSignal* me = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + rank]);
     const int b = blockIdx.x, n_vec = hidden >> 3;
-    if (threadIdx.x == 0) s_flag = me->counter[b] + 1;
-    __syncthreads();
-    const uint32_t flag = s_flag;
+    const uint32_t flag = ar_next_flag(me, b);
     const unsigned long long par = (flag & 1) ? parity_bytes : 0ull;
 
     uint4* mine = reinterpret_cast<uint4*>(table[rank] + par);
     for (int row = b; row < rows; row += gridDim.x)
         for (int v = threadIdx.x; v < n_vec; v += blockDim.x)
             mine[(size_t)row * n_vec + v] = reinterpret_cast<const uint4*>(data)[(size_t)row * n_vec + v];
-    __syncthreads();
-    if (threadIdx.x < world) {
-        __threadfence_system();
-        ArSignal* peer = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + threadIdx.x]);
-        st_release_sys(&peer->start[b][rank], flag);
-        while (ld_acquire_sys(&me->start[b][threadIdx.x]) < flag) {
-        }
-    }
-    __syncthreads();
-
+    ar_barrier(table, me, b, rank, world, flag);
     for (int row = b; row < rows; row += gridDim.x) {
         // Each thread sums, and then normalises, the same vectors of the row (rms_norm_row's split), so it
-        // reads back only what it wrote.
+        // reads back only what it wrote. The sum is ar_sum_vector's loop written out: through the helper the
+        // compiler unrolls the rank loop another way (the same sums); this is the code that was measured.
         for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
             const size_t i = (size_t)row * n_vec + v;
             float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};

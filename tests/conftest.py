@@ -28,3 +28,14 @@ def smollm_gguf() -> Path:
         if os.environ.get("MPILLM_REQUIRE_MODEL"):
             raise
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """scripts/bench.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,21 +1,9 @@
 """The benchmark's workload is part of the contract of its numbers: fixed, seeded, in the stated ranges."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_sharegpt_like_workload_is_seeded_and_in_range():
-    bench = _bench()
+def test_sharegpt_like_workload_is_seeded_and_in_range(bench):
     a, b = bench.sharegpt_like(1000, 32000), bench.sharegpt_like(1000, 32000)
     assert [(p, o) for p, o in a] == [(p, o) for p, o in b]           # same requests every run
     plen = np.array([len(p) for p, _ in a])
@@ -26,11 +14,10 @@ def test_sharegpt_like_workload_is_seeded_and_in_range():
     assert bench.sharegpt_like(10, 32000, seed=1) != bench.sharegpt_like(10, 32000, seed=0)
 
 
-def test_engine_only_runs_every_request_without_a_gpu(tmp_path, monkeypatch, capsys):
+def test_engine_only_runs_every_request_without_a_gpu(bench, tmp_path, monkeypatch, capsys):
     """bench --throughput N --engine-only: the engine's host work per step, with a stand-in runner."""
     import json
     import sys
-    bench = _bench()
     out = tmp_path / "b.jsonl"
     monkeypatch.setattr(sys, "argv", ["bench.py", "--model", "dummy:llama3-8b", "--throughput", "30", "--engine-only",
                                       "--max-num-seqs", "8", "--json", str(out)])
@@ -40,9 +27,8 @@ def test_engine_only_runs_every_request_without_a_gpu(tmp_path, monkeypatch, cap
     assert "engine host work: 30 requests" in capsys.readouterr().out
 
 
-def test_engine_only_with_a_checkpoint_uses_its_tokenizer(smollm_gguf, monkeypatch, capsys):
+def test_engine_only_with_a_checkpoint_uses_its_tokenizer(bench, smollm_gguf, monkeypatch, capsys):
     import sys
-    bench = _bench()
     monkeypatch.setattr(sys, "argv", ["bench.py", "--model", str(smollm_gguf), "--throughput", "12", "--engine-only",
                                       "--max-num-seqs", "4"])
     assert bench.main()["requests"] == 12

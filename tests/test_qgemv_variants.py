@@ -1,12 +1,10 @@
 """The quantized small-M kernel variants that `scripts/bench.py --qgemv` sweeps compile with nvcc for sm_80 and
 sm_90 (no GPU needed), so a variant broken by a change to cuda_src/gemv_quant.cu fails here, not on the GPU box."""
 
-import importlib.util
 import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -15,13 +13,6 @@ from mpillm.cuda.kernels import CUDA_SRC, nvcc_command
 NVCC = shutil.which("nvcc")
 ARCHS = ("sm_80", "sm_90")
 
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _dtype_source() -> str:
@@ -46,8 +37,7 @@ def _compile(tmp_path, name, source, arch):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-def test_bench_qgemv_variants_compile(tmp_path):
-    bench = _bench()
+def test_bench_qgemv_variants_compile(bench, tmp_path):
     ring = [v for v in bench.QGEMV_VARIANTS if v[4]]
     assert ring and all(v[4] >= 2 for v in ring)
     sources = {"variants": bench.qgemv_variant_source(), "dtypes": _dtype_source()}

@@ -6,8 +6,9 @@ device buffers that are all allocated once at startup:
     embed -> for each layer: h = norm(r); r += o_proj(attn(h)); h = norm(r); r += down(silu(gate_up(h)))
           -> norm -> LM head -> sample
 
-The residual add is fused into the next norm (add_rms_norm); at decode sizes SwiGLU is fused into the gate/up
-projection (its rows are interleaved at load so each tile holds gate/up pairs). A step's metadata travels in one packed
+The residual add is fused into the next norm (add_rms_norm), and under tensor parallelism at decode sizes also
+the all-reduce before it; at decode sizes SwiGLU is fused into the gate/up projection and rotary embedding with
+the KV-cache store into the q/k/v projection (their rows are interleaved at load so each tile holds the pairs). A step's metadata travels in one packed
 int32 buffer (one host-to-device copy); only sampled token ids come back. Pure decode steps replay a
 CUDA graph captured once per batch-size bucket.
 """

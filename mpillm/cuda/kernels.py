@@ -57,9 +57,10 @@ DECODE_PARTITION = 512      # attention_decode.cu: most keys per split-K partiti
 DECODE_MAX_PARTS = 1024     # the most partitions per sequence: contexts up to 512K keys
 # Small batches spread each sequence's keys over more partitions (at least DECODE_MIN_PART keys each) until the
 # grid has about DECODE_SPLIT_BLOCKS_PER_SM blocks per SM, when one partition per DECODE_PARTITION keys would
-# occupy fewer than DECODE_SPLIT_BELOW of the SMs. Measured on H200 (docs/PERFORMANCE.md): SmolLM2 (3 kv heads)
-# b=1 +7%, b=8 +4%; Llama-3-8B (8 kv heads) b=1 +5% at 1,024-token contexts, but b=8 (64 blocks, half the SMs)
-# -2 to -4%. MPILLM_DECODE_SPLIT (blocks per SM, 0 = off) and MPILLM_DECODE_MIN_PART override the first two.
+# occupy fewer than DECODE_SPLIT_BELOW of the SMs (docs/PERFORMANCE.md): Llama-3-8B b=1 at 1,024-token contexts
+# +5-7% on H100 and H200; SmolLM2 at ~150 tokens +4-7% on H200, neutral on H100; 8B b=8 (64 blocks, half the
+# SMs) lost 2-4%, hence the threshold. MPILLM_DECODE_SPLIT (blocks per SM, 0 = off) and MPILLM_DECODE_MIN_PART
+# override the first two.
 DECODE_MIN_PART = 32
 DECODE_PART_ALIGN = 16      # attention_decode.cu: partition lengths are multiples of this
 DECODE_SPLIT_BLOCKS_PER_SM = 1.0

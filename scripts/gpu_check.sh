@@ -49,7 +49,7 @@ for m in "${models[@]}"; do
   for tp in 2 4; do
     if [ "$NGPU" -ge $tp ]; then
       echo "== bench $m tp=$tp" | tee -a "$OUT/bench.log"
-      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --batch 1,32 --prefill 2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+      $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --batch 1,32 --prefill 512,2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
       echo "== bench $m tp=$tp --overlap" | tee -a "$OUT/bench.log"       # A/B: overlapped prefill micro-batches
       $MPIRUN -n $tp $PY scripts/bench.py --model "$m" --tp $tp --overlap --batch "" --prefill 512,2048 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
       echo "== bench $m tp=$tp --no-fuse-ar-norm" | tee -a "$OUT/bench.log"   # A/B: all-reduce + norm fused

@@ -216,3 +216,31 @@ def test_rope_interleave_puts_each_rotary_pair_on_adjacent_rows():
             assert (got[h * 8 + 2 * i] == w[h * 8 + i]).all() and (got[h * 8 + 2 * i + 1] == w[h * 8 + 4 + i]).all()
     with pytest.raises(ValueError, match="whole heads"):
         rope_interleave(np.zeros((10, 2)), 4)
+
+
+def test_linear_rope_launches_one_projection_kernel_with_the_rope_arguments():
+    """Small M: one launch per 32-row tile, each pointing at its rows of x, qkv, positions and slots, with the
+    frequencies, caches and head counts after the projection's own arguments."""
+    from mpillm.cuda.kernels import QuantWeight
+    nh, nkv, hd, k = 4, 2, 64, 576
+    n = (nh + 2 * nkv) * hd
+    w = QuantWeight("int8", n, k, 64, _tensor(0x100000, (n, 9 * 64), "u8"), _tensor(0x200000, (n, 18), "u8"))
+    rope = (_tensor(0x500000, (45,), "i32"), _tensor(0x600000, (hd // 2,), "f32"))
+    caches = (_tensor(0x700000, (8, 16, nkv, hd)), _tensor(0x800000, (8, 16, nkv, hd)))
+    slots = _tensor(0x900000, (45,), "i32")
+    rec = _Recorder()
+    rec.k.linear_rope(_tensor(0x400000, (45, n)), _tensor(0x300000, (45, k)), w, None, rope[0], rope[1], *caches,
+                      slots, nh, nkv, hd, _tensor(0xA00000, (45, n)))
+    assert [(name, args[0], args[1], args[5], args[11], args[13]) for name, _, _, args in rec.launches] == [
+        ("qgemv8_rope_bf16_m4", 0x400000, 0x300000, 32, 0x500000, 0x900000),
+        ("qgemv8_rope_bf16_m2", 0x400000 + 32 * n * 2, 0x300000 + 32 * k * 2, 13, 0x500000 + 4 * 32,
+         0x900000 + 4 * 32)]
+    assert all(args[12] == 0x600000 and args[14:] == (0x700000, 0x800000, nh, nkv, hd)
+               for _, _, _, args in rec.launches)
+    rec.launches.clear()
+    wf = _tensor(0xB00000, (n, k))
+    rec.k.linear_rope(_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), wf, None, rope[0].view(0, (9,)), rope[1],
+                      *caches, slots.view(0, (9,)), nh, nkv, hd, _tensor(0xA00000, (9, n)))
+    assert rec.launches == [("gemv_rope_bf16_m2", (n // 16, 1), 256,
+                             (0x400000, 0x300000, 0xB00000, 0, 9, n, k, 0x500000, 0x600000, 0x900000, 0x700000,
+                              0x800000, nh, nkv, hd))]

@@ -497,25 +497,15 @@ class Kernels:
         if m == 0:
             return
         bias_ptr = 0 if bias is None else bias.ptr
-        rope = (positions.ptr, inv_freq.ptr, slot_mapping.ptr, k_cache.ptr, v_cache.ptr, n_heads, n_kv_heads, head_dim)
+        rope = (positions, inv_freq, slot_mapping, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
         if quant:
-            for lo in range(0, m, 32):                 # tiles of 32 rows, as _qgemv
-                rows = min(32, m - lo)
-                tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
-                fn = self._fn("gemv_quant", f"qgemv{w.bits}_rope_{x.dtype}_m{tiles}", "PPPPPiiiiiiPPPPPiii")
-                self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), QGEMV_THREADS[(w.bits, tiles)],
-                             qkv.ptr + lo * n * qkv.itemsize, x.ptr + lo * k * x.itemsize, w.data.ptr, w.scales.ptr,
-                             bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
-                             positions.ptr + 4 * lo, inv_freq.ptr, slot_mapping.ptr + 4 * lo, *rope[3:])
+            self._qgemv(qkv, x, w, bias_ptr, rope=rope)
             return
         _check(w, "w", x.dtype, (n, k))
         if k % 8:
             raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
         _check_aligned(w, "w")
-        tiles = next(nt for nt in GEMV_THREADS if m <= 8 * nt)
-        fn = self._fn("gemv", f"gemv_rope_{x.dtype}_m{tiles}", "PPPPiiiPPPPPiii")
-        self._launch(fn, (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], qkv.ptr, x.ptr, w.ptr, bias_ptr, m, n, k,
-                     *rope)
+        self._gemv(qkv, x, w, bias_ptr, rope=rope)
 
     # -- linear -----------------------------------------------------------------------------------
     def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,
@@ -595,25 +585,44 @@ class Kernels:
         self._qgemv(y, x, w, 0 if bias is None else bias.ptr)
 
     # The small-M kernels, shapes already checked. y has N columns, or N / 2 with swiglu (linear_swiglu).
-    def _gemv(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias_ptr: int, swiglu: bool = False) -> None:
+    # rope (linear_rope): (positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim), the epilogue's
+    # extra arguments; positions and slots are per row of x, so each tile points at its own.
+    @staticmethod
+    def _rope_args(rope, lo: int) -> tuple:
+        if rope is None:
+            return ()
+        positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim = rope
+        return (positions.ptr + 4 * lo, inv_freq.ptr, slots.ptr + 4 * lo, k_cache.ptr, v_cache.ptr, n_heads, n_kv,
+                head_dim)
+
+    def _gemv(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias_ptr: int, swiglu: bool = False,
+              rope=None) -> None:
         m, (n, k) = x.shape[0], w.shape
         tiles = next((nt for nt in GEMV_THREADS if m <= 8 * nt), None)
         if tiles is None:
             raise ValueError(f"x: gemv path takes at most {8 * max(GEMV_THREADS)} rows, got {m}")
-        name = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}"
-        self._launch(self._fn("gemv", name, "PPPPiii"), (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y.ptr, x.ptr,
-                     w.ptr, bias_ptr, m, n, k)
+        if rope is None:
+            name, fmt = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}", "PPPPiii"
+        else:
+            name, fmt = f"gemv_rope_{w.dtype}_m{tiles}", "PPPPiiiPPPPPiii"
+        self._launch(self._fn("gemv", name, fmt), (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y.ptr, x.ptr,
+                     w.ptr, bias_ptr, m, n, k, *self._rope_args(rope, 0))
 
-    def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False) -> None:
+    def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False,
+               rope=None) -> None:
         """In tiles of 32 rows of x (the kernel's largest token tiling), each pointing at its rows of x and y."""
         m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
-            name = f"qgemv{w.bits}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_m{tiles}"
-            self._launch(self._fn("gemv_quant", name, "PPPPPiiiiii"), (_cdiv(n, GEMV_ROWS), 1),
+            if rope is None:
+                name, fmt = f"qgemv{w.bits}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii"
+            else:
+                name, fmt = f"qgemv{w.bits}_rope_{x.dtype}_m{tiles}", "PPPPPiiiiiiPPPPPiii"
+            self._launch(self._fn("gemv_quant", name, fmt), (_cdiv(n, GEMV_ROWS), 1),
                          QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
-                         w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift)
+                         w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
+                         *self._rope_args(rope, lo))
 
     def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
         """out[N, K] (model dtype) = the quantized weight, each value d q (+ m) rounded once."""

@@ -52,18 +52,26 @@ def test_all_reduce_and_vocab_gather(tp_env):
 PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 
 
+def _group_comm(world, dev, cfg):
+    """The world as one TP group for cfg: NCCL with its vocab shards, gather scratch for 8 rows."""
+    from mpillm.cuda.nccl import NcclComm
+    from mpillm.parallel import make_shard
+    n = world.Get_size()
+    comm = NcclComm(world, dev, [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, i, n) for i in range(n))])
+    comm.reserve(8)
+    return comm
+
+
 def _tp_and_single(tp_env, smollm_gguf, **kw):
     """The default model at TP = world size (its own NCCL group) and at TP = 1 on this rank's GPU."""
     from mpillm.checkpoint import open_checkpoint
     from mpillm.cuda.model import CudaTransformer
-    from mpillm.cuda.nccl import NcclComm
     from mpillm.parallel import make_shard
     world, dev, kernels = tp_env
     r, n = world.Get_rank(), world.Get_size()
     ck = open_checkpoint(smollm_gguf)
     cfg = ck.config
-    comm = NcclComm(world, dev, [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, i, n) for i in range(n))])
-    comm.reserve(8)
+    comm = _group_comm(world, dev, cfg)
     kw = dict(dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64, **kw)
     tp = CudaTransformer(ck, cfg, make_shard(cfg, r, n), dev, kernels, comm=comm, **kw)
     single = CudaTransformer(ck, cfg, make_shard(cfg, 0, 1), dev, kernels, **kw)
@@ -131,7 +139,6 @@ def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
     from mpillm.batch import StepInput
     from mpillm.checkpoint import open_checkpoint
     from mpillm.cuda.model import OVERLAP_MIN_TOKENS, CudaTransformer
-    from mpillm.cuda.nccl import NcclComm
     from mpillm.engine import SampleSpec
     from mpillm.jobio import SamplingParams
     from mpillm.parallel import make_shard
@@ -139,8 +146,7 @@ def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
     r, n = world.Get_rank(), world.Get_size()
     ck = open_checkpoint(smollm_gguf)
     cfg = ck.config
-    comm = NcclComm(world, dev, [(s.vocab_lo, s.vocab_hi) for s in (make_shard(cfg, i, n) for i in range(n))])
-    comm.reserve(8)
+    comm = _group_comm(world, dev, cfg)
     kw = dict(comm=comm, dtype="bf16", max_tokens=512, max_seqs=8, max_model_len=512, num_blocks=64)
     models = {flag: CudaTransformer(ck, cfg, make_shard(cfg, r, n), dev, kernels, overlap=flag, **kw)
               for flag in (False, True)}

@@ -58,8 +58,10 @@ def main():
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
               help="GPU compute dtype (the CPU backend always computes in float32)")
 @click.option("--max-model-len", default=None, type=int, help="context length cap [default: the model's]")
-@click.option("--max-num-seqs", default=64, show_default=True, help="sequences decoded together")
-@click.option("--max-num-batched-tokens", default=2048, show_default=True, help="token budget of one step (chunked prefill)")
+@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
+              help="sequences decoded together [default: 512 on a GPU, 64 on CPU]")
+@click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=1),
+              help="token budget of one step (chunked prefill) [default: 8192 on a GPU, 2048 on CPU]")
 @click.option("--kv-cache-memory", default=1.0, show_default=True, help="GiB of KV cache per rank (CPU backend)")
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, help="share of free GPU memory for the KV cache")
 @click.option("--quantize", type=click.Choice(["auto", "none", "int8"]), default="auto", show_default=True,

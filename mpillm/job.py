@@ -39,8 +39,8 @@ class JobOptions:
     defaults: object = None            # jobio.SamplingParams
     seed: int = 0
     max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int | None = None            # None: DEFAULT_MAX_NUM_SEQS of the device the job runs on
+    max_num_batched_tokens: int | None = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS of that device
     kv_cache_memory: float = 1.0       # GiB of KV cache per rank (CPU backend)
     gpu_memory_utilization: float = 0.9
     quantize: str = "auto"             # auto | none | int8 (see `mpillm run --help`)

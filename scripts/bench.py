@@ -57,13 +57,16 @@ def main():
     ap.add_argument("--throughput", type=int, default=0, metavar="N",
                     help="instead: N requests (ShareGPT-like lengths, seeded) through the engine, continuous "
                          "batching vs static batching")
-    ap.add_argument("--max-num-seqs", type=int, default=256, help="--throughput: sequences decoded together")
+    ap.add_argument("--max-num-seqs", type=int, default=512,
+                    help="--throughput: sequences decoded together (mpillm run's GPU default)")
     ap.add_argument("--engine-only", action="store_true",
                     help="--throughput: the engine's host work alone (scheduling, step metadata, detokenising), with a "
                          "stand-in runner that samples random ids: no GPU needed")
     ap.add_argument("--gemm", action="store_true", help="instead: our GEMM vs cuBLASLt on the model's shapes")
     ap.add_argument("--qgemv", action="store_true", help="instead: quantized small-M kernel variants vs bf16 GEMV")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
+    ap.add_argument("--modes", default="continuous,static,static-padded",
+                    help="--throughput: which schedules to run (comma-separated; the ratios need continuous and static)")
     ap.add_argument("--quantize", default=None, choices=["none", "auto", "int8", "q4"],
                     help="weights: none, auto (a GGUF's own Q8_0/Q4 blocks), int8 (W8A16), q4 (random W4A16, dummy "
                          "models only) [default: auto for a checkpoint, none for dummy:]")
@@ -82,6 +85,9 @@ def main():
     ap.add_argument("--no-fuse-ar-norm", action="store_true",
                     help="--tp > 1: the IPC all-reduce and the next residual add + RMSNorm as two kernels (the A side of an "
                          "A/B with the fused kernel)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each decode batch: one eager step with a CUDA event pair around every kernel, "
+                         "summed per kernel (events serialise the launches; the ratios are what matter)")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -142,7 +148,10 @@ def main():
     kernels = Kernels(device)
     compile_s = time.perf_counter() - t0
     shard = make_shard(cfg, rank, size)
-    blocks_needed = max_seqs * -(-max_len // 16) + 16
+    # The cache holds the decode batches (each sequence its context and the timed steps) or one prefill,
+    # whichever needs more: they run one after the other on the same blocks.
+    decode_blocks = -(-(args.context + args.steps + 16) // 16)
+    blocks_needed = max([max_seqs * decode_blocks] + [-(-p // 16) + 1 for p in prefills]) + 16
     model = CudaTransformer(ckpt, cfg, shard, device, kernels, dtype=args.dtype, comm=comm, max_tokens=max_tokens,
                             max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed,
                             overlap=args.overlap, fuse_allreduce_norm=not args.no_fuse_ar_norm, **quant_args(args))
@@ -165,10 +174,9 @@ def main():
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
-    max_blocks = -(-max_len // 16)
     kv_per_token = 2 * cfg.num_layers * shard.n_kv_heads * cfg.head_dim * 2
     for B in batches:
-        tables = [list(range(i * max_blocks, (i + 1) * max_blocks)) for i in range(B)]
+        tables = [list(range(i * decode_blocks, (i + 1) * decode_blocks)) for i in range(B)]
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, cfg.vocab_size, args.context).tolist() for _ in range(B)]
         specs = [SampleSpec(greedy, 0, 0, None) for _ in range(B)]
@@ -208,6 +216,9 @@ def main():
             + ("" if args.no_graph else f"  [graph: {model.pdl_edges} programmatic edges]"))
         record(kind="decode", batch=B, tok_s=B / dt, ms_step=dt * 1e3, gb_s=gbs, roofline_frac=gbs / bw,
                graph=not args.no_graph)
+        if args.profile:
+            st = StepInput.build([(toks[i], pos, tables[i], True) for i in range(B)], 16)
+            say(profile_step(cuda, model, kernels, st, specs, f"decode batch {B}, context {pos}"))
 
     h = cfg.hidden_size
     params_per_rank = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
@@ -520,15 +531,18 @@ def throughput(args, ckpt, cfg, world):
                             max_tokens=args.max_num_batched_tokens, max_seqs=args.max_num_seqs, max_model_len=2048,
                             gpu_memory_utilization=0.9, **quant_args(args))
     runner = CudaRunner(model, device)
-    gpu_time = [0.0, 0, 0]           # seconds in runner.execute, steps, decode-only steps
+    gpu_time = [0.0, 0, 0, 0.0]      # seconds in runner.execute, steps, decode-only steps, their seconds
     execute = runner.execute
 
     def timed_execute(step, specs, sample=True):
         t = time.perf_counter()
         out = execute(step, specs, sample)
-        gpu_time[0] += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        decode_only = step.num_tokens == step.num_seqs
+        gpu_time[0] += dt
         gpu_time[1] += 1
-        gpu_time[2] += step.num_tokens == step.num_seqs
+        gpu_time[2] += decode_only
+        gpu_time[3] += dt if decode_only else 0.0
         return out
     runner.execute = timed_execute
     work = sharegpt_like(args.throughput, cfg.vocab_size)
@@ -540,7 +554,11 @@ def throughput(args, ckpt, cfg, world):
     # "static": a new batch only when the previous one has finished (finished rows stop computing);
     # "static-padded": as HF generate() batches, every row of a batch decodes until the batch's longest output
     # is done; only each request's own tokens count as output.
-    for mode in ("continuous", "static", "static-padded"):
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - {"continuous", "static", "static-padded"}
+    if unknown:
+        sys.exit(f"--modes: unknown schedule(s) {sorted(unknown)}; choose from continuous, static, static-padded")
+    for mode in modes:
         eng = Engine(runner, IdsOnlyTokenizer(), EngineConfig(max_model_len=2048, num_blocks=model.num_blocks,
                                                      max_num_seqs=args.max_num_seqs,
                                                      max_num_batched_tokens=args.max_num_batched_tokens,
@@ -548,7 +566,7 @@ def throughput(args, ckpt, cfg, world):
         reqs = [(Request(str(i), i, i, "", None, SamplingParams(max_tokens=o, ignore_eos=True), None), p)
                 for i, (p, o) in enumerate(work)]
         peak_used = peak_live = 0
-        gpu_time[:] = [0.0, 0, 0]
+        gpu_time[:] = [0.0, 0, 0, 0.0]
         t = time.perf_counter()
         done = 0
         if mode == "continuous":
@@ -575,7 +593,8 @@ def throughput(args, ckpt, cfg, world):
         results[mode] = secs
         print(f"{mode:10s}: {len(reqs) / secs:7.2f} req/s  {n_out / secs:9.1f} output tok/s  "
               f"{(n_in + n_out) / secs:9.1f} total tok/s  ({secs:.1f} s, {gpu_time[1]} steps ({gpu_time[2]} decode-only), "
-              f"{gpu_time[0]:.1f} s in the runner, {eng.scheduler.num_preemptions} preemptions"
+              f"{gpu_time[0]:.1f} s in the runner, {gpu_time[3]:.1f} s of it in decode-only steps, "
+              f"{eng.scheduler.num_preemptions} preemptions"
               + (f", peak KV blocks in use {peak_used}/{eng.blocks.num_blocks}, holding live tokens in "
                  f"{100 * peak_live / (peak_used * 16):.1f}% of their slots" if mode == "continuous" else "") + ")")
         if args.json:
@@ -583,10 +602,54 @@ def throughput(args, ckpt, cfg, world):
                 f.write(json.dumps(dict(kind="throughput", mode=mode, gpu=device.name, model=args.model,
                                         requests=len(reqs), req_s=len(reqs) / secs, out_tok_s=n_out / secs,
                                         total_tok_s=(n_in + n_out) / secs)) + "\n")
-    print(f"continuous vs static: {results['static'] / results['continuous']:.2f}x; "
-          f"vs static-padded: {results['static-padded'] / results['continuous']:.2f}x")
+    if "continuous" in results:
+        print("; ".join(f"continuous vs {m}: {results[m] / results['continuous']:.2f}x"
+                        for m in ("static", "static-padded") if m in results))
     model.close()
     device.close()
+
+
+def profile_step(cuda, model, kernels, st, specs, what: str) -> str:
+    """One eager step with an event pair around every launch of ours and every cuBLASLt call; returns a table of
+    the time per kernel name (summed over the layers), largest first."""
+    spans = []
+    launch, blas = kernels._launch, kernels.blas
+
+    def timed(label, call, *a, **kw):
+        start, end = cuda.Event(), cuda.Event()
+        start.record(kernels.stream)
+        call(*a, **kw)
+        end.record(kernels.stream)
+        spans.append((label, start, end))
+
+    names = {}
+
+    def launch_timed(fn, *a, **kw):
+        if id(fn) not in names:
+            names.update({id(f): n for n, f in kernels._functions.items()})
+        timed(names.get(id(fn), "?"), launch, fn, *a, **kw)
+    kernels._launch = launch_timed
+    if blas is not None:
+        matmul = blas.matmul
+        blas.matmul = lambda y, x, w, bias=None: timed(f"cublaslt {x.shape[0]}x{w.shape[0]}x{x.shape[1]}", matmul,
+                                                       y, x, w, bias)
+    try:
+        kernels.stream.synchronize()
+        _eager(model, st, specs)
+        kernels.stream.synchronize()
+    finally:
+        kernels._launch = launch
+        if blas is not None:
+            del blas.matmul
+    per = {}
+    for label, start, end in spans:
+        n, us = per.get(label, (0, 0.0))
+        per[label] = (n + 1, us + 1e3 * end.time_since(start))
+    total = sum(us for _, us in per.values())
+    lines = [f"# profile, {what}: {len(spans)} launches, {total / 1e3:.3f} ms of kernel time (events serialise them)"]
+    for label, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"#   {us / 1e3:8.3f} ms {100 * us / total:5.1f}%  x{n:<4d} {label}")
+    return "\n".join(lines)
 
 
 def _eager(model, st, specs):

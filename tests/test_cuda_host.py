@@ -187,6 +187,17 @@ def test_decode_partitions_cover_every_context_within_the_scratch():
             assert -(-ctx // part) <= P          # no key is left without a block
 
 
+def test_large_decode_batches_take_whole_partitions():
+    from mpillm.cuda.kernels import DECODE_MIN_PART, DECODE_PARTITION, decode_least_part
+    # Llama-3-8B (8 kv heads) on 132 SMs: 66 sequences and up fill the GPU four blocks deep without a split ...
+    assert decode_least_part(66, 8, 132) == DECODE_PARTITION
+    assert decode_least_part(256, 8, 132) == DECODE_PARTITION
+    # ... smaller batches keep spreading keys over the grid's partitions (the env's minimum, if set)
+    assert decode_least_part(65, 8, 132) == DECODE_MIN_PART
+    assert decode_least_part(8, 3, 132, 64) == 64
+    assert decode_least_part(176, 3, 132) == DECODE_PARTITION   # SmolLM2's 3 kv heads
+
+
 def test_decode_split_fills_the_gpu_at_batch_1_only():
     from mpillm.cuda.kernels import attention_scratch_rows, decode_partitions
     rows = attention_scratch_rows(256, 4096)

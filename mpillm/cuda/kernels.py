@@ -65,6 +65,9 @@ DECODE_MIN_PART = 32
 DECODE_PART_ALIGN = 16      # attention_decode.cu: partition lengths are multiples of this
 DECODE_SPLIT_BLOCKS_PER_SM = 1.0
 DECODE_SPLIT_BELOW = 0.25
+# A batch with at least this many (sequence, kv head) pairs per SM fills the GPU without splitting anything:
+# each sequence then takes whole DECODE_PARTITION-key partitions (decode_least_part).
+DECODE_WHOLE_PARTS_PER_SM = 4
 # Partial-output rows (sequence x partition) an AttentionScratch holds beyond what its context bound needs:
 # room for the small-batch split (P x n_seqs <= split blocks / n_kv + n_seqs).
 DECODE_SPLIT_ROWS = 512
@@ -167,6 +170,19 @@ def decode_partitions(n_seqs: int, n_kv_heads: int, max_context_len: int, sm_cou
     want = _cdiv(int(split_blocks_per_sm * sm_count), n_kv_heads * n_seqs)
     cap = min(_cdiv(max_context_len, min_part), rows // n_seqs, DECODE_MAX_PARTS)
     return max(need, min(want, cap))
+
+
+def decode_least_part(n_seqs: int, n_kv_heads: int, sm_count: int, small_batch_min: int = DECODE_MIN_PART) -> int:
+    """The least keys per partition the decode kernel may give a sequence (it spreads each sequence's keys
+    evenly over the grid's P partitions, down to this length).
+
+    Small batches spread keys to occupy the SMs. A batch whose (sequence, kv head) pairs alone fill the GPU
+    several times over gains nothing from it and loses much: every partition pays the block's fixed phases and
+    a merge. With a 2,048-token bound (P = 4), 256 sequences of ~150 tokens read their cache at 610 GB/s split
+    four ways and at 1,229 GB/s whole (H100, docs/PERFORMANCE.md), so such a batch takes whole partitions."""
+    if n_seqs * n_kv_heads >= DECODE_WHOLE_PARTS_PER_SM * sm_count:
+        return DECODE_PARTITION
+    return small_batch_min
 
 
 def decode_split_settings(env) -> tuple[float, int]:
@@ -753,11 +769,12 @@ class Kernels:
         else:
             part_ptrs = (scratch.partial_out.ptr, scratch.partial_max.ptr, scratch.partial_sum.ptr,
                          scratch.counters.ptr)
+        min_part = decode_least_part(n_seqs, n_kv_heads, self.device.sm_count, self.decode_min_part)
         fn = self._fn("attention_decode", f"attention_decode_{dt}_hd{head_dim}_g{group_bound}",
                       "PPPPPPPPPPPiiiifiii")
         self._launch(fn, (parts, n_kv_heads, n_seqs), DECODE_THREADS, out.ptr, *part_ptrs, qkv.ptr, k_cache.ptr,
                      v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr, max_blocks, n_heads,
-                     n_kv_heads, block_size, scale_log2, self.decode_min_part, group, head_offset)
+                     n_kv_heads, block_size, scale_log2, min_part, group, head_offset)
 
     # -- sampling ---------------------------------------------------------------------------------
     def argmax(self, out_ids: DeviceTensor, logits: DeviceTensor) -> None:

@@ -411,6 +411,10 @@ class CudaTransformer:
         if num_blocks < one_seq:
             raise GpuMemoryError(kv_cache_shortfall(s.rank, budget, num_blocks, asked, self.block_size, per_block,
                                                     self.max_model_len, free, total, utilization))
+        if asked and num_blocks * per_block > free - (256 << 20):
+            raise GpuMemoryError(f"rank {s.rank}: the KV cache was asked for {num_blocks} blocks of {self.block_size} "
+                                 f"tokens ({_mib(num_blocks * per_block)}) but {_mib(free)} of {_mib(total)} are free "
+                                 f"(256 MiB stay for NCCL, graphs and the driver); ask for fewer blocks")
         self.num_blocks = int(num_blocks)
         shape = (self.num_blocks, self.block_size, s.n_kv_heads, c.head_dim)
         per_layer = math.prod(shape)

@@ -26,11 +26,13 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #define DECODE_QK_KEYS 4         // keys per 8-lane group and step (loads issued together)
 #define DECODE_PV_UNROLL 8       // V rows in flight per thread in P V
 #define DECODE_PART_ALIGN 16     // partition lengths are multiples of this
-// Blocks per SM the register budget must allow. A block's phases (table lookups, K, softmax, V from L2, the
-// reductions) each wait on memory in turn, so more resident blocks overlap more of them: at 4 blocks per SM
-// (64 registers) a batch of 256 sequences read its cache 17% faster than at 2 (90 registers; H100). Larger
-// GQA groups hold more accumulators: 3 keeps group 8 free of spills, group 16 keeps 2.
-#define DECODE_MIN_BLOCKS(MAXG) ((MAXG) <= 4 ? 4 : (MAXG) <= 8 ? 3 : 2)
+// Blocks per SM of the grids larger than a wave ("_occ" kernels). A block's phases (table lookups, K, softmax,
+// V from L2, the reductions) each wait on memory in turn, so more resident blocks overlap more of them: at 4
+// blocks per SM (64 registers) 256 sequences of ~150 keys read their cache 17-20% faster than at 2 (90
+// registers), 512 of 531 keys 13% (H100). A grid that fits one wave gains nothing from room for more blocks and
+// loses a little to the register cap (1 us of 12 at batch 1), so it keeps 2. Group 8 holds more accumulators:
+// 3 blocks keep it free of spills; group 16 has no such variant.
+#define DECODE_OCC_MIN_BLOCKS(MAXG) ((MAXG) <= 4 ? 4 : 3)
 
 // Keys per partition for a sequence of ctx keys spread over at most P partitions of at least min_part keys
 // (at most DECODE_PARTITION: the host sizes P so that P * DECODE_PARTITION covers every context). The decode
@@ -287,9 +289,8 @@ __device__ __forceinline__ void attention_decode_partition(
     }
 }
 
-#define DECODE_KERNEL(T, NAME, HD, MAXG)                                                                   \
-    extern "C" __global__ void __launch_bounds__(DECODE_THREADS, DECODE_MIN_BLOCKS(MAXG))                  \
-        attention_decode_##NAME##_hd##HD##_g##MAXG(                                                       \
+#define DECODE_ENTRY(T, FNAME, HD, MAXG, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS, MINB) FNAME(                              \
         T* out, float* part_out, float* part_max, float* part_sum, int* counters, const T* qkv,             \
         const T* k_cache, const T* v_cache, const int* block_tables, const int* query_start,               \
         const int* context_lens, int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2,  \
@@ -300,9 +301,14 @@ __device__ __forceinline__ void attention_decode_partition(
                                                 n_heads, n_kv, block_size, scale_log2, min_part,           \
                                                 group_size, head_offset);                                  \
     }
+#define DECODE_KERNEL(T, NAME, HD, MAXG) DECODE_ENTRY(T, attention_decode_##NAME##_hd##HD##_g##MAXG, HD, MAXG, 2)
+// The same kernel for grids of more than a wave (kernels.py picks it).
+#define DECODE_KERNEL_OCC(T, NAME, HD, MAXG)                                                               \
+    DECODE_KERNEL(T, NAME, HD, MAXG)                                                                       \
+    DECODE_ENTRY(T, attention_decode_##NAME##_hd##HD##_g##MAXG##_occ, HD, MAXG, DECODE_OCC_MIN_BLOCKS(MAXG))
 // GQA group sizes are served by the smallest MAXG >= group (1, 4, 8 or 16).
 #define DECODE_KERNELS_HD(T, NAME, HD)                                                                     \
-    DECODE_KERNEL(T, NAME, HD, 1) DECODE_KERNEL(T, NAME, HD, 4) DECODE_KERNEL(T, NAME, HD, 8)              \
+    DECODE_KERNEL_OCC(T, NAME, HD, 1) DECODE_KERNEL_OCC(T, NAME, HD, 4) DECODE_KERNEL_OCC(T, NAME, HD, 8)  \
     DECODE_KERNEL(T, NAME, HD, 16)
 #define DECODE_KERNELS(T, NAME)                                                                            \
     DECODE_KERNELS_HD(T, NAME, 64) DECODE_KERNELS_HD(T, NAME, 80) DECODE_KERNELS_HD(T, NAME, 96)           \

@@ -198,6 +198,15 @@ def test_large_decode_batches_take_whole_partitions():
     assert decode_least_part(176, 3, 132) == DECODE_PARTITION   # SmolLM2's 3 kv heads
 
 
+def test_decode_grids_beyond_a_wave_take_the_occupancy_kernel():
+    from mpillm.cuda.kernels import decode_kernel_suffix
+    assert decode_kernel_suffix(264, 4, 132) == ""          # 2 blocks per SM: one wave of the plain kernel
+    assert decode_kernel_suffix(265, 4, 132) == "_occ"
+    assert decode_kernel_suffix(8192, 1, 132) == "_occ"
+    assert decode_kernel_suffix(8192, 8, 132) == "_occ"
+    assert decode_kernel_suffix(8192, 16, 132) == ""        # group 16 has no such variant
+
+
 def test_decode_split_fills_the_gpu_at_batch_1_only():
     from mpillm.cuda.kernels import attention_scratch_rows, decode_partitions
     rows = attention_scratch_rows(256, 4096)

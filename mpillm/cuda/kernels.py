@@ -68,6 +68,8 @@ DECODE_SPLIT_BELOW = 0.25
 # A batch with at least this many (sequence, kv head) pairs per SM fills the GPU without splitting anything:
 # each sequence then takes whole DECODE_PARTITION-key partitions (decode_least_part).
 DECODE_WHOLE_PARTS_PER_SM = 4
+DECODE_OCC_GROUPS = (1, 4, 8)   # attention_decode.cu: group bounds with an "_occ" kernel (more blocks per SM)
+DECODE_WAVE_BLOCKS_PER_SM = 2   # blocks per SM of the plain kernel: grids beyond that wave take "_occ"
 # Partial-output rows (sequence x partition) an AttentionScratch holds beyond what its context bound needs:
 # room for the small-batch split (P x n_seqs <= split blocks / n_kv + n_seqs).
 DECODE_SPLIT_ROWS = 512
@@ -183,6 +185,15 @@ def decode_least_part(n_seqs: int, n_kv_heads: int, sm_count: int, small_batch_m
     if n_seqs * n_kv_heads >= DECODE_WHOLE_PARTS_PER_SM * sm_count:
         return DECODE_PARTITION
     return small_batch_min
+
+
+def decode_kernel_suffix(blocks: int, group_bound: int, sm_count: int) -> str:
+    """"_occ" (the kernel built for 3-4 resident blocks per SM) for a decode grid of more than one wave of the
+    plain kernel, whose 2 blocks per SM leave its memory phases too little overlap there; "" otherwise, where
+    the plain kernel's extra registers make each block a little faster (docs/PERFORMANCE.md)."""
+    if group_bound in DECODE_OCC_GROUPS and blocks > DECODE_WAVE_BLOCKS_PER_SM * sm_count:
+        return "_occ"
+    return ""
 
 
 def decode_split_settings(env) -> tuple[float, int]:
@@ -770,7 +781,8 @@ class Kernels:
             part_ptrs = (scratch.partial_out.ptr, scratch.partial_max.ptr, scratch.partial_sum.ptr,
                          scratch.counters.ptr)
         min_part = decode_least_part(n_seqs, n_kv_heads, self.device.sm_count, self.decode_min_part)
-        fn = self._fn("attention_decode", f"attention_decode_{dt}_hd{head_dim}_g{group_bound}",
+        suffix = decode_kernel_suffix(parts * n_kv_heads * n_seqs, group_bound, self.device.sm_count)
+        fn = self._fn("attention_decode", f"attention_decode_{dt}_hd{head_dim}_g{group_bound}{suffix}",
                       "PPPPPPPPPPPiiiifiii")
         self._launch(fn, (parts, n_kv_heads, n_seqs), DECODE_THREADS, out.ptr, *part_ptrs, qkv.ptr, k_cache.ptr,
                      v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr, max_blocks, n_heads,

@@ -532,16 +532,21 @@ def test_attention_decode_small_batch_split(kernels, monkeypatch, split, min_par
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(128, 32, 8), (64, 9, 3), (96, 28, 4)])
+@pytest.mark.parametrize("head_dim,n_heads,n_kv", [(128, 32, 8), (64, 9, 3), (96, 28, 4), (80, 8, 8), (64, 48, 3)])
 def test_attention_decode_large_batch_whole_partitions(kernels, dtype, head_dim, n_heads, n_kv):
-    """A batch that fills the GPU by itself takes whole 512-key partitions (decode_least_part): sequences up
+    """A batch that fills the GPU by itself takes whole 512-key partitions (decode_least_part) and the kernel
+    built for more blocks per SM (GQA groups 4, 8 and 1 here; group 16 has only the plain one): sequences up
     to 512 keys write their output directly, longer ones merge 2-4 partitions, in one launch whose grid's P
-    allows a 2,048-key bound (as a graph captured for max_model_len 2048 does); empty and one-key sequences
-    too."""
-    from mpillm.cuda.kernels import DECODE_WHOLE_PARTS_PER_SM, AttentionScratch, decode_least_part
+    allows a 2,048-key bound (as a graph captured for max_model_len 2048 does); one-key sequences too."""
+    from mpillm.cuda.kernels import (DECODE_WHOLE_PARTS_PER_SM, AttentionScratch, decode_kernel_suffix,
+                                     decode_least_part)
 
-    n_seqs = -(-DECODE_WHOLE_PARTS_PER_SM * kernels.device.sm_count // n_kv) + 5
-    assert decode_least_part(n_seqs, n_kv, kernels.device.sm_count) == 512
+    sms = kernels.device.sm_count
+    n_seqs = -(-DECODE_WHOLE_PARTS_PER_SM * sms // n_kv) + 5
+    assert decode_least_part(n_seqs, n_kv, sms) == 512
+    group = n_heads // n_kv
+    assert decode_kernel_suffix(4 * n_kv * n_seqs, 16 if group > 8 else 8 if group > 4 else 4 if group > 1 else 1,
+                                sms) == ("" if group > 8 else "_occ")
     rng = np.random.default_rng(head_dim + n_kv)
     ctx = rng.integers(1, 2048, n_seqs)
     ctx[:6] = [1, 511, 512, 513, 1024, 2047]

@@ -59,7 +59,7 @@ def main():
               help="GPU compute dtype (the CPU backend always computes in float32)")
 @click.option("--max-model-len", default=None, type=int, help="context length cap [default: the model's]")
 @click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
-              help="sequences decoded together [default: 512 on a GPU, 64 on CPU]")
+              help="sequences decoded together [default: 1024 on a GPU, 64 on CPU]")
 @click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=1),
               help="token budget of one step (chunked prefill) [default: 8192 on a GPU, 2048 on CPU]")
 @click.option("--kv-cache-memory", default=1.0, show_default=True, help="GiB of KV cache per rank (CPU backend)")

@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--throughput", type=int, default=0, metavar="N",
                     help="instead: N requests (ShareGPT-like lengths, seeded) through the engine, continuous "
                          "batching vs static batching")
-    ap.add_argument("--max-num-seqs", type=int, default=512,
+    ap.add_argument("--max-num-seqs", type=int, default=1024,
                     help="--throughput: sequences decoded together (mpillm run's GPU default)")
     ap.add_argument("--engine-only", action="store_true",
                     help="--throughput: the engine's host work alone (scheduling, step metadata, detokenising), with a "

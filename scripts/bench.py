@@ -64,6 +64,9 @@ def main():
                          "stand-in runner that samples random ids: no GPU needed")
     ap.add_argument("--gemm", action="store_true", help="instead: our GEMM vs cuBLASLt on the model's shapes")
     ap.add_argument("--qgemv", action="store_true", help="instead: quantized small-M kernel variants vs bf16 GEMV")
+    ap.add_argument("--attention", action="store_true",
+                    help="instead: the decode attention kernel alone at --batch sizes of --context keys each (grid "
+                         "sized for a 2,048-key bound, as the decode graphs are), the plain and _occ builds")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
     ap.add_argument("--modes", default="continuous,static,static-padded",
                     help="--throughput: which schedules to run (comma-separated; the ratios need continuous and static)")
@@ -131,6 +134,8 @@ def main():
         return gemm_compare(args, cfg)
     if args.qgemv:
         return qgemv_compare(args, cfg)
+    if args.attention:
+        return attention_compare(args, cfg)
     batches = [int(b) for b in args.batch.split(",") if b]
     prefills = [int(p) for p in args.prefill.split(",") if p]
     max_seqs = max(batches + [1])
@@ -286,6 +291,67 @@ def gemm_compare(args, cfg):
                 row.append(f"{2 * m * n * kk / secs / 1e12:.0f}")
         print(f"M={m:5d}: " + "   ".join(f"{n}x{kk}: {row[2 * j]}|{row[2 * j + 1]}"
                                          for j, (n, kk) in enumerate(((qkv, h), (h, h), (2 * i, h), (h, i)))))
+    device.close()
+
+
+def attention_compare(args, cfg):
+    """Decode attention alone on the model's heads (one query per sequence, paged cache, random block order
+    irrelevant: tables are consecutive): microseconds per launch and GB/s of K and V read, for the kernel the
+    launcher picks and for its other build (plain: 2 blocks per SM; _occ: 3-4), so the picking rule
+    (kernels.decode_kernel_suffix) can be checked on any card."""
+    import pycuda.driver as cuda
+    import mpillm.cuda.kernels as km
+    from mpillm.cuda.runtime import DeviceTensor, init_device
+    device = init_device(0)
+    k = km.Kernels(device)
+    dt = args.dtype
+    nh, nkv, hd, bs = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16
+    bound = max(2048, args.context)
+    per_seq = -(-bound // bs)
+    print(f"# {device.name}: decode attention, {nh} heads / {nkv} kv heads x {hd}, {dt}, {args.context} keys per "
+          f"sequence, grid for a {bound}-key bound; us per launch, GB/s of K and V")
+    start, end = cuda.Event(), cuda.Event()
+    rng = np.random.default_rng(0)
+    picked = km.decode_kernel_suffix
+    group_bound = next(g for g in km.DECODE_GROUPS if nh // nkv <= g)
+    for B in [int(b) for b in args.batch.split(",") if b]:
+        kc = DeviceTensor.empty((B * per_seq, bs, nkv, hd), dt)
+        vc = DeviceTensor.empty((B * per_seq, bs, nkv, hd), dt)
+        cuda.memset_d8(kc.ptr, 0, kc.nbytes)
+        cuda.memset_d8(vc.ptr, 0, vc.nbytes)
+        tables = DeviceTensor.from_numpy(np.arange(B * per_seq, dtype=np.int32).reshape(B, per_seq), "i32")
+        qkv = DeviceTensor.from_numpy(rng.normal(size=(B, (nh + 2 * nkv) * hd)).astype(np.float32), dt)
+        out = DeviceTensor.empty((B, nh, hd), dt)
+        qs = DeviceTensor.from_numpy(np.arange(B + 1, dtype=np.int32), "i32")
+        cl = DeviceTensor.from_numpy(np.full(B, args.context, np.int32), "i32")
+        scratch = km.AttentionScratch(B, nh, hd, bound)
+
+        def launch():
+            k.attention(out, qkv, kc, vc, tables, qs, cl, nh, nkv, hd, hd ** -0.5, max_query_len=1,
+                        max_context_len=bound, scratch=scratch)
+
+        row = []
+        choice = picked(1 << 30, group_bound, device.sm_count)       # "" where this group has no _occ build
+        for suffix in ("", "_occ") if choice == "_occ" else ("",):
+            km.decode_kernel_suffix = lambda blocks, g, sms, s=suffix: s
+            try:
+                best = float("inf")
+                for _ in range(3):
+                    launch()
+                    start.record(device.stream)
+                    for _ in range(20):
+                        launch()
+                    end.record(device.stream)
+                    end.synchronize()
+                    best = min(best, end.time_since(start) / 20 * 1e-3)
+            finally:
+                km.decode_kernel_suffix = picked
+            gbs = 2 * B * args.context * nkv * hd * 2 / best / 1e9
+            row.append(f"{suffix or 'plain'} {best * 1e6:8.1f} us {gbs:6.0f} GB/s")
+        parts = km.decode_partitions(B, nkv, bound, device.sm_count, scratch.rows, k.decode_split,
+                                     km.decode_least_part(B, nkv, device.sm_count, k.decode_min_part))
+        shipped = picked(parts * nkv * B, group_bound, device.sm_count) or "plain"
+        print(f"batch {B:5d}: " + " | ".join(row) + f"   (launcher picks {shipped}; P = {parts})")
     device.close()
 
 

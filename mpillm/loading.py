@@ -29,10 +29,10 @@ def resolve_model(model: str | None, fetch: bool = True) -> Path | None:
 
 
 # Batch shape when the job does not set it. A GPU decodes far more sequences per step than the NumPy backend
-# can, and more sequences amortise each step's weight reads: on Llama-3-8B with 1,000 ShareGPT-like requests,
-# 256 / 512 / 1,024 sequences at 8,192 tokens per step gave 8,537 / 9,688 / 10,178 output tok/s (H100,
-# docs/PERFORMANCE.md); vLLM's offline default on 80 GB cards is 1,024 too. The KV cache still bounds how many
-# run at once (decode batches beyond the largest CUDA-graph bucket, 512, run eagerly).
+# can, and more sequences amortise each step's weight reads: on Llama-3-8B with 1,000 ShareGPT-like requests at
+# 8,192 tokens per step, 512 sequences gave 9,688 output tok/s and 1,024 gave 10,178 on one H100, 256 gave 8,537
+# and 512 9,472 on another (docs/PERFORMANCE.md). The KV cache still bounds how many run at once (decode
+# batches beyond the largest CUDA-graph bucket, 512, run eagerly).
 DEFAULT_MAX_NUM_SEQS = {"cuda": 1024, "cpu": 64}
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 

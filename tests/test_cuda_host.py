@@ -5,7 +5,7 @@ import pytest
 
 from mpillm.batch import StepInput
 from mpillm.cuda.kernels import decode_split_settings
-from mpillm.cuda.model import _attention_groups, kv_cache_shortfall
+from mpillm.cuda.model import _attention_groups, kv_cache_over_asked, kv_cache_shortfall
 from mpillm.cuda.runtime import bf16_to_f32, f32_to_bf16
 
 
@@ -75,6 +75,13 @@ def test_float_small_m_and_swiglu_launch_one_gemv():
     assert [(name, grid, block, args) for name, grid, block, args in rec.launches] == [
         ("gemv_bf16_bf16_m2", (63, 1), 256, (0x400000, 0x300000, 0x100000, 0, 9, n, k)),
         ("gemv_swiglu_bf16_bf16_m2", (63, 1), 256, (0x500000, 0x300000, 0x100000, 0, 9, n, k))]
+
+
+def test_kv_cache_asked_beyond_free_memory_says_the_numbers():
+    mib = 1 << 20
+    msg = kv_cache_over_asked(0, 131600, 16, 2 * mib, 60000 * mib, 81559 * mib)
+    assert msg.startswith("rank 0: the KV cache was asked for 131600 blocks of 16 tokens (263,200 MiB)")
+    assert "60,000 MiB of 81,559 MiB are free" in msg and "256 MiB stay" in msg and "fewer blocks" in msg
 
 
 def test_kv_cache_shortfall_says_what_it_got_and_what_helps():

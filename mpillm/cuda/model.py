@@ -42,6 +42,9 @@ QUANTIZE = ("none", "auto", "int8", "q4")
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
 
+KV_RESERVE_BYTES = 256 << 20   # left free after the KV cache: NCCL, graphs and the driver
+
+
 class GpuMemoryError(RuntimeError):
     """Weights or KV cache do not fit: the message has the numbers and the flags that would help."""
 
@@ -403,7 +406,7 @@ class CudaTransformer:
         free, total = self.cuda.mem_get_info()
         # Budget: `utilization` of the whole card, less what is in use already (weights, activations, other
         # processes), with 256 MiB left for NCCL, graphs and the driver.
-        budget = int(total * utilization) - (total - free) - (256 << 20)
+        budget = int(total * utilization) - (total - free) - KV_RESERVE_BYTES
         one_seq = -(-self.max_model_len // self.block_size)
         asked = num_blocks is not None
         if not asked:
@@ -411,10 +414,8 @@ class CudaTransformer:
         if num_blocks < one_seq:
             raise GpuMemoryError(kv_cache_shortfall(s.rank, budget, num_blocks, asked, self.block_size, per_block,
                                                     self.max_model_len, free, total, utilization))
-        if asked and num_blocks * per_block > free - (256 << 20):
-            raise GpuMemoryError(f"rank {s.rank}: the KV cache was asked for {num_blocks} blocks of {self.block_size} "
-                                 f"tokens ({_mib(num_blocks * per_block)}) but {_mib(free)} of {_mib(total)} are free "
-                                 f"(256 MiB stay for NCCL, graphs and the driver); ask for fewer blocks")
+        if asked and num_blocks * per_block > free - KV_RESERVE_BYTES:
+            raise GpuMemoryError(kv_cache_over_asked(s.rank, num_blocks, self.block_size, per_block, free, total))
         self.num_blocks = int(num_blocks)
         shape = (self.num_blocks, self.block_size, s.n_kv_heads, c.head_dim)
         per_layer = math.prod(shape)
@@ -737,6 +738,15 @@ class CudaTransformer:
             check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
         if self.side is not None:
             self.side.close()
+
+
+def kv_cache_over_asked(rank: int, num_blocks: int, block_size: int, per_block: int, free: int, total: int) -> str:
+    """The message of a KV cache asked for (num_blocks given: tests, benchmarks) beyond the card's free memory,
+    instead of the allocator's bare out-of-memory error."""
+    return (f"rank {rank}: the KV cache was asked for {num_blocks} blocks of {block_size} tokens "
+            f"({_mib(num_blocks * per_block)}) but {_mib(free)} of {_mib(total)} are free, of which "
+            f"{_mib(KV_RESERVE_BYTES)} stay for NCCL, graphs and the driver; ask for fewer blocks (fewer or shorter "
+            f"sequences)")
 
 
 def kv_cache_shortfall(rank: int, budget: int, num_blocks: int, asked: bool, block_size: int, per_block: int,

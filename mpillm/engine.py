@@ -30,7 +30,7 @@ class EngineConfig:
     global_seed: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleSpec:
     """What a runner needs to pick one sequence's next token."""
     params: object                 # jobio.SamplingParams
@@ -108,20 +108,22 @@ class Engine:
         sampling, samplers = [], []
         rows = []
         for seq, n in plan:
-            new = seq.token_ids[seq.num_computed: seq.num_computed + n]
-            done_prefill = seq.num_computed + n == len(seq.token_ids)
-            rows.append((new, seq.num_computed, seq.block_table, done_prefill))
+            tokens, done = seq.token_ids, seq.num_computed
+            done_prefill = done + n == len(tokens)
+            rows.append((tokens[done: done + n], done, seq.block_table, done_prefill))
             if done_prefill:
                 st: _State = seq.payload
                 p = st.request.params
-                hist = np.asarray(seq.token_ids, np.int64) if p.repetition_penalty != 1.0 else None
+                hist = np.asarray(tokens, np.int64) if p.repetition_penalty != 1.0 else None
                 samplers.append(seq)
-                sampling.append(SampleSpec(p, st.seed, seq.num_generated, hist))
+                sampling.append(SampleSpec(p, st.seed, len(tokens) - seq.num_prompt, hist))
         step = StepInput.build(rows, bs)
         picks = self.runner.execute(step, sampling)
+        publish = self.blocks.mark_computed if self.blocks.prefix_caching else None
         for seq, n in plan:
             seq.num_computed += n
-            self.blocks.mark_computed(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed)
+            if publish is not None:
+                publish(seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed)
         finished = []
         for seq, (token, lp) in zip(samplers, picks):
             if seq.num_generated == 0:

@@ -46,6 +46,12 @@ for m in "${models[@]}"; do
   echo "== bench $m tp=1 --no-fuse-swiglu" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --no-fuse-swiglu --batch 1,8 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
     | tee -a "$OUT/bench.log"
+  # Decode attention alone, its plain and _occ builds at small and large batches (prints only).
+  echo "== bench $m --attention" | tee -a "$OUT/bench.log"
+  $PY scripts/bench.py --model "$m" --attention --batch 1,32,128,512 --context 531 2>&1 | tee -a "$OUT/bench.log"
+  # Offline throughput: 1,000 ShareGPT-like requests, continuous batching next to static batching.
+  echo "== bench $m --throughput 1000" | tee -a "$OUT/bench.log"
+  $PY scripts/bench.py --model "$m" --throughput 1000 --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log"
   for tp in 2 4; do
     if [ "$NGPU" -ge $tp ]; then
       echo "== bench $m tp=$tp" | tee -a "$OUT/bench.log"
@@ -72,6 +78,11 @@ for r in rows:
             + (", no decode split" if r.get("decode_split", 1) == 0 else "") \
             + ("" if r.get("fuse_rope", True) else ", unfused rope") \
             + (", all-reduce and norm unfused" if r["tp"] > 1 and r.get("fuse_ar_norm") is False else "")
+    elif r["kind"] == "throughput":
+        d = f"{r['req_s']:.2f} req/s, {r['total_tok_s']:.0f} total tok/s, {r['requests']} requests"
+        print(f"| {r['gpu']} | {r['model']} | none | 1 | throughput, {r['mode']} (output tok/s) | "
+              f"{r['out_tok_s']:.1f} | {d} |")
+        continue
     else:
         d = f"{r['ms']:.1f} ms, {r['tflops']:.1f} TFLOP/s"
         what = f"prefill {r['tokens']}" + (", overlapped micro-batches" if r.get("overlap") else "")

@@ -295,9 +295,9 @@ def gemm_compare(args, cfg):
 
 
 def attention_compare(args, cfg):
-    """Decode attention alone on the model's heads (one query per sequence, paged cache, random block order
-    irrelevant: tables are consecutive): microseconds per launch and GB/s of K and V read, for the kernel the
-    launcher picks and for its other build (plain: 2 blocks per SM; _occ: 3-4), so the picking rule
+    """Decode attention alone on the model's heads (one query per sequence, each sequence's blocks consecutive
+    in the paged cache): microseconds per launch and GB/s of K and V read, for both builds of the kernel (plain:
+    2 blocks per SM; _occ: 3-4) and which one the launcher picks, so the picking rule
     (kernels.decode_kernel_suffix) can be checked on any card."""
     import pycuda.driver as cuda
     import mpillm.cuda.kernels as km
@@ -348,8 +348,7 @@ def attention_compare(args, cfg):
                 km.decode_kernel_suffix = picked
             gbs = 2 * B * args.context * nkv * hd * 2 / best / 1e9
             row.append(f"{suffix or 'plain'} {best * 1e6:8.1f} us {gbs:6.0f} GB/s")
-        parts = km.decode_partitions(B, nkv, bound, device.sm_count, scratch.rows, k.decode_split,
-                                     km.decode_least_part(B, nkv, device.sm_count, k.decode_min_part))
+        parts = km.decode_partitions(B, nkv, bound, device.sm_count, scratch.rows, k.decode_split, k.decode_min_part)
         shipped = picked(parts * nkv * B, group_bound, device.sm_count) or "plain"
         print(f"batch {B:5d}: " + " | ".join(row) + f"   (launcher picks {shipped}; P = {parts})")
     device.close()

@@ -96,16 +96,40 @@ __device__ __forceinline__ void add_scaled(float (&acc)[4], float a, float b, co
 // SWIGLU: rows come in (gate, up) pairs (row 2i = gate_i, 2i + 1 = up_i; the GPU model interleaves the
 // merged gate/up weight that way), and the tile stores act[M, N / 2] = silu(gate) * up instead, each of
 // gate and up first rounded to the model dtype T as the unfused path rounds them (so both agree bitwise).
-template <typename T, typename OutT, int WARPS, int NT, bool SWIGLU>
-__device__ __forceinline__ void finish_small_m_tile(float (*partial)[NT * 4][32], const float (&acc)[NT][4],
-                                                    OutT* __restrict__ y, const T* __restrict__ bias, int n0,
-                                                    int M, int N) {
+// Every warp's accumulators into partial[warp][tile * 4 + c][lane], then a barrier: the tile epilogues below
+// sum them over the warps.
+template <int NT>
+__device__ __forceinline__ void small_m_tile_to_shared(float (*partial)[NT * 4][32], const float (&acc)[NT][4]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
     __syncthreads();
+}
+
+// The pair epilogues (SWIGLU's gate/up, rope's rotation pairs): entry idx of NT * 4 * 16 is the pair on lane l
+// (even g) and lane l + 4 (g + 1, same t), i.e. rows `row` and row + 1 of token `tok`; a and b are their sums over
+// the warps. False (nothing summed) where the pair is past N or the token past M.
+template <int WARPS, int NT>
+__device__ __forceinline__ bool small_m_pair(float (*partial)[NT * 4][32], int idx, int n0, int M, int N, int& row,
+                                             int& tok, float& a, float& b) {
+    const int jc = idx >> 4, q = idx & 15, j = jc >> 2, c = jc & 3;
+    const int l = (q >> 2) * 8 + (q & 3);
+    row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);
+    tok = j * 8 + 2 * (l & 3) + (c & 1);
+    if (row + 1 >= N || tok >= M) return false;
+    a = 0.f, b = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) a += partial[wi][jc][l], b += partial[wi][jc][l + 4];
+    return true;
+}
+
+template <typename T, typename OutT, int WARPS, int NT, bool SWIGLU>
+__device__ __forceinline__ void finish_small_m_tile(float (*partial)[NT * 4][32], const float (&acc)[NT][4],
+                                                    OutT* __restrict__ y, const T* __restrict__ bias, int n0,
+                                                    int M, int N) {
+    small_m_tile_to_shared<NT>(partial, acc);
     if constexpr (!SWIGLU) {
         for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
             const int jc = idx >> 5, l = idx & 31, j = jc >> 2, c = jc & 3;
@@ -121,14 +145,9 @@ __device__ __forceinline__ void finish_small_m_tile(float (*partial)[NT * 4][32]
     } else {
         // Lanes with an even g hold the gate rows; lane + 4 (g + 1, same t) holds the matching up row.
         for (int idx = threadIdx.x; idx < NT * 4 * 16; idx += blockDim.x) {
-            const int jc = idx >> 4, q = idx & 15, j = jc >> 2, c = jc & 3;
-            const int l = (q >> 2) * 8 + (q & 3);
-            const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);
-            const int tok = j * 8 + 2 * (l & 3) + (c & 1);
-            if (row + 1 >= N || tok >= M) continue;
-            float g = 0.f, u = 0.f;
-#pragma unroll
-            for (int wi = 0; wi < WARPS; ++wi) g += partial[wi][jc][l], u += partial[wi][jc][l + 4];
+            int row, tok;
+            float g, u;
+            if (!small_m_pair<WARPS, NT>(partial, idx, n0, M, N, row, tok, g, u)) continue;
             g = to_float(from_float<T>(g));
             u = to_float(from_float<T>(u));
             y[(size_t)tok * (N >> 1) + (row >> 1)] = from_float<OutT>(silu(g) * u);
@@ -146,22 +165,12 @@ template <typename T, int WARPS, int NT>
 __device__ __forceinline__ void finish_small_m_tile_rope(float (*partial)[NT * 4][32], const float (&acc)[NT][4],
                                                          T* __restrict__ y, const T* __restrict__ bias, int n0,
                                                          int M, int N, const RopeArgs<T>& ra) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) partial[warp][j * 4 + c][lane] = acc[j][c];
-    __syncthreads();
+    small_m_tile_to_shared<NT>(partial, acc);
     const int half = ra.head_dim >> 1;
     for (int idx = threadIdx.x; idx < NT * 4 * 16; idx += blockDim.x) {
-        const int jc = idx >> 4, q = idx & 15, j = jc >> 2, c = jc & 3;
-        const int l = (q >> 2) * 8 + (q & 3);
-        const int row = n0 + (l >> 2) + (c >= 2 ? 8 : 0);
-        const int tok = j * 8 + 2 * (l & 3) + (c & 1);
-        if (row + 1 >= N || tok >= M) continue;
-        float a = 0.f, b = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < WARPS; ++wi) a += partial[wi][jc][l], b += partial[wi][jc][l + 4];
+        int row, tok;
+        float a, b;
+        if (!small_m_pair<WARPS, NT>(partial, idx, n0, M, N, row, tok, a, b)) continue;
         if (bias) a += to_float(bias[row]), b += to_float(bias[row + 1]);
         T lo = from_float<T>(a), hi = from_float<T>(b);
         const int h = row / ra.head_dim, i = (row - h * ra.head_dim) >> 1;

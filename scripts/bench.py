@@ -68,8 +68,9 @@ def main():
                     help="instead: the decode attention kernel alone at --batch sizes of --context keys each (grid "
                          "sized for a 2,048-key bound, as the decode graphs are), the plain and _occ builds")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
-    ap.add_argument("--modes", default="continuous,static,static-padded",
-                    help="--throughput: which schedules to run (comma-separated; the ratios need continuous and static)")
+    ap.add_argument("--modes", default="continuous,static,static-padded,static-hf",
+                    help="--throughput: which schedules to run, comma-separated, of continuous, static, static-padded "
+                         "and static-hf (see throughput()); the ratios need continuous")
     ap.add_argument("--quantize", default=None, choices=["none", "auto", "int8", "q4"],
                     help="weights: none, auto (a GGUF's own Q8_0/Q4 blocks), int8 (W8A16), q4 (random W4A16, dummy "
                          "models only) [default: auto for a checkpoint, none for dummy:]")
@@ -89,11 +90,13 @@ def main():
                     help="--tp > 1: the IPC all-reduce and the next residual add + RMSNorm as two kernels (the A side of an "
                          "A/B with the fused kernel)")
     ap.add_argument("--profile", action="store_true",
-                    help="after each decode batch: one eager step with a CUDA event pair around every kernel, "
+                    help="after each decode batch and prefill: one eager step with a CUDA event pair around every kernel, "
                          "summed per kernel (events serialise the launches; the ratios are what matter)")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
+    if args.throughput and not args.engine_only:
+        parse_modes(args.modes)       # a typo exits here, not after minutes of loading weights
 
     if args.engine_only:
         return engine_overhead(args)
@@ -226,9 +229,11 @@ def main():
             say(profile_step(cuda, model, kernels, st, specs, f"decode batch {B}, context {pos}"))
 
     h = cfg.hidden_size
-    params_per_rank = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
-                                        + shard.n_heads * cfg.head_dim * h + 3 * h * (shard.ffn_hi - shard.ffn_lo)) \
-        + (shard.vocab_hi - shard.vocab_lo) * h
+    # FLOPs a prefill performs: every token through every layer, the LM head only for the one row sampled
+    # (counting the head for all n tokens, as the sessions before the sixth did, overstated 8B prefill by ~7%).
+    layer_params = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
+                                     + shard.n_heads * cfg.head_dim * h + 3 * h * (shard.ffn_hi - shard.ffn_lo))
+    head_params = (shard.vocab_hi - shard.vocab_lo) * h
     for n in prefills:
         ids = np.random.default_rng(1).integers(0, cfg.vocab_size, n).tolist()
         table = list(range(-(-n // 16) + 1))
@@ -243,9 +248,11 @@ def main():
             model.forward(st, spec)
         device.synchronize()
         dt = (time.perf_counter() - t) / reps
-        flops = 2 * params_per_rank * n + 2 * 2 * cfg.num_layers * shard.n_heads * cfg.head_dim * n * n / 2
+        flops = 2 * layer_params * n + 2 * head_params + 2 * 2 * cfg.num_layers * shard.n_heads * cfg.head_dim * n * n / 2
         say(f"prefill {n:5d} tokens: {n / dt:9.0f} tok/s  {dt * 1e3:8.2f} ms  {flops / dt / 1e12:6.1f} TFLOP/s per GPU")
-        record(kind="prefill", tokens=n, tok_s=n / dt, ms=dt * 1e3, tflops=flops / dt / 1e12)
+        record(kind="prefill", tokens=n, tok_s=n / dt, ms=dt * 1e3, tflops=flops / dt / 1e12, flops="performed")
+        if args.profile:
+            say(profile_step(cuda, model, kernels, st, spec, f"prefill {n} tokens"))
 
     if args.json and rank == 0:
         with open(args.json, "a") as f:
@@ -526,6 +533,43 @@ def sharegpt_like(n: int, vocab: int, seed: int = 0):
     return [(rng.integers(0, vocab, p).tolist(), int(o)) for p, o in zip(plen, olen)]
 
 
+PAD_ID = 0
+STATIC_MODES = ("static", "static-padded", "static-hf")
+
+
+def parse_modes(text: str) -> list:
+    modes = [m for m in text.split(",") if m]
+    unknown = set(modes) - {"continuous", *STATIC_MODES}
+    if unknown:
+        sys.exit(f"--modes: unknown schedule(s) {sorted(unknown)}; choose from continuous, {', '.join(STATIC_MODES)}")
+    return modes
+
+
+def static_plan(work, mode: str, kv_tokens: int, max_num_seqs: int):
+    """The batches a static schedule submits, one after the other: (batch size, [[(request index, prompt ids,
+    max_tokens), ...], ...]), every request once and in order. Pure, so the schedules can be checked without a GPU.
+
+    "static" and "static-padded" fill batches of max_num_seqs on the paged cache (which holds them: the engine
+    admits what fits); "static-hf" sizes its batch as a contiguous pre-allocated cache must be sized, before
+    anything runs: every row reserves the workload's longest prompt plus its longest output, whatever its own."""
+    if mode not in STATIC_MODES:
+        raise ValueError(f"not a static schedule: {mode!r}")
+    batch_size = max_num_seqs
+    if mode == "static-hf":
+        per_row = max((len(p) for p, _ in work), default=0) + max((o for _, o in work), default=0)
+        batch_size = max(1, min(max_num_seqs, kv_tokens // max(per_row, 1)))
+    batches = []
+    for lo in range(0, len(work), batch_size):
+        chunk = list(enumerate(work[lo: lo + batch_size], lo))
+        longest_out = max(o for _, (_, o) in chunk)
+        # HF left-pads so every row's next token lands in the same column; the pads go through the model
+        # like real tokens (masked out of attention there, attended here: the cost is the same).
+        width = max(len(p) for _, (p, _) in chunk) if mode == "static-hf" else 0
+        batches.append([(i, [PAD_ID] * (width - len(p)) + list(p), o if mode == "static" else longest_out)
+                        for i, (p, o) in chunk])
+    return batch_size, batches
+
+
 def engine_overhead(args) -> dict:
     """Host time per step of continuous batching outside the runner: what the GPU waits for between steps
     (the runner here returns random ids at once). Returns the numbers it prints."""
@@ -579,7 +623,16 @@ def quant_args(args) -> dict:
 
 def throughput(args, ckpt, cfg, world):
     """Offline throughput: the same requests through continuous batching, then through static batching
-    (a new batch starts only when the whole previous batch has finished)."""
+    (a new batch starts only when the whole previous batch has finished), by the schedules of --modes:
+
+    continuous     the engine as `mpillm run` drives it: rows join and leave the running batch every step.
+    static         batches of --max-num-seqs on the paged cache; a finished row stops computing.
+    static-padded  the same batches, but every row decodes until the batch's longest output is done.
+    static-hf      HF generate() with a static (contiguous, pre-allocated) KV cache: one batch size for the whole
+                   job, as many rows as fit when each reserves the workload's longest prompt + longest output;
+                   prompts left-padded to the batch's longest, every row decoding to the batch's longest output.
+
+    Every schedule is credited only each request's own prompt and output tokens, so the numbers compare."""
     from mpillm.cuda.backend import CudaRunner
     from mpillm.cuda.kernels import Kernels
     from mpillm.cuda.model import CudaTransformer
@@ -616,27 +669,29 @@ def throughput(args, ckpt, cfg, world):
     print(f"# {device.name}, {args.model}, {args.dtype}: {len(work)} requests, {n_in} prompt + {n_out} output tokens; "
           f"KV cache {model.num_blocks} blocks x 16")
     results = {}
-    # "static": a new batch only when the previous one has finished (finished rows stop computing);
-    # "static-padded": as HF generate() batches, every row of a batch decodes until the batch's longest output
-    # is done; only each request's own tokens count as output.
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - {"continuous", "static", "static-padded"}
-    if unknown:
-        sys.exit(f"--modes: unknown schedule(s) {sorted(unknown)}; choose from continuous, static, static-padded")
+    # The static schedules' batches come from static_plan(); pads and rows decoding past their own output
+    # are work the GPU does, but only each request's own tokens count (n_in, n_out), as for continuous.
+    modes = parse_modes(args.modes)
+    kv_tokens = model.num_blocks * 16
+    longest_in, longest_out = max(len(p) for p, _ in work), max(o for _, o in work)
+    fit = kv_tokens // (longest_in + longest_out)
+    hf_size = (f"{kv_tokens:,} KV tokens // ({longest_in} + {longest_out}) per row"
+               + ("" if 1 <= fit <= args.max_num_seqs else
+                  f" = {fit}, {'capped at --max-num-seqs' if fit else 'but at least one row'}"))
     for mode in modes:
         eng = Engine(runner, IdsOnlyTokenizer(), EngineConfig(max_model_len=2048, num_blocks=model.num_blocks,
                                                      max_num_seqs=args.max_num_seqs,
                                                      max_num_batched_tokens=args.max_num_batched_tokens,
                                                      prefix_caching=False))
-        reqs = [(Request(str(i), i, i, "", None, SamplingParams(max_tokens=o, ignore_eos=True), None), p)
-                for i, (p, o) in enumerate(work)]
         peak_used = peak_live = 0
+        batch_size = None
         gpu_time[:] = [0.0, 0, 0, 0.0]
         t = time.perf_counter()
         done = 0
         if mode == "continuous":
-            for r, p in reqs:
-                eng.add(r, prompt_ids=p)
+            for i, (p, o) in enumerate(work):
+                eng.add(Request(str(i), i, i, "", None, SamplingParams(max_tokens=o, ignore_eos=True), None),
+                        prompt_ids=p)
             while eng.has_work():
                 done += len(eng.step())
                 used = eng.blocks.num_blocks - eng.blocks.num_free
@@ -644,32 +699,33 @@ def throughput(args, ckpt, cfg, world):
                     peak_used = used
                     peak_live = sum(seq.num_computed for seq in eng.scheduler.running)
         else:
-            for lo in range(0, len(reqs), args.max_num_seqs):
-                batch = reqs[lo: lo + args.max_num_seqs]
-                longest = max(r.params.max_tokens for r, _ in batch)
-                for r, p in batch:
-                    if mode == "static-padded":
-                        r.params.max_tokens = longest
-                    eng.add(r, prompt_ids=p)
+            batch_size, batches = static_plan(work, mode, kv_tokens, args.max_num_seqs)
+            for batch in batches:
+                for i, ids, max_tokens in batch:
+                    eng.add(Request(str(i), i, i, "", None, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                    None), prompt_ids=ids)
                 while eng.has_work():
                     done += len(eng.step())
         secs = time.perf_counter() - t
-        assert done == len(reqs)
+        assert done == len(work)
         results[mode] = secs
-        print(f"{mode:10s}: {len(reqs) / secs:7.2f} req/s  {n_out / secs:9.1f} output tok/s  "
+        print(f"{mode:13s}: {len(work) / secs:7.2f} req/s  {n_out / secs:9.1f} output tok/s  "
               f"{(n_in + n_out) / secs:9.1f} total tok/s  ({secs:.1f} s, {gpu_time[1]} steps ({gpu_time[2]} decode-only), "
               f"{gpu_time[0]:.1f} s in the runner, {gpu_time[3]:.1f} s of it in decode-only steps, "
               f"{eng.scheduler.num_preemptions} preemptions"
               + (f", peak KV blocks in use {peak_used}/{eng.blocks.num_blocks}, holding live tokens in "
-                 f"{100 * peak_live / (peak_used * 16):.1f}% of their slots" if mode == "continuous" else "") + ")")
+                 f"{100 * peak_live / (peak_used * 16):.1f}% of their slots" if mode == "continuous" else "")
+              + (f", batch size {batch_size} = {hf_size}" if mode == "static-hf" else "") + ")")
         if args.json:
+            rec = dict(kind="throughput", mode=mode, gpu=device.name, model=args.model, requests=len(work),
+                       req_s=len(work) / secs, out_tok_s=n_out / secs, total_tok_s=(n_in + n_out) / secs)
+            if batch_size is not None:
+                rec["batch_size"] = batch_size
             with open(args.json, "a") as f:
-                f.write(json.dumps(dict(kind="throughput", mode=mode, gpu=device.name, model=args.model,
-                                        requests=len(reqs), req_s=len(reqs) / secs, out_tok_s=n_out / secs,
-                                        total_tok_s=(n_in + n_out) / secs)) + "\n")
+                f.write(json.dumps(rec) + "\n")
     if "continuous" in results:
         print("; ".join(f"continuous vs {m}: {results[m] / results['continuous']:.2f}x"
-                        for m in ("static", "static-padded") if m in results))
+                        for m in STATIC_MODES if m in results))
     model.close()
     device.close()
 

@@ -1,6 +1,7 @@
 """The benchmark's workload is part of the contract of its numbers: fixed, seeded, in the stated ranges."""
 
 import numpy as np
+import pytest
 
 
 def test_sharegpt_like_workload_is_seeded_and_in_range(bench):
@@ -33,3 +34,70 @@ def test_engine_only_with_a_checkpoint_uses_its_tokenizer(bench, smollm_gguf, mo
                                       "--max-num-seqs", "4"])
     assert bench.main()["requests"] == 12
     assert "the checkpoint tokenizer" in capsys.readouterr().out
+
+
+# A hand-made workload for the static schedules: prompts of 3, 5, 2, 7, 1 tokens (ids from 1, so a 0 is a pad),
+# outputs of 4, 9, 2, 6, 3; the longest prompt (7) + the longest output (9) = 16 tokens reserved per row.
+WORK = [([11, 12, 13], 4), ([21, 22, 23, 24, 25], 9), ([31, 32], 2), ([41, 42, 43, 44, 45, 46, 47], 6), ([51], 3)]
+
+
+def test_static_hf_batch_size_is_what_a_contiguous_cache_holds(bench):
+    assert bench.static_plan(WORK, "static-hf", 16 * 2, 8)[0] == 2          # 32 KV tokens // (7 + 9)
+    assert bench.static_plan(WORK, "static-hf", 16 * 3 + 15, 8)[0] == 3     # rounds down: 63 // 16
+    assert bench.static_plan(WORK, "static-hf", 16 * 100, 4)[0] == 4        # capped by max_num_seqs
+    assert bench.static_plan(WORK, "static-hf", 15, 8)[0] == 1              # one row even if it does not fit
+    # The reservation is the workload's longest prompt + longest output, not the longest request (7 + 6 = 13).
+    assert bench.static_plan(WORK, "static-hf", 26, 8)[0] == 1
+    # The paged schedules ignore the cache's size: batches of max_num_seqs.
+    for mode in ("static", "static-padded"):
+        size, batches = bench.static_plan(WORK, mode, 16, 2)
+        assert size == 2 and [len(b) for b in batches] == [2, 2, 1]
+
+
+def test_static_hf_left_pads_each_batch_to_its_longest_prompt(bench):
+    size, batches = bench.static_plan(WORK, "static-hf", 16 * 2, 8)
+    assert size == 2 and [[i for i, _, _ in b] for b in batches] == [[0, 1], [2, 3], [4]]
+    assert [ids for _, ids, _ in batches[0]] == [[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]]
+    assert [ids for _, ids, _ in batches[1]] == [[0, 0, 0, 0, 0, 31, 32], [41, 42, 43, 44, 45, 46, 47]]
+    assert [ids for _, ids, _ in batches[2]] == [[51]]                     # a batch of one: nothing to pad
+    for b in batches:                                                      # the request's own ids, at the end
+        assert all(len(ids) == max(len(ids) for _, ids, _ in b) and ids[len(ids) - len(WORK[i][0]):] == WORK[i][0]
+                   for i, ids, _ in b)
+    assert [mt for b in batches for _, _, mt in b] == [9, 9, 6, 6, 3]     # every row to its batch's longest output
+
+
+def test_static_plan_max_tokens_per_mode_and_no_padding_on_the_paged_cache(bench):
+    plans = {m: bench.static_plan(WORK, m, 10**6, 2)[1] for m in ("static", "static-padded", "static-hf")}
+    assert [mt for b in plans["static"] for _, _, mt in b] == [4, 9, 2, 6, 3]          # each its own
+    assert [mt for b in plans["static-padded"] for _, _, mt in b] == [9, 9, 6, 6, 3]   # each batch's longest
+    assert [mt for b in plans["static-hf"] for _, _, mt in b] == [9, 9, 6, 6, 3]
+    for mode in ("static", "static-padded"):
+        assert [ids for b in plans[mode] for _, ids, _ in b] == [p for p, _ in WORK]
+
+
+def test_static_plan_covers_every_request_once_in_order(bench):
+    work = bench.sharegpt_like(1000, 32000)
+    longest = max(len(p) for p, _ in work) + max(o for _, o in work)
+    for mode, kv, seqs in (("static", 0, 1024), ("static", 0, 64), ("static-padded", 0, 300),
+                           ("static-hf", 470_000, 1024), ("static-hf", 470_000, 100), ("static-hf", 1, 1024)):
+        size, batches = bench.static_plan(work, mode, kv, seqs)
+        assert size == (max(1, min(seqs, kv // longest)) if mode == "static-hf" else seqs)
+        assert [i for b in batches for i, _, _ in b] == list(range(1000))
+        assert all(len(b) == size for b in batches[:-1]) and 0 < len(batches[-1]) <= size
+        for b in batches:
+            width = max(len(ids) for _, ids, _ in b)
+            assert all(ids[len(ids) - len(work[i][0]):] == work[i][0] for i, ids, _ in b)
+            assert all(len(ids) == (width if mode == "static-hf" else len(work[i][0])) for i, ids, _ in b)
+            assert all(mt >= work[i][1] for i, _, mt in b)
+    with pytest.raises(ValueError):
+        bench.static_plan(work, "continuous", 0, 8)
+
+
+def test_bad_modes_exit_before_any_gpu_work_naming_the_schedules(bench, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--throughput", "10", "--modes", "continuous,static-hff"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    msg = str(e.value)
+    assert "static-hff" in msg and "continuous, static, static-padded, static-hf" in msg
+    assert bench.parse_modes("continuous,static-hf,") == ["continuous", "static-hf"]

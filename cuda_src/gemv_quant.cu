@@ -9,7 +9,8 @@
 //     scale once, after the mma: sum_k d q_k x_k = d * sum_k q_k x_k. No weight is rounded to bf16, so
 //     the result is the exact dequantized product up to fp32 summation order (the NumPy reference).
 //   - Q4_1's min: sum_k (d q_k + m) x_k = d * sum q x + m * sum x; the chunk sums of x come from one
-//     more mma with an all-ones A fragment, which lands them in the accumulator layout.
+//     more mma with an all-ones A fragment, which lands them in the accumulator layout. The 4-bit codes
+//     enter the mma with the magic number's bias still on (B + q), which the min term takes back.
 // The byte order that makes a lane's 16-byte load hold 8 elements of each chunk of a super-block is
 // mpillm/quant.py's PackedLinear (packed on the host at load time; no value is re-quantized).
 //
@@ -52,19 +53,16 @@ __device__ __forceinline__ void s8x4_pairs<f16>(uint32_t w, uint32_t& p01, uint3
     p23 = *reinterpret_cast<uint32_t*>(&b);
 }
 
-// Pair p (0..3) of a 4-bit word with nibbles e0 e2 e4 e6 e1 e3 e5 e7: (e_2p, e_2p+1) as T, exact.
-// 0x4300 (bf16) and 0x6400 (fp16) are 128 and 1024 with a mantissa step of 1: OR in the code, subtract.
-template <typename T> __device__ __forceinline__ uint32_t u4_pair(uint32_t w, int p);
-template <> __device__ __forceinline__ uint32_t u4_pair<bf16>(uint32_t w, int p) {
-    const uint32_t v = ((w >> (4 * p)) & 0x000F000Fu) | 0x43004300u, base = 0x43004300u;
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
-                               *reinterpret_cast<const __nv_bfloat162*>(&base));
-    return *reinterpret_cast<uint32_t*>(&r);
-}
-template <> __device__ __forceinline__ uint32_t u4_pair<f16>(uint32_t w, int p) {
-    const uint32_t v = ((w >> (4 * p)) & 0x000F000Fu) | 0x64006400u, base = 0x64006400u;
-    __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), *reinterpret_cast<const __half2*>(&base));
-    return *reinterpret_cast<uint32_t*>(&r);
+// Pair p (0..3) of a 4-bit word with nibbles e0 e2 e4 e6 e1 e3 e5 e7: (B + e_2p, B + e_2p+1) as T, exact, with
+// B = U4_BIAS<T>: 0x4300 (bf16 128) and 0x6400 (fp16 1024) have a mantissa step of 1, so OR-ing in the code is
+// the whole conversion (one shift and one LOP3). The bias is not subtracted per weight: sum_k (B + q_k) x_k =
+// sum_k q_k x_k + B sum_k x_k, and the chunk sums of x are at hand for Q4_1's min anyway, so the kernel folds
+// -B d into the min once per chunk (d q + m = d (B + q) + (m - B d)).
+template <typename T> struct U4Bias;
+template <> struct U4Bias<bf16> { static constexpr uint32_t pair = 0x43004300u; static constexpr float value = 128.f; };
+template <> struct U4Bias<f16> { static constexpr uint32_t pair = 0x64006400u; static constexpr float value = 1024.f; };
+template <typename T> __device__ __forceinline__ uint32_t u4_pair_biased(uint32_t w, int p) {
+    return ((w >> (4 * p)) & 0x000F000Fu) | U4Bias<T>::pair;
 }
 
 template <typename T> __device__ __forceinline__ uint32_t ones_pair();
@@ -172,8 +170,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 } else {
 #pragma unroll
                     for (int p = 0; p < 4; ++p) {
-                        pa[p] = u4_pair<T>(word_at(st.wa[u], j), p);
-                        pb[p] = u4_pair<T>(word_at(st.wb[u], j), p);
+                        pa[p] = u4_pair_biased<T>(word_at(st.wa[u], j), p);
+                        pb[p] = u4_pair_biased<T>(word_at(st.wb[u], j), p);
                     }
                 }
                 const uint32_t a0[4] = {pa[0], pb[0], pa[1], pb[1]};
@@ -185,7 +183,9 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 } else {
                     const float2 fa = __half22float2(*reinterpret_cast<const __half2*>(&st.sa[u][j]));
                     const float2 fb = __half22float2(*reinterpret_cast<const __half2*>(&st.sb[u][j]));
-                    da = fa.x, ma = fa.y, db = fb.x, mb = fb.y;
+                    da = fa.x, db = fb.x;
+                    ma = fmaf(-U4Bias<T>::value, da, fa.y);  // the codes carry the bias B (u4_pair_biased)
+                    mb = fmaf(-U4Bias<T>::value, db, fb.y);
                 }
 #pragma unroll
                 for (int jt = 0; jt < NT; ++jt) {

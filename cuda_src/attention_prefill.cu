@@ -1,11 +1,17 @@
 // Causal paged attention for prefill and mixed batches, FlashAttention-2 style on tensor cores.
 //
-// grid (query tiles, n_heads, n_seqs), 4 warps. A block owns 64 queries of one head of one sequence
+// grid (n_heads, query tiles, n_seqs), 4 warps. A block owns 64 queries of one head of one sequence
 // (16 per warp) and walks the sequence's KV in tiles of 64 keys, fetched through the block table into
 // a double-buffered shared ring while the previous tile is being used. S = Q K^T and O += P V run as
 // mma.m16n8k16 with fp32 accumulators; the softmax is the online one (running max and sum per row,
 // exp2 with the scale folded into log2 units), so no S x S matrix ever exists. P is rounded to the
 // model dtype to feed the second mma, as FlashAttention does.
+//
+// Scheduling: a query tile's work grows with its index (it sees every key up to its last query), so the
+// grid hands out the last (heaviest) tiles of every head first and the light ones fill the tail: with the
+// tiles in natural order the last wave was a row of the heaviest blocks. The Q tile is staged in the second
+// V buffer (read into registers before that buffer's first refill), so a block needs 4 tiles of shared
+// memory, not 5: three blocks fit an SM at head_dim 128 (register cap: launch bounds) instead of two.
 //
 // Query j (0-based within the sequence's n_q new tokens) sits at absolute position
 // context_len - n_q + j and sees keys 0..position. Head h reads KV head (h + head_offset) / group.
@@ -14,6 +20,7 @@
 #define ATTN_BQ 64
 #define ATTN_BKV 64
 #define ATTN_WARPS 4
+#define ATTN_MIN_BLOCKS 3   // blocks per SM the registers are capped for (shared memory allows 3 at hd 128)
 
 template <typename T, int HD>
 __device__ __forceinline__ void attention_prefill_tile(
@@ -27,15 +34,16 @@ __device__ __forceinline__ void attention_prefill_tile(
     constexpr int THREADS = ATTN_WARPS * 32;
     static_assert(HD % 16 == 0, "head_dim must be a multiple of 16");
 
+    static_assert(ATTN_BQ == ATTN_BKV, "the Q tile is staged in a V buffer");
     extern __shared__ uint4 smem_u4[];
-    T* s_q = reinterpret_cast<T*>(smem_u4);  // [BQ][LDS]
-    T* s_k = s_q + ATTN_BQ * LDS;            // [2][BKV][LDS]
+    T* s_k = reinterpret_cast<T*>(smem_u4);  // [2][BKV][LDS]
     T* s_v = s_k + 2 * ATTN_BKV * LDS;       // [2][BKV][LDS]
+    T* s_q = s_v + ATTN_BKV * LDS;           // [BQ][LDS], = V buffer 1 until KV tile 1 is fetched
 
-    const int seq = blockIdx.z, head = blockIdx.y;
+    const int seq = blockIdx.z, head = blockIdx.x;
     const int q_begin = query_start[seq];
     const int n_q = query_start[seq + 1] - q_begin;
-    const int q0 = blockIdx.x * ATTN_BQ;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * ATTN_BQ;  // heaviest tiles first (see the top)
     if (q0 >= n_q) return;
     const int first_pos = context_lens[seq] - n_q;
     const int kv_head = (head + head_offset) / group;  // see attention() in kernels.py for head_offset
@@ -54,12 +62,17 @@ __device__ __forceinline__ void attention_prefill_tile(
         const T* src = qkv + (size_t)(q_begin + q0 + r) * row_stride + head * HD + ch * 8;
         cp_async16(s_q + r * LDS + ch * 8, ok ? src : qkv, ok);
     }
+    // Block sizes are powers of two in practice: a shift instead of a division per row and tile, which was
+    // a fifth of the loop's instructions.
+    const bool bs_pow2 = (block_size & (block_size - 1)) == 0;
+    const int bs_shift = __ffs(block_size) - 1;
     auto load_kv_tile = [&](int buf, int tile) {
         for (int c = tid; c < ATTN_BKV * CHUNKS; c += THREADS) {
             const int r = c / CHUNKS, ch = c % CHUNKS;
             const int key = tile * ATTN_BKV + r;
             const bool ok = key < n_keys;
-            const size_t slot = ok ? (size_t)table[key / block_size] * block_size + key % block_size : 0;
+            const int blk = bs_pow2 ? key >> bs_shift : key / block_size;
+            const size_t slot = ok ? (size_t)table[blk] * block_size + (key - blk * block_size) : 0;
             const size_t off = (slot * n_kv + kv_head) * HD + ch * 8;
             cp_async16(s_k + (buf * ATTN_BKV + r) * LDS + ch * 8, ok ? k_cache + off : k_cache, ok);
             cp_async16(s_v + (buf * ATTN_BKV + r) * LDS + ch * 8, ok ? v_cache + off : v_cache, ok);
@@ -76,16 +89,21 @@ __device__ __forceinline__ void attention_prefill_tile(
     const int pos_lo = first_pos + q0 + warp * 16 + g;
     const int pos_of_half[2] = {pos_lo, pos_lo + 8};
 
+    // Q into registers before V buffer 1 (its staging area) is refilled with KV tile 1.
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < DK; ++kk)
+        ldmatrix_x4(q_frag[kk], s_q + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+    __syncthreads();
+    // Keys below every query of this warp need no causal mask (warp-uniform test).
+    const int warp_first_pos = first_pos + q0 + warp * 16;
+
     for (int tile = 0; tile < n_tiles; ++tile) {
         if (tile + 1 < n_tiles) load_kv_tile((tile + 1) & 1, tile + 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        if (tile == 0) {
-#pragma unroll
-            for (int kk = 0; kk < DK; ++kk)
-                ldmatrix_x4(q_frag[kk], s_q + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-        }
         const T* sk = s_k + (tile & 1) * ATTN_BKV * LDS;
         const T* sv = s_v + (tile & 1) * ATTN_BKV * LDS;
 
@@ -107,6 +125,7 @@ __device__ __forceinline__ void attention_prefill_tile(
         // Causal mask and online softmax. Queries past n_q (tile padding) compute on zero keys and
         // are never stored; zero-filled keys past n_keys are masked for every valid query.
         const int key0 = tile * ATTN_BKV + 2 * t;
+        const bool unmasked = (tile + 1) * ATTN_BKV - 1 <= warp_first_pos;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float mx = -INFINITY;
@@ -116,12 +135,13 @@ __device__ __forceinline__ void attention_prefill_tile(
                 for (int e = 0; e < 2; ++e) {
                     const int key = key0 + j * 8 + e;
                     float& v = s[j][2 * h + e];
-                    v = key <= pos_of_half[h] ? v * scale_log2 : -INFINITY;
+                    if (!(unmasked || key <= pos_of_half[h])) v = -INFINITY;
                     mx = fmaxf(mx, v);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-            const float new_max = fmaxf(row_max[h], mx);
+            // Raw scores until the exponent, where one fma scales and subtracts (scale_log2 > 0 keeps the max).
+            const float new_max = fmaxf(row_max[h], mx * scale_log2);
             // A row with every key masked so far keeps max -inf; subtracting 0 instead avoids inf - inf.
             const float ref = new_max == -INFINITY ? 0.f : new_max;
             const float alpha = exp2f(row_max[h] - ref);
@@ -132,7 +152,7 @@ __device__ __forceinline__ void attention_prefill_tile(
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& v = s[j][2 * h + e];
-                    v = exp2f(v - ref);
+                    v = exp2f(fmaf(v, scale_log2, -ref));
                     sum += v;
                 }
             row_sum[h] = row_sum[h] * alpha + sum;  // per-lane partial; the quad is summed at the end
@@ -178,7 +198,7 @@ __device__ __forceinline__ void attention_prefill_tile(
 }
 
 #define PREFILL_KERNEL(T, NAME, HD)                                                                        \
-    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_prefill_##NAME##_hd##HD(     \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32, ATTN_MIN_BLOCKS) attention_prefill_##NAME##_hd##HD(     \
         T* out, const T* qkv, const T* k_cache, const T* v_cache, const int* block_tables,                  \
         const int* query_start, const int* context_lens, int max_blocks, int n_heads, int n_kv,            \
         int block_size, float scale_log2, int group, int head_offset) {                                    \

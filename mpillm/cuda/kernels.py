@@ -424,7 +424,12 @@ class Kernels:
                          slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
         else:
             _check(src, "interleaved_out", qkv.dtype, qkv.shape)
-            fn = self._fn("rope_kv", f"rope_store_kv_interleaved_{qkv.dtype}", "PPPPPPPiii")
+            # Four pairs per thread (16-byte loads) where the head splits into whole quads and rows are aligned.
+            quad = head_dim % 8 == 0 and src.ptr % 16 == 0 and qkv.ptr % 8 == 0 \
+                and k_cache.ptr % 8 == 0 and v_cache.ptr % 8 == 0
+            if quad:
+                grid = (n, _cdiv(pairs // 4, ROPE_THREADS))
+            fn = self._fn("rope_kv", f"rope_store_kv_interleaved{'_quad' if quad else ''}_{qkv.dtype}", "PPPPPPPiii")
             self._launch(fn, grid, ROPE_THREADS, qkv.ptr, src.ptr, positions.ptr, inv_freq.ptr, k_cache.ptr,
                          v_cache.ptr, slot_mapping.ptr, n_heads, n_kv_heads, head_dim)
 
@@ -441,9 +446,10 @@ class Kernels:
         if interleaved:
             if n * inter == 0:
                 return
-            blocks = min(_cdiv(n * inter, SILU_THREADS), self.device.sm_count * 16)
-            fn = self._fn("activation", f"silu_mul_pairs_{gate_up.dtype}", "PPii")
-            self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter)
+            vec = inter % 8 == 0 and out.ptr % 16 == 0 and gate_up.ptr % 16 == 0
+            blocks = min(_cdiv(n * inter // (8 if vec else 1), SILU_THREADS), self.device.sm_count * 16)
+            fn = self._fn("activation", f"silu_mul_pairs_{gate_up.dtype}", "PPiii")
+            self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter, int(vec))
             return
         vec = inter % 8 == 0 and out.ptr % 16 == 0 and gate_up.ptr % 16 == 0
         total = n * (inter // 8 if vec else inter)
@@ -723,6 +729,8 @@ class Kernels:
         """
         if head_dim not in ATTN_HEAD_DIMS:
             raise ValueError(f"head_dim: {head_dim} not in {ATTN_HEAD_DIMS}")
+        if not scale > 0:          # the prefill kernel takes the running max of unscaled scores
+            raise ValueError(f"scale: {scale} must be positive")
         if group is None:
             if n_heads % n_kv_heads:
                 raise ValueError(f"n_heads: {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
@@ -751,9 +759,9 @@ class Kernels:
         scale_log2 = float(scale) * LOG2E
 
         if max_query_len > 1:
-            shared = (ATTN_BQ + 4 * ATTN_BKV) * (head_dim + 8) * 2  # Q tile + double-buffered K and V
+            shared = 4 * ATTN_BKV * (head_dim + 8) * 2  # double-buffered K and V (Q staged in one V buffer)
             fn = self._fn("attention_prefill", f"attention_prefill_{dt}_hd{head_dim}", "PPPPPPPiiiifii", shared)
-            self._launch(fn, (_cdiv(max_query_len, ATTN_BQ), n_heads, n_seqs), ATTN_THREADS, out.ptr, qkv.ptr,
+            self._launch(fn, (n_heads, _cdiv(max_query_len, ATTN_BQ), n_seqs), ATTN_THREADS, out.ptr, qkv.ptr,
                          k_cache.ptr, v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr,
                          max_blocks, n_heads, n_kv_heads, block_size, scale_log2, group, head_offset, shared=shared)
             return

@@ -158,6 +158,24 @@ def test_silu_mul(kernels, dtype, inter):
     assert_close(out.to_numpy(), ops.silu_mul(gate_up), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [1000, 1536, 577])
+def test_silu_mul_interleaved(kernels, dtype, inter):
+    """The GPU model's [g0 u0 g1 u1 ...] layout: eight outputs per thread where inter % 8 == 0 and the buffers are
+    16-byte aligned, one per thread otherwise (here forced by a 2-byte-offset output view): the same bits."""
+    rng = np.random.default_rng(inter + 7)
+    gate_up = rounded(rng.normal(size=(37, 2 * inter)) * 3, dtype)
+    pairs = np.empty_like(gate_up)
+    pairs[:, 0::2], pairs[:, 1::2] = gate_up[:, :inter], gate_up[:, inter:]
+    out = DeviceTensor.empty((37, inter), dtype)
+    kernels.silu_mul(out, dev(pairs, dtype), interleaved=True)
+    got = out.to_numpy()
+    assert_close(got, ops.silu_mul(gate_up), dtype)
+    shifted = DeviceTensor.empty((37 * inter + 1,), dtype).view(1, (37, inter))
+    kernels.silu_mul(shifted, dev(pairs, dtype), interleaved=True)
+    np.testing.assert_array_equal(shifted.to_numpy(), got)
+
+
 # ---------------------------------------------------------------------------------------------------
 # linear
 

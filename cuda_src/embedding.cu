@@ -3,13 +3,17 @@
 #include "common.cuh"
 
 // grid: one block per token. Rows are copied as raw 16-bit words, so one kernel serves bf16 and fp16.
+// An id < 0 is fed: -1 - j names row j of `fed`, the ids the previous step sampled on the device, so the
+// host can launch a decode step before it has read the tokens it continues from. Without `fed` (null) a
+// negative id owns no row, like any id outside the shard.
 extern "C" __global__ void __launch_bounds__(256)
-embedding_b16(uint16_t* __restrict__ out, const int* __restrict__ ids, const uint16_t* __restrict__ table,
-              int vocab_start, int vocab_local, int hidden) {
+embedding_b16(uint16_t* __restrict__ out, const int* __restrict__ ids, const int* __restrict__ fed,
+              const uint16_t* __restrict__ table, int vocab_start, int vocab_local, int hidden) {
     pdl_begin();
     const int t = blockIdx.x;
-    const int local = ids[t] - vocab_start;
-    const bool owned = local >= 0 && local < vocab_local;
+    const int id = ids[t];
+    const int local = (id >= 0 ? id : fed != nullptr ? fed[-1 - id] : -1) - vocab_start;
+    const bool owned = local >= 0 && local < vocab_local && (id >= 0 || fed != nullptr);
     uint16_t* dst = out + (size_t)t * hidden;
     const uint16_t* src = table + (size_t)(owned ? local : 0) * hidden;
     if ((hidden & 7) == 0) {  // rows are 16-byte aligned: copy 8 elements per access

@@ -25,6 +25,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     preemptions: int = 0
+    stopping: bool = False         # its last allowed token is in flight: nothing more to schedule
+    finished: bool = False
 
     @property
     def num_generated(self) -> int:
@@ -60,7 +62,7 @@ class Scheduler:
         budget, out = self.budget, []
         preempted: set[Sequence] = set()       # this step, to make room for an earlier sequence
         for seq in list(self.running):
-            if seq in preempted:
+            if seq in preempted or seq.stopping:
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if n <= 0:
@@ -98,8 +100,13 @@ class Scheduler:
         return out
 
     def finish(self, seq: Sequence):
-        self.running.remove(seq)
-        self.blocks.free_table(seq.block_table)
+        """Done: its blocks go back. A sequence can end while waiting: preempted while its last token was
+        still on the device (the engine reads tokens back one step late)."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.free_table(seq.block_table)
+        else:
+            self.waiting.remove(seq)
 
     def drop_all(self) -> list[Sequence]:
         """Stop everything (preemption signal): free every block, return the unfinished sequences."""

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,6 +54,9 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
     ap.add_argument("--no-graph", action="store_true", help="eager launches instead of CUDA graph replay")
+    ap.add_argument("--sync-steps", action="store_true",
+                    help="decode: read each step's ids back before launching the next (the A side of an A/B with "
+                         "the engine's default, which launches step n + 1 first and feeds its ids on the device)")
     ap.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
     ap.add_argument("--throughput", type=int, default=0, metavar="N",
                     help="instead: N requests (ShareGPT-like lengths, seeded) through the engine, continuous "
@@ -195,25 +199,40 @@ def main():
             model.forward(StepInput.build(rows, 16), specs[: len(rows)])
         toks = [[1] for _ in range(B)]
         pos = args.context
+        pending = None      # the step launched last, not yet read back
 
         def step():
-            nonlocal pos
-            st = StepInput.build([(toks[i], pos, tables[i], True) for i in range(B)], 16)
-            if args.no_graph:
-                ids, _ = _eager(model, st, specs)
+            """One decode step as the engine runs it: launched before the previous step's ids are read back, its
+            input ids fed on the device from that step's samples (--sync-steps: read back, then launch)."""
+            nonlocal pos, pending
+            if args.sync_steps:
+                st = StepInput.build([(toks[i], pos, tables[i], True) for i in range(B)], 16)
+                ids = model.collect(_launch(model, st, specs, not args.no_graph))
+                for i in range(B):
+                    toks[i] = [int(ids[i])]
             else:
-                ids, _ = model.forward(st, specs)
-            for i in range(B):
-                toks[i] = [int(ids[i])]
+                rows = [([-1 - i] if pending is not None else toks[i], pos, tables[i], True) for i in range(B)]
+                handle = _launch(model, StepInput.build(rows, 16), specs, not args.no_graph)
+                if pending is not None:
+                    model.collect(pending)
+                pending = handle
             pos += 1
+
+        def drain():
+            nonlocal pending
+            if pending is not None:
+                model.collect(pending)
+                pending = None
 
         for _ in range(3):
             step()
+        drain()
         device.synchronize()
         world.Barrier()
         t = time.perf_counter()
         for _ in range(args.steps):
             step()
+        drain()
         device.synchronize()
         dt = (time.perf_counter() - t) / args.steps
         ctx = pos - args.steps // 2
@@ -221,9 +240,10 @@ def main():
         gbs = step_bytes / dt / 1e9
         say(f"decode  batch {B:4d}: {B / dt:9.1f} tok/s  {dt * 1e3:7.3f} ms/step  {gbs:7.0f} GB/s  "
             f"{100 * gbs / bw:5.1f}% of copy bandwidth (roofline {bw * 1e9 / step_bytes * B:9.1f} tok/s)"
-            + ("" if args.no_graph else f"  [graph: {model.pdl_edges} programmatic edges]"))
+            + ("" if args.no_graph else f"  [graph: {model.pdl_edges} programmatic edges]")
+            + (" [steps read back one by one]" if args.sync_steps else ""))
         record(kind="decode", batch=B, tok_s=B / dt, ms_step=dt * 1e3, gb_s=gbs, roofline_frac=gbs / bw,
-               graph=not args.no_graph)
+               graph=not args.no_graph, pipelined=not args.sync_steps)
         if args.profile:
             st = StepInput.build([(toks[i], pos, tables[i], True) for i in range(B)], 16)
             say(profile_step(cuda, model, kernels, st, specs, f"decode batch {B}, context {pos}"))
@@ -649,20 +669,31 @@ def throughput(args, ckpt, cfg, world):
                             max_tokens=args.max_num_batched_tokens, max_seqs=args.max_num_seqs, max_model_len=2048,
                             gpu_memory_utilization=0.9, **quant_args(args))
     runner = CudaRunner(model, device)
-    gpu_time = [0.0, 0, 0, 0.0]      # seconds in runner.execute, steps, decode-only steps, their seconds
-    execute = runner.execute
+    # Seconds in the runner (staging and launching a step, then waiting for its ids), steps, decode-only steps,
+    # their seconds. The engine launches step n + 1 before collecting step n, so collects come in launch order.
+    gpu_time = [0.0, 0, 0, 0.0]
+    launch, collect, kinds = runner.launch, runner.collect, deque()
 
-    def timed_execute(step, specs, sample=True):
-        t = time.perf_counter()
-        out = execute(step, specs, sample)
-        dt = time.perf_counter() - t
-        decode_only = step.num_tokens == step.num_seqs
+    def account(dt, decode_only):
         gpu_time[0] += dt
+        gpu_time[3] += dt if decode_only else 0.0
+
+    def timed_launch(step, specs, fetch=True):
+        t = time.perf_counter()
+        handle = launch(step, specs, fetch)
+        decode_only = step.num_tokens == step.num_seqs
+        account(time.perf_counter() - t, decode_only)
         gpu_time[1] += 1
         gpu_time[2] += decode_only
-        gpu_time[3] += dt if decode_only else 0.0
+        kinds.append(decode_only)
+        return handle
+
+    def timed_collect(handle):
+        t = time.perf_counter()
+        out = collect(handle)
+        account(time.perf_counter() - t, kinds.popleft())
         return out
-    runner.execute = timed_execute
+    runner.launch, runner.collect = timed_launch, timed_collect
     work = sharegpt_like(args.throughput, cfg.vocab_size)
     n_out = sum(o for _, o in work)
     n_in = sum(len(p) for p, _ in work)
@@ -686,6 +717,7 @@ def throughput(args, ckpt, cfg, world):
         peak_used = peak_live = 0
         batch_size = None
         gpu_time[:] = [0.0, 0, 0, 0.0]
+        kinds.clear()
         t = time.perf_counter()
         done = 0
         if mode == "continuous":
@@ -771,6 +803,18 @@ def profile_step(cuda, model, kernels, st, specs, what: str) -> str:
     for label, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"#   {us / 1e3:8.3f} ms {100 * us / total:5.1f}%  x{n:<4d} {label}")
     return "\n".join(lines)
+
+
+def _launch(model, st, specs, graph: bool = True):
+    """model.launch, or (graph=False) the same step through the eager path."""
+    if graph:
+        return model.launch(st, specs)
+    graphable = model._graphable
+    model._graphable = lambda step: False
+    try:
+        return model.launch(st, specs)
+    finally:
+        model._graphable = graphable
 
 
 def _eager(model, st, specs):

@@ -220,6 +220,46 @@ def test_prefix_cache_never_serves_uncomputed_kv(tiny, tokenizer):
     assert b.token_ids == alone(model, tokenizer, req("b", b_prompt, max_tokens=8), prefix_caching=False).token_ids
 
 
+def test_one_step_ahead_equals_step_by_step(tiny, tokenizer):
+    """The engine launches step n + 1 before reading step n back, feeding its decode inputs on the device: the
+    same results as reading every step back first, through preemption, prefix caching, late arrivals, stop
+    strings, seeded sampling, and host-sampled requests (logprobs, repetition penalty) mixed in."""
+    model, _ = tiny
+    shared = text_of(40, 11)
+    reqs = [req("g0", shared + " " + text_of(5, 1), max_tokens=14),
+            req("g1", shared + " " + text_of(9, 2), max_tokens=3),
+            req("s0", text_of(30, 3), max_tokens=16, temperature=0.9, top_p=0.9, seed=7),
+            req("lp", text_of(12, 4), max_tokens=6, logprobs=3),
+            req("st", text_of(20, 5), max_tokens=20, stop=["e"]),
+            req("one", text_of(6, 6), max_tokens=1)]
+    late = [req("rp", text_of(15, 7), max_tokens=9, repetition_penalty=1.4),
+            req("g2", shared + " " + text_of(3, 8), max_tokens=11, temperature=1.1, seed=3),
+            req("g3", text_of(70, 9), max_tokens=7)]
+
+    def go(pipeline):
+        eng = make_engine(model, tokenizer, num_blocks=12, max_num_batched_tokens=24, max_num_seqs=5,
+                          prefix_caching=True, global_seed=5, pipeline=pipeline)
+        fed = []
+        launch = eng.runner.launch
+
+        def counting(step, specs, fetch=True):
+            fed.append(int((step.input_ids < 0).sum()))
+            return launch(step, specs, fetch)
+        eng.runner.launch = counting
+        return eng, run(eng, reqs, late=late, late_after=6), fed
+
+    ahead, got, fed = go(True)
+    plain, want, _ = go(False)
+    assert ahead.pipelined and not plain.pipelined
+    assert sum(fed) > 10 and ahead.scheduler.num_preemptions > 0 and ahead.blocks.hits > 0
+    assert want["st"].finish_reason == "stop"
+    for r in reqs + late:
+        g, w = got[r.id], want[r.id]
+        assert (g.token_ids, g.text, g.finish_reason, g.prompt_tokens, g.completion_tokens, g.logprobs) == \
+               (w.token_ids, w.text, w.finish_reason, w.prompt_tokens, w.completion_tokens, w.logprobs), r.id
+    assert (ahead.prompt_tokens, ahead.completion_tokens) == (plain.prompt_tokens, plain.completion_tokens)
+
+
 # ------------------------------------------------------------------------------------------------ sampling
 
 def test_seeded_sampling_alone_equals_batched(tiny, tokenizer):
@@ -441,10 +481,52 @@ class ScriptedRunner:
         return out
 
 
+class LaggedScriptedRunner(ScriptedRunner):
+    """The same scripts through launch/collect, so the engine runs one step ahead (mpillm.engine). Checks that
+    every fed id names a row of the step launched just before; counts fed ids and sampled rows."""
+
+    def __init__(self, scripts):
+        # The step after a script's EOS is launched before the EOS is read back: a filler token past the end,
+        # which the engine must drop (the results are compared with the step-by-step run's).
+        super().__init__({k: list(v) + [v[-1]] for k, v in scripts.items()})
+        self.previous = self.sampled = self.fed = 0
+
+    def launch(self, step, specs):
+        fed = step.input_ids[step.input_ids < 0]
+        assert all(0 <= -1 - int(t) < self.previous for t in fed)
+        self.fed += len(fed)
+        picks = self.execute(step, specs)
+        self.previous = len(picks)
+        self.sampled += len(picks)
+        return picks
+
+    def collect(self, picks):
+        return picks
+
+
 def scripted(tokenizer, scripts, requests, **cfg):
+    """Results of the requests run step by step; run one step ahead too, they must be the same."""
     cfg.setdefault("max_model_len", 256)
     eng = Engine(ScriptedRunner(scripts), tokenizer, EngineConfig(num_blocks=16, **cfg))
-    return run(eng, requests)
+    assert not eng.pipelined
+    out = run(eng, requests)
+    lagged = LaggedScriptedRunner(scripts)
+    ahead = Engine(lagged, tokenizer, EngineConfig(num_blocks=16, **cfg))
+    assert ahead.pipelined
+    got = run(ahead, requests)
+    assert got.keys() == out.keys()
+    for rid, want in out.items():
+        g = got[rid]
+        assert (g.token_ids, g.text, g.finish_reason, g.prompt_tokens, g.completion_tokens, g.logprobs, g.error) == \
+               (want.token_ids, want.text, want.finish_reason, want.prompt_tokens, want.completion_tokens,
+                want.logprobs, want.error), rid
+    assert (ahead.prompt_tokens, ahead.completion_tokens) == (eng.prompt_tokens, eng.completion_tokens)
+    # A sequence that stops on EOS or a stop string is known one step late: at most one token more, dropped.
+    early = sum(1 for r in out.values() if r.finish_reason == "stop")
+    assert eng.completion_tokens <= lagged.sampled <= eng.completion_tokens + early
+    if any(r.completion_tokens > 1 for r in out.values()):
+        assert lagged.fed > 0
+    return out
 
 
 def test_scripted_stop_strings(tokenizer):

@@ -13,12 +13,21 @@ class CudaRunner:
         self.model, self.device = model, device
 
     def execute(self, step, specs, sample: bool = True):
-        host = any(s.params.logprobs or s.params.repetition_penalty != 1.0 for s in specs)
-        if host:
+        handle = self.launch(step, specs, fetch=sample)
+        return self.collect(handle) if sample else []
+
+    def launch(self, step, specs, fetch: bool = True):
+        """Start the step; `collect` gives its (id, logprobs) picks. Sampled on the GPU, it runs on while the host
+        goes on (mpillm.engine); a step with a host-sampled request returns its picks already made."""
+        if any(s.params.logprobs or s.params.repetition_penalty != 1.0 for s in specs):
             _, logits = self.model.forward(step, specs, want_logits=True)
-            return [pick(logits[i], spec) for i, spec in enumerate(specs)] if sample else []
-        ids, _ = self.model.forward(step, specs)
-        return [(int(t), None) for t in ids] if sample else []
+            return [pick(logits[i], spec) for i, spec in enumerate(specs)] if fetch else None
+        return self.model.launch(step, specs, fetch)
+
+    def collect(self, handle):
+        if isinstance(handle, list):
+            return handle
+        return [(int(t), None) for t in self.model.collect(handle)]
 
     def close(self):
         self.model.close()               # graphs first: they pin the NCCL communicator

@@ -344,11 +344,15 @@ class Kernels:
         fn.prepared_async_call(grid, (block, 1, 1), self.stream, *args, shared_size=shared)
 
     # -- embedding --------------------------------------------------------------------------------
-    def embedding(self, out: DeviceTensor, ids: DeviceTensor, table: DeviceTensor, vocab_start: int = 0) -> None:
-        """out[T, H] = table[ids - vocab_start], zeros for ids outside this rank's [vocab_start, +V_local)."""
+    def embedding(self, out: DeviceTensor, ids: DeviceTensor, table: DeviceTensor, vocab_start: int = 0,
+                  fed: DeviceTensor | None = None) -> None:
+        """out[T, H] = table[ids - vocab_start], zeros for ids outside this rank's [vocab_start, +V_local).
+        With `fed` (i32), an id -1 - j < 0 stands for fed[j] (the previous step's sampled ids on the device)."""
         _check(table, "table", MODEL_DTYPES, (None, None))
         v_local, hidden = table.shape
         _check(ids, "ids", "i32", (None,))
+        if fed is not None:
+            _check(fed, "fed", "i32", (None,))
         n = ids.shape[0]
         _check(out, "out", table.dtype, (n, hidden))
         if hidden % 8 == 0:
@@ -356,8 +360,9 @@ class Kernels:
             _check_aligned(out, "out")
         if n == 0:
             return
-        fn = self._fn("embedding", "embedding_b16", "PPPiii")
-        self._launch(fn, (n, 1), EMBEDDING_THREADS, out.ptr, ids.ptr, table.ptr, vocab_start, v_local, hidden)
+        fn = self._fn("embedding", "embedding_b16", "PPPPiii")
+        self._launch(fn, (n, 1), EMBEDDING_THREADS, out.ptr, ids.ptr, fed.ptr if fed is not None else 0, table.ptr,
+                     vocab_start, v_local, hidden)
 
     # -- norms ------------------------------------------------------------------------------------
     def _norm_threads(self, hidden: int, vec: bool) -> int:

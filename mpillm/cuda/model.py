@@ -134,6 +134,10 @@ class StepBuffers:
     int32 fields: ids, positions, slots [T]; query_start [S+1]; context_lens, logits_index, top_k, steps [S];
     seeds [S, 2]; temperature, top_p, min_p [S] (f32 bits); block_tables [S, max_blocks] last, so a step
     copies only the rows it uses.
+
+    Two host arrays take turns (`begin` picks the next): a step is staged while the one before may still wait
+    in the stream for its upload, so the array being written must not be the one that upload reads (its
+    event says when that copy is done).
     """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int):
@@ -147,9 +151,19 @@ class StepBuffers:
             self.offset[name] = off
             off += n
         self.size, self.max_blocks = off, max_blocks
-        self.host = cuda.pagelocked_empty(off, np.int32)
+        self.hosts = [cuda.pagelocked_empty(off, np.int32) for _ in range(2)]
+        self.uploaded = [None, None]       # event after each host array's last upload
+        self.turn = 0
+        self.host = self.hosts[0]
         self.dev = DeviceTensor.empty((off,), "i32")
         self.max_tokens, self.max_seqs = T, S
+
+    def begin(self):
+        """Switch to the other host array, once its previous upload has been copied out."""
+        self.turn ^= 1
+        if self.uploaded[self.turn] is not None:
+            self.uploaded[self.turn].synchronize()
+        self.host = self.hosts[self.turn]
 
     def host_view(self, name: str, n: int, dtype=np.int32) -> np.ndarray:
         a = self.host[self.offset[name]: self.offset[name] + n]
@@ -165,6 +179,9 @@ class StepBuffers:
         import pycuda.driver as cuda
         n = self.offset["block_tables"] + num_seqs * self.max_blocks
         cuda.memcpy_htod_async(self.dev.ptr, self.host[:n], stream)
+        if self.uploaded[self.turn] is None:
+            self.uploaded[self.turn] = cuda.Event(cuda.event_flags.DISABLE_TIMING)
+        self.uploaded[self.turn].record(stream)
 
 
 class CudaTransformer:
@@ -255,8 +272,13 @@ class CudaTransformer:
         self.logits_local = DeviceTensor.empty((S * max(vocab_pad, self.vocab_local),), "f32")
         self.logits = (self.logits_local if self.comm.size == 1
                        else DeviceTensor.empty((S, cfg.vocab_size), "f32"))
+        # Sampled ids: on the device (a later step's fed tokens read them there, see `launch`) and copied to one
+        # of two pinned arrays, so the step after may be launched before this one's ids are collected.
         self.out_ids = DeviceTensor.empty((S,), "i32")
-        self.out_host = cuda.pagelocked_empty(S, np.int32)
+        self._ids_aside = DeviceTensor.empty((S,), "i32")
+        self.out_hosts = [cuda.pagelocked_empty(S, np.int32) for _ in range(2)]
+        self.out_ready = [cuda.Event(cuda.event_flags.DISABLE_TIMING) for _ in range(2)]
+        self._out_turn = 0
         self.buf = StepBuffers(T, S, self.max_blocks)
         self.scratch = AttentionScratch(S, nq, hd, self.max_blocks * block_size)
         self.side = None
@@ -596,8 +618,9 @@ class CudaTransformer:
 
     # The parallel layers: the only places a collective is called (see layers.py for the NumPy twins).
     def _embed(self, out, ids):
-        """Vocab-parallel embedding: rows outside this rank's shard are zero, the sum fills them in."""
-        self.k.embedding(out, ids, self.embed, self.shard.vocab_lo)
+        """Vocab-parallel embedding: rows outside this rank's shard are zero, the sum fills them in. Fed ids
+        (< 0, see `launch`) are the previous step's samples, still in out_ids."""
+        self.k.embedding(out, ids, self.embed, self.shard.vocab_lo, fed=self.out_ids)
         if self.comm.size > 1:
             self.comm.all_reduce_device(out)
 
@@ -637,28 +660,52 @@ class CudaTransformer:
     def forward(self, step: StepInput, specs, want_logits: bool = False):
         """Run one step. Returns (token ids [L] from GPU sampling, or None; logits [L, V] on the host when
         `want_logits`)."""
+        if not want_logits:
+            return self.collect(self.launch(step, specs)), None
+        self.buf.begin()
         self._stage(step, specs)
         T, S, L = step.num_tokens, step.num_seqs, len(step.logits_index)
-        if self._graphable(step) and not want_logits and L == S:
-            return self._replay(step, specs), None
         self.buf.upload(S, self.dev.stream)
-        sample = not want_logits and L > 0
-        if self.overlap and T >= OVERLAP_MIN_TOKENS:
-            logits = self._run_overlapped(T, S, L, self._stage_halves(step), sample)
-        else:
-            logits = self._run(T, S, L, _attention_groups(step), sample)
-        if want_logits:
-            out = logits.to_numpy() if L else np.zeros((0, self.cfg.vocab_size), np.float32)
-            return None, out
-        return self._fetch_ids(L), None
+        logits = self._eager(step, T, S, L, sample=False)
+        out = logits.to_numpy() if L else np.zeros((0, self.cfg.vocab_size), np.float32)
+        return None, out
 
-    def _fetch_ids(self, L: int) -> np.ndarray:
-        if L == 0:
+    def launch(self, step: StepInput, specs, fetch: bool = True):
+        """Enqueue one step with sampling on the GPU and return a handle for `collect`, without waiting for the GPU,
+        so the host can prepare the next step while this one runs (the engine's one-step lag, mpillm.engine).
+
+        Fed tokens: an input id -1 - j stands for the id sampled for row j of the step launched just before this
+        one; the embedding reads it from the device (out_ids), so that step need not be collected first. Its
+        sampling must have run on the GPU (not `want_logits`). fetch=False: nobody will collect (group peers)."""
+        self.buf.begin()
+        self._stage(step, specs)
+        T, S, L = step.num_tokens, step.num_seqs, len(step.logits_index)
+        if self._graphable(step) and L == S:
+            self._replay(step, specs)
+        else:
+            self.buf.upload(S, self.dev.stream)
+            self._eager(step, T, S, L, sample=L > 0)
+        if not fetch:
+            return None
+        k = self._out_turn
+        self._out_turn ^= 1
+        if L:
+            self.cuda.memcpy_dtoh_async(self.out_hosts[k][:L], self.out_ids.ptr, self.dev.stream)
+        self.out_ready[k].record(self.dev.stream)
+        return k, L
+
+    def collect(self, handle) -> np.ndarray:
+        """The sampled ids [L] of a launched step (waits for that step, not for any launched after it)."""
+        k, L = handle
+        self.out_ready[k].synchronize()
+        return self.out_hosts[k][:L].copy()
+
+    def _eager(self, step: StepInput, T: int, S: int, L: int, sample: bool):
+        if self.overlap and T >= OVERLAP_MIN_TOKENS:
+            # The halves' metadata lives in one pinned array: the step before must have copied its own out.
             self.dev.synchronize()
-            return np.zeros(0, np.int32)
-        self.cuda.memcpy_dtoh_async(self.out_host[:L], self.out_ids.ptr, self.dev.stream)
-        self.dev.synchronize()
-        return self.out_host[:L].copy()
+            return self._run_overlapped(T, S, L, self._stage_halves(step), sample)
+        return self._run(T, S, L, _attention_groups(step), sample)
 
     # ------------------------------------------------------------------------------------ CUDA graphs
     def _graphable(self, step: StepInput) -> bool:
@@ -688,7 +735,7 @@ class CudaTransformer:
         b.host_view("steps", B)[n:] = 0
         b.host_view("seeds", 2 * B)[2 * n:] = 0
 
-    def _replay(self, step: StepInput, specs) -> np.ndarray:
+    def _replay(self, step: StepInput, specs) -> None:
         from cuda.bindings import driver as cu
         n = step.num_seqs
         B = self._bucket(n)
@@ -699,10 +746,14 @@ class CudaTransformer:
         max_ctx = DECODE_PARTITION if int(step.context_lens.max()) <= DECODE_PARTITION else self.max_blocks * self.block_size
         graph = self.graphs.get((B, max_ctx))
         if graph is None:
+            # The capture's eager warm-up samples into out_ids, where this step's fed ids still have to be read
+            # from: keep them aside until the graph runs.
+            nbytes = self.out_ids.nbytes
+            self.cuda.memcpy_dtod_async(self._ids_aside.ptr, self.out_ids.ptr, nbytes, self.dev.stream)
             graph = self.graphs[(B, max_ctx)] = self._capture(B, max_ctx)
+            self.cuda.memcpy_dtod_async(self.out_ids.ptr, self._ids_aside.ptr, nbytes, self.dev.stream)
         stream = cu.CUstream(self.dev.stream.handle)
         check_cu(cu.cuGraphLaunch(graph, stream), "cuGraphLaunch")
-        return self._fetch_ids(B)[:n]
 
     def _capture(self, B: int, max_ctx: int):
         """Capture the decode step for batch bucket B and contexts up to max_ctx. The grid of every kernel is

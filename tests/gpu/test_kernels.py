@@ -80,6 +80,15 @@ def test_embedding_vocab_parallel(kernels, dtype, hidden):
     owned = (local >= 0) & (local < v_local)
     want = np.where(owned[:, None], table[np.clip(local, 0, v_local - 1)], 0.0)
     np.testing.assert_array_equal(out.to_numpy(), want)
+    # Fed ids: -1 - j takes fed[j] (the previous step's samples on the device), then the same shard rule.
+    fed = np.array([120, 7, 149, 100], dtype=np.int32)
+    mixed = np.array([-1, 101, -4, -2, -3, -1], dtype=np.int32)
+    out = DeviceTensor.empty((len(mixed), hidden), dtype)
+    kernels.embedding(out, dev(mixed, "i32"), dev(table, dtype), vocab_start, fed=dev(fed, "i32"))
+    resolved = np.where(mixed >= 0, mixed, fed[np.maximum(-1 - mixed, 0)]) - vocab_start
+    owned = (resolved >= 0) & (resolved < v_local)
+    want = np.where(owned[:, None], table[np.clip(resolved, 0, v_local - 1)], 0.0)
+    np.testing.assert_array_equal(out.to_numpy(), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

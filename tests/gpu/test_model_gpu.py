@@ -124,6 +124,47 @@ def test_chunked_prefill_and_decode_graphs_equal_eager(tmp_path, cuda_device, ke
     assert gpu.graphs, "decode steps did not use CUDA graphs"
 
 
+@pytest.mark.parametrize("graph", [True, False])
+def test_launch_ahead_with_fed_ids_equals_step_by_step(tmp_path, cuda_device, kernels, graph):
+    """The engine's one-step lag: step n + 1 launched before step n is read back, its input ids fed on the device
+    from step n's samples (ids -1 - j), gives the ids of steps read back one by one with host ids, bit for bit;
+    graph replay (a first capture included, whose warm-up must not clobber the fed ids) and eager launches,
+    greedy and seeded sampling rows."""
+    ckpt = tiny_checkpoint(tmp_path, "llama")
+    B, n = 5, 12
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 1000, 30 + 11 * i).tolist() for i in range(B)]
+    specs = [SampleSpec(GREEDY if i % 2 else SamplingParams(temperature=0.8, top_k=40), 17 + i, 0, None)
+             for i in range(B)]
+
+    def run(ahead):
+        gpu = build(ckpt, cuda_device, kernels)
+        if not graph:
+            gpu._graphable = lambda step: False
+        tables = [list(range(40 * i, 40 * i + 40)) for i in range(B)]
+        first = gpu.forward(StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16), specs)[0]
+        ids, toks, pending = [list(first)], [[int(t)] for t in first], None
+        for k in range(n):
+            rows = [(([-1 - i] if ahead and k else toks[i]), len(prompts[i]) + k, tables[i], True) for i in range(B)]
+            step_specs = [SampleSpec(s.params, s.seed, k + 1, None) for s in specs]
+            handle = gpu.launch(StepInput.build(rows, 16), step_specs)
+            if ahead:
+                if pending is not None:
+                    ids.append(list(gpu.collect(pending)))
+                pending = handle
+            else:
+                got = gpu.collect(handle)
+                ids.append(list(got))
+                toks = [[int(t)] for t in got]
+        if pending is not None:
+            ids.append(list(gpu.collect(pending)))
+        assert bool(gpu.graphs) == graph
+        gpu.close()
+        return ids
+
+    assert run(True) == run(False)
+
+
 def test_programmatic_launch_graphs_give_the_same_ids(tmp_path, cuda_device, kernels):
     """Decode graphs whose kernels are linked by programmatic edges (PDL, the default on sm_90: each kernel's
     blocks may start while the one before finishes) sample exactly the ids of plain graphs, step after step,

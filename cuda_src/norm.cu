@@ -16,5 +16,31 @@
         else rms_norm_row<T, true, false>(out, x, residual, weight, hidden, eps, blockIdx.x);                  \
     }
 
+// The first layer's input at one GPU: embedding lookup (embedding.cu's rule for fed ids < 0) and its RMSNorm in
+// one kernel, one block per token at the norm's block size. Each thread reads back only the elements it
+// copied, so the row function sees them without a barrier, and the bits are embedding + rms_norm's.
+#define EMBED_NORM_KERNELS(T, NAME)                                                                            \
+    extern "C" __global__ void __launch_bounds__(1024) embedding_rms_norm_##NAME(                              \
+        T* out, T* residual, const int* ids, const int* fed, const T* table, const T* weight, int vocab,       \
+        int hidden, float eps, int vec) {                                                                      \
+        pdl_begin();                                                                                           \
+        const int id = ids[blockIdx.x];                                                                        \
+        const int tok = id >= 0 ? id : fed != nullptr ? fed[-1 - id] : -1;                                    \
+        const bool owned = tok >= 0 && tok < vocab;                                                            \
+        const T* src = table + (size_t)(owned ? tok : 0) * hidden;                                             \
+        T* dst = residual + (size_t)blockIdx.x * hidden;                                                       \
+        if (vec) {                                                                                             \
+            for (int v = threadIdx.x; v < (hidden >> 3); v += blockDim.x)                                      \
+                reinterpret_cast<uint4*>(dst)[v] =                                                             \
+                    owned ? reinterpret_cast<const uint4*>(src)[v] : make_uint4(0, 0, 0, 0);                   \
+            rms_norm_row<T, false, true>(out, residual, nullptr, weight, hidden, eps, blockIdx.x);             \
+        } else {                                                                                               \
+            for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = owned ? src[i] : from_float<T>(0.f); \
+            rms_norm_row<T, false, false>(out, residual, nullptr, weight, hidden, eps, blockIdx.x);            \
+        }                                                                                                      \
+    }
+
 NORM_KERNELS(bf16, bf16)
 NORM_KERNELS(f16, f16)
+EMBED_NORM_KERNELS(bf16, bf16)
+EMBED_NORM_KERNELS(f16, f16)

@@ -382,6 +382,26 @@ class Kernels:
         self._launch(fn, (n, 1), self._norm_threads(hidden, vec), out.ptr, x.ptr, weight.ptr, hidden,
                      float(eps), int(vec))
 
+    def embedding_rms_norm(self, out: DeviceTensor, residual: DeviceTensor, ids: DeviceTensor, table: DeviceTensor,
+                           weight: DeviceTensor, eps: float, fed: DeviceTensor | None = None) -> None:
+        """residual[T, H] = table[ids] (the whole vocabulary: one GPU; ids < 0 fed as in `embedding`), then
+        out = rms_norm(residual) * weight: embedding + rms_norm in one kernel, the same bits."""
+        _check(table, "table", MODEL_DTYPES, (None, None))
+        vocab, hidden = table.shape
+        _check(ids, "ids", "i32", (None,))
+        n = ids.shape[0]
+        _check(residual, "residual", table.dtype, (n, hidden))
+        _check(out, "out", table.dtype, (n, hidden))
+        _check(weight, "weight", table.dtype, (hidden,))
+        if fed is not None:
+            _check(fed, "fed", "i32", (None,))
+        vec = hidden % 8 == 0 and all(t.ptr % 16 == 0 for t in (out, residual, table, weight))
+        if n == 0:
+            return
+        fn = self._fn("norm", f"embedding_rms_norm_{table.dtype}", "PPPPPPiifi")
+        self._launch(fn, (n, 1), self._norm_threads(hidden, vec), out.ptr, residual.ptr, ids.ptr,
+                     fed.ptr if fed is not None else 0, table.ptr, weight.ptr, vocab, hidden, float(eps), int(vec))
+
     def add_rms_norm(self, out: DeviceTensor, x: DeviceTensor, residual: DeviceTensor, weight: DeviceTensor,
                      eps: float) -> None:
         """residual += x (in place, rounded to the model dtype); out = rms_norm(residual). out may alias x."""

@@ -510,8 +510,12 @@ class CudaTransformer:
         rows = self._rows(0, T)
         meta = self._seq_meta(b.dev_view("query_start", (S + 1,)), b.dev_view("context_lens", (S,)),
                               b.dev_view("block_tables", (S, b.max_blocks)), attn_groups)
-        self._embed(rows.resid, b.dev_view("ids", (T,)))
-        self.k.rms_norm(rows.h, rows.resid, self.layers[0].ln1, c.rms_norm_eps)
+        if self.comm.size == 1:     # the whole vocabulary here: lookup and first norm in one kernel
+            self.k.embedding_rms_norm(rows.h, rows.resid, b.dev_view("ids", (T,)), self.embed, self.layers[0].ln1,
+                                      c.rms_norm_eps, fed=self.out_ids)
+        else:
+            self._embed(rows.resid, b.dev_view("ids", (T,)))
+            self.k.rms_norm(rows.h, rows.resid, self.layers[0].ln1, c.rms_norm_eps)
         for i, w in enumerate(self.layers):
             self._attention_block(i, w, rows, meta)
             self._row_parallel(rows.delta, rows.attn, w.o, rows, w.ln2)              # r += o(attn); h = norm(r)
@@ -607,8 +611,11 @@ class CudaTransformer:
         k, c, b = self.k, self.cfg, self.buf
         H = c.hidden_size
         h = self.h.view(0, (T, H))
-        last = self.last.view(0, (L, H))
-        k.embedding(last, b.dev_view("logits_index", (L,)), h, 0)          # gather the rows we sample from
+        if L == T:                     # every token samples (decode): logits_index is 0..T-1, nothing to gather
+            last = h
+        else:
+            last = self.last.view(0, (L, H))
+            k.embedding(last, b.dev_view("logits_index", (L,)), h, 0)      # gather the rows we sample from
         logits = self._lm_head(last)
         if sample:
             f32 = lambda name: b.dev_view(name, (L,), "f32")

@@ -92,6 +92,27 @@ def test_embedding_vocab_parallel(kernels, dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [576, 577, 4096])
+def test_embedding_rms_norm_equals_the_two_kernels(kernels, dtype, hidden):
+    """The one-GPU first-layer input: lookup (fed ids included) and RMSNorm in one kernel, the same bits as
+    embedding then rms_norm."""
+    rng = np.random.default_rng(hidden)
+    vocab = 300
+    table = dev(rounded(rng.normal(size=(vocab, hidden)) * 2, dtype), dtype)
+    weight = dev(rounded(rng.normal(size=hidden), dtype), dtype)
+    fed = dev(np.array([17, 299, 0], np.int32), "i32")
+    ids = dev(np.array([5, -2, 299, -1, 0, -3, 123], np.int32), "i32")
+    resid_a, h_a = DeviceTensor.empty((7, hidden), dtype), DeviceTensor.empty((7, hidden), dtype)
+    kernels.embedding(resid_a, ids, table, 0, fed=fed)
+    kernels.rms_norm(h_a, resid_a, weight, 1e-5)
+    resid_b, h_b = DeviceTensor.empty((7, hidden), dtype), DeviceTensor.empty((7, hidden), dtype)
+    kernels.embedding_rms_norm(h_b, resid_b, ids, table, weight, 1e-5, fed=fed)
+    np.testing.assert_array_equal(resid_b.to_numpy(), resid_a.to_numpy())
+    np.testing.assert_array_equal(h_b.to_numpy(), h_a.to_numpy())
+    assert np.abs(h_a.to_numpy()).max() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [576, 1000, 4104, 16384, 1001])
 def test_rms_norm(kernels, dtype, hidden):
     rng = np.random.default_rng(hidden)

@@ -267,9 +267,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) argmax_f32(int* out
 }
 
 // candidate_cap: tokens the shared-memory route may take (CANDIDATE_CAP; 0 forces the full route).
+// host_ids (may be null): mapped pinned host memory that also receives the ids, at row host_slot[0] * stride,
+// so the host reads them once the step is done without a copy queued behind it (host_slot is step metadata:
+// the host alternates slots so that a step launched ahead does not overwrite ids not yet read).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(
     int* out_ids, const float* logits, const float* temperature, const int* top_k, const float* top_p,
-    const float* min_p, const uint32_t* seeds, const int* steps, int vocab, int candidate_cap) {
+    const float* min_p, const uint32_t* seeds, const int* steps, int vocab, int candidate_cap, int* host_ids,
+    const int* host_slot, int host_stride) {
     __shared__ float s_cand_z[CANDIDATE_CAP];
     __shared__ int s_cand_index[CANDIDATE_CAP];
     __shared__ unsigned long long s_hist[RADIX_BINS];
@@ -280,13 +284,17 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(
     pdl_begin();
 
     const int row = blockIdx.x;
+    const auto store_id = [&](int r, int id) {
+        out_ids[r] = id;
+        if (host_ids != nullptr) host_ids[(size_t)host_slot[0] * host_stride + r] = id;
+    };
     const float* lg = logits + (size_t)row * vocab;
     const bool vec = (vocab & 3) == 0;
     const float temp = temperature[row];
     const int k = top_k[row];
     const Best greedy = row_argmax(lg, vocab, vec);
     if (!(temp > 0.f) || k == 1) {
-        if (threadIdx.x == 0) out_ids[row] = greedy.index;
+        if (threadIdx.x == 0) store_id(row, greedy.index);
         return;
     }
     const float inv_temp = 1.f / temp;
@@ -313,7 +321,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(
                 drawn = better(drawn, Best{z_global(i) + gumbel_of(word_of(rng.block4(i >> 2), i & 3)), i});
         }
         drawn = block_best(drawn);
-        if (threadIdx.x == 0) out_ids[row] = drawn.index == INT_MAX ? greedy.index : drawn.index;
+        if (threadIdx.x == 0) store_id(row, drawn.index == INT_MAX ? greedy.index : drawn.index);
         return;
     }
 
@@ -452,5 +460,5 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(
         }
     }
     drawn = block_best(drawn);
-    if (threadIdx.x == 0) out_ids[row] = drawn.index == INT_MAX ? greedy.index : drawn.index;
+    if (threadIdx.x == 0) store_id(row, drawn.index == INT_MAX ? greedy.index : drawn.index);
 }

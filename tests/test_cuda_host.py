@@ -217,8 +217,10 @@ def test_decode_grids_beyond_a_wave_take_the_occupancy_kernel():
 def test_decode_split_fills_the_gpu_at_batch_1_only():
     from mpillm.cuda.kernels import attention_scratch_rows, decode_partitions
     rows = attention_scratch_rows(256, 4096)
-    # Llama-3-8B (8 kv heads) on 132 SMs: batch 1 at a 512-key bound gets 16 partitions of >= 32 keys ...
-    assert decode_partitions(1, 8, 512, 132, rows) == 16
+    # Llama-3-8B (8 kv heads) on 132 SMs: batch 1 at a 512-key bound gets 8 partitions of >= 64 keys (16 of
+    # >= 32 with a smaller minimum) ...
+    assert decode_partitions(1, 8, 512, 132, rows) == 8
+    assert decode_partitions(1, 8, 512, 132, rows, min_part=32) == 16
     assert decode_partitions(1, 8, 2048, 132, rows) == 17      # ... a 2,048-key bound: 4 x 8 blocks -> 132 / 8
     assert decode_partitions(1, 8, 4096, 132, rows) == 8       # 8 x 8 blocks (partition lengths adapt on the GPU)
     assert decode_partitions(32, 8, 512, 132, rows) == 1       # 256 blocks already: one partition each

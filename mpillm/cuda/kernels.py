@@ -59,9 +59,11 @@ DECODE_MAX_PARTS = 1024     # the most partitions per sequence: contexts up to 5
 # grid has about DECODE_SPLIT_BLOCKS_PER_SM blocks per SM, when one partition per DECODE_PARTITION keys would
 # occupy fewer than DECODE_SPLIT_BELOW of the SMs (docs/PERFORMANCE.md): Llama-3-8B b=1 at 1,024-token contexts
 # +5-7% on H100 and H200; SmolLM2 at ~150 tokens +4-7% on H200, neutral on H100; 8B b=8 (64 blocks, half the
-# SMs) lost 2-4%, hence the threshold. MPILLM_DECODE_SPLIT (blocks per SM, 0 = off) and MPILLM_DECODE_MIN_PART
-# override the first two.
-DECODE_MIN_PART = 32
+# SMs) lost 2-4%, hence the threshold. A minimum of 64 keys beat 32 and 128 for SmolLM2 b=1 / 8 on an H100 once
+# steps ran back to back (1,496 / 11,491 against 1,481 / 11,437 and 1,486 / 11,145 tok/s; the 8B at 1,024 keys
+# the same within 0.3%). MPILLM_DECODE_SPLIT (blocks per SM, 0 = off) and MPILLM_DECODE_MIN_PART override the
+# first two.
+DECODE_MIN_PART = 64
 DECODE_PART_ALIGN = 16      # attention_decode.cu: partition lengths are multiples of this
 DECODE_SPLIT_BLOCKS_PER_SM = 1.0
 DECODE_SPLIT_BELOW = 0.25
@@ -836,7 +838,8 @@ class Kernels:
 
     def sample(self, out_ids: DeviceTensor, logits: DeviceTensor, temperature: DeviceTensor, top_k: DeviceTensor,
                top_p: DeviceTensor, min_p: DeviceTensor, seeds: DeviceTensor, steps: DeviceTensor,
-               candidate_cap: int = SAMPLE_CANDIDATE_CAP) -> None:
+               candidate_cap: int = SAMPLE_CANDIDATE_CAP, host_ids: int = 0, host_slot: DeviceTensor | None = None,
+               host_stride: int = 0) -> None:
         """One token per row of logits [B, V] f32.
 
         Per row: temperature <= 0 (or top_k == 1) is greedy argmax; otherwise z = logits / temperature,
@@ -846,6 +849,9 @@ class Kernels:
 
         candidate_cap bounds the shared-memory fast route (tests pass 0 to force the full-vocabulary
         route, which must pick the same tokens).
+
+        host_ids: device address of mapped pinned host memory that also receives the ids, row b at
+        host_slot[0] * host_stride + b (host_slot: one i32 on the device); 0 = none.
         """
         _check(logits, "logits", "f32", (None, None))
         b, vocab = logits.shape
@@ -860,8 +866,13 @@ class Kernels:
             _check_aligned(logits, "logits")
         if not 0 <= candidate_cap <= SAMPLE_CANDIDATE_CAP:
             raise ValueError(f"candidate_cap: {candidate_cap} outside [0, {SAMPLE_CANDIDATE_CAP}]")
+        if host_ids:
+            _check(host_slot, "host_slot", "i32", (1,))
+            if host_stride < b:
+                raise ValueError(f"host_stride: {host_stride} is less than the {b} rows")
         if b == 0:
             return
-        fn = self._fn("sampling", "sample_f32", "PPPPPPPPii")
+        fn = self._fn("sampling", "sample_f32", "PPPPPPPPiiPPi")
         self._launch(fn, (b, 1), SAMPLE_THREADS, out_ids.ptr, logits.ptr, temperature.ptr, top_k.ptr, top_p.ptr,
-                     min_p.ptr, seeds.ptr, steps.ptr, vocab, int(candidate_cap))
+                     min_p.ptr, seeds.ptr, steps.ptr, vocab, int(candidate_cap), int(host_ids),
+                     host_slot.ptr if host_ids else 0, int(host_stride))

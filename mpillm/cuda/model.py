@@ -132,8 +132,8 @@ class StepBuffers:
     """The packed per-step metadata: one pinned host array mirrored by one device array, fixed offsets.
 
     int32 fields: ids, positions, slots [T]; query_start [S+1]; context_lens, logits_index, top_k, steps [S];
-    seeds [S, 2]; temperature, top_p, min_p [S] (f32 bits); block_tables [S, max_blocks] last, so a step
-    copies only the rows it uses.
+    seeds [S, 2]; temperature, top_p, min_p [S] (f32 bits); out_slot [1] (which half of the mapped id array the
+    sampler writes); block_tables [S, max_blocks] last, so a step copies only the rows it uses.
 
     Two host arrays take turns (`begin` picks the next): a step is staged while the one before may still wait
     in the stream for its upload, so the array being written must not be the one that upload reads (its
@@ -145,7 +145,7 @@ class StepBuffers:
         T, S = max_tokens, max_seqs
         layout = [("ids", T), ("positions", T), ("slots", T), ("query_start", S + 1), ("context_lens", S),
                   ("logits_index", S), ("top_k", S), ("steps", S), ("seeds", 2 * S), ("temperature", S),
-                  ("top_p", S), ("min_p", S), ("block_tables", S * max_blocks)]
+                  ("top_p", S), ("min_p", S), ("out_slot", 1), ("block_tables", S * max_blocks)]
         self.offset, off = {}, 0
         for name, n in layout:
             self.offset[name] = off
@@ -272,11 +272,13 @@ class CudaTransformer:
         self.logits_local = DeviceTensor.empty((S * max(vocab_pad, self.vocab_local),), "f32")
         self.logits = (self.logits_local if self.comm.size == 1
                        else DeviceTensor.empty((S, cfg.vocab_size), "f32"))
-        # Sampled ids: on the device (a later step's fed tokens read them there, see `launch`) and copied to one
-        # of two pinned arrays, so the step after may be launched before this one's ids are collected.
+        # Sampled ids: on the device (a later step's fed tokens read them there, see `launch`) and written by the
+        # sampler straight into one half of a mapped pinned host array (the half named by the step's out_slot),
+        # so the step after may be launched before this one's ids are read, and no copy waits in the stream.
         self.out_ids = DeviceTensor.empty((S,), "i32")
         self._ids_aside = DeviceTensor.empty((S,), "i32")
-        self.out_hosts = [cuda.pagelocked_empty(S, np.int32) for _ in range(2)]
+        self.out_mapped = cuda.pagelocked_empty(2 * S, np.int32, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
+        self.out_mapped_dev = int(self.out_mapped.base.get_device_pointer())
         self.out_ready = [cuda.Event(cuda.event_flags.DISABLE_TIMING) for _ in range(2)]
         self._out_turn = 0
         self.buf = StepBuffers(T, S, self.max_blocks)
@@ -620,7 +622,8 @@ class CudaTransformer:
         if sample:
             f32 = lambda name: b.dev_view(name, (L,), "f32")
             k.sample(self.out_ids.view(0, (L,)), logits, f32("temperature"), b.dev_view("top_k", (L,)),
-                     f32("top_p"), f32("min_p"), b.dev_view("seeds", (L, 2)), b.dev_view("steps", (L,)))
+                     f32("top_p"), f32("min_p"), b.dev_view("seeds", (L, 2)), b.dev_view("steps", (L,)),
+                     host_ids=self.out_mapped_dev, host_slot=b.dev_view("out_slot", (1,)), host_stride=b.max_seqs)
         return logits
 
     # The parallel layers: the only places a collective is called (see layers.py for the NumPy twins).
@@ -686,6 +689,9 @@ class CudaTransformer:
         sampling must have run on the GPU (not `want_logits`). fetch=False: nobody will collect (group peers)."""
         self.buf.begin()
         self._stage(step, specs)
+        k = self._out_turn
+        self._out_turn ^= 1
+        self.buf.host_view("out_slot", 1)[0] = k
         T, S, L = step.num_tokens, step.num_seqs, len(step.logits_index)
         if self._graphable(step) and L == S:
             self._replay(step, specs)
@@ -694,10 +700,6 @@ class CudaTransformer:
             self._eager(step, T, S, L, sample=L > 0)
         if not fetch:
             return None
-        k = self._out_turn
-        self._out_turn ^= 1
-        if L:
-            self.cuda.memcpy_dtoh_async(self.out_hosts[k][:L], self.out_ids.ptr, self.dev.stream)
         self.out_ready[k].record(self.dev.stream)
         return k, L
 
@@ -705,7 +707,8 @@ class CudaTransformer:
         """The sampled ids [L] of a launched step (waits for that step, not for any launched after it)."""
         k, L = handle
         self.out_ready[k].synchronize()
-        return self.out_hosts[k][:L].copy()
+        S = self.buf.max_seqs
+        return self.out_mapped[k * S: k * S + L].copy()
 
     def _eager(self, step: StepInput, T: int, S: int, L: int, sample: bool):
         if self.overlap and T >= OVERLAP_MIN_TOKENS:

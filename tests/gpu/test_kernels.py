@@ -678,6 +678,27 @@ def _filled(b, value, dtype):
     return np.full(b, value, dtype=dtype)
 
 
+@pytest.mark.parametrize("slot", [0, 1])
+def test_sample_writes_ids_to_mapped_host_memory(kernels, slot):
+    """host_ids: the sampler also writes each row's id into mapped pinned host memory, at row slot * stride, for
+    greedy and sampled rows; the other slot is left alone."""
+    import pycuda.driver as cuda
+    rng = np.random.default_rng(slot)
+    b, vocab, stride = 6, 5000, 8
+    logits = rng.normal(size=(b, vocab)).astype(np.float32) * 3
+    mapped = cuda.pagelocked_empty(2 * stride, np.int32, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
+    mapped[:] = -7
+    temperature = np.array([0.0, 1.0, 0.7, 0.0, 1.3, 1.0], np.float32)
+    got = _sample(kernels, logits, temperature, _filled(b, 0, np.int32), _filled(b, 1.0, np.float32),
+                  _filled(b, 0.0, np.float32), list(range(b)), _filled(b, 3, np.int32),
+                  host_ids=int(mapped.base.get_device_pointer()), host_slot=dev(np.array([slot], np.int32), "i32"),
+                  host_stride=stride)
+    cuda.Context.synchronize()
+    np.testing.assert_array_equal(mapped[slot * stride: slot * stride + b], got)
+    assert (mapped[(1 - slot) * stride: (2 - slot) * stride] == -7).all() and (mapped[slot * stride + b:][:2] == -7).all()
+    assert got[0] == np.argmax(logits[0]) and got[3] == np.argmax(logits[3])
+
+
 @pytest.mark.parametrize("vocab", [32003, 151936, 7])
 def test_argmax(kernels, vocab):
     rng = np.random.default_rng(vocab)

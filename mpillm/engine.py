@@ -251,6 +251,11 @@ class Engine:
         return Result(request=req, text="", token_ids=[], finish_reason="error", prompt_tokens=prompt_tokens,
                       completion_tokens=0, error={"type": kind, "message": message})
 
+    def flush(self) -> list[Result]:
+        """Read back the step in flight (if any) and return the results it finishes: a job stopping early
+        keeps the work its last launched step completed."""
+        return self._resolve()
+
     def abort_all(self) -> list[Request]:
         """Drop every unfinished request (preemption); returns them so the caller can report them. A step in
         flight is not waited for: its tokens belong to requests being dropped."""

@@ -410,6 +410,7 @@ def _lead(replica, requests, layout: Layout, stop: StopFlag, writer, progress) -
     while engine.has_work():
         if stop.check():
             stopped = True
+            emit(engine.flush())        # the step already launched: its finished requests are kept
             engine.abort_all()
             break
         phase(f"generation step {steps}")

@@ -624,6 +624,23 @@ def test_abort_all_frees_everything(tokenizer):
     assert not eng.has_work() and eng.blocks.num_free == 8 and eng.step() == []
 
 
+def test_stopping_one_step_ahead_keeps_the_step_in_flight(tokenizer):
+    """Run one step ahead, a job that stops reads back the step it already launched first (Engine.flush): a
+    request that step finished is a result, not an aborted request to redo."""
+    ids = tokenizer.encode("one two three four five six", add_special_tokens=False)
+    eng = Engine(LaggedScriptedRunner({1: ids}), tokenizer, EngineConfig(max_model_len=64, num_blocks=8,
+                                                                          max_num_seqs=2))
+    reqs = [req(f"r{i}", "x " * (3 + 5 * i), seed=1, max_tokens=[1, 6, 6][i]) for i in range(3)]
+    for r in reqs:
+        assert eng.add(r) is None
+    assert eng.step() == []                     # r0's only token is still in flight
+    done = eng.flush()
+    assert [r.request.id for r in done] == ["r0"] and done[0].token_ids == ids[:1]
+    left = eng.abort_all()
+    assert sorted(r.id for r in left) == ["r1", "r2"]
+    assert not eng.has_work() and eng.blocks.num_free == 8 and eng.flush() == []
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_request_larger_than_cache_is_refused_instead_of_looping(tokenizer, prefix_caching):
     """max_model_len 128 on a 64-slot cache: a request that would outgrow the cache gets an error record up

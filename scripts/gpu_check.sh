@@ -33,6 +33,11 @@ for m in "${models[@]}"; do
   echo "== bench $m tp=1 --no-pdl" | tee -a "$OUT/bench.log"
   $PY scripts/bench.py --model "$m" --no-pdl --batch 1,8,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
     | tee -a "$OUT/bench.log"
+  # A/B in this run: decode steps launched one ahead, inputs fed on the GPU (the default above, as the engine
+  # runs) against reading each step back before launching the next.
+  echo "== bench $m tp=1 --sync-steps" | tee -a "$OUT/bench.log"
+  $PY scripts/bench.py --model "$m" --sync-steps --batch 1,8,32 --prefill "" --json "$OUT/bench.jsonl" 2>&1 \
+    | tee -a "$OUT/bench.log"
   # A/B in this run: decode attention spread over more blocks at small batch (the default above) against one
   # partition per 512 keys.
   echo "== bench $m tp=1 MPILLM_DECODE_SPLIT=0" | tee -a "$OUT/bench.log"
@@ -77,7 +82,8 @@ for r in rows:
             + ("" if r.get("pdl", True) else ", no PDL") \
             + (", no decode split" if r.get("decode_split", 1) == 0 else "") \
             + ("" if r.get("fuse_rope", True) else ", unfused rope") \
-            + (", all-reduce and norm unfused" if r["tp"] > 1 and r.get("fuse_ar_norm") is False else "")
+            + (", all-reduce and norm unfused" if r["tp"] > 1 and r.get("fuse_ar_norm") is False else "") \
+            + (", steps read back one by one" if r.get("pipelined") is False else "")
     elif r["kind"] == "throughput":
         d = f"{r['req_s']:.2f} req/s, {r['total_tok_s']:.0f} total tok/s, {r['requests']} requests"
         print(f"| {r['gpu']} | {r['model']} | none | 1 | throughput, {r['mode']} (output tok/s) | "

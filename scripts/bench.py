@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -805,26 +806,29 @@ def profile_step(cuda, model, kernels, st, specs, what: str) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def _eager_only(model):
+    """Steps inside the block take the eager path (the staging and launches of --no-graph), no graph replay."""
+    graphable = model._graphable
+    model._graphable = lambda step: False
+    try:
+        yield
+    finally:
+        model._graphable = graphable
+
+
 def _launch(model, st, specs, graph: bool = True):
     """model.launch, or (graph=False) the same step through the eager path."""
     if graph:
         return model.launch(st, specs)
-    graphable = model._graphable
-    model._graphable = lambda step: False
-    try:
+    with _eager_only(model):
         return model.launch(st, specs)
-    finally:
-        model._graphable = graphable
 
 
 def _eager(model, st, specs):
-    """One step without graph replay (for --no-graph): the staging and launches of the eager path."""
-    graphable = model._graphable
-    model._graphable = lambda step: False
-    try:
+    """One step without graph replay (--profile): forward() on the eager path."""
+    with _eager_only(model):
         return model.forward(st, specs)
-    finally:
-        model._graphable = graphable
 
 
 if __name__ == "__main__":

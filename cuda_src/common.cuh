@@ -38,6 +38,13 @@ __device__ __forceinline__ void pdl_begin() {
     pdl_launch_dependents();
 }
 
+// The token an input id stands for: itself, or for a fed id (< 0) row -1 - id of `fed`, the ids the previous
+// step sampled on the device (the host launches a decode step before reading them back); -1, no token, for a
+// fed id without `fed`. embedding.cu and norm.cu's fused first-layer kernel read ids through it.
+__device__ __forceinline__ int input_token(int id, const int* fed) {
+    return id >= 0 ? id : fed != nullptr ? fed[-1 - id] : -1;
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(f16 x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }

@@ -12,7 +12,7 @@ embedding_b16(uint16_t* __restrict__ out, const int* __restrict__ ids, const int
     pdl_begin();
     const int t = blockIdx.x;
     const int id = ids[t];
-    const int local = (id >= 0 ? id : fed != nullptr ? fed[-1 - id] : -1) - vocab_start;
+    const int local = input_token(id, fed) - vocab_start;
     const bool owned = local >= 0 && local < vocab_local && (id >= 0 || fed != nullptr);
     uint16_t* dst = out + (size_t)t * hidden;
     const uint16_t* src = table + (size_t)(owned ? local : 0) * hidden;

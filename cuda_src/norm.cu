@@ -25,7 +25,7 @@
         int hidden, float eps, int vec) {                                                                      \
         pdl_begin();                                                                                           \
         const int id = ids[blockIdx.x];                                                                        \
-        const int tok = id >= 0 ? id : fed != nullptr ? fed[-1 - id] : -1;                                    \
+        const int tok = input_token(id, fed);                                                                  \
         const bool owned = tok >= 0 && tok < vocab;                                                            \
         const T* src = table + (size_t)(owned ? tok : 0) * hidden;                                             \
         T* dst = residual + (size_t)blockIdx.x * hidden;                                                       \

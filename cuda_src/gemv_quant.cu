@@ -11,6 +11,9 @@
 //   - Q4_1's min: sum_k (d q_k + m) x_k = d * sum q x + m * sum x; the chunk sums of x come from one
 //     more mma with an all-ones A fragment, which lands them in the accumulator layout. The 4-bit codes
 //     enter the mma with the magic number's bias still on (B + q), which the min term takes back.
+//   - Q4_0 (SYM, no min: x = d (q - 8)) has no use for sum x: one packed subtraction per pair takes the bias
+//     and the 8 off at once, which costs less issue than the second mma pair and its fp32 work, and its
+//     scales are 8 bytes per row per super-block instead of 16 (4.5 bits per weight instead of 5).
 // The byte order that makes a lane's 16-byte load hold 8 elements of each chunk of a super-block is
 // mpillm/quant.py's PackedLinear (packed on the host at load time; no value is re-quantized).
 //
@@ -65,6 +68,21 @@ template <typename T> __device__ __forceinline__ uint32_t u4_pair_biased(uint32_
     return ((w >> (4 * p)) & 0x000F000Fu) | U4Bias<T>::pair;
 }
 
+// Q4_0: (B + q) - (B + 8) = q - 8 for both halves of a pair, exact (small integers); B + 8 is 0x4308 (bf16 136)
+// and 0x6408 (fp16 1032).
+template <typename T> __device__ __forceinline__ uint32_t u4_pair_signed(uint32_t w, int p);
+template <> __device__ __forceinline__ uint32_t u4_pair_signed<bf16>(uint32_t w, int p) {
+    const uint32_t v = u4_pair_biased<bf16>(w, p), off = 0x43084308u;
+    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&off));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+template <> __device__ __forceinline__ uint32_t u4_pair_signed<f16>(uint32_t w, int p) {
+    const uint32_t v = u4_pair_biased<f16>(w, p), off = 0x64086408u;
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), *reinterpret_cast<const __half2*>(&off));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
 template <typename T> __device__ __forceinline__ uint32_t ones_pair();
 template <> __device__ __forceinline__ uint32_t ones_pair<bf16>() { return 0x3F803F80u; }
 template <> __device__ __forceinline__ uint32_t ones_pair<f16>() { return 0x3C003C00u; }
@@ -72,34 +90,33 @@ template <> __device__ __forceinline__ uint32_t ones_pair<f16>() { return 0x3C00
 __device__ __forceinline__ float half_bits_to_float(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
 
 // BITS = 8: CH = 2 chunks per super-block, scales fp16 [N, n_groups] (group = 32 << gshift elements).
-// BITS = 4: CH = 4, scales (d, m) fp16 pairs [N, n_sb, 4]: one 16-byte load per row per super-block.
+// BITS = 4: CH = 4, scales (d, m) fp16 pairs [N, n_sb, 4]: one 16-byte load per row per super-block;
+//           SYM (Q4_0): d alone, fp16 [N, n_sb, 4]: one 8-byte load.
 template <int BITS, int UNROLL, int NT>
 struct QStage {
     static constexpr int CH = BITS == 8 ? 2 : 4;
     uint4 wa[UNROLL], wb[UNROLL];          // rows g and g + 8
-    uint32_t sa[UNROLL][CH], sb[UNROLL][CH];  // their chunk scales (int8: fp16 bits; 4-bit: (d, m) half2)
+    uint32_t sa[UNROLL][CH], sb[UNROLL][CH];  // their chunk scales (int8, Q4_0: fp16 bits; Q4_1: (d, m) half2)
     uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
 };
 
 // L2_HINT: weight loads with the L2::256B segment prefetch. STAGES: 0 = two register stages (production);
 // >= 2 = the weight ring described above, STAGES - 1 steps ahead.
 // ROPE: the q/k/v projection's epilogue with rotary embedding and the KV store (mma.cuh).
+// SYM: BITS = 4 without the min (Q4_0 layout). PERSIST (ring only): blocks loop over tiles (see below).
 template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false,
-          bool L2_HINT = false, int STAGES = 0, bool ROPE = false>
+          bool L2_HINT = false, int STAGES = 0, bool ROPE = false, bool SYM = false, bool PERSIST = false>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
                                              int n_groups, int gshift, const RopeArgs<T>& rope = RopeArgs<T>{}) {
     static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
+    static_assert(!SYM || BITS == 4, "SYM is a 4-bit layout");
+    static_assert(!PERSIST || STAGES > 0, "PERSIST: the ring shapes");
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * QGEMV_ROWS;
-    // Rows past N are clamped onto row N-1: loads stay in bounds, results are never stored.
-    const int row_a = min(n0 + g, N - 1), row_b = min(n0 + g + 8, N - 1);
     const size_t row_bytes = (size_t)n_sb * QGEMV_SB_BYTES;
-    const uint8_t* w_a = w + row_a * row_bytes + 16 * t;
-    const uint8_t* w_b = w + row_b * row_bytes + 16 * t;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     constexpr int STEP = WARPS * UNROLL;
 
@@ -110,7 +127,11 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     // Weights and scales (never written by a kernel, so the first ones may load before pdl_wait()), then x.
     // With the ring (STAGES > 0) only the scales: the weights arrive through shared memory.
     auto load_weight = [&](const uint8_t* p) { return L2_HINT ? ld_stream16_l2_256(p) : ld_stream16(p); };
-    auto load_w = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+    // Rows past N are clamped onto row N-1 (row_of): loads stay in bounds, results are never stored.
+    auto row_of = [&](int tile, int r) { return min(tile * QGEMV_ROWS + r, N - 1); };
+    auto load_w = [&](QStage<BITS, UNROLL, NT>& st, int sb0, int row_a, int row_b) {
+        const uint8_t* w_a = w + row_a * row_bytes + 16 * t;
+        const uint8_t* w_b = w + row_b * row_bytes + 16 * t;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
@@ -128,6 +149,12 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     st.sa[u][j] = in ? __ldg(s + (size_t)row_a * n_groups + (chunk >> gshift)) : 0u;
                     st.sb[u][j] = in ? __ldg(s + (size_t)row_b * n_groups + (chunk >> gshift)) : 0u;
                 }
+            } else if (SYM) {
+                const uint2* s = reinterpret_cast<const uint2*>(scales);
+                const uint2 a = ok ? __ldg(s + (size_t)row_a * n_sb + sb) : make_uint2(0, 0);
+                const uint2 b = ok ? __ldg(s + (size_t)row_b * n_sb + sb) : make_uint2(0, 0);
+                st.sa[u][0] = a.x, st.sa[u][1] = a.y;  // chunks (0, 1) and (2, 3), unpacked at use
+                st.sb[u][0] = b.x, st.sb[u][1] = b.y;
             } else {
                 const uint4* s = reinterpret_cast<const uint4*>(scales);
                 const uint4 a = ok ? __ldg(s + (size_t)row_a * n_sb + sb) : zero;
@@ -167,6 +194,12 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     s8x4_pairs<T>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
                     s8x4_pairs<T>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
                     s8x4_pairs<T>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
+                } else if (SYM) {
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        pa[p] = u4_pair_signed<T>(word_at(st.wa[u], j), p);
+                        pb[p] = u4_pair_signed<T>(word_at(st.wb[u], j), p);
+                    }
                 } else {
 #pragma unroll
                     for (int p = 0; p < 4; ++p) {
@@ -180,6 +213,9 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 if (BITS == 8) {
                     da = half_bits_to_float(st.sa[u][j]);
                     db = half_bits_to_float(st.sb[u][j]);
+                } else if (SYM) {
+                    da = half_bits_to_float(st.sa[u][j >> 1] >> (16 * (j & 1)));
+                    db = half_bits_to_float(st.sb[u][j >> 1] >> (16 * (j & 1)));
                 } else {
                     const float2 fa = __half22float2(*reinterpret_cast<const __half2*>(&st.sa[u][j]));
                     const float2 fb = __half22float2(*reinterpret_cast<const __half2*>(&st.sb[u][j]));
@@ -194,7 +230,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     mma_16816<T>(c, a0, xv.x, xv.y);
                     mma_16816<T>(c, a1, xv.z, xv.w);
                     add_scaled(acc[jt], da, db, c);
-                    if (BITS == 4) {
+                    if (BITS == 4 && !SYM) {
                         const uint32_t one = ones_pair<T>();
                         const uint32_t ones[4] = {one, one, one, one};
                         float s[4] = {0.f, 0.f, 0.f, 0.f};  // chunk sums of x for tokens 2t, 2t + 1
@@ -207,15 +243,22 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         }
     };
 
-    auto load = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
-        load_w(st, sb0);
-        load_x(st, sb0);
+    auto finish = [&](float(*partial)[NT * 4][32], int n0) {
+        if constexpr (ROPE)
+            finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
+        else
+            finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
     };
 
     QStage<BITS, UNROLL, NT> front, back;
-    if constexpr (STAGES == 0) {
+    if constexpr (STAGES == 0) {  // one tile per block: the grid is ceil(N / 16)
         __shared__ float partial[WARPS][NT * 4][32];
-        load_w(front, warp);
+        const int row_a = row_of(blockIdx.x, g), row_b = row_of(blockIdx.x, g + 8);
+        auto load = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+            load_w(st, sb0, row_a, row_b);
+            load_x(st, sb0);
+        };
+        load_w(front, warp, row_a, row_b);
         pdl_begin();
         load_x(front, warp);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
@@ -224,16 +267,16 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             load(front, sb0 + 2 * STEP);
             compute(back);
         }
-        if constexpr (ROPE)
-            finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
-        else
-            finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
-    } else {
+        finish(partial, blockIdx.x * QGEMV_ROWS);
+    } else if constexpr (!PERSIST) {  // one tile per block: the grid is ceil(N / 16)
         // Slot [warp][s][u][row a / b][lane]: 1 KB per super-block, so WARPS * STAGES * UNROLL KB. Every lane
         // copies only its own 16-byte pieces and reads back only those, and cp.async.wait_group makes a
         // thread's own copies visible to it: no barrier inside the loop.
         __shared__ __align__(16) uint4 ring[WARPS][STAGES][UNROLL][2][32];
         uint4(*slots)[UNROLL][2][32] = ring[warp];
+        const int row_a = row_of(blockIdx.x, g), row_b = row_of(blockIdx.x, g + 8);
+        const uint8_t* w_a = w + row_a * row_bytes + 16 * t;
+        const uint8_t* w_b = w + row_b * row_bytes + 16 * t;
         // One commit group per step, also for steps past the end (zero-filled), so that the group of the
         // step being read is always the (STAGES - 1)-th most recent.
         auto issue = [&](int slot, int sb0) {
@@ -260,13 +303,13 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             for (int u = 0; u < UNROLL; ++u) cur.wa[u] = slots[slot][u][0][lane], cur.wb[u] = slots[slot][u][1][lane];
             issue(slot == 0 ? STAGES - 1 : slot - 1, sb0 + (STAGES - 1) * STEP);
             slot = slot + 1 == STAGES ? 0 : slot + 1;
-            load_w(next, sb0 + STEP);
+            load_w(next, sb0 + STEP, row_a, row_b);
             load_x(next, sb0 + STEP);
             compute(cur);
         };
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * STEP);
-        load_w(front, warp);
+        load_w(front, warp, row_a, row_b);
         pdl_begin();
         load_x(front, warp);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
@@ -277,17 +320,94 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         // landed and every warp must be done reading its slots first.
         cp_async_wait<0>();
         __syncthreads();
-        auto* partial = reinterpret_cast<float(*)[NT * 4][32]>(&ring[0][0][0][0][0]);
-        if constexpr (ROPE)
-            finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
-        else
-            finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
+        finish(reinterpret_cast<float(*)[NT * 4][32]>(&ring[0][0][0][0][0]), blockIdx.x * QGEMV_ROWS);
+    } else {
+        // The ring as above, and `partial` of its own: the ring is still streaming the next tile.
+        __shared__ __align__(16) uint4 ring[WARPS][STAGES][UNROLL][2][32];
+        __shared__ float partial[WARPS][NT * 4][32];
+        uint4(*slots)[UNROLL][2][32] = ring[warp];
+        // PERSIST: block b takes the 16-row tiles b, b + gridDim.x, ... (the launcher sizes the grid so that every
+        // block gets the same count where it can), and the ring runs on through them: while a tile's last steps are
+        // computed and its sums stored, the first super-blocks of the block's next tile are already in flight.
+        // Every warp makes the same even number of steps per tile (steps past n_sb read zeros), so the tile-end
+        // barriers line up across the block. Within a tile the loop is the one-tile loop's, but for the ahead
+        // cursor, and a tile's sums come in the same order as there, whatever the grid: the same bits.
+        const int n_tiles = (N + QGEMV_ROWS - 1) / QGEMV_ROWS;
+        const int sb_end = warp + 2 * STEP * ((n_sb + 2 * STEP - 1) / (2 * STEP));  // this warp's steps end here
+        // The cursor STAGES - 1 steps ahead: its tile's row pointers move only when it crosses into the next tile.
+        int a_tile = blockIdx.x, a_sb = warp;
+        bool a_live = a_tile < n_tiles;
+        const uint8_t* a_wa = w + row_of(a_tile, g) * row_bytes + 16 * t;
+        const uint8_t* a_wb = w + row_of(a_tile, g + 8) * row_bytes + 16 * t;
+        // One commit group per step, also for steps past the end (zero-filled), so that the group of the
+        // step being read is always the (STAGES - 1)-th most recent.
+        auto issue = [&](int slot) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int sb = a_sb + u * WARPS;
+                const bool ok = a_live && sb < n_sb;
+                const size_t off = ok ? (size_t)sb * QGEMV_SB_BYTES : 0;
+                if (L2_HINT) {
+                    cp_async16_l2_256(&slots[slot][u][0][lane], a_wa + off, ok);
+                    cp_async16_l2_256(&slots[slot][u][1][lane], a_wb + off, ok);
+                } else {
+                    cp_async16(&slots[slot][u][0][lane], a_wa + off, ok);
+                    cp_async16(&slots[slot][u][1][lane], a_wb + off, ok);
+                }
+            }
+            cp_async_commit();
+            a_sb += STEP;
+            if (a_sb >= sb_end) {
+                a_sb = warp;
+                a_tile += gridDim.x;
+                a_live = a_tile < n_tiles;
+                a_wa = w + row_of(a_tile, g) * row_bytes + 16 * t;
+                a_wb = w + row_of(a_tile, g + 8) * row_bytes + 16 * t;
+            }
+        };
+        int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
+        // Scales and x (small, cache-resident) stay in registers, loaded one step ahead: next_sb0 and the rows
+        // of the step after this one (the next tile's first step at a tile's end; n_sb past the last tile).
+        auto step = [&](QStage<BITS, UNROLL, NT>& cur, QStage<BITS, UNROLL, NT>& next, int next_sb0, int next_a,
+                        int next_b) {
+            cp_async_wait<STAGES - 2>();
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) cur.wa[u] = slots[slot][u][0][lane], cur.wb[u] = slots[slot][u][1][lane];
+            issue(slot == 0 ? STAGES - 1 : slot - 1);
+            slot = slot + 1 == STAGES ? 0 : slot + 1;
+            load_w(next, next_sb0, next_a, next_b);
+            load_x(next, next_sb0);
+            compute(cur);
+        };
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) issue(s);
+        int tile = blockIdx.x, row_a = row_of(tile, g), row_b = row_of(tile, g + 8);
+        load_w(front, warp, row_a, row_b);
+        pdl_begin();
+        load_x(front, warp);
+        while (tile < n_tiles) {
+            const int next_tile = tile + gridDim.x;
+            const int next_a = row_of(next_tile, g), next_b = row_of(next_tile, g + 8);
+            const int next_first = next_tile < n_tiles ? warp : n_sb;
+            for (int sb0 = warp; sb0 < sb_end; sb0 += 2 * STEP) {
+                step(front, back, sb0 + STEP, row_a, row_b);
+                const bool last = sb0 + 2 * STEP >= sb_end;
+                step(back, front, last ? next_first : sb0 + 2 * STEP, last ? next_a : row_a, last ? next_b : row_b);
+            }
+            finish(partial, tile * QGEMV_ROWS);
+            __syncthreads();  // every thread has read `partial` before the next tile writes it
+#pragma unroll
+            for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+            tile = next_tile, row_a = next_a, row_b = next_b;
+        }
+        cp_async_wait<0>();  // the trailing zero-fill copies land before the block exits
     }
 }
 
 // Dequantize the whole packed weight into out[N, K] (model dtype) for the prefill GEMM; one thread per
-// lane-load unit (16 bytes of one row's super-block). The fp32 value d q (+ m) is rounded once to T.
-template <typename T, int BITS>
+// lane-load unit (16 bytes of one row's super-block). The fp32 value d q (+ m), or d (q - 8) (SYM), is
+// rounded once to T.
+template <typename T, int BITS, bool SYM = false>
 __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uint8_t* __restrict__ w,
                                                   const void* __restrict__ scales, int N, int K, int n_sb,
                                                   int n_groups, int gshift) {
@@ -302,7 +422,7 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
         const size_t row = rs / n_sb;
         const uint4 v = *reinterpret_cast<const uint4*>(w + (row * n_sb + sb) * QGEMV_SB_BYTES + 16 * t);
         uint4 sm = make_uint4(0, 0, 0, 0);
-        if (BITS == 4) sm = reinterpret_cast<const uint4*>(scales)[row * n_sb + sb];
+        if (BITS == 4 && !SYM) sm = reinterpret_cast<const uint4*>(scales)[row * n_sb + sb];
 #pragma unroll
         for (int j = 0; j < CH; ++j) {
             const int k = sb * SB_ELEMS + 32 * j + 8 * t;
@@ -316,6 +436,14 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
                     const uint32_t wd = word_at(v, 2 * j + h);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) f[4 * h + e] = d * (float)(int8_t)(wd >> (8 * e));
+                }
+            } else if (SYM) {
+                const float d = half_bits_to_float(reinterpret_cast<const unsigned short*>(scales)[(row * n_sb + sb) * 4 + j]);
+                const uint32_t wd = word_at(v, j);
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    f[2 * p] = d * (float)((int)((wd >> (4 * p)) & 0xF) - 8);
+                    f[2 * p + 1] = d * (float)((int)((wd >> (4 * p + 16)) & 0xF) - 8);
                 }
             } else {
                 const uint32_t dm_bits = word_at(sm, j);
@@ -335,25 +463,28 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 // One kernel per (bits, token tiles NT): WARPS per block, UNROLL super-blocks per warp step, at least MINB
 // blocks per SM (caps registers), L2 hint and weight ring STAGES as in quant_linear. kernels.py QGEMV_CONFIGS
 // mirrors WARPS. QGEMV_ENTRY is one entry point (bench variants); QGEMV_KERNEL_EX the linear and its SwiGLU twin.
-#define QGEMV_ENTRY(T, OUT_T, FNAME, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, SWIGLU)                          \
+// FMT names the weight format in the kernel names: 8 (int8), 4 (Q4_1 layout), 4s (Q4_0 layout, SYM).
+#define QGEMV_ENTRY(T, OUT_T, FNAME, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, SWIGLU, SYM, PERSIST)            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) FNAME(                                        \
         OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
         int n_sb, int n_groups, int gshift) {                                                                   \
-        quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL, SWIGLU, L2, STAGES>(y, x, w, scales, bias, M, N, K, n_sb, \
-                                                                            n_groups, gshift);                  \
+        quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL, SWIGLU, L2, STAGES, false, SYM, PERSIST>(               \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
     }
-#define QGEMV_KERNEL_EX(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES)                               \
-    QGEMV_ENTRY(T, OUT_T, qgemv##BITS##_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, false)        \
-    QGEMV_ENTRY(T, OUT_T, qgemv##BITS##_swiglu_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, true)
-#define QGEMV_KERNEL(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB) \
-    QGEMV_KERNEL_EX(T, OUT_T, NAME, BITS, NT, WARPS, UNROLL, MINB, false, 0)
+#define QGEMV_KERNEL_EX(T, OUT_T, NAME, FMT, BITS, SYM, NT, WARPS, UNROLL, MINB, L2, STAGES, PERSIST)             \
+    QGEMV_ENTRY(T, OUT_T, qgemv##FMT##_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, false, SYM,     \
+                PERSIST)                                                                                        \
+    QGEMV_ENTRY(T, OUT_T, qgemv##FMT##_swiglu_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, true,    \
+                SYM, PERSIST)
+#define QGEMV_KERNEL(T, OUT_T, NAME, FMT, BITS, SYM, NT, WARPS, UNROLL, MINB) \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, FMT, BITS, SYM, NT, WARPS, UNROLL, MINB, false, 0, false)
 // The q/k/v projection with rotary embedding and the KV store (output in T).
-#define QGEMV_ROPE_KERNEL(T, NAME, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES)                                   \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##BITS##_rope_##NAME##_m##NT(            \
+#define QGEMV_ROPE_KERNEL(T, NAME, FMT, BITS, SYM, NT, WARPS, UNROLL, MINB, L2, STAGES, PERSIST)                \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##FMT##_rope_##NAME##_m##NT(             \
         T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K, int n_sb,   \
         int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, T* k_cache,    \
         T* v_cache, int n_heads, int n_kv, int head_dim) {                                                      \
-        quant_linear<T, T, BITS, NT, WARPS, UNROLL, false, L2, STAGES, true>(                                   \
+        quant_linear<T, T, BITS, NT, WARPS, UNROLL, false, L2, STAGES, true, SYM, PERSIST>(                     \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,                                             \
             RopeArgs<T>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});                \
     }
@@ -363,22 +494,32 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 // keeps more bytes in flight than registers can: int8 +13-17% at M <= 8 on every Llama-3-8B projection and
 // +4-9% at M = 32 (H200, commit 9f6da13); 4-bit gains 0-5% at M <= 8 and nothing at M = 32 (its dequantisation
 // issue, not latency, is the limit there), so its M > 16 kernel keeps the register stages.
-#define QGEMV_KERNELS(T, OUT_T, NAME)                           \
-    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 1, 8, 1, 2, true, 4)     \
-    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 2, 8, 1, 2, true, 4)     \
-    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 4, 8, 1, 2, true, 3)     \
-    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 1, 8, 1, 2, true, 4)     \
-    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 2, 8, 1, 2, true, 4)     \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, 4, 2, 2)
+// Q4_0 (4s) takes Q4_1's shapes. The last argument, PERSIST, is kernels.py QGEMV_PERSIST: blocks that loop over
+// tiles won on an H100 (docs/PERFORMANCE.md, seventh session) for int8 at M <= 8 (8B b=8 +3.6%, b=1 even) and
+// Q4_0 (b=1 +3.5%), and M <= 16 takes them alike; int8 at M = 17..32 was even, and Q4_1's kernels as they were
+// beat the tile loop by 6% at b=1, so they stay one tile per block.
+#define QGEMV_KERNELS(T, OUT_T, NAME)                                            \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 8, false, 1, 8, 1, 2, true, 4, true)      \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 8, false, 2, 8, 1, 2, true, 4, true)      \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 8, false, 4, 8, 1, 2, true, 3, false)     \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 4, false, 1, 8, 1, 2, true, 4, false)     \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 4, false, 2, 8, 1, 2, true, 4, false)     \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, false, 4, 4, 2, 2)                        \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4s, 4, true, 1, 8, 1, 2, true, 4, true)      \
+    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)      \
+    QGEMV_KERNEL(T, OUT_T, NAME, 4s, 4, true, 4, 4, 2, 2)
 
 // The same shapes, for the q/k/v projection with rotary embedding (kernels.py QGEMV_THREADS serves both).
-#define QGEMV_ROPE_KERNELS(T, NAME)                              \
-    QGEMV_ROPE_KERNEL(T, NAME, 8, 1, 8, 1, 2, true, 4)          \
-    QGEMV_ROPE_KERNEL(T, NAME, 8, 2, 8, 1, 2, true, 4)          \
-    QGEMV_ROPE_KERNEL(T, NAME, 8, 4, 8, 1, 2, true, 3)          \
-    QGEMV_ROPE_KERNEL(T, NAME, 4, 1, 8, 1, 2, true, 4)          \
-    QGEMV_ROPE_KERNEL(T, NAME, 4, 2, 8, 1, 2, true, 4)          \
-    QGEMV_ROPE_KERNEL(T, NAME, 4, 4, 4, 2, 2, false, 0)
+#define QGEMV_ROPE_KERNELS(T, NAME)                                              \
+    QGEMV_ROPE_KERNEL(T, NAME, 8, 8, false, 1, 8, 1, 2, true, 4, true)           \
+    QGEMV_ROPE_KERNEL(T, NAME, 8, 8, false, 2, 8, 1, 2, true, 4, true)           \
+    QGEMV_ROPE_KERNEL(T, NAME, 8, 8, false, 4, 8, 1, 2, true, 3, false)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 4, 4, false, 1, 8, 1, 2, true, 4, false)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 4, 4, false, 2, 8, 1, 2, true, 4, false)          \
+    QGEMV_ROPE_KERNEL(T, NAME, 4, 4, false, 4, 4, 2, 2, false, 0, false)         \
+    QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 1, 8, 1, 2, true, 4, true)           \
+    QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
+    QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)
 
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)
@@ -389,12 +530,14 @@ QGEMV_ROPE_KERNELS(bf16, bf16)
 QGEMV_ROPE_KERNELS(f16, f16)
 #endif
 
-#define DEQUANT_KERNEL(T, NAME, BITS)                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) dequantize##BITS##_##NAME(                                 \
+#define DEQUANT_KERNEL(T, NAME, FMT, BITS, SYM)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) dequantize##FMT##_##NAME(                                  \
         T* out, const uint8_t* w, const void* scales, int N, int K, int n_sb, int n_groups, int gshift) {        \
-        dequantize_packed<T, BITS>(out, w, scales, N, K, n_sb, n_groups, gshift);                                \
+        dequantize_packed<T, BITS, SYM>(out, w, scales, N, K, n_sb, n_groups, gshift);                           \
     }
-DEQUANT_KERNEL(bf16, bf16, 8)
-DEQUANT_KERNEL(bf16, bf16, 4)
-DEQUANT_KERNEL(f16, f16, 8)
-DEQUANT_KERNEL(f16, f16, 4)
+DEQUANT_KERNEL(bf16, bf16, 8, 8, false)
+DEQUANT_KERNEL(bf16, bf16, 4, 4, false)
+DEQUANT_KERNEL(bf16, bf16, 4s, 4, true)
+DEQUANT_KERNEL(f16, f16, 8, 8, false)
+DEQUANT_KERNEL(f16, f16, 4, 4, false)
+DEQUANT_KERNEL(f16, f16, 4s, 4, true)

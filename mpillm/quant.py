@@ -201,8 +201,10 @@ def int8_weight_bytes(cfg, shard, group_size: int = 128, lm_head: bool = False) 
 
 # ------------------------------------------------------------------------------------ GPU memory
 
-# Bytes per weight as the GPU holds a GGUF tensor run natively (Q4_0 gains an fp16 min, -8 d, like Q4_1).
-NATIVE_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 20 / 32, "Q4_1": 20 / 32}
+# Bytes per weight as the GPU holds a GGUF tensor run natively.
+NATIVE_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32}
+# The benchmarks' random 4-bit weights: "q4" in the Q4_0 layout (d only), "q4_1" with a min.
+RANDOM_Q4_BYTES_PER_WEIGHT = {"q4": 18 / 32, "q4_1": 20 / 32}
 
 
 def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, lm_head: bool = False,
@@ -210,15 +212,15 @@ def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, 
     """About the bytes one rank's weights take on the GPU (bf16/fp16 model dtype) for `mpillm run --quantize`:
     projections as quantized; the embedding table always in the model dtype; the LM head quantized with
     int8 + lm_head, or under auto when the file stores it as Q8_0/Q4 (then it is held besides the table).
-    "q4" is the benchmarks' random 4-bit weights. Under auto, every projection is taken to have the type of
+    "q4" / "q4_1" are the benchmarks' random 4-bit weights. Under auto, every projection is taken to have the type of
     layer 0's down_proj."""
     h = cfg.hidden_size
     proj = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
                              + shard.n_heads * cfg.head_dim * h + 3 * h * (shard.ffn_hi - shard.ffn_lo))
     vocab = (shard.vocab_hi - shard.vocab_lo) * h
     per, head = 2.0, None
-    if quantize in ("int8", "q4"):
-        per = 1 + 2 / group_size if quantize == "int8" else 20 / 32
+    if quantize in ("int8", *RANDOM_Q4_BYTES_PER_WEIGHT):
+        per = 1 + 2 / group_size if quantize == "int8" else RANDOM_Q4_BYTES_PER_WEIGHT[quantize]
         head = per if lm_head else None
     elif quantize == "auto" and ckpt is not None:
         down = ckpt.load_blocks("model.layers.0.mlp.down_proj.weight", rows=slice(0, 1))
@@ -234,30 +236,32 @@ def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, 
 
 SB_BYTES = 64            # bytes of one row's super-block: what the 4 lanes of a quad load per step
 CHUNK = 32               # elements per chunk: the unit of a scale (int8: a scale per group of chunks)
-PACK_KINDS = ("int8", "q4")
+PACK_KINDS = ("int8", "q4", "q4_0")
 
 
 class PackedLinear(NamedTuple):
     """A quantized weight [N, K] in the byte order the GPU kernels of cuda_src/gemv_quant.cu read.
 
-    Each row is cut into super-blocks of 64 bytes (int8: 64 elements, 2 chunks; q4: 128 elements, 4
+    Each row is cut into super-blocks of 64 bytes (int8: 64 elements, 2 chunks; q4, q4_0: 128 elements, 4
     chunks of 32). Lane t (0..3) of a quad loads bytes [16 t, 16 t + 16) of a super-block and owns
     elements 8 t .. 8 t + 7 of every chunk in it, so one 16-byte load feeds tensor-core fragments for whole
     chunks and each chunk's scale multiplies the fp32 result of its own mma:
       int8: byte 16 t + 8 j + e = element 32 j + 8 t + e, signed; x = q * scale[group].
       q4:   word j of the lane's 16 bytes holds chunk j's 8 nibbles in the order e0 e2 e4 e6 e1 e3 e5 e7
             (nibble 0 = low bits), so (word >> 4 p) & 0x000F000F is the pair (e_2p, e_2p+1); x = d q + m.
+      q4_0: the same codes; x = d (q - 8).
     Rows are zero-padded to whole super-blocks (K need only be a multiple of 32); padded chunks have zero
     scales.
       int8 scales: float16 [N, ceil(K / group_size)], group_size a power-of-two multiple of 32.
       q4 scales:   float16 [N, n_super_blocks, 4, 2], (d, m) per chunk.
+      q4_0 scales: float16 [N, n_super_blocks, 4], d per chunk.
     Packing is a permutation of the same bits: no value is rounded again."""
     kind: str
     n: int
     k: int
     data: np.ndarray          # uint8 [N, n_super_blocks * 64]
     scales: np.ndarray        # see above
-    group_size: int           # int8: elements per scale; q4: 32
+    group_size: int           # int8: elements per scale; q4, q4_0: 32
 
     @property
     def super_blocks(self) -> int:
@@ -297,22 +301,21 @@ _Q4_NIBBLES = (0, 2, 4, 6, 1, 3, 5, 7)      # element held by nibble 0..7 of a l
 
 
 def pack_q4(q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> PackedLinear:
-    """4-bit codes [N, K] (0..15) with fp16 d [N, K/32] and m [N, K/32] (x = d q + m; Q4_1) or no mins
-    (x = d (q - 8); Q4_0, stored as m = -8 d, exact in fp16) -> PackedLinear."""
+    """4-bit codes [N, K] (0..15) with fp16 d [N, K/32] and m [N, K/32] (x = d q + m; Q4_1 -> kind "q4") or
+    no mins (x = d (q - 8); Q4_0 -> kind "q4_0", d alone: 4.5 bits per weight instead of 5) -> PackedLinear."""
     N, K = q.shape
     if K % CHUNK or scales.shape != (N, K // CHUNK) or (mins is not None and mins.shape != scales.shape):
         raise ValueError(f"4-bit weight [{N}, {K}] does not match scales {list(scales.shape)} in blocks of {CHUNK}")
-    if mins is None:
-        with np.errstate(over="ignore"):
-            mins = (scales.astype(np.float32) * -8).astype(np.float16)
-        if not np.isfinite(mins).all():
-            raise ValueError("Q4_0 weight: -8 * d overflows fp16")
     sb = -(-K // 128)
     codes = np.zeros((N, sb * 128), np.uint8)
     codes[:, :K] = q
     c = codes.reshape(N, sb, 4, 4, 8)[..., _Q4_NIBBLES]          # [N, sb, j, t, nibble]
     words = (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)  # bytes: nibbles (0,1), (2,3), ...
     data = words.transpose(0, 1, 3, 2, 4).reshape(N, sb * 64)    # [N, sb, t, j, 4 bytes]
+    if mins is None:
+        d = np.zeros((N, sb * 4), np.float16)
+        d[:, :K // CHUNK] = scales
+        return PackedLinear("q4_0", N, K, np.ascontiguousarray(data), d.reshape(N, sb, 4), CHUNK)
     sm = np.zeros((N, sb * 4, 2), np.float16)
     sm[:, :K // CHUNK, 0] = scales
     sm[:, :K // CHUNK, 1] = mins
@@ -330,6 +333,9 @@ def unpack(p: PackedLinear) -> np.ndarray:
     codes = np.empty_like(nib)
     codes[..., list(_Q4_NIBBLES)] = nib
     q = codes.reshape(N, sb * 128)[:, :K].astype(np.float32).reshape(N, -1, CHUNK)
+    if p.kind == "q4_0":
+        d = p.scales.reshape(N, sb * 4)[:, :K // CHUNK].astype(np.float32)
+        return ((q - 8) * d[..., None]).reshape(N, K)
     sm = p.scales.reshape(N, sb * 4, 2)[:, :K // CHUNK].astype(np.float32)
     return (q * sm[..., 0:1] + sm[..., 1:2]).reshape(N, K)
 

@@ -69,6 +69,7 @@ def main():
                          "stand-in runner that samples random ids: no GPU needed")
     ap.add_argument("--gemm", action="store_true", help="instead: our GEMM vs cuBLASLt on the model's shapes")
     ap.add_argument("--qgemv", action="store_true", help="instead: quantized small-M kernel variants vs bf16 GEMV")
+    ap.add_argument("--qgemv-rows", default="1,8,32", help="--qgemv: the token counts M to time [default: 1,8,32]")
     ap.add_argument("--attention", action="store_true",
                     help="instead: the decode attention kernel alone at --batch sizes of --context keys each (grid "
                          "sized for a 2,048-key bound, as the decode graphs are), the plain and _occ builds")
@@ -76,12 +77,13 @@ def main():
     ap.add_argument("--modes", default="continuous,static,static-padded,static-hf",
                     help="--throughput: which schedules to run, comma-separated, of continuous, static, static-padded "
                          "and static-hf (see throughput()); the ratios need continuous")
-    ap.add_argument("--quantize", default=None, choices=["none", "auto", "int8", "q4"],
-                    help="weights: none, auto (a GGUF's own Q8_0/Q4 blocks), int8 (W8A16), q4 (random W4A16, dummy "
-                         "models only) [default: auto for a checkpoint, none for dummy:]")
+    ap.add_argument("--quantize", default=None, choices=["none", "auto", "int8", "q4", "q4_1"],
+                    help="weights: none, auto (a GGUF's own Q8_0/Q4 blocks), int8 (W8A16), q4 (random W4A16 in GGUF "
+                         "Q4_0's scheme: d per 32 weights, 4.5 bits), q4_1 (random, Q4_1's d and min per 32, 5 bits); "
+                         "q4 and q4_1 for dummy models only [default: auto for a checkpoint, none for dummy:]")
     ap.add_argument("--group-size", type=int, default=None,
                     help="--quantize int8: elements per scale [default: 128, or 64/32 where the shapes need it]")
-    ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4: the LM head too")
+    ap.add_argument("--quantize-lm-head", action="store_true", help="--quantize int8/q4/q4_1: the LM head too")
     ap.add_argument("--no-fuse-swiglu", action="store_true",
                     help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
     ap.add_argument("--no-fuse-rope", action="store_true",
@@ -383,27 +385,28 @@ def attention_compare(args, cfg):
 
 
 # (warps, unroll, min blocks per SM, L2::256B hint, weight ring stages) of the quantized small-M kernel tried by
-# --qgemv. Stages 0: two register stages (production); >= 2: a per-warp cp.async ring of that many stages,
-# warps x stages x unroll KB of static shared memory (at most 48).
-QGEMV_VARIANTS = [(8, 2, 1, False, 0), (8, 1, 1, False, 0), (8, 2, 2, False, 0), (8, 1, 2, False, 0),
-                  (4, 2, 2, False, 0), (4, 1, 3, False, 0), (4, 2, 4, False, 0), (16, 1, 1, False, 0),
-                  (8, 4, 1, False, 0), (4, 4, 2, False, 0),
-                  (8, 2, 2, True, 0), (8, 1, 2, True, 0),
-                  (8, 1, 2, False, 4), (8, 1, 2, True, 3), (8, 1, 2, True, 4), (8, 1, 2, True, 6), (8, 2, 2, True, 3),
-                  (8, 2, 1, True, 3), (4, 2, 2, True, 4), (4, 2, 2, True, 6), (4, 1, 3, True, 6)]
+# --qgemv. Stages 0: two register stages, one 16-row tile per block; >= 2: a per-warp cp.async ring of that
+# many stages (warps x stages x unroll KB of static shared memory, plus warps x 2 KB of partial sums at 4 token
+# tiles: at most 48 KB), whose blocks loop over tiles (launched at most min-blocks per SM; kernels.qgemv_grid).
+# Earlier sweeps (docs/PERFORMANCE.md, sessions 3-4) ruled out the other register-stage shapes, 16 warps and
+# 6-stage rings.
+QGEMV_VARIANTS = [(8, 1, 2, True, 4), (8, 1, 3, True, 4), (8, 1, 2, True, 3), (4, 1, 4, True, 4),
+                  (8, 2, 2, False, 0), (4, 2, 2, False, 0)]
 QGEMV_TILES = (1, 4)       # token tiles NT the sweep instantiates: M <= 8 and M <= 32
+QGEMV_FORMATS = (("8", 8, "false", "int8"), ("4", 4, "false", "q4"), ("4s", 4, "true", "q4_0"))  # name, bits, SYM, kind
 
 
 def qgemv_variant_source() -> str:
     """What --qgemv compiles: gemv_quant.cu without its production kernels, plus one bf16 entry point
-    qgemv{bits}_v{i}_m{nt} per variant, bits and token tiles. Needs no GPU (tests/test_qgemv_variants.py)."""
+    qgemv{fmt}_v{i}_m{nt} per variant, format and token tiles. Needs no GPU (tests/test_qgemv_variants.py)."""
     from mpillm.cuda.kernels import CUDA_SRC
     src = "#define QGEMV_VARIANTS_ONLY\n" + (CUDA_SRC / "gemv_quant.cu").read_text()
-    for bits in (8, 4):
+    for fmt, bits, sym, _ in QGEMV_FORMATS:
         for nt in QGEMV_TILES:
             for v, (wp, un, mb, l2, stages) in enumerate(QGEMV_VARIANTS):
-                src += (f"QGEMV_ENTRY(bf16, bf16, qgemv{bits}_v{v}_m{nt}, {bits}, {nt}, {wp}, {un}, {mb}, "
-                        f"{'true' if l2 else 'false'}, {stages}, false)\n")
+                loop = "true" if stages else "false"      # ring variants loop over tiles (kernels.qgemv_grid)
+                src += (f"QGEMV_ENTRY(bf16, bf16, qgemv{fmt}_v{v}_m{nt}, {bits}, {nt}, {wp}, {un}, {mb}, "
+                        f"{'true' if l2 else 'false'}, {stages}, false, {sym}, {loop})\n")
     return src
 
 
@@ -419,7 +422,7 @@ def qgemv_compare(args, cfg):
     from cuda.bindings import driver as cu
     from pycuda.compiler import SourceModule
     from mpillm.cuda.graphs import link_programmatic, pdl_enabled
-    from mpillm.cuda.kernels import CUDA_SRC, GEMV_ROWS, NVCC_OPTIONS, Kernels, QuantWeight
+    from mpillm.cuda.kernels import CUDA_SRC, NVCC_OPTIONS, Kernels, QuantWeight, qgemv_grid
     from mpillm.cuda.runtime import DeviceTensor, check_cu, init_device
     device = init_device(0)
     k = Kernels(device)
@@ -430,15 +433,21 @@ def qgemv_compare(args, cfg):
     mod = SourceModule(qgemv_variant_source(), options=list(NVCC_OPTIONS), no_extern_c=True, arch=device.arch,
                        include_dirs=[str(CUDA_SRC)])
     fns = {}
-    for bits in (8, 4):
+    for fmt, *_ in QGEMV_FORMATS:
         for nt in QGEMV_TILES:
             for v in range(len(QGEMV_VARIANTS)):
-                fns[bits, nt, v] = fn = mod.get_function(f"qgemv{bits}_v{v}_m{nt}")
+                fns[fmt, nt, v] = fn = mod.get_function(f"qgemv{fmt}_v{v}_m{nt}")
                 fn.prepare("PPPPPiiiiii")
     start, end = cuda.Event(), cuda.Event()
     stream = cu.CUstream(device.stream.handle)
     rng = np.random.default_rng(0)
     min_bytes, max_copies, reps = 400 << 20, 64, 10
+    try:
+        rows = [int(m) for m in args.qgemv_rows.split(",") if m]
+    except ValueError:
+        rows = []
+    if not rows or any(not 1 <= m <= 32 for m in rows):
+        raise SystemExit(f"--qgemv-rows {args.qgemv_rows}: token counts from 1 to 32 (the small-M kernels' range)")
 
     def copies_for(nbytes):
         return min(max_copies, -(-min_bytes // nbytes))
@@ -487,39 +496,54 @@ def qgemv_compare(args, cfg):
     print(f"# {device.name}: quantized small-M kernel variants vs the bf16 GEMV, GB/s of weight bytes (data + scales), "
           f"from DRAM (>= {min_bytes >> 20} MB of weight copies rotated, CUDA graph{', PDL edges' if pdl else ''})")
     print(f"# variants (warps, unroll, min blocks/SM, L2::256B hint, ring stages): {legend}")
+    print("# per kind: 'prod' the production launch (kernels.QGEMV_PERSIST loop over tiles), 'tiles' the same kernel one tile "
+          "per block (MPILLM_QGEMV_PERSIST=0), then the variants (ring ones looping over tiles)")
     print("# after a cell: '=' output bitwise equal to the production kernel, '~' within 1e-2 of max|y| (another "
           "summation order), '!' MISMATCH; max|dy|/max|y| over the variants per kind at the end of the line")
     names = " ".join(f"{'v%d' % v:>6s}" for v in range(len(QGEMV_VARIANTS)))
-    print(f"# {'shape':22s} {'bf16':>5s}  int8 {names}  q4 {names}  max|dy|/max|y| int8 q4")
+    kinds = [kind for *_, kind in QGEMV_FORMATS]
+    print(f"# {'shape':22s} {'bf16':>5s}  " + "  ".join(f"{kind} {'prod':>6s} {'tiles':>6s} {names}" for kind in kinds)
+          + "  max|dy|/max|y| " + " ".join(kinds))
     mismatches = []
 
     def sweep(n, kk):
         """One projection shape; its weight copies are freed on return."""
         # bf16 weights uninitialised: their values do not change the GEMV's speed (no output is checked).
         dense = [DeviceTensor.empty((n, kk), "bf16") for _ in range(copies_for(n * kk * 2))]
-        quant = {kind: quant_copies(kind, n, kk) for kind in ("int8", "q4")}
-        for m in (1, 8, 32):
+        quant = {kind: quant_copies(kind, n, kk) for kind in kinds}
+        for m in rows:
             x = DeviceTensor.from_numpy(rng.standard_normal((m, kk)).astype(np.float32), "bf16")
             y = DeviceTensor.empty((m, n), "bf16")
             secs = graph_seconds(lambda c: k.linear(y, x, dense[c], path="gemv"), len(dense))
             line = [f"N={n:6d} K={kk:6d} M={m:3d}: {dense[0].nbytes / secs / 1e9:5.0f}"]
             rel, before = [], len(mismatches)
-            for bits, kind in ((8, "int8"), (4, "q4")):
+            for fmt, bits, _, kind in QGEMV_FORMATS:
                 ws = quant[kind]
                 nt = 1 if m <= 8 else 4
                 # The production path (kernels.py _qgemv) on copy 0 is the reference. A variant that changes
                 # only how the weights reach registers (L2 hint, ring) with the production warps and unroll
-                # must match it bitwise; other warps / unroll sum in another fp32 order (a few bf16 ulps).
+                # must match it bitwise, whatever its grid; other warps / unroll sum in another fp32 order (a
+                # few bf16 ulps).
                 k.linear(y, x, ws[0])
                 y_ref = y.to_numpy()
                 scale = max(float(np.abs(y_ref).max()), 1e-30)
                 cells, worst = [], 0.0
-                for v, (wp, *_) in enumerate(QGEMV_VARIANTS):
-                    fn = fns[bits, nt, v]
+                for persist in (True, False):
+                    k.qgemv_persist = persist
+                    secs = graph_seconds(lambda c: k.linear(y, x, ws[c]), len(ws))
+                    k.linear(y, x, ws[0])
+                    same = np.array_equal(y.to_numpy(), y_ref)   # the grid must not change the bits
+                    if not same:
+                        mismatches.append(f"{kind} production kernel, persist={persist}: other bits N={n} K={kk} M={m}")
+                    cells.append(f"{ws[0].nbytes / secs / 1e9:5.0f}{'=' if same else '!'}")
+                k.qgemv_persist = True
+                for v, (wp, _, mb, _, stages) in enumerate(QGEMV_VARIANTS):
+                    fn = fns[fmt, nt, v]
+                    grid = qgemv_grid(n, device.sm_count, mb) if stages else -(-n // 16)   # rings loop over tiles
 
-                    def launch(c, fn=fn, wp=wp):
+                    def launch(c, fn=fn, wp=wp, grid=grid):
                         w = ws[c]
-                        fn.prepared_async_call((-(-n // GEMV_ROWS), 1), (wp * 32, 1, 1), device.stream, y.ptr, x.ptr,
+                        fn.prepared_async_call((grid, 1), (wp * 32, 1, 1), device.stream, y.ptr, x.ptr,
                                                w.data.ptr, w.scales.ptr, 0, m, n, kk, w.super_blocks, w.n_groups,
                                                w.gshift)
                     cuda.memset_d16(y.ptr, 0x7FC0, y.numel)          # NaN: a variant that skips a store shows

@@ -558,7 +558,7 @@ def test_native_blocks_packed_for_the_gpu_equal_float_loads(tiny_quant, tp):
             src = projection_sources(ck.config, shard, i)
             auto = {key: load_packed(ck, s, "auto") for key, s in src.items()}
             assert auto["qkv"] is None and auto["gate_up"] is None
-            assert auto["o"].kind == "int8" and auto["o"].group_size == 32 and auto["down"].kind == "q4"
+            assert auto["o"].kind == "int8" and auto["o"].group_size == 32 and auto["down"].kind == "q4_0"
             for key in ("o", "down"):
                 np.testing.assert_array_equal(unpack(auto[key]), load_merged(ck, src[key]), err_msg=key)
             assert load_packed(ck, src["o"], "none") is None

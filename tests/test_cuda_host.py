@@ -36,6 +36,7 @@ class _Recorder:
         self.k = Kernels.__new__(Kernels)
         self.k.device = SimpleNamespace(sm_count=132)
         self.k.blas = None
+        self.k.qgemv_persist = True
         self.launches = []
         self.k._fn = lambda module, name, fmt, shared=0: name
         self.k._launch = lambda fn, grid, block, *args, shared=0: self.launches.append((fn, grid, block, args))
@@ -64,6 +65,38 @@ def test_quantized_small_m_launches_tile_rows_by_32():
     assert [(name, args[0], args[1], args[4], args[5]) for name, _, _, args in rec.launches] == [
         ("qgemv8_swiglu_bf16_bf16_m4", 0x500000, 0x300000, 0, 32),
         ("qgemv8_swiglu_bf16_bf16_m2", 0x500000 + 32 * (n // 2) * 2, 0x300000 + 32 * k * 2, 0, 13)]
+
+
+def test_quantized_ring_kernels_loop_over_tiles_evenly():
+    """The tile-looping kernels (int8 and Q4_0 up to 16 rows) get at most 2 blocks per SM, each the same number of
+    16-row tiles where the count allows; the others (Q4_1, 17-32 rows) and MPILLM_QGEMV_PERSIST=0 one tile per
+    block."""
+    from mpillm.cuda.kernels import QGEMV_PERSIST, QuantWeight, qgemv_grid, qgemv_persist_setting
+    assert qgemv_grid(6144, 132) == 192            # 384 tiles: 2 each, not 264 blocks in two waves
+    assert qgemv_grid(28672, 132) == 256           # 1,792 tiles: 7 each
+    assert qgemv_grid(4096, 132) == 256 and qgemv_grid(1000, 132) == 63 and qgemv_grid(16, 132) == 1
+    for n in (1, 17, 4096, 6144, 28672, 128256, 10 ** 6):
+        tiles, grid = -(-n // 16), qgemv_grid(n, 132)
+        assert grid <= 264 or grid == tiles
+        per = -(-tiles // grid)
+        assert (grid - 1) * per < tiles <= grid * per     # every block but the last the same count, none empty
+    assert ("8", 1) in QGEMV_PERSIST and ("4", 1) not in QGEMV_PERSIST and ("8", 4) not in QGEMV_PERSIST
+    n, k = 6144, 4096
+    for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_m1", 192), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
+                                   ("int8", 12, "qgemv8_bf16_bf16_m2", 192), ("int8", 20, "qgemv8_bf16_bf16_m4", 384),
+                                   ("q4", 1, "qgemv4_bf16_bf16_m1", 384)):
+        w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
+                        _tensor(0x200000, (n, 256), "u8"))
+        for persist, want in ((True, grid), (False, 384)):
+            rec = _Recorder()
+            rec.k.qgemv_persist = persist
+            rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w)
+            assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (want, 1))], (kind, rows, persist)
+    assert qgemv_persist_setting({}) is True and qgemv_persist_setting({"MPILLM_QGEMV_PERSIST": "0"}) is False
+    with pytest.raises(ValueError, match="MPILLM_QGEMV_PERSIST"):
+        qgemv_persist_setting({"MPILLM_QGEMV_PERSIST": "yes"})
+    with pytest.raises(ValueError, match="kind"):
+        QuantWeight("q5", n, k, 32, _tensor(0x100000, (n, 64 * 64), "u8"), _tensor(0x200000, (n, 256), "u8"))
 
 
 def test_float_small_m_and_swiglu_launch_one_gemv():

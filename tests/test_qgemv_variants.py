@@ -20,9 +20,10 @@ def _dtype_source() -> str:
     (bf16 only) does not instantiate."""
     src = "#define QGEMV_VARIANTS_ONLY\n" + (CUDA_SRC / "gemv_quant.cu").read_text()
     for t, out, name in (("f16", "f16", "f16_f16"), ("f16", "float", "f16_f32"), ("bf16", "float", "bf16_f32")):
-        for bits in (8, 4):
-            for nt, stages in ((1, 4), (2, 3), (4, 0)):
-                src += f"QGEMV_KERNEL_EX({t}, {out}, {name}, {bits}, {nt}, 8, 1, 2, true, {stages})\n"
+        for fmt, bits, sym in (("8", 8, "false"), ("4", 4, "false"), ("4s", 4, "true")):
+            for nt, stages, loop in ((1, 4, "true"), (2, 3, "false"), (4, 0, "false")):
+                src += (f"QGEMV_KERNEL_EX({t}, {out}, {name}, {fmt}, {bits}, {sym}, {nt}, 8, 1, 2, true, {stages}, "
+                        f"{loop})\n")
     return src
 
 
@@ -52,7 +53,7 @@ def test_bench_qgemv_variants_compile(bench, tmp_path):
     # Every entry point the sweep looks up exists, and keeps the PDL contract (tests/test_cuda_compile.py).
     ptx = next(p for name, arch, *_, p in results if name == "variants" and arch == "sm_90").read_text()
     entries = {part.split("(", 1)[0]: part for part in re.split(r"^\.visible \.entry ", ptx, flags=re.M)[1:]}
-    wanted = {f"qgemv{bits}_v{v}_m{nt}" for bits in (8, 4) for nt in bench.QGEMV_TILES
+    wanted = {f"qgemv{fmt}_v{v}_m{nt}" for fmt, *_ in bench.QGEMV_FORMATS for nt in bench.QGEMV_TILES
               for v in range(len(bench.QGEMV_VARIANTS))}
     assert wanted <= set(entries)
     assert all("griddepcontrol.wait;" in body for body in entries.values())

@@ -357,7 +357,11 @@ def test_packed_q4_layout_is_a_permutation(K, with_mins):
     d = rng.standard_normal((7, K // 32)).astype(np.float16)
     m = rng.standard_normal((7, K // 32)).astype(np.float16) if with_mins else None
     p = pack_q4(q, d, m)
-    np.testing.assert_array_equal(unpack(p), dequantize_q4(q, d, m))       # Q4_0 as min -8 d: exact
+    np.testing.assert_array_equal(unpack(p), dequantize_q4(q, d, m))
+    sb = -(-K // 128)      # Q4_1: (d, m) per chunk; Q4_0: d alone (4.5 bits per weight), padded chunks zero
+    assert p.kind == ("q4" if with_mins else "q4_0")
+    assert p.scales.shape == ((7, sb, 4, 2) if with_mins else (7, sb, 4))
+    assert p.nbytes == 7 * sb * (64 + (16 if with_mins else 8))
     # word j of lane t: (word >> 4 p) & 0x000F000F is the pair (e_2p, e_2p+1) of chunk j, lane t
     t, j = 3, 2 if K >= 128 else 0
     word = int.from_bytes(bytes(p.data[0, 16 * t + 4 * j: 16 * t + 4 * j + 4]), "little")
@@ -368,7 +372,7 @@ def test_packed_q4_layout_is_a_permutation(K, with_mins):
 
 
 def test_packing_errors():
-    from mpillm.quant import pack_int8, pack_q4
+    from mpillm.quant import pack_int8, pack_q4, unpack
     q, s = quantize_int8(np.ones((2, 96), np.float32), 32)
     with pytest.raises(ValueError, match="power of two"):
         pack_int8(q, s, 96)
@@ -376,8 +380,9 @@ def test_packing_errors():
         pack_int8(q, s[:, :1], 32)
     with pytest.raises(ValueError, match="blocks of 32"):
         pack_q4(np.zeros((2, 40), np.uint8), np.zeros((2, 1), np.float16), None)
-    with pytest.raises(ValueError, match="overflows"):
-        pack_q4(np.zeros((1, 32), np.uint8), np.full((1, 1), 60000, np.float16), None)
+    # Q4_0 keeps d alone (no -8 d to overflow fp16): the largest scale packs and unpacks exactly
+    big = pack_q4(np.zeros((1, 32), np.uint8), np.full((1, 1), 60000, np.float16), None)
+    np.testing.assert_array_equal(unpack(big), np.full((1, 32), -480000.0, np.float32))
 
 
 def test_gpu_weight_bytes_estimates():
@@ -388,9 +393,12 @@ def test_gpu_weight_bytes_estimates():
     s = make_shard(l8, 0, 1)
     assert gpu_weight_bytes(l8, s, "int8", 128) == int8_weight_bytes(l8, s, 128).int8
     assert gpu_weight_bytes(l8, s, "int8", 128, lm_head=True) < gpu_weight_bytes(l8, s, "int8", 128)
-    measured = {"none": 14.96, "int8": 8.56, "q4": 6.02}          # GiB, CudaTransformer.weight_bytes
+    measured = {"none": 14.96, "int8": 8.56, "q4_1": 6.02}        # GiB, CudaTransformer.weight_bytes
     for q, gib in measured.items():
         assert abs(gpu_weight_bytes(l8, s, q) / 2 ** 30 - gib) < 0.02 * gib, q
+    # random 4-bit in the Q4_0 layout: 2 bytes of min fewer per 32 projection weights
+    proj = 32 * 4096 * (6144 + 4096 + 3 * 14336)
+    assert abs(gpu_weight_bytes(l8, s, "q4_1") - gpu_weight_bytes(l8, s, "q4") - proj * 2 / 32) <= 1
     half = [gpu_weight_bytes(l8, make_shard(l8, r, 2), "int8") for r in range(2)]
     assert abs(sum(half) - gpu_weight_bytes(l8, s, "int8")) < 0.001 * sum(half)     # only norms are repeated
 

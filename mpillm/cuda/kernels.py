@@ -43,9 +43,17 @@ GEMV_MAX_M = 32
 GEMV_THREADS = {1: 256, 2: 256, 4: 256}  # token tiles NT (M <= 8 NT) -> block size, as in gemv.cu GEMV_KERNELS
 QGEMV_THREADS = {(8, 1): 256, (8, 2): 256, (8, 4): 256,   # (bits, token tiles) -> block size, as in
                  (4, 1): 256, (4, 2): 256, (4, 4): 128}   # gemv_quant.cu QGEMV_KERNELS (WARPS * 32)
+# (format, token tiles) of the kernels whose blocks loop over 16-row tiles (gemv_quant.cu QGEMV_KERNELS, PERSIST):
+# the launcher gives them at most QGEMV_BLOCKS_PER_SM blocks per SM (their min blocks), the same tile count
+# each where it can; the others take one tile per block. MPILLM_QGEMV_PERSIST=0: one tile per block for all
+# (the A side of an A/B; a looping kernel given one tile per block is the plain loop).
+QGEMV_PERSIST = {("8", 1), ("8", 2), ("4s", 1), ("4s", 2)}
+QGEMV_BLOCKS_PER_SM = 2
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
+# mpillm.quant.PackedLinear kind -> its format in gemv_quant.cu's kernel names (qgemv{fmt}_..., dequantize{fmt}_...)
+QUANT_FORMATS = {"int8": "8", "q4": "4", "q4_0": "4s"}
 # name -> (BM, BN, BK, threads, stages), as in gemm.cu GEMM_KERNELS
 GEMM_CONFIGS = {
     "large": (128, 128, 64, 256, 3),
@@ -198,6 +206,23 @@ def decode_kernel_suffix(blocks: int, group_bound: int, sm_count: int) -> str:
     return ""
 
 
+def qgemv_persist_setting(env) -> bool:
+    """Whether the QGEMV_PERSIST kernels get fewer blocks than tiles (MPILLM_QGEMV_PERSIST, default 1)."""
+    raw = env.get("MPILLM_QGEMV_PERSIST", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"MPILLM_QGEMV_PERSIST: {raw!r}, expected 0 or 1")
+    return raw == "1"
+
+
+def qgemv_grid(n: int, sm_count: int, blocks_per_sm: int = QGEMV_BLOCKS_PER_SM) -> int:
+    """Blocks for a tile-looping quantized launch over n weight rows (16-row tiles): at most blocks_per_sm per
+    SM, every block the same number of tiles where the count allows (6,144 rows on 132 SMs: 192 blocks of 2
+    tiles, not 264 blocks of 1 or 2 in two waves)."""
+    n_tiles = _cdiv(n, GEMV_ROWS)
+    per_block = _cdiv(n_tiles, blocks_per_sm * sm_count)
+    return _cdiv(n_tiles, per_block)
+
+
 def decode_split_settings(env) -> tuple[float, int]:
     """(blocks per SM, min keys per partition) of the small-batch decode split, from MPILLM_DECODE_SPLIT and
     MPILLM_DECODE_MIN_PART when set."""
@@ -245,8 +270,11 @@ class QuantWeight:
     `random(...)` makes one with random codes of a real shape for benchmarks (no host copy of the weight)."""
 
     def __init__(self, kind: str, n: int, k: int, group_size: int, data: DeviceTensor, scales: DeviceTensor):
+        if kind not in QUANT_FORMATS:
+            raise ValueError(f"quantized weight kind {kind!r}: expected one of {', '.join(QUANT_FORMATS)}")
         self.kind, self.n, self.k, self.group_size = kind, n, k, group_size
         self.bits = 8 if kind == "int8" else 4
+        self.fmt = QUANT_FORMATS[kind]        # the format in gemv_quant.cu's kernel names
         self.data, self.scales = data, scales
         self.super_blocks = data.shape[1] // 64
         self.n_groups = _cdiv(k, group_size) if kind == "int8" else 0
@@ -272,10 +300,10 @@ class QuantWeight:
         sb = _cdiv(k, 64 if kind == "int8" else 128)
         data = DeviceTensor.empty((n, sb * 64), "u8")
         fill(data)
-        scale_bytes = _cdiv(k, group_size) * 2 if kind == "int8" else sb * 16
+        scale_bytes = {"int8": _cdiv(k, group_size) * 2, "q4": sb * 16, "q4_0": sb * 8}[kind]
         scales = DeviceTensor.empty((n, scale_bytes), "u8")
         import pycuda.driver as cuda
-        if kind == "int8":
+        if kind in ("int8", "q4_0"):
             cuda.memset_d16(scales.ptr, 0x1800, scales.nbytes // 2)          # fp16 2^-9
         else:
             cuda.memset_d32(scales.ptr, 0x00001800, scales.nbytes // 4)      # (d, m) = (2^-9, 0)
@@ -297,6 +325,7 @@ class Kernels:
         self.stream = device.stream
         self._cuda = cuda
         self.decode_split, self.decode_min_part = decode_split_settings(os.environ)
+        self.qgemv_persist = qgemv_persist_setting(os.environ)
         sources = kernel_sources()
         workers = workers or min(len(sources), os.cpu_count() or 1)
 
@@ -676,10 +705,12 @@ class Kernels:
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
             if rope is None:
-                name, fmt = f"qgemv{w.bits}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii"
+                name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii"
             else:
-                name, fmt = f"qgemv{w.bits}_rope_{x.dtype}_m{tiles}", "PPPPPiiiiiiPPPPPiii"
-            self._launch(self._fn("gemv_quant", name, fmt), (_cdiv(n, GEMV_ROWS), 1),
+                name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_m{tiles}", "PPPPPiiiiiiPPPPPiii"
+            loop = self.qgemv_persist and (w.fmt, tiles) in QGEMV_PERSIST
+            grid = qgemv_grid(n, self.device.sm_count) if loop else _cdiv(n, GEMV_ROWS)
+            self._launch(self._fn("gemv_quant", name, fmt), (grid, 1),
                          QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
                          *self._rope_args(rope, lo))
@@ -688,7 +719,7 @@ class Kernels:
         """out[N, K] (model dtype) = the quantized weight, each value d q (+ m) rounded once."""
         _check(out, "out", MODEL_DTYPES, (w.n, w.k))
         _check_aligned(out, "out")
-        fn = self._fn("gemv_quant", f"dequantize{w.bits}_{out.dtype}", "PPPiiiii")
+        fn = self._fn("gemv_quant", f"dequantize{w.fmt}_{out.dtype}", "PPPiiiii")
         units = w.n * w.super_blocks * 4
         grid = min(_cdiv(units, 256), self.device.sm_count * 16)
         self._launch(fn, (grid, 1), 256, out.ptr, w.data.ptr, w.scales.ptr, w.n, w.k, w.super_blocks,

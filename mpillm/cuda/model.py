@@ -35,8 +35,9 @@ from mpillm.parallel import Shard
 from mpillm.quant import dequantize_int8, gpu_weight_bytes, pack_int8, quantize_int8
 
 # quantize: "none" (model dtype), "auto" (GGUF Q8_0/Q4 blocks as they are), "int8" (W8A16 at load);
-# "q4" only for random weights (benchmarks of the W4A16 kernels).
-QUANTIZE = ("none", "auto", "int8", "q4")
+# "q4" (Q4_0 layout: d per 32) and "q4_1" (with a min) only for random weights (benchmarks of the W4A16 kernels).
+QUANTIZE = ("none", "auto", "int8", "q4", "q4_1")
+RANDOM_QUANT_KIND = {"int8": "int8", "q4": "q4_0", "q4_1": "q4"}     # --quantize -> QuantWeight kind
 
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -195,9 +196,10 @@ class CudaTransformer:
                  overlap: bool = False, fuse_allreduce_norm: bool = True, fuse_rope: bool = True,
                  log=lambda m: None):
         import pycuda.driver as cuda
-        if quantize not in QUANTIZE or (quantize == "q4" and ckpt is not None):
+        if quantize not in QUANTIZE or (quantize in ("q4", "q4_1") and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
-                             + (" (4-bit weights come from GGUF Q4_0/Q4_1 files with auto)" if quantize == "q4" else ""))
+                             + (" (4-bit weights come from GGUF Q4_0/Q4_1 files with auto)"
+                                if quantize in ("q4", "q4_1") else ""))
         self.quantize, self.group_size, self.quantize_lm_head = quantize, group_size, quantize_lm_head
         self.fuse_swiglu = fuse_swiglu     # False: gate/up projection and silu_mul as two kernels (A/B runs)
         # Tensor parallelism: decode-sized all-reduces fused with the next residual add + RMSNorm (allreduce.cu);
@@ -318,7 +320,8 @@ class CudaTransformer:
 
     def _scheme(self) -> str:
         return {"none": self.dtype, "auto": "GGUF blocks as stored, else " + self.dtype,
-                "int8": f"int8 groups of {self.group_size}", "q4": "random 4-bit"}[self.quantize]
+                "int8": f"int8 groups of {self.group_size}", "q4": "random 4-bit (Q4_0 layout)",
+                "q4_1": "random 4-bit with mins (Q4_1 layout)"}[self.quantize]
 
     def _weights(self):
         seen = set()
@@ -364,7 +367,7 @@ class CudaTransformer:
                 step = min(pool.nbytes, t.nbytes - done)
                 self.cuda.memcpy_dtod_async(t.ptr + done, pool.ptr, step, self.dev.stream)
                 done += step
-        kind = "int8" if self.quantize == "int8" else "q4"
+        kind = RANDOM_QUANT_KIND[self.quantize]
         return QuantWeight.random(kind, n, k, self.group_size if kind == "int8" else 32, fill)
 
     def _projection(self, ckpt, sources, shape, reorder=None):
@@ -372,7 +375,7 @@ class CudaTransformer:
         reorder: a function of the rows, applied to float weights and to packed data and scales alike
         (interleave_halves for Kernels.linear_swiglu, rope_interleave for Kernels.linear_rope)."""
         if ckpt is None:       # random weights: their row order means nothing
-            return self._random_quant(*shape) if self.quantize in ("int8", "q4") else self._random(shape)
+            return self._random_quant(*shape) if self.quantize in RANDOM_QUANT_KIND else self._random(shape)
         packed = load_packed(ckpt, sources, self.quantize, self.group_size)
         if packed is not None:
             if reorder is not None:
@@ -407,7 +410,7 @@ class CudaTransformer:
         c = self.cfg
         name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         shape = (self.vocab_local, c.hidden_size)
-        if self.quantize in ("int8", "q4") and self.quantize_lm_head and ckpt is None:
+        if self.quantize in RANDOM_QUANT_KIND and self.quantize_lm_head and ckpt is None:
             return self._random_quant(*shape)
         if ckpt is not None and self.quantize == "auto":
             packed = load_packed(ckpt, [(name, rows, None)], "auto")

@@ -311,19 +311,19 @@ def test_linear_quant_small_m(kernels, dtype, kind, group, m, n, k):
     _quant_case(kernels, dtype, kind, m, n, k, group, with_bias=m % 2 == 1, path="qgemv")
 
 
-@pytest.mark.parametrize("kind,group", [("int8", 64), ("q4_1", 32)])
+@pytest.mark.parametrize("kind,group", [("int8", 64), ("q4_1", 32), ("q4_0", 32)])
 @pytest.mark.parametrize("m", [1, 20, 129])
 def test_linear_quant_f32_out_and_dispatch(kernels, kind, group, m):
     _quant_case(kernels, "bf16", kind, m, 1003, 576, group, out_dtype="f32")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind,group", [("int8", 128), ("q4_1", 32)])
+@pytest.mark.parametrize("kind,group", [("int8", 128), ("q4_1", 32), ("q4_0", 32)])
 def test_linear_quant_dequantize_path(kernels, dtype, kind, group):
     _quant_case(kernels, dtype, kind, 300, 640, 4096 + 128, group, with_bias=True, path="dequant")
 
 
-@pytest.mark.parametrize("kind", ["int8", "q4_1"])
+@pytest.mark.parametrize("kind", ["int8", "q4_1", "q4_0"])
 def test_dequantize_rounds_once(kernels, kind):
     from mpillm.cuda.kernels import QuantWeight
     from mpillm.quant import unpack
@@ -331,6 +331,34 @@ def test_dequantize_rounds_once(kernels, kind):
     out = DeviceTensor.empty((77, 608), "bf16")
     kernels.dequantize(out, QuantWeight.from_packed(p))
     np.testing.assert_array_equal(out.to_numpy(), rounded(unpack(p), "bf16"))
+
+
+@pytest.mark.parametrize("kind", ["int8", "q4_1", "q4_0"])
+@pytest.mark.parametrize("m", [1, 5, 13, 20])
+def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
+    """The ring-streaming shapes loop over 16-row tiles (blocks fewer than tiles, unevenly where N is awkward):
+    the same bits as one tile per block, with and without SwiGLU, and within tolerance of the reference."""
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.quant import unpack
+    n, k = 16 * 2 * kernels.device.sm_count * 3 + 16 * 5 + 6, 576 + 64
+    rng = np.random.default_rng(m)
+    p = _packed(rng, kind, n, k, 64 if kind == "int8" else 32)
+    w = QuantWeight.from_packed(p)
+    x = dev(rounded(rng.normal(size=(m, k)), "bf16"), "bf16")
+    out = {}
+    for persist in (True, False):
+        kernels.qgemv_persist = persist
+        try:
+            y, act = DeviceTensor.empty((m, n), "bf16"), DeviceTensor.empty((m, n // 2), "bf16")
+            kernels.linear(y, x, w)
+            kernels.linear_swiglu(act, x, w, DeviceTensor.empty((m, n), "bf16"))
+            out[persist] = (y.to_numpy(), act.to_numpy())
+        finally:
+            kernels.qgemv_persist = True
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    np.testing.assert_array_equal(out[True][1], out[False][1])
+    want = x.to_numpy().astype(np.float64) @ unpack(p).astype(np.float64).T
+    np.testing.assert_allclose(out[True][0], want, **TOL["bf16"])
 
 
 def test_linear_quant_checks(kernels):
@@ -347,7 +375,7 @@ def test_linear_quant_checks(kernels):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["float", "int8", "q4_1"])
+@pytest.mark.parametrize("kind", ["float", "int8", "q4_1", "q4_0"])
 @pytest.mark.parametrize("m", [1, 7, 17, 32, 33, 129])
 @pytest.mark.parametrize("head_dim,n_heads,n_kv", [(64, 9, 3), (128, 4, 2), (80, 2, 1)])
 def test_linear_rope_equals_linear_then_rope(kernels, dtype, kind, m, head_dim, n_heads, n_kv):
@@ -420,7 +448,7 @@ def test_linear_rope_equals_linear_then_rope(kernels, dtype, kind, m, head_dim, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["float", "int8", "q4_1"])
+@pytest.mark.parametrize("kind", ["float", "int8", "q4_1", "q4_0"])
 @pytest.mark.parametrize("m", [1, 5, 17, 32, 33, 100, 140])
 def test_linear_swiglu_fused_equals_unfused(kernels, dtype, kind, m):
     """act = silu(gate) * up from one kernel (small M) is bitwise the GEMV/GEMM followed by silu_mul on the

@@ -289,6 +289,38 @@ def test_default_model_native_blocks_match_numpy(smollm_gguf, cuda_device, kerne
     assert_greedy_equal(ids_gpu, ids_ref, gaps, tie=0.3)
 
 
+def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, cuda_device, kernels):
+    """A GGUF whose projections are all Q4_0: --quantize auto holds them in the Q4_0 layout (d alone, 4.5 bits
+    per weight) and runs the symmetric 4-bit kernels, through prefill (dequantize + GEMM) and the decode graphs;
+    logits and greedy ids follow the NumPy backend on the same blocks."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from gguf import GGMLQuantizationType as Q
+    from test_checkpoint import GGUF_NAMES, hf_to_gguf
+    torch.manual_seed(21)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape) if "norm" in name else 0.08 * torch.randn(p.shape))
+    path = tmp_path / "tiny-q4_0.gguf"
+    hf_to_gguf(hf, path, {f"blk.{i}.{g}.weight": Q.Q4_0 for i in range(2) for g in GGUF_NAMES.values()
+                          if g not in ("attn_norm", "ffn_norm")})
+    ckpt = open_checkpoint(path)
+    ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
+    assert all(getattr(gpu.layers[0], key).kind == "q4_0" for key in ("qkv", "o", "gate_up", "down"))
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (3, 60, 70)]  # 133 tokens: the dequantize path
+    tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+    step = StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16)
+    _, got = gpu.forward(step, [SampleSpec(GREEDY, 0, 0, None)] * 3, want_logits=True)
+    want = ref.forward(step, ref.new_cache(24, 16))
+    assert rel_err(got, want) < 3e-2
+    ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompts[0], 24, list(range(8)))
+    assert_greedy_equal(ids_gpu, ids_ref, gaps)
+
+
 def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kernels):
     """fuse_swiglu=False (gate/up GEMV, then silu_mul on the pairs: the A side of bench --no-fuse-swiglu) and
     the fused epilogue round the same values the same way."""

@@ -243,6 +243,26 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         }
     };
 
+    // The ring's copy of one step into `slot` (rows w_a / w_b from super-block sb0; nothing real past n_sb or
+    // when !live: zero-filled), then its commit group.
+    auto ring_copy = [&](uint4 (*slots)[UNROLL][2][32], int slot, const uint8_t* w_a, const uint8_t* w_b, int sb0,
+                         bool live) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int sb = sb0 + u * WARPS;
+            const bool ok = live && sb < n_sb;
+            const size_t off = ok ? (size_t)sb * QGEMV_SB_BYTES : 0;
+            if (L2_HINT) {
+                cp_async16_l2_256(&slots[slot][u][0][lane], w_a + off, ok);
+                cp_async16_l2_256(&slots[slot][u][1][lane], w_b + off, ok);
+            } else {
+                cp_async16(&slots[slot][u][0][lane], w_a + off, ok);
+                cp_async16(&slots[slot][u][1][lane], w_b + off, ok);
+            }
+        }
+        cp_async_commit();
+    };
+
     auto finish = [&](float(*partial)[NT * 4][32], int n0) {
         if constexpr (ROPE)
             finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
@@ -279,22 +299,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         const uint8_t* w_b = w + row_b * row_bytes + 16 * t;
         // One commit group per step, also for steps past the end (zero-filled), so that the group of the
         // step being read is always the (STAGES - 1)-th most recent.
-        auto issue = [&](int slot, int sb0) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const int sb = sb0 + u * WARPS;
-                const bool ok = sb < n_sb;
-                const size_t off = ok ? (size_t)sb * QGEMV_SB_BYTES : 0;
-                if (L2_HINT) {
-                    cp_async16_l2_256(&slots[slot][u][0][lane], w_a + off, ok);
-                    cp_async16_l2_256(&slots[slot][u][1][lane], w_b + off, ok);
-                } else {
-                    cp_async16(&slots[slot][u][0][lane], w_a + off, ok);
-                    cp_async16(&slots[slot][u][1][lane], w_b + off, ok);
-                }
-            }
-            cp_async_commit();
-        };
+        auto issue = [&](int slot, int sb0) { ring_copy(slots, slot, w_a, w_b, sb0, true); };
         int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
         // Scales and x (small, cache-resident) stay in registers, loaded one step ahead.
         auto step = [&](QStage<BITS, UNROLL, NT>& cur, QStage<BITS, UNROLL, NT>& next, int sb0) {
@@ -342,20 +347,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         // One commit group per step, also for steps past the end (zero-filled), so that the group of the
         // step being read is always the (STAGES - 1)-th most recent.
         auto issue = [&](int slot) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const int sb = a_sb + u * WARPS;
-                const bool ok = a_live && sb < n_sb;
-                const size_t off = ok ? (size_t)sb * QGEMV_SB_BYTES : 0;
-                if (L2_HINT) {
-                    cp_async16_l2_256(&slots[slot][u][0][lane], a_wa + off, ok);
-                    cp_async16_l2_256(&slots[slot][u][1][lane], a_wb + off, ok);
-                } else {
-                    cp_async16(&slots[slot][u][0][lane], a_wa + off, ok);
-                    cp_async16(&slots[slot][u][1][lane], a_wb + off, ok);
-                }
-            }
-            cp_async_commit();
+            ring_copy(slots, slot, a_wa, a_wb, a_sb, a_live);
             a_sb += STEP;
             if (a_sb >= sb_end) {
                 a_sb = warp;

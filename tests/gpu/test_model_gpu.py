@@ -73,6 +73,18 @@ def greedy_both(gpu, ref, prompt, n, table):
     return ids_gpu, ids_ref, gaps
 
 
+def prefill_then_greedy(gpu, ref, prompts, blocks):
+    """One prefill step of all prompts (each given `blocks` cache blocks of 16): logits close to the reference;
+    then greedy decoding of the first prompt follows the reference until a near tie."""
+    tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(len(prompts))]
+    step = StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16)
+    _, got = gpu.forward(step, [SampleSpec(GREEDY, 0, 0, None)] * len(prompts), want_logits=True)
+    want = ref.forward(step, ref.new_cache(len(prompts) * blocks, 16))
+    assert rel_err(got, want) < 3e-2
+    ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompts[0], 24, tables[0])
+    assert_greedy_equal(ids_gpu, ids_ref, gaps)
+
+
 def assert_greedy_equal(ids_gpu, ids_ref, gaps, tie=0.05):
     for i, (a, b) in enumerate(zip(ids_gpu, ids_ref)):
         if a != b:
@@ -253,14 +265,7 @@ def test_int8_matches_numpy_int8(tmp_path, cuda_device, kernels, kind):
     assert isinstance(gpu.layers[0].gate_up, QuantWeight) and isinstance(gpu.lm_head, QuantWeight)
     assert gpu.wscratch is not None
     rng = np.random.default_rng(2)
-    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 200)]      # 205 tokens: the dequantize path
-    tables = [list(range(i * 40, i * 40 + 40)) for i in range(2)]
-    step = StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16)
-    _, got = gpu.forward(step, [SampleSpec(GREEDY, 0, 0, None)] * 2, want_logits=True)
-    want = ref.forward(step, ref.new_cache(80, 16))
-    assert rel_err(got, want) < 3e-2
-    ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompts[0], 24, list(range(40)))
-    assert_greedy_equal(ids_gpu, ids_ref, gaps)
+    prefill_then_greedy(gpu, ref, [rng.integers(0, 1000, n).tolist() for n in (5, 200)], 40)   # 205 tokens: dequantize
 
 
 def test_default_model_native_blocks_match_numpy(smollm_gguf, cuda_device, kernels):
@@ -311,14 +316,7 @@ def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, cuda_device, kernel
     ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
     assert all(getattr(gpu.layers[0], key).kind == "q4_0" for key in ("qkv", "o", "gate_up", "down"))
     rng = np.random.default_rng(4)
-    prompts = [rng.integers(0, 300, n).tolist() for n in (3, 60, 70)]  # 133 tokens: the dequantize path
-    tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
-    step = StepInput.build([(p, 0, t, True) for p, t in zip(prompts, tables)], 16)
-    _, got = gpu.forward(step, [SampleSpec(GREEDY, 0, 0, None)] * 3, want_logits=True)
-    want = ref.forward(step, ref.new_cache(24, 16))
-    assert rel_err(got, want) < 3e-2
-    ids_gpu, ids_ref, gaps = greedy_both(gpu, ref, prompts[0], 24, list(range(8)))
-    assert_greedy_equal(ids_gpu, ids_ref, gaps)
+    prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (3, 60, 70)], 8)  # 133 tokens: dequantize
 
 
 def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kernels):

@@ -80,7 +80,8 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
         assert grid <= 264 or grid == tiles
         per = -(-tiles // grid)
         assert (grid - 1) * per < tiles <= grid * per     # every block but the last the same count, none empty
-    assert ("8", 1) in QGEMV_PERSIST and ("4", 1) not in QGEMV_PERSIST and ("8", 4) not in QGEMV_PERSIST
+    assert QGEMV_PERSIST[("8", 1, False)] == 2 and QGEMV_PERSIST[("8", 1, True)] == 3
+    assert not any((fmt == "4" or tiles == 4) for fmt, tiles, _ in QGEMV_PERSIST)
     n, k = 6144, 4096
     for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_m1", 192), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
                                    ("int8", 12, "qgemv8_bf16_bf16_m2", 192), ("int8", 20, "qgemv8_bf16_bf16_m4", 384),
@@ -92,6 +93,16 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
             rec.k.qgemv_persist = persist
             rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w)
             assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (want, 1))], (kind, rows, persist)
+    # the q/k/v projection with rope, int8 at M <= 8: 3 blocks per SM, so Llama-3-8B's 384 tiles are one wave
+    nh, nkv, hd = 32, 8, 128
+    w = QuantWeight("int8", n, k, 128, _tensor(0x100000, (n, 64 * 64), "u8"), _tensor(0x200000, (n, 64), "u8"))
+    rec = _Recorder()
+    rec.k.linear_rope(_tensor(0x400000, (1, n)), _tensor(0x300000, (1, k)), w, None, _tensor(0x500000, (1,), "i32"),
+                      _tensor(0x600000, (hd // 2,), "f32"), _tensor(0x700000, (8, 16, nkv, hd)),
+                      _tensor(0x800000, (8, 16, nkv, hd)), _tensor(0x900000, (1,), "i32"), nh, nkv, hd,
+                      _tensor(0xA00000, (1, n)))
+    assert [(fn, g) for fn, g, _, _ in rec.launches] == [("qgemv8_rope_bf16_m1", (qgemv_grid(n, 132, 3), 1))]
+    assert qgemv_grid(n, 132, 3) == 384 and qgemv_grid(2 * n, 132, 3) == 384
     assert qgemv_persist_setting({}) is True and qgemv_persist_setting({"MPILLM_QGEMV_PERSIST": "0"}) is False
     with pytest.raises(ValueError, match="MPILLM_QGEMV_PERSIST"):
         qgemv_persist_setting({"MPILLM_QGEMV_PERSIST": "yes"})

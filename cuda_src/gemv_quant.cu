@@ -489,7 +489,9 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 // Q4_0 (4s) takes Q4_1's shapes. The last argument, PERSIST, is kernels.py QGEMV_PERSIST: blocks that loop over
 // tiles won on an H100 (docs/PERFORMANCE.md, seventh session) for int8 at M <= 8 (8B b=8 +3.6%, b=1 even) and
 // Q4_0 (b=1 +3.5%), and M <= 16 takes them alike; int8 at M = 17..32 was even, and Q4_1's kernels as they were
-// beat the tile loop by 6% at b=1, so they stay one tile per block.
+// beat the tile loop by 6% at b=1, so they stay one tile per block. Q4_0's SwiGLU twin at M <= 8 (the gate/up
+// projection alone) takes the register stages instead: the sweep had them 4.8% faster on Llama-3-8B's 28,672
+// gate/up rows (and 10% slower on down, so the plain kernel keeps the ring).
 #define QGEMV_KERNELS(T, OUT_T, NAME)                                            \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 8, false, 1, 8, 1, 2, true, 4, true)      \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 8, false, 2, 8, 1, 2, true, 4, true)      \
@@ -497,13 +499,15 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 4, false, 1, 8, 1, 2, true, 4, false)     \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 4, 4, false, 2, 8, 1, 2, true, 4, false)     \
     QGEMV_KERNEL(T, OUT_T, NAME, 4, 4, false, 4, 4, 2, 2)                        \
-    QGEMV_KERNEL_EX(T, OUT_T, NAME, 4s, 4, true, 1, 8, 1, 2, true, 4, true)      \
+    QGEMV_ENTRY(T, OUT_T, qgemv4s_##NAME##_m1, 4, 1, 8, 1, 2, true, 4, false, true, true)                      \
+    QGEMV_ENTRY(T, OUT_T, qgemv4s_swiglu_##NAME##_m1, 4, 1, 8, 2, 2, false, 0, true, true, false)             \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)      \
     QGEMV_KERNEL(T, OUT_T, NAME, 4s, 4, true, 4, 4, 2, 2)
 
 // The same shapes, for the q/k/v projection with rotary embedding (kernels.py QGEMV_THREADS serves both), but
 // int8 at M <= 8 with 3 blocks per SM (80 registers, no spills): on Llama-3-8B's 6,144 q/k/v rows the sweep's
 // (8,1,3) streamed 2,136 GB/s against 1,800 for (8,1,2) (H100); on o, gate/up and down it lost, so only here.
+// Q4_0 at M <= 8 takes the register stages (8 warps, unroll 2): 1,557 GB/s against 1,379 on those rows.
 #define QGEMV_ROPE_KERNELS(T, NAME)                                              \
     QGEMV_ROPE_KERNEL(T, NAME, 8, 8, false, 1, 8, 1, 3, true, 4, true)           \
     QGEMV_ROPE_KERNEL(T, NAME, 8, 8, false, 2, 8, 1, 2, true, 4, true)           \
@@ -511,7 +515,7 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ROPE_KERNEL(T, NAME, 4, 4, false, 1, 8, 1, 2, true, 4, false)          \
     QGEMV_ROPE_KERNEL(T, NAME, 4, 4, false, 2, 8, 1, 2, true, 4, false)          \
     QGEMV_ROPE_KERNEL(T, NAME, 4, 4, false, 4, 4, 2, 2, false, 0, false)         \
-    QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 1, 8, 1, 2, true, 4, true)           \
+    QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 1, 8, 2, 2, false, 0, false)         \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)
 

@@ -80,8 +80,9 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
         assert grid <= 264 or grid == tiles
         per = -(-tiles // grid)
         assert (grid - 1) * per < tiles <= grid * per     # every block but the last the same count, none empty
-    assert QGEMV_PERSIST[("8", 1, False)] == 2 and QGEMV_PERSIST[("8", 1, True)] == 3
+    assert QGEMV_PERSIST[("8", 1, "")] == 2 and QGEMV_PERSIST[("8", 1, "rope")] == 3
     assert not any((fmt == "4" or tiles == 4) for fmt, tiles, _ in QGEMV_PERSIST)
+    assert ("4s", 1, "swiglu") not in QGEMV_PERSIST and ("4s", 1, "rope") not in QGEMV_PERSIST
     n, k = 6144, 4096
     for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_m1", 192), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
                                    ("int8", 12, "qgemv8_bf16_bf16_m2", 192), ("int8", 20, "qgemv8_bf16_bf16_m4", 384),
@@ -93,6 +94,13 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
             rec.k.qgemv_persist = persist
             rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w)
             assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (want, 1))], (kind, rows, persist)
+    # SwiGLU twins: int8 loops; Q4_0 at M <= 8 runs the register stages, one tile per block
+    for kind, name, grid in (("int8", "qgemv8_swiglu_bf16_bf16_m1", 192), ("q4_0", "qgemv4s_swiglu_bf16_bf16_m1", 384)):
+        w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
+                        _tensor(0x200000, (n, 256), "u8"))
+        rec = _Recorder()
+        rec.k.linear_swiglu(_tensor(0x400000, (1, n // 2)), _tensor(0x300000, (1, k)), w, _tensor(0x500000, (1, n)))
+        assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (grid, 1))]
     # the q/k/v projection with rope, int8 at M <= 8: 3 blocks per SM, so Llama-3-8B's 384 tiles are one wave
     nh, nkv, hd = 32, 8, 128
     w = QuantWeight("int8", n, k, 128, _tensor(0x100000, (n, 64 * 64), "u8"), _tensor(0x200000, (n, 64), "u8"))

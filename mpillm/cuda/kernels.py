@@ -43,13 +43,14 @@ GEMV_MAX_M = 32
 GEMV_THREADS = {1: 256, 2: 256, 4: 256}  # token tiles NT (M <= 8 NT) -> block size, as in gemv.cu GEMV_KERNELS
 QGEMV_THREADS = {(8, 1): 256, (8, 2): 256, (8, 4): 256,   # (bits, token tiles) -> block size, as in
                  (4, 1): 256, (4, 2): 256, (4, 4): 128}   # gemv_quant.cu QGEMV_KERNELS (WARPS * 32)
-# (format, token tiles, q/k/v-with-rope kernel) -> blocks per SM (their launch bounds' min blocks) of the kernels
-# whose blocks loop over 16-row tiles (gemv_quant.cu QGEMV_KERNELS / QGEMV_ROPE_KERNELS, PERSIST): the launcher
-# gives them that many blocks per SM at most, the same tile count each where it can; the others take one tile
-# per block. MPILLM_QGEMV_PERSIST=0: one tile per block for all (the A side of an A/B; a looping kernel given one
-# tile per block is the plain loop).
-QGEMV_PERSIST = {("8", 1, False): 2, ("8", 2, False): 2, ("4s", 1, False): 2, ("4s", 2, False): 2,
-                 ("8", 1, True): 3, ("8", 2, True): 2, ("4s", 1, True): 2, ("4s", 2, True): 2}
+# (format, token tiles, epilogue: "" / "swiglu" / "rope") -> blocks per SM (their launch bounds' min blocks) of
+# the kernels whose blocks loop over 16-row tiles (gemv_quant.cu QGEMV_KERNELS / QGEMV_ROPE_KERNELS, PERSIST):
+# the launcher gives them that many blocks per SM at most, the same tile count each where it can; the others
+# take one tile per block. MPILLM_QGEMV_PERSIST=0: one tile per block for all (the A side of an A/B; a looping
+# kernel given one tile per block is the plain loop).
+QGEMV_PERSIST = {("8", 1, ""): 2, ("8", 2, ""): 2, ("4s", 1, ""): 2, ("4s", 2, ""): 2,
+                 ("8", 1, "swiglu"): 2, ("8", 2, "swiglu"): 2, ("4s", 2, "swiglu"): 2,
+                 ("8", 1, "rope"): 3, ("8", 2, "rope"): 2, ("4s", 2, "rope"): 2}
 QGEMV_BLOCKS_PER_SM = 2
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
@@ -710,7 +711,8 @@ class Kernels:
                 name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii"
             else:
                 name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_m{tiles}", "PPPPPiiiiiiPPPPPiii"
-            per_sm = QGEMV_PERSIST.get((w.fmt, tiles, rope is not None)) if self.qgemv_persist else None
+            epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
+            per_sm = QGEMV_PERSIST.get((w.fmt, tiles, epilogue)) if self.qgemv_persist else None
             grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
             self._launch(self._fn("gemv_quant", name, fmt), (grid, 1),
                          QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,

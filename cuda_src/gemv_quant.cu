@@ -20,7 +20,8 @@
 // Block: WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
 // stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
 // Most shipped kernels instead stream the weights through a per-warp shared-memory ring of STAGES cp.async
-// stages, which keeps more bytes in flight without holding them in registers.
+// stages, which keeps more bytes in flight without holding them in registers; some of those (PERSIST) launch
+// fewer blocks than tiles and loop over them, the ring streaming on from one tile into the next.
 #include "mma.cuh"
 
 #define QGEMV_ROWS 16

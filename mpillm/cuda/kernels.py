@@ -720,7 +720,8 @@ class Kernels:
                          *self._rope_args(rope, lo))
 
     def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
-        """out[N, K] (model dtype) = the quantized weight, each value d q (+ m) rounded once."""
+        """out[N, K] (model dtype) = the quantized weight, each value d q (int8), d q + m (Q4_1) or d (q - 8)
+        (Q4_0) rounded once."""
         _check(out, "out", MODEL_DTYPES, (w.n, w.k))
         _check_aligned(out, "out")
         fn = self._fn("gemv_quant", f"dequantize{w.fmt}_{out.dtype}", "PPPiiiii")

@@ -204,7 +204,7 @@ def int8_weight_bytes(cfg, shard, group_size: int = 128, lm_head: bool = False) 
 # Bytes per weight as the GPU holds a GGUF tensor run natively.
 NATIVE_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32}
 # The benchmarks' random 4-bit weights: "q4" in the Q4_0 layout (d only), "q4_1" with a min.
-RANDOM_Q4_BYTES_PER_WEIGHT = {"q4": 18 / 32, "q4_1": 20 / 32}
+RANDOM_Q4_BYTES_PER_WEIGHT = {"q4": NATIVE_BYTES_PER_WEIGHT["Q4_0"], "q4_1": NATIVE_BYTES_PER_WEIGHT["Q4_1"]}
 
 
 def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, lm_head: bool = False,

@@ -90,6 +90,70 @@ template <> __device__ __forceinline__ uint32_t ones_pair<f16>() { return 0x3C00
 
 __device__ __forceinline__ float half_bits_to_float(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
 
+template <bool C, typename A, typename B> struct pick_type { using type = A; };
+template <typename A, typename B> struct pick_type<false, A, B> { using type = B; };
+
+// XH (int8 weights, bf16 activations, one token): bf16 has too few significant bits for int8 codes to become
+// bf16 pairs with a magic number (s8x4_pairs<bf16> goes through fp32: 11 instructions per 4 weights), fp16 has
+// enough (5). So the kernel takes x to fp16 once, into shared memory, and runs the fp16 mma. Each warp stages the
+// super-blocks it alone reads (sb = warp mod WARPS, below n_sb; zeros past K; no block barrier), times 2^s, s
+// chosen from the warp's max |x| so that the largest lands in [2^15, 2^16): no overflow, and every element down
+// to 2^-33 of the largest keeps its bf16 bits exactly (8 significant bits; fp16 subnormals reach 2^-24). The
+// warp's fp32 sums are multiplied back by 2^-s before the block adds them: power-of-two scalings are exact in
+// fp32, so the result has the bf16 path's bits unless some x was below 2^-33 of its warp's max (then it is
+// rounded on that grid: an error far below fp32 summation's).
+// Returns 2^-s.
+template <int WARPS>
+__device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16* __restrict__ x, int K, int n_sb,
+                                              int warp, int lane) {
+    constexpr int BATCH = 8;  // loads in flight per lane: one round trip for K up to 16,384
+    const int vecs = ((n_sb - warp + WARPS - 1) / WARPS) * 8;  // 16-byte vectors of this warp's super-blocks
+    auto at = [&](int v) { return (warp + WARPS * (v >> 3)) * 64 + 8 * (v & 7); };  // element index of vector v
+    uint32_t dyn;  // the launcher sizes the dynamic shared memory (kernels.py qgemv_x1_bytes): never write past it
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (uint32_t)n_sb * 128u) __trap();
+    // Pass 1: x as it is into shared memory (zeros past K), and the max of |x| as bf16 bits (monotone in |x|: NaN
+    // above inf above every finite).
+    uint32_t mbits = 0;
+    for (int v0 = lane; v0 < vecs; v0 += 32 * BATCH) {
+        uint4 q[BATCH];
+#pragma unroll
+        for (int i = 0; i < BATCH; ++i) {
+            const int v = v0 + 32 * i, k = at(v);
+            q[i] = v < vecs && k < K ? __ldg(reinterpret_cast<const uint4*>(x + k)) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int i = 0; i < BATCH; ++i) {
+            const int v = v0 + 32 * i;
+            if (v < vecs) xs[at(v) >> 3] = q[i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t a = word_at(q[i], j) & 0x7FFF7FFFu;
+                mbits = max(mbits, max(a & 0xFFFFu, a >> 16));
+            }
+        }
+    }
+    mbits = __reduce_max_sync(0xFFFFFFFFu, mbits);
+    const int e = (int)(mbits >> 7);  // biased exponent: 0 zero / subnormal, 255 inf / NaN (left unscaled)
+    const int s = (mbits == 0 || e == 255) ? 0 : min(max(142 - e, -100), 100);
+    const float up = __int_as_float((127 + s) << 23);
+    // Pass 2, in place (each lane its own vectors): fp16 of x 2^s.
+    for (int v = lane; v < vecs; v += 32) {
+        uint4& h = xs[at(v) >> 3];
+        const uint4 q = h;
+        uint32_t o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint32_t w = word_at(q, i);
+            const __half2 p = __floats2half2_rn(__uint_as_float(w << 16) * up, __uint_as_float(w & 0xFFFF0000u) * up);
+            o[i] = *reinterpret_cast<const uint32_t*>(&p);
+        }
+        h = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+    __syncwarp();  // lanes read each other's vectors
+    return __int_as_float((127 - s) << 23);
+}
+
 // BITS = 8: CH = 2 chunks per super-block, scales fp16 [N, n_groups] (group = 32 << gshift elements).
 // BITS = 4: CH = 4, scales (d, m) fp16 pairs [N, n_sb, 4]: one 16-byte load per row per super-block;
 //           SYM (Q4_0): d alone, fp16 [N, n_sb, 4]: one 8-byte load.
@@ -106,7 +170,8 @@ struct QStage {
 // ROPE: the q/k/v projection's epilogue with rotary embedding and the KV store (mma.cuh).
 // SYM: BITS = 4 without the min (Q4_0 layout). PERSIST (ring only): blocks loop over tiles (see below).
 template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false,
-          bool L2_HINT = false, int STAGES = 0, bool ROPE = false, bool SYM = false, bool PERSIST = false>
+          bool L2_HINT = false, int STAGES = 0, bool ROPE = false, bool SYM = false, bool PERSIST = false,
+          bool XH = false>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
@@ -114,6 +179,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
     static_assert(!SYM || BITS == 4, "SYM is a 4-bit layout");
     static_assert(!PERSIST || STAGES > 0, "PERSIST: the ring shapes");
+    static_assert(!XH || (BITS == 8 && NT == 1 && sizeof(T) == 2), "XH: int8 weights, one token tile");
+    using TC = typename pick_type<XH, f16, T>::type;  // the mma's type: fp16 for XH (x staged as fp16)
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -165,6 +232,9 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             }
         }
     };
+    // XH: x is token 0's fp16 copy in shared memory (stage_x_half), zeros past K up to the loop's last super-block.
+    extern __shared__ __align__(16) uint4 qgemv_xs[];
+    float x_down = 1.f;  // XH: 2^-s, x's scale taken back (stage_x_half)
     auto load_x = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -173,6 +243,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
             for (int j = 0; j < CH; ++j) {
                 const int k = sb * SB_ELEMS + 32 * j + 8 * t;
+                if constexpr (XH) {  // staged below n_sb, zeros past K
+                    st.xv[u][0][j] = g == 0 && ok ? qgemv_xs[k >> 3] : zero;
+                    continue;
+                }
                 const bool in = ok && k < K;       // K % 32 == 0: a chunk is all in or all out
 #pragma unroll
                 for (int jt = 0; jt < NT; ++jt) {
@@ -191,10 +265,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             for (int j = 0; j < CH; ++j) {
                 uint32_t pa[4], pb[4];  // pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8
                 if (BITS == 8) {
-                    s8x4_pairs<T>(word_at(st.wa[u], 2 * j), pa[0], pa[1]);
-                    s8x4_pairs<T>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
-                    s8x4_pairs<T>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
-                    s8x4_pairs<T>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
+                    s8x4_pairs<TC>(word_at(st.wa[u], 2 * j), pa[0], pa[1]);
+                    s8x4_pairs<TC>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
+                    s8x4_pairs<TC>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
+                    s8x4_pairs<TC>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
                 } else if (SYM) {
 #pragma unroll
                     for (int p = 0; p < 4; ++p) {
@@ -228,8 +302,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 for (int jt = 0; jt < NT; ++jt) {
                     const uint4& xv = st.xv[u][jt][j];
                     float c[4] = {0.f, 0.f, 0.f, 0.f};
-                    mma_16816<T>(c, a0, xv.x, xv.y);
-                    mma_16816<T>(c, a1, xv.z, xv.w);
+                    mma_16816<TC>(c, a0, xv.x, xv.y);
+                    mma_16816<TC>(c, a1, xv.z, xv.w);
                     add_scaled(acc[jt], da, db, c);
                     if (BITS == 4 && !SYM) {
                         const uint32_t one = ones_pair<T>();
@@ -265,6 +339,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     };
 
     auto finish = [&](float(*partial)[NT * 4][32], int n0) {
+        if constexpr (XH) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[0][i] *= x_down;
+        }
         if constexpr (ROPE)
             finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
         else
@@ -281,6 +359,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         };
         load_w(front, warp, row_a, row_b);
         pdl_begin();
+        if constexpr (XH) x_down = stage_x_half<WARPS>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
         load_x(front, warp);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
             load(back, sb0 + STEP);
@@ -317,6 +396,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * STEP);
         load_w(front, warp, row_a, row_b);
         pdl_begin();
+        if constexpr (XH) x_down = stage_x_half<WARPS>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
         load_x(front, warp);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
             step(front, back, sb0);
@@ -377,6 +457,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         int tile = blockIdx.x, row_a = row_of(tile, g), row_b = row_of(tile, g + 8);
         load_w(front, warp, row_a, row_b);
         pdl_begin();
+        if constexpr (XH) x_down = stage_x_half<WARPS>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
         load_x(front, warp);
         while (tile < n_tiles) {
             const int next_tile = tile + gridDim.x;
@@ -519,6 +600,29 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 1, 8, 2, 2, false, 0, false)         \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)
+
+// One token, int8 weights, bf16 activations: x staged in shared memory as fp16 (XH, stage_x_half), the m1 shapes
+// (QGEMV_KERNELS / QGEMV_ROPE_KERNELS above: 8 warps, unroll 1, the L2 hint, a 4-stage ring, looping over tiles;
+// 3 blocks per SM for rope). Dynamic shared memory: kernels.py qgemv_x1_bytes(K).
+#define QGEMV_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) FNAME(                                                  \
+        OUT_T* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K,    \
+        int n_sb, int n_groups, int gshift) {                                                                   \
+        quant_linear<bf16, OUT_T, 8, 1, 8, 1, SWIGLU, true, 4, false, false, true, true>(                       \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
+    }
+QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, false)
+QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, true)
+QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, false)
+QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, true)
+extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1(
+    bf16* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K, int n_sb,
+    int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,
+    bf16* v_cache, int n_heads, int n_kv, int head_dim) {
+    quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true>(
+        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,
+        RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});
+}
 
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)

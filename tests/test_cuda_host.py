@@ -37,9 +37,15 @@ class _Recorder:
         self.k.device = SimpleNamespace(sm_count=132)
         self.k.blas = None
         self.k.qgemv_persist = True
+        self.k.qgemv_x1 = True
         self.launches = []
+        self.shared = []     # dynamic shared memory of each launch
+
+        def launch(fn, grid, block, *args, shared=0):
+            self.launches.append((fn, grid, block, args))
+            self.shared.append(shared)
         self.k._fn = lambda module, name, fmt, shared=0: name
-        self.k._launch = lambda fn, grid, block, *args, shared=0: self.launches.append((fn, grid, block, args))
+        self.k._launch = launch
 
 
 def _tensor(addr, shape, dtype="bf16"):
@@ -94,8 +100,8 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
             rec.k.qgemv_persist = persist
             rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w)
             assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (want, 1))], (kind, rows, persist)
-    # SwiGLU twins: int8 loops; Q4_0 at M <= 8 runs the register stages, one tile per block
-    for kind, name, grid in (("int8", "qgemv8_swiglu_bf16_bf16_m1", 192), ("q4_0", "qgemv4s_swiglu_bf16_bf16_m1", 384)):
+    # SwiGLU twins: int8 loops (one token: the _x1 kernel); Q4_0 at M <= 8 runs the register stages, one tile per block
+    for kind, name, grid in (("int8", "qgemv8_swiglu_bf16_bf16_x1", 192), ("q4_0", "qgemv4s_swiglu_bf16_bf16_m1", 384)):
         w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
                         _tensor(0x200000, (n, 256), "u8"))
         rec = _Recorder()
@@ -109,13 +115,44 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
                       _tensor(0x600000, (hd // 2,), "f32"), _tensor(0x700000, (8, 16, nkv, hd)),
                       _tensor(0x800000, (8, 16, nkv, hd)), _tensor(0x900000, (1,), "i32"), nh, nkv, hd,
                       _tensor(0xA00000, (1, n)))
-    assert [(fn, g) for fn, g, _, _ in rec.launches] == [("qgemv8_rope_bf16_m1", (qgemv_grid(n, 132, 3), 1))]
+    assert [(fn, g) for fn, g, _, _ in rec.launches] == [("qgemv8_rope_bf16_x1", (qgemv_grid(n, 132, 3), 1))]
     assert qgemv_grid(n, 132, 3) == 384 and qgemv_grid(2 * n, 132, 3) == 384
     assert qgemv_persist_setting({}) is True and qgemv_persist_setting({"MPILLM_QGEMV_PERSIST": "0"}) is False
     with pytest.raises(ValueError, match="MPILLM_QGEMV_PERSIST"):
         qgemv_persist_setting({"MPILLM_QGEMV_PERSIST": "yes"})
     with pytest.raises(ValueError, match="kind"):
         QuantWeight("q5", n, k, 32, _tensor(0x100000, (n, 64 * 64), "u8"), _tensor(0x200000, (n, 256), "u8"))
+
+
+def test_one_token_int8_bf16_takes_the_x1_kernels():
+    """One token of bf16 x with int8 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy in
+    dynamic shared memory (whole super-blocks of 64, 128 bytes each); fp16 activations, 4-bit weights, more
+    tokens, K past 32,768 and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
+    from mpillm.cuda.kernels import QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid, qgemv_x1_bytes, qgemv_x1_setting
+    assert qgemv_x1_bytes(4096) == 64 * 128 and qgemv_x1_bytes(14336) == 224 * 128
+    assert qgemv_x1_bytes(576) == 9 * 128 and qgemv_x1_bytes(608) == 10 * 128 and qgemv_x1_bytes(2080) == 33 * 128
+    assert qgemv_x1_bytes(32768) == QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(32768 + 32)
+
+    def launch(kind, rows, k, dtype="bf16", x1=True, n=6144):
+        w = QuantWeight(kind, n, k, 32, _tensor(0x100000, (n, k), "u8"), _tensor(0x200000, (n, k // 16), "u8"))
+        rec = _Recorder()
+        rec.k.qgemv_x1 = x1
+        rec.k.linear(_tensor(0x400000, (rows, n), dtype), _tensor(0x300000, (rows, k), dtype), w)
+        return [(fn, g) for fn, g, _, _ in rec.launches], rec.shared
+
+    grid = qgemv_grid(6144, 132)
+    assert launch("int8", 1, 4096) == ([("qgemv8_bf16_bf16_x1", (grid, 1))], [8192])
+    assert launch("int8", 1, 4096, x1=False) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
+    assert launch("int8", 1, 4096, dtype="f16") == ([("qgemv8_f16_f16_m1", (grid, 1))], [0])
+    assert launch("int8", 2, 4096)[0] == [("qgemv8_bf16_bf16_m1", (grid, 1))]
+    assert launch("q4_0", 1, 4096)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
+    assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
+    # 33 rows: a 32-row tile, then one row on its own, which takes the _x1 kernel
+    names, shared = launch("int8", 33, 576)
+    assert [fn for fn, _ in names] == ["qgemv8_bf16_bf16_m4", "qgemv8_bf16_bf16_x1"] and shared == [0, 9 * 128]
+    assert qgemv_x1_setting({}) is True and qgemv_x1_setting({"MPILLM_QGEMV_X1": "0"}) is False
+    with pytest.raises(ValueError, match="MPILLM_QGEMV_X1"):
+        qgemv_x1_setting({"MPILLM_QGEMV_X1": "on"})
 
 
 def test_float_small_m_and_swiglu_launch_one_gemv():

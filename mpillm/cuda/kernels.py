@@ -52,6 +52,11 @@ QGEMV_PERSIST = {("8", 1, ""): 2, ("8", 2, ""): 2, ("4s", 1, ""): 2, ("4s", 2, "
                  ("8", 1, "swiglu"): 2, ("8", 2, "swiglu"): 2, ("4s", 2, "swiglu"): 2,
                  ("8", 1, "rope"): 3, ("8", 2, "rope"): 2, ("4s", 2, "rope"): 2}
 QGEMV_BLOCKS_PER_SM = 2
+# One token, int8 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu QGEMV_X1_ENTRY) stage x in shared
+# memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against bf16's
+# 11. Their dynamic shared memory is qgemv_x1_bytes(K); up to QGEMV_X1_MAX_BYTES (K <= 32,768), else the m1
+# kernel. MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
+QGEMV_X1_MAX_BYTES = 64 * 1024
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
@@ -217,6 +222,20 @@ def qgemv_persist_setting(env) -> bool:
     return raw == "1"
 
 
+def qgemv_x1_setting(env) -> bool:
+    """Whether one-token int8 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default 1)."""
+    raw = env.get("MPILLM_QGEMV_X1", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"MPILLM_QGEMV_X1: {raw!r}, expected 0 or 1")
+    return raw == "1"
+
+
+def qgemv_x1_bytes(k: int) -> int:
+    """Dynamic shared memory of an _x1 launch over K inputs: x as fp16 in whole super-blocks of 64 elements
+    (the kernel traps on less)."""
+    return _cdiv(k, 64) * 64 * 2
+
+
 def qgemv_grid(n: int, sm_count: int, blocks_per_sm: int = QGEMV_BLOCKS_PER_SM) -> int:
     """Blocks for a tile-looping quantized launch over n weight rows (16-row tiles): at most blocks_per_sm per
     SM, every block the same number of tiles where the count allows (6,144 rows on 132 SMs: 192 blocks of 2
@@ -329,6 +348,7 @@ class Kernels:
         self._cuda = cuda
         self.decode_split, self.decode_min_part = decode_split_settings(os.environ)
         self.qgemv_persist = qgemv_persist_setting(os.environ)
+        self.qgemv_x1 = qgemv_x1_setting(os.environ)
         sources = kernel_sources()
         workers = workers or min(len(sources), os.cpu_count() or 1)
 
@@ -707,17 +727,23 @@ class Kernels:
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
+            # one token of int8 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
+            x1 = (self.qgemv_x1 and rows == 1 and w.fmt == "8" and x.dtype == "bf16"
+                  and qgemv_x1_bytes(k) <= QGEMV_X1_MAX_BYTES)
+            suffix = "x1" if x1 else f"m{tiles}"
             if rope is None:
-                name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_m{tiles}", "PPPPPiiiiii"
+                name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_{suffix}", "PPPPPiiiiii"
             else:
-                name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_m{tiles}", "PPPPPiiiiiiPPPPPiii"
+                name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_{suffix}", "PPPPPiiiiiiPPPPPiii"
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             per_sm = QGEMV_PERSIST.get((w.fmt, tiles, epilogue)) if self.qgemv_persist else None
             grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
-            self._launch(self._fn("gemv_quant", name, fmt), (grid, 1),
+            # _x1: the function allows QGEMV_X1_MAX_BYTES of dynamic shared memory once; each launch asks its own
+            fn = self._fn("gemv_quant", name, fmt, QGEMV_X1_MAX_BYTES if x1 else 0)
+            self._launch(fn, (grid, 1),
                          QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
-                         *self._rope_args(rope, lo))
+                         *self._rope_args(rope, lo), shared=qgemv_x1_bytes(k) if x1 else 0)
 
     def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
         """out[N, K] (model dtype) = the quantized weight, each value d q (int8), d q + m (Q4_1) or d (q - 8)

@@ -361,6 +361,64 @@ def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
     np.testing.assert_allclose(out[True][0], want, **TOL["bf16"])
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("k", [608, 4096 + 128, 576 * 3])
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** -70, 3.0e5, "spread"])
+def test_linear_quant_x1_same_bits_as_m1(kernels, group, k, scale):
+    """One token of bf16 x with int8 weights: the _x1 kernels (x staged as fp16 times a power of two from each
+    warp's max |x|, then the fp16 mma) give the m1 kernels' bits, plain, SwiGLU, f32 out and with rope, for x of
+    any magnitude (tiny, past fp16's range); with elements below 2^-33 of the largest (rounded on the fp16 grid)
+    within tolerance of the reference."""
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.cuda.model import rope_interleave
+    from mpillm.quant import unpack
+    if k % group:
+        pytest.skip("group does not divide K")
+    rng = np.random.default_rng(k + group)
+    n_heads, n_kv, head_dim = 9, 3, 64
+    n = 16 * 2 * kernels.device.sm_count * 3 + 16 * 5 + 6 if scale == 1.0 else (n_heads + 2 * n_kv) * head_dim
+    p = _packed(rng, "int8", n, k, group)
+    w = QuantWeight.from_packed(p)
+    x_h = rng.normal(size=(1, k))
+    if scale == "spread":      # a few elements below 2^-33 of the largest: the fp16 grid rounds them
+        x_h[0, ::7] *= 1e-12
+    else:
+        x_h *= scale
+    x = dev(rounded(x_h, "bf16"), "bf16")
+    rope_ok = n == (n_heads + 2 * n_kv) * head_dim
+    w_int = QuantWeight.from_packed(p._replace(data=rope_interleave(p.data, head_dim),
+                                               scales=rope_interleave(p.scales, head_dim))) if rope_ok else None
+    positions, slots = dev(np.array([77], np.int32), "i32"), dev(np.array([5], np.int32), "i32")
+    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
+    out = {}
+    for x1 in (True, False):
+        kernels.qgemv_x1 = x1
+        try:
+            y, y32 = DeviceTensor.empty((1, n), "bf16"), DeviceTensor.empty((1, n), "f32")
+            act = DeviceTensor.empty((1, n // 2), "bf16")
+            kernels.linear(y, x, w)
+            kernels.linear(y32, x, w)
+            kernels.linear_swiglu(act, x, w, DeviceTensor.empty((1, n), "bf16"))
+            got = [y.to_numpy(), y32.to_numpy(), act.to_numpy()]
+            if rope_ok:
+                qkv = DeviceTensor.empty((1, n), "bf16")
+                kc, vc = dev(np.zeros((1, 16, n_kv, head_dim)), "bf16"), dev(np.zeros((1, 16, n_kv, head_dim)), "bf16")
+                kernels.linear_rope(qkv, x, w_int, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
+                                    DeviceTensor.empty((1, n), "bf16"))
+                got += [qkv.to_numpy(), kc.to_numpy(), vc.to_numpy()]
+            out[x1] = got
+        finally:
+            kernels.qgemv_x1 = True
+    want = x.to_numpy().astype(np.float64) @ unpack(p).astype(np.float64).T
+    top = max(float(np.abs(want).max()), 1e-300)
+    for i, (a, b) in enumerate(zip(out[True], out[False])):
+        if scale == "spread":
+            np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(np.abs(b).max()), err_msg=f"output {i}")
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=f"output {i}, scale {scale}")
+    np.testing.assert_allclose(out[True][1] / top, want / top, rtol=1e-3, atol=1e-5)
+
+
 def test_linear_quant_checks(kernels):
     from mpillm.cuda.kernels import QuantWeight
     w = QuantWeight.from_packed(_packed(np.random.default_rng(0), "int8", 64, 576, 64))

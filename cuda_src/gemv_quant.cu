@@ -103,7 +103,90 @@ template <typename A, typename B> struct pick_type<false, A, B> { using type = B
 // fp32, so the result has the bf16 path's bits unless some x was below 2^-33 of its warp's max (then it is
 // rounded on that grid: an error far below fp32 summation's).
 // Returns 2^-s.
-template <int WARPS>
+// PRENORM (the _x1n kernels: the q/k/v and gate/up projections at one token on one GPU): the pre-norm before
+// them (add_rms_norm: r' = r + delta, rounded; x = rms_norm(r') * weight) computed in the prologue instead of by a
+// kernel of its own, whose launch, wait and drain cost more than its arithmetic (skipping the norms saves 3.5 us
+// each, 64 per 8B step, H100). Every block reads r, delta and the weight (8 KB each for Llama-3-8B, from L2);
+// block 0 writes r' to resid_out, a buffer no block reads here (the model alternates two residual buffers). x
+// lands in shared memory, where stage_x_half takes it. The bits are norm.cu's: the block replays that kernel's
+// threads (block size ceil(hidden / 8 / 32) * 32 <= 1024, one 8-element vector each: kernels.py _norm_threads),
+// each thread of ours taking the virtual threads tid, tid + THREADS, ...: the same fma chains, warp trees and
+// cross-warp sum.
+// Only delta is read after the PDL wait: the weight is never written, and r was written at least two kernels
+// back (by the pre-norm before the previous projection, or the norm kernel), which is complete and visible once
+// this kernel runs at all: the kernel just before ours let it start only after its own wait for that one
+// (pdl_begin: wait, then launch_dependents; common.cuh). r is read through L2 (__ldcg), never a stale L1 line.
+struct PreNorm {
+    const bf16* delta;
+    const bf16* resid_in;
+    bf16* resid_out;
+    const bf16* weight;
+    float eps;
+};
+
+template <int THREADS>
+struct PreNormStage {
+    static constexpr int MAXV = 1024 / THREADS;  // vectors (virtual threads) per thread
+    uint4 r[MAXV], w[MAXV];
+
+    // Before the wait: r and the weight into registers.
+    __device__ __forceinline__ void load(const PreNorm& pn, int hidden) {
+        const int n_vec = hidden >> 3;
+#pragma unroll
+        for (int i = 0; i < MAXV; ++i) {
+            const int v = threadIdx.x + THREADS * i;
+            r[i] = v < n_vec ? __ldcg(reinterpret_cast<const uint4*>(pn.resid_in) + v) : make_uint4(0, 0, 0, 0);
+            w[i] = v < n_vec ? __ldg(reinterpret_cast<const uint4*>(pn.weight) + v) : make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    // After it: delta, then r' (to resid_out by block 0), the norm, and x into xs (bf16, natural order).
+    __device__ __forceinline__ void finish(uint4* __restrict__ xs, const PreNorm& pn, int hidden) {
+        __shared__ float scratch[32];
+        const int n_vec = hidden >> 3, nt = (n_vec + 31) / 32 * 32;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        uint4 d[MAXV];
+#pragma unroll
+        for (int i = 0; i < MAXV; ++i) {
+            const int v = threadIdx.x + THREADS * i;
+            d[i] = v < n_vec ? __ldcg(reinterpret_cast<const uint4*>(pn.delta) + v) : make_uint4(0, 0, 0, 0);
+        }
+        float a[MAXV][8], sum[MAXV];
+#pragma unroll
+        for (int i = 0; i < MAXV; ++i) {
+            const int v = threadIdx.x + THREADS * i;
+            float rr[8];
+            unpack8<bf16>(d[i], a[i]);
+            unpack8<bf16>(r[i], rr);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) a[i][e] = to_float(from_float<bf16>(a[i][e] + rr[e]));
+            sum[i] = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum[i] = __fmaf_rn(a[i][e], a[i][e], sum[i]);
+            if (v < n_vec && blockIdx.x == 0) reinterpret_cast<uint4*>(pn.resid_out)[v] = pack8<bf16>(a[i]);
+            const int vt0 = THREADS * i + 32 * warp;  // virtual warp vt0 / 32: block_sum's first step
+            if (vt0 < nt) {
+                const float s = warp_sum(sum[i]);
+                if (lane == 0) scratch[vt0 >> 5] = s;
+            }
+        }
+        __syncthreads();
+        const float total = warp_sum(lane < (nt >> 5) ? scratch[lane] : 0.f);  // block_sum's second step
+        const float rstd = rsqrtf(__fadd_rn(__fdiv_rn(total, (float)hidden), pn.eps));
+#pragma unroll
+        for (int i = 0; i < MAXV; ++i) {
+            const int v = threadIdx.x + THREADS * i;
+            float ww[8];
+            unpack8<bf16>(w[i], ww);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) a[i][e] = __fmul_rn(__fmul_rn(a[i][e], rstd), ww[e]);
+            if (v < n_vec) xs[v] = pack8<bf16>(a[i]);
+        }
+        __syncthreads();  // stage_x_half's warps take other threads' vectors
+    }
+};
+
+template <int WARPS, bool FROM_SMEM = false>  // FROM_SMEM: x is already in xs as bf16 (PreNormStage::finish)
 __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16* __restrict__ x, int K, int n_sb,
                                               int warp, int lane) {
     constexpr int BATCH = 8;  // loads in flight per lane: one round trip for K up to 16,384
@@ -120,7 +203,8 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
 #pragma unroll
         for (int i = 0; i < BATCH; ++i) {
             const int v = v0 + 32 * i, k = at(v);
-            q[i] = v < vecs && k < K ? __ldg(reinterpret_cast<const uint4*>(x + k)) : make_uint4(0, 0, 0, 0);
+            q[i] = v < vecs && k < K ? (FROM_SMEM ? xs[k >> 3] : __ldg(reinterpret_cast<const uint4*>(x + k)))
+                                     : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int i = 0; i < BATCH; ++i) {
@@ -171,15 +255,17 @@ struct QStage {
 // SYM: BITS = 4 without the min (Q4_0 layout). PERSIST (ring only): blocks loop over tiles (see below).
 template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false,
           bool L2_HINT = false, int STAGES = 0, bool ROPE = false, bool SYM = false, bool PERSIST = false,
-          bool XH = false>
+          bool XH = false, bool PRENORM = false>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
-                                             int n_groups, int gshift, const RopeArgs<T>& rope = RopeArgs<T>{}) {
+                                             int n_groups, int gshift, const RopeArgs<T>& rope = RopeArgs<T>{},
+                                             const PreNorm& prenorm = PreNorm{}) {
     static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
     static_assert(!SYM || BITS == 4, "SYM is a 4-bit layout");
     static_assert(!PERSIST || STAGES > 0, "PERSIST: the ring shapes");
     static_assert(!XH || (BITS == 8 && NT == 1 && sizeof(T) == 2), "XH: int8 weights, one token tile");
+    static_assert(!PRENORM || XH, "PRENORM: the XH kernels");
     using TC = typename pick_type<XH, f16, T>::type;  // the mma's type: fp16 for XH (x staged as fp16)
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -235,6 +321,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     // XH: x is token 0's fp16 copy in shared memory (stage_x_half), zeros past K up to the loop's last super-block.
     extern __shared__ __align__(16) uint4 qgemv_xs[];
     float x_down = 1.f;  // XH: 2^-s, x's scale taken back (stage_x_half)
+    PreNormStage<WARPS * 32> pre;  // PRENORM: r and the norm weight, loaded before the PDL wait
     auto load_x = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -358,8 +445,11 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             load_x(st, sb0);
         };
         load_w(front, warp, row_a, row_b);
+        if constexpr (PRENORM) pre.load(prenorm, K);
         pdl_begin();
-        if constexpr (XH) x_down = stage_x_half<WARPS>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
+        if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
+        if constexpr (XH)
+            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
         load_x(front, warp);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
             load(back, sb0 + STEP);
@@ -395,8 +485,11 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * STEP);
         load_w(front, warp, row_a, row_b);
+        if constexpr (PRENORM) pre.load(prenorm, K);
         pdl_begin();
-        if constexpr (XH) x_down = stage_x_half<WARPS>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
+        if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
+        if constexpr (XH)
+            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
         load_x(front, warp);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
             step(front, back, sb0);
@@ -456,8 +549,11 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         for (int s = 0; s < STAGES - 1; ++s) issue(s);
         int tile = blockIdx.x, row_a = row_of(tile, g), row_b = row_of(tile, g + 8);
         load_w(front, warp, row_a, row_b);
+        if constexpr (PRENORM) pre.load(prenorm, K);
         pdl_begin();
-        if constexpr (XH) x_down = stage_x_half<WARPS>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
+        if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
+        if constexpr (XH)
+            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
         load_x(front, warp);
         while (tile < n_tiles) {
             const int next_tile = tile + gridDim.x;
@@ -615,6 +711,26 @@ QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, false)
 QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, true)
 QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, false)
 QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, true)
+// The same with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones
+// are PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size.
+extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n(
+    bf16* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K, int n_sb,
+    int n_groups, int gshift, const bf16* delta, const bf16* resid_in, bf16* resid_out, const bf16* norm_w,
+    float eps) {
+    quant_linear<bf16, bf16, 8, 1, 8, 1, true, true, 4, false, false, true, true, true>(
+        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
+        PreNorm{delta, resid_in, resid_out, norm_w, eps});
+}
+extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1n(
+    bf16* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K, int n_sb,
+    int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,
+    bf16* v_cache, int n_heads, int n_kv, int head_dim, const bf16* delta, const bf16* resid_in, bf16* resid_out,
+    const bf16* norm_w, float eps) {
+    quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true, true>(
+        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,
+        RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim},
+        PreNorm{delta, resid_in, resid_out, norm_w, eps});
+}
 extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1(
     bf16* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K, int n_sb,
     int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,

@@ -88,6 +88,9 @@ def main():
                     help="gate/up projection and SwiGLU as two kernels (the A side of an A/B with the fused one)")
     ap.add_argument("--no-fuse-rope", action="store_true",
                     help="q/k/v projection and rope/KV store as two kernels (the A side of an A/B with the fused one)")
+    ap.add_argument("--no-fuse-prenorm", action="store_true",
+                    help="one GPU, batch 1, int8: the residual add + RMSNorm before the q/k/v and gate/up projections as a "
+                         "kernel of its own (the A side of an A/B with it folded into theirs)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="decode graphs without programmatic dependent launch (the A side of an A/B; sets MPILLM_PDL=0)")
     ap.add_argument("--overlap", action="store_true",
@@ -185,7 +188,7 @@ def main():
         kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
                   pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
-                  fuse_ar_norm=model.fuse_allreduce_norm, fuse_rope=model.fuse_rope)
+                  fuse_ar_norm=model.fuse_allreduce_norm, fuse_rope=model.fuse_rope, fuse_prenorm=model.fuse_prenorm)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -667,7 +670,8 @@ def engine_overhead(args) -> dict:
 
 def quant_args(args) -> dict:
     return dict(quantize=args.quantize, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
-                fuse_swiglu=not args.no_fuse_swiglu, fuse_rope=not args.no_fuse_rope)
+                fuse_swiglu=not args.no_fuse_swiglu, fuse_rope=not args.no_fuse_rope,
+                fuse_prenorm=not args.no_fuse_prenorm)
 
 
 def throughput(args, ckpt, cfg, world):

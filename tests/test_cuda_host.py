@@ -150,6 +150,22 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     # 33 rows: a 32-row tile, then one row on its own, which takes the _x1 kernel
     names, shared = launch("int8", 33, 576)
     assert [fn for fn, _ in names] == ["qgemv8_bf16_bf16_m4", "qgemv8_bf16_bf16_x1"] and shared == [0, 9 * 128]
+    # a pre-norm folded in: the _x1n kernel, its five arguments after the usual ones
+    w = QuantWeight("int8", 6144, 4096, 128, _tensor(0x100000, (6144, 4096), "u8"), _tensor(0x200000, (6144, 64), "u8"))
+    pn = (_tensor(0x610000, (1, 4096)), _tensor(0x620000, (1, 4096)), _tensor(0x630000, (1, 4096)),
+          _tensor(0x640000, (4096,)), 1e-5)
+    rec = _Recorder()
+    assert rec.k.prenorm_fusable(w, "bf16", 1, 4096) and not rec.k.prenorm_fusable(w, "bf16", 2, 4096)
+    rec.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w, _tensor(0x500000, (1, 6144)),
+                        prenorm=pn)
+    (fn, _, _, args), = rec.launches
+    assert fn == "qgemv8_swiglu_bf16_bf16_x1n" and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
+    assert rec.shared == [8192]
+    rec.k.qgemv_x1 = False          # MPILLM_QGEMV_X1=0: nothing folds
+    assert not rec.k.prenorm_fusable(w, "bf16", 1, 4096)
+    with pytest.raises(ValueError, match="prenorm"):
+        rec.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w,
+                            _tensor(0x500000, (1, 6144)), prenorm=pn)
     assert qgemv_x1_setting({}) is True and qgemv_x1_setting({"MPILLM_QGEMV_X1": "0"}) is False
     with pytest.raises(ValueError, match="MPILLM_QGEMV_X1"):
         qgemv_x1_setting({"MPILLM_QGEMV_X1": "on"})

@@ -236,6 +236,21 @@ def qgemv_x1_bytes(k: int) -> int:
     return _cdiv(k, 64) * 64 * 2
 
 
+def prenorm_args(prenorm, hidden: int, dtype: str) -> tuple:
+    """The launch arguments of a pre-norm folded into an _x1n kernel, prenorm = (delta, resid_in, resid_out,
+    weight, eps): r' = resid_in + delta goes to resid_out (another buffer: every block reads resid_in) and the
+    kernel's x is rms_norm(r') * weight, add_rms_norm's bits. ValueError naming the argument that does not fit."""
+    delta, resid_in, resid_out, weight, eps = prenorm
+    for t, name in ((delta, "delta"), (resid_in, "resid_in"), (resid_out, "resid_out")):
+        _check(t, f"prenorm {name}", dtype, (1, hidden))
+    _check(weight, "prenorm weight", dtype, (hidden,))
+    if resid_out.ptr == resid_in.ptr:
+        raise ValueError("prenorm resid_out: must not be resid_in (every block reads resid_in while block 0 writes)")
+    if any(t.ptr % 16 for t in (delta, resid_in, resid_out, weight)):
+        raise ValueError("prenorm: delta, resid_in, resid_out and weight must be 16-byte aligned")
+    return delta.ptr, resid_in.ptr, resid_out.ptr, weight.ptr, float(eps)
+
+
 def qgemv_grid(n: int, sm_count: int, blocks_per_sm: int = QGEMV_BLOCKS_PER_SM) -> int:
     """Blocks for a tile-looping quantized launch over n weight rows (16-row tiles): at most blocks_per_sm per
     SM, every block the same number of tiles where the count allows (6,144 rows on 132 SMs: 192 blocks of 2
@@ -539,17 +554,30 @@ class Kernels:
         fn = self._fn("activation", f"silu_mul_{gate_up.dtype}", "PPiii")
         self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter, int(vec))
 
+    def prenorm_fusable(self, w, dtype: str, m: int, hidden: int) -> bool:
+        """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, int8
+        weights (the _x1n kernels), hidden a multiple of 8 up to 8,192 (norm.cu's block of at most 1,024
+        threads, one 8-element vector each, is what the kernel replays)."""
+        return (self.qgemv_x1 and isinstance(w, QuantWeight) and w.fmt == "8" and dtype == "bf16" and m == 1
+                and hidden % 8 == 0 and hidden <= 8 * 1024 and w.k == hidden
+                and qgemv_x1_bytes(hidden) <= QGEMV_X1_MAX_BYTES)
+
     def linear_swiglu(self, act: DeviceTensor, x: DeviceTensor, w, gate_up: DeviceTensor,
-                      scratch: DeviceTensor | None = None) -> None:
+                      scratch: DeviceTensor | None = None, prenorm=None) -> None:
         """act[M, I] = silu(x @ w_gate^T) * (x @ w_up^T) for a merged gate/up weight w[2I, K] whose rows are
         interleaved (row 2i = gate_i, 2i + 1 = up_i).
 
         Small M (the float GEMV's or the quantized kernel's range): one kernel, whose epilogue pairs the rows
         (no gate_up round trip, one launch fewer per layer). Larger M: the GEMM into `gate_up` [M, 2I], then
-        silu_mul on the pairs. Both round gate and up to the model dtype before SiLU: the same bits."""
+        silu_mul on the pairs. Both round gate and up to the model dtype before SiLU: the same bits.
+
+        prenorm (delta, resid_in, resid_out, weight, eps; where prenorm_fusable): x is not read but made in the
+        kernel as add_rms_norm(x, delta, resid_in, weight) would, the sum r' going to resid_out instead."""
         quant = isinstance(w, QuantWeight)
         n, k = w.shape
         m = x.shape[0]
+        if prenorm is not None and not self.prenorm_fusable(w, x.dtype, m, k):
+            raise ValueError(f"prenorm: needs one bf16 token and int8 weights with hidden <= 8192 (M={m}, {x.dtype})")
         if n % 2:
             raise ValueError(f"w: {n} rows; a merged gate/up weight has an even number")
         _check(act, "act", x.dtype, (m, n // 2))
@@ -563,7 +591,7 @@ class Kernels:
         if m == 0:
             return
         if quant:
-            self._qgemv(act, x, w, 0, swiglu=True)
+            self._qgemv(act, x, w, 0, swiglu=True, prenorm=prenorm)
             return
         _check(w, "w", x.dtype, (n, k))
         if k % 8:
@@ -574,7 +602,7 @@ class Kernels:
     def linear_rope(self, qkv: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None,
                     positions: DeviceTensor, inv_freq: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                     slot_mapping: DeviceTensor, n_heads: int, n_kv_heads: int, head_dim: int,
-                    interleaved_out: DeviceTensor, scratch: DeviceTensor | None = None) -> None:
+                    interleaved_out: DeviceTensor, scratch: DeviceTensor | None = None, prenorm=None) -> None:
         """The q/k/v projection followed by rope_store_kv, for a weight (and bias) whose rows are interleaved
         per head (row 2i = element i, 2i + 1 = element i + head_dim/2; see rope_interleave): qkv [M, N] gets
         q, k, v in the natural order, q and k rotated, and k, v go to the cache, as linear + rope_store_kv
@@ -582,10 +610,12 @@ class Kernels:
 
         Small M (the float GEMV's or the quantized kernel's range): one kernel, rotation and store in its
         epilogue. Larger M: the GEMM into `interleaved_out` [>= M, N] (model dtype), then the rope kernel
-        reading its pairs from there."""
+        reading its pairs from there. prenorm: as in linear_swiglu."""
         quant = isinstance(w, QuantWeight)
         n, k = w.shape
         m = x.shape[0]
+        if prenorm is not None and not self.prenorm_fusable(w, x.dtype, m, k):
+            raise ValueError(f"prenorm: needs one bf16 token and int8 weights with hidden <= 8192 (M={m}, {x.dtype})")
         if head_dim % 2 or n != (n_heads + 2 * n_kv_heads) * head_dim:
             raise ValueError(f"w: {n} rows for {n_heads} + 2 x {n_kv_heads} heads of {head_dim} (even)")
         _check(qkv, "qkv", x.dtype, (m, n))
@@ -611,7 +641,7 @@ class Kernels:
         bias_ptr = 0 if bias is None else bias.ptr
         rope = (positions, inv_freq, slot_mapping, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
         if quant:
-            self._qgemv(qkv, x, w, bias_ptr, rope=rope)
+            self._qgemv(qkv, x, w, bias_ptr, rope=rope, prenorm=prenorm)
             return
         _check(w, "w", x.dtype, (n, k))
         if k % 8:
@@ -721,20 +751,26 @@ class Kernels:
                      w.ptr, bias_ptr, m, n, k, *self._rope_args(rope, 0))
 
     def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False,
-               rope=None) -> None:
-        """In tiles of 32 rows of x (the kernel's largest token tiling), each pointing at its rows of x and y."""
+               rope=None, prenorm=None) -> None:
+        """In tiles of 32 rows of x (the kernel's largest token tiling), each pointing at its rows of x and y.
+        prenorm (callers checked prenorm_fusable: one token): the _x1n kernel."""
         m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
+        extra = () if prenorm is None else prenorm_args(prenorm, k, x.dtype)
+        if extra and not (m == 1 and self.prenorm_fusable(w, x.dtype, m, k)):
+            raise ValueError(f"prenorm: the _x1n kernels take one bf16 token and int8 weights (M={m}, {x.dtype})")
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
             # one token of int8 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
             x1 = (self.qgemv_x1 and rows == 1 and w.fmt == "8" and x.dtype == "bf16"
                   and qgemv_x1_bytes(k) <= QGEMV_X1_MAX_BYTES)
-            suffix = "x1" if x1 else f"m{tiles}"
+            suffix = ("x1n" if extra else "x1") if x1 else f"m{tiles}"
             if rope is None:
                 name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_{suffix}", "PPPPPiiiiii"
             else:
                 name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_{suffix}", "PPPPPiiiiiiPPPPPiii"
+            if extra:
+                fmt += "PPPPf"
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             per_sm = QGEMV_PERSIST.get((w.fmt, tiles, epilogue)) if self.qgemv_persist else None
             grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
@@ -743,7 +779,7 @@ class Kernels:
             self._launch(fn, (grid, 1),
                          QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
-                         *self._rope_args(rope, lo), shared=qgemv_x1_bytes(k) if x1 else 0)
+                         *self._rope_args(rope, lo), *extra, shared=qgemv_x1_bytes(k) if x1 else 0)
 
     def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
         """out[N, K] (model dtype) = the quantized weight, each value d q (int8), d q + m (Q4_1) or d (q - 8)

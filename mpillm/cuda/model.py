@@ -194,7 +194,7 @@ class CudaTransformer:
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
                  overlap: bool = False, fuse_allreduce_norm: bool = True, fuse_rope: bool = True,
-                 log=lambda m: None):
+                 fuse_prenorm: bool = True, log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize in ("q4", "q4_1") and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
@@ -205,6 +205,11 @@ class CudaTransformer:
         # Tensor parallelism: decode-sized all-reduces fused with the next residual add + RMSNorm (allreduce.cu);
         # False: the IPC all-reduce and add_rms_norm as two kernels (A/B runs).
         self.fuse_allreduce_norm = fuse_allreduce_norm
+        # One GPU, one token: the residual add + RMSNorm before the q/k/v and gate/up projections folded into their
+        # int8 kernels (Kernels.prenorm_fusable; the same bits), the residual alternating between two buffers;
+        # False: add_rms_norm as a kernel of its own (A/B runs).
+        self.fuse_prenorm = fuse_prenorm
+        self.prenorm_folds = 0             # pre-norms folded in the last forward enqueued (_run)
         # Rotary embedding and the KV store in the q/k/v projection's epilogue (Kernels.linear_rope), its weight
         # rows interleaved per head at load; False: the projection and rope_store_kv as two kernels (A/B runs).
         # Needs the gate/up buffer to hold a q/k/v row (it stages prefill-sized projections).
@@ -262,6 +267,7 @@ class CudaTransformer:
         # Activations, sized for the largest step.
         T, S, dt = max_tokens, max_seqs, dtype
         self.resid = DeviceTensor.empty((T, H), dt)        # the residual stream r
+        self.resid_alt = DeviceTensor.empty((1, H), dt)    # its other buffer when pre-norms fold (one token)
         self.h = DeviceTensor.empty((T, H), dt)            # norm(r)
         self.delta = DeviceTensor.empty((T, H), dt)        # a sub-layer's output, added into r
         self.qkv = DeviceTensor.empty((T, self.qkv_width), dt)
@@ -521,12 +527,18 @@ class CudaTransformer:
         else:
             self._embed(rows.resid, b.dev_view("ids", (T,)))
             self.k.rms_norm(rows.h, rows.resid, self.layers[0].ln1, c.rms_norm_eps)
+        self.prenorm_folds = 0
+        resid, pending = rows.resid, None     # pending: a pre-norm folded into the next projection (_row_parallel)
         for i, w in enumerate(self.layers):
-            self._attention_block(i, w, rows, meta)
-            self._row_parallel(rows.delta, rows.attn, w.o, rows, w.ln2)              # r += o(attn); h = norm(r)
-            self._mlp_block(w, rows)
-            after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
-            self._row_parallel(rows.delta, rows.act, w.down, rows, after)            # r += down(act); h = norm(r)
+            self._attention_block(i, w, rows, meta, prenorm=pending)
+            resid, pending = self._row_parallel(rows.delta, rows.attn, w.o, rows, w.ln2,   # r += o(attn); h = norm(r)
+                                                resid, w.gate_up if self.fuse_swiglu else None)
+            self._mlp_block(w, rows, prenorm=pending)
+            last = i + 1 == len(self.layers)
+            after = self.norm if last else self.layers[i + 1].ln1
+            nxt = None if last or not self.fuse_rope else self.layers[i + 1].qkv
+            resid, pending = self._row_parallel(rows.delta, rows.act, w.down, rows, after,  # r += down(act); h = norm(r)
+                                                resid, nxt)
         return self._head(T, L, sample)
 
     def _run_overlapped(self, T: int, S: int, L: int, halves, sample: bool):
@@ -586,13 +598,15 @@ class CudaTransformer:
         return [(block_tables.view(lo * mb, (hi - lo, mb)), query_start.view(lo, (hi - lo + 1,)),
                  context_lens.view(lo, (hi - lo,)), max_q, max_ctx) for lo, hi, max_q, max_ctx in attn_groups]
 
-    def _attention_block(self, i: int, w: LayerWeights, rows, meta):
-        """qkv = h Wqkv (h: the normalised residual), rope and KV store, attention."""
+    def _attention_block(self, i: int, w: LayerWeights, rows, meta, prenorm=None):
+        """qkv = h Wqkv (h: the normalised residual, or made in the projection's kernel from `prenorm`), rope and
+        KV store, attention."""
         k, c, s = self.k, self.cfg, self.shard
         hd = c.head_dim
         if self.fuse_rope:      # rows interleaved at load: rotation and KV store in the projection's epilogue
             k.linear_rope(rows.qkv, rows.h, w.qkv, w.qkv_bias, rows.positions, self.inv_freq, self.k_cache[i],
-                          self.v_cache[i], rows.slots, s.n_heads, s.n_kv_heads, hd, rows.gate_up, self.wscratch)
+                          self.v_cache[i], rows.slots, s.n_heads, s.n_kv_heads, hd, rows.gate_up, self.wscratch,
+                          prenorm=prenorm)
         else:
             k.linear(rows.qkv, rows.h, w.qkv, w.qkv_bias, scratch=self.wscratch)
             k.rope_store_kv(rows.qkv, rows.positions, self.inv_freq, self.k_cache[i], self.v_cache[i], rows.slots,
@@ -602,11 +616,11 @@ class CudaTransformer:
                         context_lens, s.n_heads, s.n_kv_heads, hd, 1.0 / math.sqrt(hd), max_q, max_ctx,
                         self.scratch, s.group, s.head_offset)
 
-    def _mlp_block(self, w: LayerWeights, rows):
-        """act = silu(h Wgate) * (h Wup) (h: the normalised residual)."""
+    def _mlp_block(self, w: LayerWeights, rows, prenorm=None):
+        """act = silu(h Wgate) * (h Wup) (h: the normalised residual, or made in the kernel from `prenorm`)."""
         k = self.k
         if self.fuse_swiglu:
-            k.linear_swiglu(rows.act, rows.h, w.gate_up, rows.gate_up, scratch=self.wscratch)
+            k.linear_swiglu(rows.act, rows.h, w.gate_up, rows.gate_up, scratch=self.wscratch, prenorm=prenorm)
         else:
             k.linear(rows.gate_up, rows.h, w.gate_up, scratch=self.wscratch)
             k.silu_mul(rows.act, rows.gate_up, interleaved=True)
@@ -637,18 +651,27 @@ class CudaTransformer:
         if self.comm.size > 1:
             self.comm.all_reduce_device(out)
 
-    def _row_parallel(self, y, x, w, rows, norm_weight):
+    def _row_parallel(self, y, x, w, rows, norm_weight, resid, next_w=None):
         """y = all_reduce(x_local @ w_local.T), each rank holding the input columns it computes; then the next
         pre-norm: r += y; h = rms_norm(r) * norm_weight. Decode-sized steps do the all-reduce and the norm in one
-        kernel (the IPC path), with the same bits as the two."""
+        kernel (the IPC path), with the same bits as the two. `resid` is r's buffer now; returns r's buffer after
+        and the pre-norm left to the next projection's kernel (None: done here). On one GPU with one token the
+        norm folds into the kernel of next_w (the projection that reads h) where it can (Kernels.prenorm_fusable):
+        r + y then goes to the other residual buffer, since every block of that kernel reads r."""
         k, eps = self.k, self.cfg.rms_norm_eps
         k.linear(y, x, w, scratch=self.wscratch)
         if self.comm.size > 1:
             if self.fuse_allreduce_norm and hasattr(self.comm, "all_reduce_add_rms_norm") \
-                    and self.comm.all_reduce_add_rms_norm(y, rows.resid, rows.h, norm_weight, eps):
-                return
+                    and self.comm.all_reduce_add_rms_norm(y, resid, rows.h, norm_weight, eps):
+                return resid, None
             self.comm.all_reduce_device(y)
-        k.add_rms_norm(rows.h, y, rows.resid, norm_weight, eps)
+        elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1
+              and k.prenorm_fusable(next_w, y.dtype, 1, y.shape[1])):
+            out = self.resid_alt if resid.ptr == self.resid.ptr else self.resid.view(0, resid.shape)
+            self.prenorm_folds += 1
+            return out, (y, resid, out, norm_weight, eps)
+        k.add_rms_norm(rows.h, y, resid, norm_weight, eps)
+        return resid, None
 
     def _row_parallel_async(self, y, x, w, half: int):
         """_row_parallel's product for micro-batch `half` of _run_overlapped, its all-reduce on the side stream

@@ -419,6 +419,58 @@ def test_linear_quant_x1_same_bits_as_m1(kernels, group, k, scale):
     np.testing.assert_allclose(out[True][1] / top, want / top, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [576, 4160, 8192])
+def test_prenorm_folded_into_x1_kernels_same_bits(kernels, hidden):
+    """linear_swiglu and linear_rope with prenorm (the _x1n kernels: r' = r + delta and x = rms_norm(r') * weight
+    made in the prologue, replaying norm.cu's threads) against add_rms_norm then the _x1 kernels: the same outputs,
+    KV caches and r' bit for bit; r' lands in resid_out and resid_in is left as it was."""
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.cuda.model import rope_interleave
+    rng = np.random.default_rng(hidden)
+    n_heads, n_kv, head_dim, eps = 9, 3, 64, 1e-5
+    n_qkv, n_gu = (n_heads + 2 * n_kv) * head_dim, 1000
+    p_gu, p_qkv = _packed(rng, "int8", n_gu, hidden, 64), _packed(rng, "int8", n_qkv, hidden, 64)
+    w_gu = QuantWeight.from_packed(p_gu)
+    w_qkv = QuantWeight.from_packed(p_qkv._replace(data=rope_interleave(p_qkv.data, head_dim),
+                                                   scales=rope_interleave(p_qkv.scales, head_dim)))
+    resid = rounded(3 * rng.normal(size=(1, hidden)), "bf16")
+    delta = rounded(rng.normal(size=(1, hidden)), "bf16")
+    weight = dev(rounded(rng.uniform(0.5, 1.5, hidden), "bf16"), "bf16")
+    positions, slots = dev(np.array([31], np.int32), "i32"), dev(np.array([3], np.int32), "i32")
+    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
+    out = {}
+    for fold in (True, False):
+        r_in, r_out, h = dev(resid, "bf16"), DeviceTensor.empty((1, hidden), "bf16"), DeviceTensor.empty((1, hidden), "bf16")
+        act, qkv = DeviceTensor.empty((1, n_gu // 2), "bf16"), DeviceTensor.empty((1, n_qkv), "bf16")
+        kc, vc = (dev(np.zeros((1, 16, n_kv, head_dim)), "bf16") for _ in range(2))
+        staging = DeviceTensor.empty((1, n_qkv), "bf16")
+        if fold:
+            pn = (dev(delta, "bf16"), r_in, r_out, weight, eps)
+            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"), prenorm=pn)
+            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
+                                staging, prenorm=pn)
+            np.testing.assert_array_equal(r_in.to_numpy(), resid)          # read only
+            r_new = r_out.to_numpy()
+        else:
+            kernels.add_rms_norm(h, dev(delta, "bf16"), r_in, weight, eps)
+            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"))
+            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
+                                staging)
+            r_new = r_in.to_numpy()
+        out[fold] = (r_new, act.to_numpy(), qkv.to_numpy(), kc.to_numpy(), vc.to_numpy())
+    for a, b, what in zip(out[True], out[False], ("residual", "act", "qkv", "k cache", "v cache")):
+        np.testing.assert_array_equal(a, b, err_msg=what)
+    np.testing.assert_array_equal(out[True][0], rounded(resid + delta, "bf16"))
+    with pytest.raises(ValueError, match="prenorm resid_out"):
+        r = dev(resid, "bf16")
+        kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"),
+                              prenorm=(dev(delta, "bf16"), r, r, weight, eps))
+    with pytest.raises(ValueError, match="prenorm"):   # two tokens: no _x1n kernel
+        kernels.linear_swiglu(DeviceTensor.empty((2, n_gu // 2), "bf16"), DeviceTensor.empty((2, hidden), "bf16"),
+                              w_gu, DeviceTensor.empty((2, n_gu), "bf16"),
+                              prenorm=(dev(delta, "bf16"), dev(resid, "bf16"), r_out, weight, eps))
+
+
 def test_linear_quant_checks(kernels):
     from mpillm.cuda.kernels import QuantWeight
     w = QuantWeight.from_packed(_packed(np.random.default_rng(0), "int8", 64, 576, 64))

@@ -367,6 +367,32 @@ def test_fused_and_unfused_rope_give_the_same_bits(tmp_path, cuda_device, kernel
     assert rel_err(a, b) < 1e-2
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_folded_prenorm_gives_the_same_bits(tmp_path, cuda_device, kernels, kind):
+    """One token on one GPU with int8 weights: the residual add + RMSNorm folded into the q/k/v and gate/up
+    kernels (all but the first and the final norm, the residual alternating between two buffers) against
+    add_rms_norm as a kernel of its own (bench --no-fuse-prenorm): the same logits bit for bit, step after step,
+    through the decode graphs; prefill steps (more tokens) fold nothing."""
+    ckpt = tiny_checkpoint(tmp_path, kind)
+    folded, plain = (build(ckpt, cuda_device, kernels, quantize="int8", group_size=64, fuse_prenorm=f)
+                     for f in (True, False))
+    rng = np.random.default_rng(6)
+    prompt, table, spec = rng.integers(0, 1000, 11).tolist(), list(range(8)), [SampleSpec(GREEDY, 0, 0, None)]
+    logits, folds = {}, {}
+    for name, m in (("folded", folded), ("plain", plain)):
+        _, lg = m.forward(StepInput.build([(prompt, 0, table, True)], 16), spec, want_logits=True)
+        assert m.prenorm_folds == 0
+        got = [lg]
+        for i in range(6):
+            tok = int(lg.reshape(-1, lg.shape[-1])[0].argmax())
+            _, lg = m.forward(StepInput.build([([tok], len(prompt) + i, table, True)], 16), spec, want_logits=True)
+            got.append(lg)
+        logits[name], folds[name] = got, m.prenorm_folds
+    assert folds == {"folded": 2 * ckpt.config.num_layers - 1, "plain": 0}
+    for a, b in zip(logits["folded"], logits["plain"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_default_model_fused_rope_matches_unfused(smollm_gguf, cuda_device, kernels):
     """The default model's Q4_1 q/k/v blocks reordered per head (packed rows and their scales): the same logits
     bit for bit as the unfused path on a decode-sized step."""

@@ -17,7 +17,9 @@ typedef __half f16;
 //   - pdl_wait() comes before the kernel's first access to memory that another kernel writes or reads
 //     (activations, KV cache, scratch, flags). Only weights, which no kernel writes, and the step's metadata
 //     (ids, positions, slots, block tables: the host uploads them before the graph's first kernel starts,
-//     and every later kernel starts after that one) may be read before it.
+//     and every later kernel starts after that one) may be read before it. One exception, gemv_quant.cu's
+//     PreNormStage: data written two or more kernels back (the kernel before it let this one start only after
+//     its own wait for those), read through L2, never written by this kernel or the one just before it.
 //   - Every block reaches it, also blocks with no work: a kernel that could finish without waiting would let
 //     the next one start before the one before it had finished (the chain of waits is what orders them).
 //   - pdl_launch_dependents() follows it, letting the next kernel's blocks be scheduled from then on.

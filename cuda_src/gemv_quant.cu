@@ -318,7 +318,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             }
         }
     };
-    // XH: x is token 0's fp16 copy in shared memory (stage_x_half), zeros past K up to the loop's last super-block.
+    // XH: x is token 0's fp16 copy in shared memory (stage_x_half): n_sb super-blocks, zeros past K.
     extern __shared__ __align__(16) uint4 qgemv_xs[];
     float x_down = 1.f;  // XH: 2^-s, x's scale taken back (stage_x_half)
     PreNormStage<WARPS * 32> pre;  // PRENORM: r and the norm weight, loaded before the PDL wait

@@ -437,13 +437,9 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     };
 
     QStage<BITS, UNROLL, NT> front, back;
-    if constexpr (STAGES == 0) {  // one tile per block: the grid is ceil(N / 16)
-        __shared__ float partial[WARPS][NT * 4][32];
-        const int row_a = row_of(blockIdx.x, g), row_b = row_of(blockIdx.x, g + 8);
-        auto load = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
-            load_w(st, sb0, row_a, row_b);
-            load_x(st, sb0);
-        };
+    // Every shape's start: the first step's weights or scales (never written by a kernel: before the PDL wait),
+    // the wait, x (staged in shared memory for XH, after the folded pre-norm for PRENORM), the first step's x.
+    auto start = [&](int row_a, int row_b) {
         load_w(front, warp, row_a, row_b);
         if constexpr (PRENORM) pre.load(prenorm, K);
         pdl_begin();
@@ -451,6 +447,15 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         if constexpr (XH)
             x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
         load_x(front, warp);
+    };
+    if constexpr (STAGES == 0) {  // one tile per block: the grid is ceil(N / 16)
+        __shared__ float partial[WARPS][NT * 4][32];
+        const int row_a = row_of(blockIdx.x, g), row_b = row_of(blockIdx.x, g + 8);
+        auto load = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+            load_w(st, sb0, row_a, row_b);
+            load_x(st, sb0);
+        };
+        start(row_a, row_b);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
             load(back, sb0 + STEP);
             compute(front);
@@ -484,13 +489,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         };
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * STEP);
-        load_w(front, warp, row_a, row_b);
-        if constexpr (PRENORM) pre.load(prenorm, K);
-        pdl_begin();
-        if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
-        if constexpr (XH)
-            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
-        load_x(front, warp);
+        start(row_a, row_b);
         for (int sb0 = warp; sb0 < n_sb; sb0 += 2 * STEP) {
             step(front, back, sb0);
             step(back, front, sb0 + STEP);
@@ -548,13 +547,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) issue(s);
         int tile = blockIdx.x, row_a = row_of(tile, g), row_b = row_of(tile, g + 8);
-        load_w(front, warp, row_a, row_b);
-        if constexpr (PRENORM) pre.load(prenorm, K);
-        pdl_begin();
-        if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
-        if constexpr (XH)
-            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
-        load_x(front, warp);
+        start(row_a, row_b);
         while (tile < n_tiles) {
             const int next_tile = tile + gridDim.x;
             const int next_a = row_of(next_tile, g), next_b = row_of(next_tile, g + 8);

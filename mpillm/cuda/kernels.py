@@ -558,9 +558,14 @@ class Kernels:
         """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, int8
         weights (the _x1n kernels), hidden a multiple of 8 up to 8,192 (norm.cu's block of at most 1,024
         threads, one 8-element vector each, is what the kernel replays)."""
-        return (self.qgemv_x1 and isinstance(w, QuantWeight) and w.fmt == "8" and dtype == "bf16" and m == 1
-                and hidden % 8 == 0 and hidden <= 8 * 1024 and w.k == hidden
-                and qgemv_x1_bytes(hidden) <= QGEMV_X1_MAX_BYTES)
+        return (isinstance(w, QuantWeight) and m == 1 and self._takes_x1(w, dtype, m) and hidden % 8 == 0
+                and hidden <= 8 * 1024 and w.k == hidden)
+
+    def _takes_x1(self, w: "QuantWeight", dtype: str, rows: int) -> bool:
+        """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 weights, x fitting the
+        kernel's shared memory, MPILLM_QGEMV_X1 on."""
+        return (self.qgemv_x1 and rows == 1 and w.fmt == "8" and dtype == "bf16"
+                and qgemv_x1_bytes(w.k) <= QGEMV_X1_MAX_BYTES)
 
     def linear_swiglu(self, act: DeviceTensor, x: DeviceTensor, w, gate_up: DeviceTensor,
                       scratch: DeviceTensor | None = None, prenorm=None) -> None:
@@ -762,8 +767,7 @@ class Kernels:
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
             # one token of int8 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
-            x1 = (self.qgemv_x1 and rows == 1 and w.fmt == "8" and x.dtype == "bf16"
-                  and qgemv_x1_bytes(k) <= QGEMV_X1_MAX_BYTES)
+            x1 = self._takes_x1(w, x.dtype, rows)
             suffix = ("x1n" if extra else "x1") if x1 else f"m{tiles}"
             if rope is None:
                 name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_{suffix}", "PPPPPiiiiii"

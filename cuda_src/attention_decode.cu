@@ -14,7 +14,9 @@
 // and sum to caller-provided scratch, and the last of them to finish merges them (an arrival counter per
 // sequence and kv head, in the scratch).
 // Scores are in log2 units (q pre-scaled by scale * log2 e) so that exp2f applies directly.
-#include "common.cuh"
+#include <cooperative_groups.h>
+
+#include "mma.cuh"
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
@@ -316,3 +318,254 @@ __device__ __forceinline__ void attention_decode_partition(
 
 DECODE_KERNELS(bf16, bf16)
 DECODE_KERNELS(f16, f16)
+
+// ---------------------------------------------------------------------------------------------------
+// Small batches on sm_90+: attention_decode_cluster_*, grid (DC_CLUSTER, n_kv, n_seqs), one thread-block
+// cluster of DC_CLUSTER blocks per (sequence, kv head). At batch 1 the split-K kernel above spends most of its
+// ~10 us (Llama-3-8B, 195 keys, H100) in a chain of dependent round trips: K from memory, then V (from L2), then
+// the partial outputs out to memory, a fence, the arrival counter, and the last block reading every partial
+// back. Here each block takes an even share of the sequence's keys (at most DC_MAX_KEYS), copies all its K and V
+// rows into shared memory at once (cp.async: one round trip), keeps an online softmax over stages of DC_CHUNK
+// keys, and the blocks of the cluster merge their (max, sum, unnormalised output) through distributed shared
+// memory: two cluster barriers instead of the trip through global memory. No scratch, no counters, no second pass. Every element of the output is written by exactly one
+// block of the cluster (zeros for an empty sequence).
+// The host picks it (kernels.decode_uses_cluster) for very few (sequence, kv head) pairs, GQA groups up to 8 and
+// contexts up to DC_CLUSTER * DC_MAX_KEYS (one split-K partition): there Llama-3-8B int8 at batch 1 gains 4.5%
+// end to end (H100). A first version streaming up to 512 keys a block through a ring only matched split-K at
+// 1,024 keys (half the SMs busy), lost at 4,000, and lost 1.5% at batch 4 (256 blocks) (docs/PERFORMANCE.md,
+// ninth session).
+// Clusters are sm_90+: the sm_80 build has none of this (the launcher never asks for it there).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define DC_CLUSTER 8     // blocks per (sequence, kv head): one cluster (the portable maximum)
+#define DC_CHUNK 32      // keys per stage: the online softmax gives each lane of a warp one key
+#define DC_MAX_KEYS 64   // keys per block at most (s_slot, the K/V buffer); the launcher bounds contexts accordingly
+
+template <typename T, int HD, int MAXG>
+__device__ __forceinline__ void attention_decode_cluster_body(
+    T* __restrict__ out, const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ query_start, const int* __restrict__ context_lens,
+    int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int group_size, int head_offset) {
+    namespace cg = cooperative_groups;
+    constexpr int VECS = HD / 8;                        // 16-byte vectors per head row
+    constexpr int VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY;
+    constexpr int QUADS = HD / 4;                       // P V: a thread owns 4 columns ...
+    constexpr int KEY_LANES = DECODE_THREADS / QUADS;   // ... of every KEY_LANES-th key of a stage
+    constexpr int N_WARPS = DECODE_THREADS / 32;
+    static_assert(MAXG <= N_WARPS, "the softmax takes one warp per query head");
+    static_assert(DC_CHUNK == 32 && N_WARPS * 32 / DECODE_LANES_PER_KEY == DC_CHUNK, "one key per 8-lane group");
+
+    // K [DC_MAX_KEYS][VECS] then V [DC_MAX_KEYS][VECS]; after the last stage, the P V sums [KEY_LANES][MAXG][HD]
+    // (fp32). The launcher sizes it for both (kernels.decode_cluster_bytes).
+    extern __shared__ __align__(16) uint4 dc_kv[];
+    __shared__ float s_q[MAXG][HD];
+    __shared__ float s_p[MAXG][DC_CHUNK];  // a stage's scores, then its unnormalised probabilities
+    __shared__ float s_alpha[MAXG];        // the factor the running sums take at this stage's new max
+    __shared__ float s_o[MAXG][HD], s_m[MAXG], s_l[MAXG];  // this block's share of the answer, read by the cluster
+    __shared__ int s_slot[DC_MAX_KEYS];
+
+    constexpr uint32_t KV_BYTES = 2 * DC_MAX_KEYS * VECS * 16, SUM_BYTES = KEY_LANES * MAXG * HD * 4;
+    uint32_t dyn;  // the launcher sizes the dynamic shared memory (kernels.decode_cluster_bytes): never write past it
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (KV_BYTES > SUM_BYTES ? KV_BYTES : SUM_BYTES)) __trap();
+    cg::cluster_group cluster = cg::this_cluster();
+    const int rank = (int)cluster.block_rank(), kv_head = blockIdx.y, seq = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // Query heads served by this kv head (a tensor-parallel shard may start or end inside a GQA group).
+    const int head0 = max(0, kv_head * group_size - head_offset);
+    const int group = min(n_heads, (kv_head + 1) * group_size - head_offset) - head0;
+    // Metadata (sequence bounds, block tables) before the wait: the host wrote it before the step began.
+    const int q_row = query_start[seq];
+    const int ctx = context_lens[seq];
+    const int per = (ctx + DC_CLUSTER - 1) / DC_CLUSTER;
+    if (per > DC_MAX_KEYS) __trap();  // the launcher never sends a longer context
+    const int k0 = min(ctx, rank * per);
+    const int n = min(ctx, k0 + per) - k0;  // this block's keys (none for the tail blocks of a short context)
+    const int* table = block_tables + (size_t)seq * max_blocks;
+    for (int j = tid; j < n; j += DECODE_THREADS) {
+        const int key = k0 + j;
+        s_slot[j] = table[key / block_size] * block_size + key % block_size;
+    }
+    __syncthreads();
+
+    // Every K and V row of the block at once (one round trip), zeros past n up to a whole stage.
+    const int n_stages = (n + DC_CHUNK - 1) / DC_CHUNK, rows = n_stages * DC_CHUNK;
+    const size_t row_stride = (size_t)n_kv * HD;  // between consecutive cache slots
+    const T* k_head = k_cache + (size_t)kv_head * HD;
+    const T* v_head = v_cache + (size_t)kv_head * HD;
+    uint4* const k_smem = dc_kv;
+    uint4* const v_smem = dc_kv + DC_MAX_KEYS * VECS;
+    pdl_begin();
+    for (int i = tid; i < 2 * rows * VECS; i += DECODE_THREADS) {
+        const bool is_v = i >= rows * VECS;
+        const int e = is_v ? i - rows * VECS : i;
+        const int j = e / VECS;
+        const bool ok = j < n;
+        const T* src = (is_v ? v_head : k_head) + (ok ? (size_t)s_slot[j] * row_stride : 0) + 8 * (e % VECS);
+        cp_async16((is_v ? v_smem : k_smem) + e, src, ok);
+    }
+    cp_async_commit();
+
+    const T* q = qkv + (size_t)q_row * (n_heads + 2 * n_kv) * HD + (size_t)head0 * HD;
+    for (int i = tid; i < MAXG * HD; i += DECODE_THREADS)
+        s_q[i / HD][i % HD] = i / HD < group ? to_float(q[i]) * scale_log2 : 0.f;
+    cp_async_wait<0>();
+
+    float m_run = -INFINITY, l_run = 0.f;  // query head `warp`'s running max and sum (warps below group)
+    float acc[MAXG][4];
+#pragma unroll
+    for (int gi = 0; gi < MAXG; ++gi) acc[gi][0] = acc[gi][1] = acc[gi][2] = acc[gi][3] = 0.f;
+    const int l8 = lane % DECODE_LANES_PER_KEY;
+    const int kq = tid / DECODE_LANES_PER_KEY;  // QK^T: the stage's key of this 8-lane group
+    const int quad = tid % QUADS, key_lane = tid / QUADS;
+    const bool pv_thread = key_lane < KEY_LANES;
+
+    for (int c = 0; c < n_stages; ++c) {
+        __syncthreads();  // K and V landed (every thread's copies), s_q is written, the last stage's s_p is consumed
+        const uint4* ks = k_smem + c * DC_CHUNK * VECS;
+        const uint4* vs = v_smem + c * DC_CHUNK * VECS;
+
+        // Scores: 8 lanes per key, one key per group.
+        {
+            float kf[VECS_PER_LANE][8];
+#pragma unroll
+            for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
+                const int v = l8 + vv * DECODE_LANES_PER_KEY;
+                if (v < VECS) {
+                    unpack8<T>(ks[kq * VECS + v], kf[vv]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) kf[vv][e] = 0.f;
+                }
+            }
+            const bool live = c * DC_CHUNK + kq < n;
+#pragma unroll
+            for (int gi = 0; gi < MAXG; ++gi) {
+                if (gi >= group) break;
+                float dot = 0.f;
+#pragma unroll
+                for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
+                    const int v = min(l8 + vv * DECODE_LANES_PER_KEY, VECS - 1);  // kf is 0 where v >= VECS
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) dot += s_q[gi][v * 8 + e] * kf[vv][e];
+                }
+#pragma unroll
+                for (int o = DECODE_LANES_PER_KEY / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+                if (l8 == 0) s_p[gi][kq] = live ? dot : -INFINITY;
+            }
+        }
+        __syncthreads();
+
+        // Online softmax, a warp per query head and a lane per key: the stage has at least one live key, so the
+        // new max is finite; on the first stage alpha = exp2(-inf) = 0.
+        if (warp < group) {
+            const float s = s_p[warp][lane];
+            const float m_new = fmaxf(m_run, warp_max(s));
+            const float alpha = exp2f(m_run - m_new);
+            const float p = exp2f(s - m_new);
+            l_run = l_run * alpha + warp_sum(p);
+            m_run = m_new;
+            s_p[warp][lane] = p;
+            if (lane == 0) s_alpha[warp] = alpha;
+        }
+        __syncthreads();
+
+        // P V: thread (key_lane, quad) rescales its sums, then adds columns 4 quad .. 4 quad + 3 of keys key_lane,
+        // key_lane + KEY_LANES, ... (dead keys: p = 0 and V zero-filled).
+        if (pv_thread) {
+#pragma unroll
+            for (int gi = 0; gi < MAXG; ++gi) {
+                if (gi >= group) break;
+                const float a = s_alpha[gi];
+                acc[gi][0] *= a, acc[gi][1] *= a, acc[gi][2] *= a, acc[gi][3] *= a;
+            }
+#pragma unroll
+            for (int jj = key_lane; jj < DC_CHUNK; jj += KEY_LANES) {
+                const uint2 raw = reinterpret_cast<const uint2*>(vs)[jj * QUADS + quad];
+                const float2 v01 = unpack2<T>(raw.x), v23 = unpack2<T>(raw.y);
+#pragma unroll
+                for (int gi = 0; gi < MAXG; ++gi) {
+                    if (gi >= group) break;
+                    const float p = s_p[gi][jj];
+                    acc[gi][0] += p * v01.x;
+                    acc[gi][1] += p * v01.y;
+                    acc[gi][2] += p * v23.x;
+                    acc[gi][3] += p * v23.y;
+                }
+            }
+        }
+    }
+
+    // This block's share: the P V sums over the key lanes (through the K/V buffer, once every stage is
+    // consumed), and each head's max and sum.
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(dc_kv);
+    if (pv_thread) {
+#pragma unroll
+        for (int gi = 0; gi < MAXG; ++gi) {
+            if (gi >= group) break;
+            *reinterpret_cast<float4*>(red + (key_lane * MAXG + gi) * HD + 4 * quad) =
+                make_float4(acc[gi][0], acc[gi][1], acc[gi][2], acc[gi][3]);
+        }
+    }
+    if (warp < group && lane == 0) {
+        s_m[warp] = m_run;  // -inf and 0 for a block without keys: it weighs nothing below
+        s_l[warp] = l_run;
+    }
+    __syncthreads();
+    for (int i = tid; i < group * HD; i += DECODE_THREADS) {
+        const int gi = i / HD, d = i % HD;
+        float o = 0.f;
+#pragma unroll
+        for (int kl = 0; kl < KEY_LANES; ++kl) o += red[(kl * MAXG + gi) * HD + d];
+        s_o[gi][d] = o;
+    }
+
+    // The merge: block `rank` of the cluster finishes elements [rank share, (rank + 1) share) of the group's
+    // output from every block's share, each weighted by exp2(m_b - max). The first barrier publishes the shares
+    // (release / acquire across the cluster); the second keeps every block's shared memory alive until the
+    // others have read it.
+    cluster.sync();
+    const int total = group * HD, share = (total + DC_CLUSTER - 1) / DC_CLUSTER;
+    const int e_end = min(total, (rank + 1) * share);
+    for (int e = rank * share + tid; e < e_end; e += DECODE_THREADS) {
+        const int gi = e / HD, d = e % HD;
+        float mb[DC_CLUSTER], mx = -INFINITY;
+#pragma unroll
+        for (int b = 0; b < DC_CLUSTER; ++b) {
+            mb[b] = *cluster.map_shared_rank(&s_m[gi], b);
+            mx = fmaxf(mx, mb[b]);
+        }
+        float sum = 0.f, o = 0.f;
+        if (mx != -INFINITY) {  // else an empty sequence: defined zeros
+#pragma unroll
+            for (int b = 0; b < DC_CLUSTER; ++b) {
+                const float w = exp2f(mb[b] - mx);
+                sum += w * *cluster.map_shared_rank(&s_l[gi], b);
+                o += w * *cluster.map_shared_rank(&s_o[gi][d], b);
+            }
+        }
+        out[((size_t)q_row * n_heads + head0 + gi) * HD + d] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+    }
+    cluster.sync();
+}
+
+#define DECODE_CLUSTER_KERNEL(T, NAME, HD, MAXG)                                                           \
+    extern "C" __global__ void __cluster_dims__(DC_CLUSTER, 1, 1) __launch_bounds__(DECODE_THREADS, 2)     \
+        attention_decode_cluster_##NAME##_hd##HD##_g##MAXG(                                                \
+            T* out, const T* qkv, const T* k_cache, const T* v_cache, const int* block_tables,              \
+            const int* query_start, const int* context_lens, int max_blocks, int n_heads, int n_kv,        \
+            int block_size, float scale_log2, int group_size, int head_offset) {                           \
+        attention_decode_cluster_body<T, HD, MAXG>(out, qkv, k_cache, v_cache, block_tables, query_start,  \
+                                                   context_lens, max_blocks, n_heads, n_kv, block_size,    \
+                                                   scale_log2, group_size, head_offset);                   \
+    }
+#define DECODE_CLUSTER_KERNELS_HD(T, NAME, HD)                                                             \
+    DECODE_CLUSTER_KERNEL(T, NAME, HD, 1) DECODE_CLUSTER_KERNEL(T, NAME, HD, 4)                            \
+    DECODE_CLUSTER_KERNEL(T, NAME, HD, 8)
+#define DECODE_CLUSTER_KERNELS(T, NAME)                                                                    \
+    DECODE_CLUSTER_KERNELS_HD(T, NAME, 64) DECODE_CLUSTER_KERNELS_HD(T, NAME, 80)                          \
+    DECODE_CLUSTER_KERNELS_HD(T, NAME, 96) DECODE_CLUSTER_KERNELS_HD(T, NAME, 128)
+
+DECODE_CLUSTER_KERNELS(bf16, bf16)
+DECODE_CLUSTER_KERNELS(f16, f16)
+#endif

@@ -72,7 +72,8 @@ def main():
     ap.add_argument("--qgemv-rows", default="1,8,32", help="--qgemv: the token counts M to time [default: 1,8,32]")
     ap.add_argument("--attention", action="store_true",
                     help="instead: the decode attention kernel alone at --batch sizes of --context keys each (grid "
-                         "sized for a 2,048-key bound, as the decode graphs are), the plain and _occ builds")
+                         "sized for a decode graph's bound: 512 keys where the context fits, else 2,048 or the "
+                         "context), the plain and _occ builds and the cluster kernel")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="--throughput: tokens per step")
     ap.add_argument("--modes", default="continuous,static,static-padded,static-hf",
                     help="--throughput: which schedules to run, comma-separated, of continuous, static, static-padded "
@@ -181,13 +182,14 @@ def main():
         f"kernels compiled in {compile_s:.2f} s; "
         f"weights {model.weight_bytes / 2**30:.2f} GiB/rank, {weight_bytes / 2**30:.2f} GiB read per decode step; "
         f"copy bandwidth {bw:.0f} GB/s; decode split {kernels.decode_split:g} blocks/SM (min {kernels.decode_min_part} "
-        f"keys)" + (f"; prefill micro-batch overlap {'on' if model.overlap else 'off'}" if size > 1 else ""))
+        f"keys), cluster kernel {'on' if kernels.decode_cluster else 'off'}" + (f"; prefill micro-batch overlap {'on' if model.overlap else 'off'}" if size > 1 else ""))
     results = []
 
     def record(**kw):
         kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
                   pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
+                  decode_cluster=kernels.decode_cluster,
                   fuse_ar_norm=model.fuse_allreduce_norm, fuse_rope=model.fuse_rope, fuse_prenorm=model.fuse_prenorm)
         results.append(kw)
 
@@ -329,9 +331,10 @@ def gemm_compare(args, cfg):
 
 def attention_compare(args, cfg):
     """Decode attention alone on the model's heads (one query per sequence, each sequence's blocks consecutive
-    in the paged cache): microseconds per launch and GB/s of K and V read, for both builds of the kernel (plain:
-    2 blocks per SM; _occ: 3-4) and which one the launcher picks, so the picking rule
-    (kernels.decode_kernel_suffix) can be checked on any card."""
+    in the paged cache): microseconds per launch and GB/s of K and V read, for both builds of the split-K kernel
+    (plain: 2 blocks per SM; _occ: 3-4), the cluster kernel (sm_90+: at every batch, though the launcher takes
+    it for small ones only) and which one the launcher picks, so the picking rules (kernels.decode_kernel_suffix,
+    kernels.decode_uses_cluster) can be checked on any card."""
     import pycuda.driver as cuda
     import mpillm.cuda.kernels as km
     from mpillm.cuda.runtime import DeviceTensor, init_device
@@ -339,13 +342,13 @@ def attention_compare(args, cfg):
     k = km.Kernels(device)
     dt = args.dtype
     nh, nkv, hd, bs = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16
-    bound = max(2048, args.context)
+    bound = 512 if args.context <= 512 else max(2048, args.context)   # as the decode graphs (or a 2,048-token bound)
     per_seq = -(-bound // bs)
     print(f"# {device.name}: decode attention, {nh} heads / {nkv} kv heads x {hd}, {dt}, {args.context} keys per "
           f"sequence, grid for a {bound}-key bound; us per launch, GB/s of K and V")
     start, end = cuda.Event(), cuda.Event()
     rng = np.random.default_rng(0)
-    picked = km.decode_kernel_suffix
+    picked, uses_cluster = km.decode_kernel_suffix, km.decode_uses_cluster
     group_bound = next(g for g in km.DECODE_GROUPS if nh // nkv <= g)
     for B in [int(b) for b in args.batch.split(",") if b]:
         kc = DeviceTensor.empty((B * per_seq, bs, nkv, hd), dt)
@@ -365,8 +368,12 @@ def attention_compare(args, cfg):
 
         row = []
         choice = picked(1 << 30, group_bound, device.sm_count)       # "" where this group has no _occ build
-        for suffix in ("", "_occ") if choice == "_occ" else ("",):
+        # The cluster kernel at every batch its build allows (the launcher takes it for small ones only).
+        cluster_ok = km.decode_cluster_fits(group_bound, bound, device.compute_capability)
+        variants = [(s, False) for s in (("", "_occ") if choice == "_occ" else ("",))] + [("", True)] * cluster_ok
+        for suffix, cluster in variants:
             km.decode_kernel_suffix = lambda blocks, g, sms, s=suffix: s
+            km.decode_uses_cluster = lambda *a, c=cluster: c
             try:
                 best = float("inf")
                 for _ in range(3):
@@ -378,11 +385,13 @@ def attention_compare(args, cfg):
                     end.synchronize()
                     best = min(best, end.time_since(start) / 20 * 1e-3)
             finally:
-                km.decode_kernel_suffix = picked
+                km.decode_kernel_suffix, km.decode_uses_cluster = picked, uses_cluster
             gbs = 2 * B * args.context * nkv * hd * 2 / best / 1e9
-            row.append(f"{suffix or 'plain'} {best * 1e6:8.1f} us {gbs:6.0f} GB/s")
+            row.append(f"{'cluster' if cluster else suffix or 'plain'} {best * 1e6:8.1f} us {gbs:6.0f} GB/s")
         parts = km.decode_partitions(B, nkv, bound, device.sm_count, scratch.rows, k.decode_split, k.decode_min_part)
         shipped = picked(parts * nkv * B, group_bound, device.sm_count) or "plain"
+        if k.decode_cluster and uses_cluster(B, nkv, group_bound, bound, device.sm_count, device.compute_capability):
+            shipped = "cluster"
         print(f"batch {B:5d}: " + " | ".join(row) + f"   (launcher picks {shipped}; P = {parts})")
     device.close()
 

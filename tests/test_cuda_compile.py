@@ -53,10 +53,13 @@ def test_every_kernel_file_compiles(tmp_path):
             entries[part.split("(", 1)[0]] = part
     assert len(entries) > 100, sorted(entries)
     assert any(k.startswith("gemv_bf16_bf16_m") for k in entries)
-    # Every decode attention kernel the launcher may name exists (kernels.decode_kernel_suffix picks "_occ").
-    from mpillm.cuda.kernels import ATTN_HEAD_DIMS, DECODE_GROUPS, DECODE_OCC_GROUPS
+    # Every decode attention kernel the launcher may name exists (kernels.decode_kernel_suffix picks "_occ",
+    # kernels.decode_uses_cluster the cluster kernels, which only the sm_90 build has).
+    from mpillm.cuda.kernels import ATTN_HEAD_DIMS, DECODE_CLUSTER_GROUPS, DECODE_GROUPS, DECODE_OCC_GROUPS
     decode = {f"attention_decode_{dt}_hd{hd}_g{g}{suffix}" for dt in ("bf16", "f16") for hd in ATTN_HEAD_DIMS
               for g in DECODE_GROUPS for suffix in ("", "_occ") if suffix == "" or g in DECODE_OCC_GROUPS}
+    decode |= {f"attention_decode_cluster_{dt}_hd{hd}_g{g}" for dt in ("bf16", "f16") for hd in ATTN_HEAD_DIMS
+               for g in DECODE_CLUSTER_GROUPS}
     assert decode == {k for k in entries if k.startswith("attention_decode_")}
     missing = sorted(k for k, body in entries.items() if "griddepcontrol.wait;" not in body)
     assert not missing, f"kernels without pdl_wait() (griddepcontrol.wait): {missing}"

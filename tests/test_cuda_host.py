@@ -339,6 +339,42 @@ def test_decode_split_fills_the_gpu_at_batch_1_only():
     assert decode_split_settings({"MPILLM_DECODE_SPLIT": "0", "MPILLM_DECODE_MIN_PART": "64"}) == (0.0, 64)
 
 
+def test_small_decode_batches_take_the_cluster_kernel():
+    from mpillm.cuda.kernels import decode_cluster_fits, decode_cluster_setting, decode_uses_cluster
+    h100 = (132, (9, 0))
+    # Llama-3-8B (8 kv heads, group 4) on 132 SMs: batches 1-2 (up to 16 pairs), contexts up to 512 keys
+    assert decode_uses_cluster(1, 8, 4, 512, *h100)
+    assert decode_uses_cluster(2, 8, 4, 1, *h100)
+    assert not decode_uses_cluster(3, 8, 4, 512, *h100)          # 24 pairs: split-K
+    assert not decode_uses_cluster(1, 8, 4, 513, *h100)          # more than 8 x 64 keys
+    assert decode_uses_cluster(1, 8, 8, 512, *h100) and decode_uses_cluster(1, 16, 1, 512, *h100)
+    assert not decode_uses_cluster(1, 2, 16, 512, *h100)         # group 16: no cluster build
+    assert not decode_uses_cluster(1, 8, 4, 512, 108, (8, 0))    # A100: no clusters
+    assert decode_uses_cluster(5, 3, 4, 512, *h100)              # SmolLM2's 3 kv heads: up to batch 5
+    assert not decode_uses_cluster(6, 3, 4, 512, *h100)
+    assert decode_cluster_fits(4, 512, (9, 0)) and decode_cluster_fits(8, 1, (10, 0))
+    assert not decode_cluster_fits(16, 512, (9, 0)) and not decode_cluster_fits(4, 513, (9, 0))
+    assert decode_cluster_setting({}) and not decode_cluster_setting({"MPILLM_DECODE_CLUSTER": "0"})
+    with pytest.raises(ValueError, match="MPILLM_DECODE_CLUSTER"):
+        decode_cluster_setting({"MPILLM_DECODE_CLUSTER": "yes"})
+
+
+def test_cluster_kernel_constants_match_the_source():
+    """kernels.py sizes the cluster kernel's grid, shared memory and context bound from constants that
+    cuda_src/attention_decode.cu defines: the two must agree."""
+    import re
+    from mpillm.cuda import kernels as km
+    src = (km.CUDA_SRC / "attention_decode.cu").read_text()
+    defines = {m[0]: int(m[1]) for m in re.findall(r"^#define (DC_\w+|DECODE_THREADS|DECODE_PARTITION) (\d+)", src, re.M)}
+    assert defines == {"DECODE_THREADS": km.DECODE_THREADS, "DC_CLUSTER": km.DECODE_CLUSTER,
+                       "DC_CHUNK": km.DECODE_CLUSTER_CHUNK, "DC_MAX_KEYS": km.DECODE_CLUSTER_MAX_KEYS,
+                       "DECODE_PARTITION": km.DECODE_PARTITION}
+    assert km.DECODE_CLUSTER_MAX_CTX == km.DECODE_PARTITION     # the short-context decode graphs' bound
+    # K and V of 64 keys, or the P V sums where they need more (head_dim 64, group 8: 16 key lanes).
+    assert km.decode_cluster_bytes(128, 4) == km.decode_cluster_bytes(128, 8) == 32 * 1024
+    assert km.decode_cluster_bytes(64, 8) == 16 * 8 * 64 * 4 > km.decode_cluster_bytes(64, 4) == 16 * 1024
+
+
 def test_rope_interleave_puts_each_rotary_pair_on_adjacent_rows():
     from mpillm.cuda.model import rope_interleave
     rows = np.arange(2 * 6)                                   # two heads of 6

@@ -93,6 +93,16 @@ DECODE_WAVE_BLOCKS_PER_SM = 2   # blocks per SM of the plain kernel: grids beyon
 DECODE_SPLIT_ROWS = 512
 DECODE_THREADS = 256
 DECODE_GROUPS = (1, 4, 8, 16)  # instantiated GQA group bounds
+# attention_decode.cu's cluster kernels (sm_90+): DC_CLUSTER blocks per (sequence, kv head), each at most
+# DC_MAX_KEYS keys, whose K and V rows it holds in dynamic shared memory at once (in stages of DC_CHUNK keys).
+DECODE_CLUSTER = 8
+DECODE_CLUSTER_MAX_KEYS = 64
+DECODE_CLUSTER_MAX_CTX = DECODE_CLUSTER * DECODE_CLUSTER_MAX_KEYS   # = DECODE_PARTITION: the short-context graphs
+DECODE_CLUSTER_CHUNK = 32
+DECODE_CLUSTER_GROUPS = (1, 4, 8)   # group bounds with a cluster kernel (its softmax takes a warp per head)
+# Batches of at most this share of the SM count in (sequence, kv head) pairs take it (docs/PERFORMANCE.md): Llama-3-
+# 8B at batch 1 (8 pairs) gained 4.5% end to end on an H100, batch 4 (32 pairs) lost 1.5%.
+DECODE_CLUSTER_PAIRS_PER_SM = 0.125
 SAMPLE_THREADS = 1024
 SAMPLE_CANDIDATE_CAP = 4096  # sampling.cu CANDIDATE_CAP
 
@@ -212,6 +222,38 @@ def decode_kernel_suffix(blocks: int, group_bound: int, sm_count: int) -> str:
     if group_bound in DECODE_OCC_GROUPS and blocks > DECODE_WAVE_BLOCKS_PER_SM * sm_count:
         return "_occ"
     return ""
+
+
+def decode_cluster_fits(group_bound: int, max_context_len: int, compute_capability: tuple[int, int]) -> bool:
+    """Whether the cluster kernel can serve a decode launch: sm_90+, a GQA group bound it is built for, contexts
+    up to DECODE_CLUSTER_MAX_CTX."""
+    return (compute_capability >= (9, 0) and group_bound in DECODE_CLUSTER_GROUPS
+            and max_context_len <= DECODE_CLUSTER_MAX_CTX)
+
+
+def decode_uses_cluster(n_seqs: int, n_kv_heads: int, group_bound: int, max_context_len: int, sm_count: int,
+                        compute_capability: tuple[int, int]) -> bool:
+    """Whether a decode launch takes the cluster kernel: where it fits, for batches of at most
+    DECODE_CLUSTER_PAIRS_PER_SM * sm_count (sequence, kv head) pairs (where it was measured faster). The choice
+    does not depend on the scratch, so a graph and an eager launch of the same batch and bound agree."""
+    return (decode_cluster_fits(group_bound, max_context_len, compute_capability)
+            and n_seqs * n_kv_heads <= DECODE_CLUSTER_PAIRS_PER_SM * sm_count)
+
+
+def decode_cluster_bytes(head_dim: int, group_bound: int) -> int:
+    """Dynamic shared memory of a cluster-kernel launch: a block's K and V rows (16-bit elements), where
+    afterwards the P V sums of every key lane go (fp32: DECODE_THREADS / (head_dim / 4) lanes x group x
+    head_dim)."""
+    kv = 2 * DECODE_CLUSTER_MAX_KEYS * head_dim * 2
+    return max(kv, DECODE_THREADS // (head_dim // 4) * group_bound * head_dim * 4)
+
+
+def decode_cluster_setting(env) -> bool:
+    """Whether small decode batches take the cluster kernel (MPILLM_DECODE_CLUSTER, default 1)."""
+    raw = env.get("MPILLM_DECODE_CLUSTER", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"MPILLM_DECODE_CLUSTER: {raw!r}, expected 0 or 1")
+    return raw == "1"
 
 
 def qgemv_persist_setting(env) -> bool:
@@ -362,6 +404,7 @@ class Kernels:
         self.stream = device.stream
         self._cuda = cuda
         self.decode_split, self.decode_min_part = decode_split_settings(os.environ)
+        self.decode_cluster = decode_cluster_setting(os.environ)
         self.qgemv_persist = qgemv_persist_setting(os.environ)
         self.qgemv_x1 = qgemv_x1_setting(os.environ)
         sources = kernel_sources()
@@ -396,7 +439,8 @@ class Kernels:
         if fn is None:
             fn = self._modules[module].get_function(name)
             fn.prepare(arg_format)
-            if shared > 48 * 1024:
+            # Past 48 KB in all (static + dynamic) a kernel needs the opt-in attribute.
+            if shared and shared + fn.get_attribute(self._cuda.function_attribute.SHARED_SIZE_BYTES) > 48 * 1024:
                 if shared > self.device.max_shared_per_block_optin:
                     raise ValueError(f"{name}: needs {shared} B of shared memory, device allows "
                                      f"{self.device.max_shared_per_block_optin}")
@@ -849,8 +893,10 @@ class Kernels:
         Query j of sequence s sits at position context_lens[s] - n_q + j and sees keys 0..position.
 
         max_query_len / max_context_len must bound every sequence of the batch (they size the grid; the
-        host knows them, the kernels do not need them exactly). max_query_len == 1 takes the split-K
-        decode path, which needs `scratch` when max_context_len > DECODE_PARTITION.
+        host knows them, the kernels do not need them exactly). max_query_len == 1 takes a decode kernel: the
+        cluster kernel for small batches on sm_90+ (decode_uses_cluster), else split-K, which needs `scratch`
+        when max_context_len > DECODE_PARTITION (required then whichever kernel runs, so that a caller works on
+        every device).
 
         GQA: query head h reads kv head (h + head_offset) // group; by default group = n_heads / n_kv_heads
         and head_offset = 0 (HF's repeat_kv). A tensor-parallel shard whose heads start inside a GQA group
@@ -909,6 +955,15 @@ class Kernels:
             raise ValueError(f"scratch: sized for {scratch.max_seqs} seqs x {scratch.n_heads} heads x "
                              f"{scratch.max_context_len} keys x hd {scratch.head_dim}; this call needs "
                              f"{n_seqs} x {n_heads} x {max_context_len} x {head_dim}")
+        if self.decode_cluster and decode_uses_cluster(n_seqs, n_kv_heads, group_bound, max_context_len,
+                                                       self.device.sm_count, self.device.compute_capability):
+            shared = decode_cluster_bytes(head_dim, group_bound)
+            fn = self._fn("attention_decode", f"attention_decode_cluster_{dt}_hd{head_dim}_g{group_bound}",
+                          "PPPPPPPiiiifii", shared)
+            self._launch(fn, (DECODE_CLUSTER, n_kv_heads, n_seqs), DECODE_THREADS, out.ptr, qkv.ptr, k_cache.ptr,
+                         v_cache.ptr, block_tables.ptr, query_start.ptr, context_lens.ptr, max_blocks, n_heads,
+                         n_kv_heads, block_size, scale_log2, group, head_offset, shared=shared)
+            return
         rows = scratch.rows if scratch is not None else None
         parts = decode_partitions(n_seqs, n_kv_heads, max_context_len, self.device.sm_count, rows,
                                   self.decode_split, self.decode_min_part)

@@ -665,6 +665,19 @@ def test_attention_prefill_block_sizes(kernels, block_size):
 DECODE_SEQS = [(1, 1), (1, 17), (1, 513), (1, 3000), (1, 1024), (1, 2047)]
 
 
+def _cluster_mode(kernels, monkeypatch, cluster: bool, group, max_ctx):
+    """Pin the decode kernel: the cluster kernel at any batch size (skip where the device or shape has none), or
+    split-K."""
+    import mpillm.cuda.kernels as km
+
+    monkeypatch.setattr(kernels, "decode_cluster", cluster)
+    if cluster:
+        bound = next(g for g in km.DECODE_GROUPS if group <= g)
+        if not km.decode_cluster_fits(bound, max_ctx, kernels.device.compute_capability):
+            pytest.skip("no cluster kernel for this device or shape")
+        monkeypatch.setattr(km, "decode_uses_cluster", lambda *args: True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,n_heads,n_kv", [(128, 4, 4), (128, 12, 4), (64, 8, 2), (128, 32, 4),
                                                    (80, 6, 2), (96, 32, 2)])
@@ -677,9 +690,11 @@ def test_attention_decode_split_k(kernels, dtype, head_dim, n_heads, n_kv):
     assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("cluster", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_decode_single_partition(kernels, dtype):
+def test_attention_decode_single_partition(kernels, monkeypatch, cluster, dtype):
     seqs = [(1, 5), (1, 512), (1, 300)]
+    _cluster_mode(kernels, monkeypatch, cluster, 8, 512)
     got, want = _run_attention(kernels, dtype, seqs, 8, 1, 64, 16, seed=3)
     assert_close(got, want, dtype)
 
@@ -694,6 +709,7 @@ def test_attention_decode_small_batch_split(kernels, monkeypatch, split, min_par
 
     monkeypatch.setattr(kernels, "decode_split", split)
     monkeypatch.setattr(kernels, "decode_min_part", min_part)
+    monkeypatch.setattr(kernels, "decode_cluster", False)   # the split-K kernel's own rules
     nh, nkv, hd = 12, 3, 128
     rng = np.random.default_rng(len(seqs) + min_part)
     host, d = _paged_batch(rng, "bf16", seqs, nh, nkv, hd, 16)
@@ -743,16 +759,60 @@ def test_attention_decode_large_batch_whole_partitions(kernels, dtype, head_dim,
     assert not scratch.counters.to_numpy().any(), "arrival counters must be back at zero"
 
 
-@pytest.mark.parametrize("seqs", [PREFILL_SEQS[:4], DECODE_SEQS])
+SHORT_DECODE_SEQS = [(1, 1), (1, 17), (1, 300), (1, 512), (1, 64)]   # the cluster kernel's bound
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+@pytest.mark.parametrize("seqs", ["prefill", "decode", "short decode"])
 @pytest.mark.parametrize("n_heads,n_kv,group,head_offset", [(5, 2, 3, 0), (4, 2, 3, 2), (3, 1, 9, 6), (2, 2, 3, 2)])
-def test_attention_tensor_parallel_head_offset(kernels, seqs, n_heads, n_kv, group, head_offset):
+def test_attention_tensor_parallel_head_offset(kernels, monkeypatch, cluster, seqs, n_heads, n_kv, group,
+                                               head_offset):
     """A shard's query heads may start inside a GQA group (SmolLM2's 9 heads / 3 kv heads at --tp 2 and 4)."""
     from mpillm.cuda.kernels import AttentionScratch
+
+    seqs = {"prefill": PREFILL_SEQS[:4], "decode": DECODE_SEQS, "short decode": SHORT_DECODE_SEQS}[seqs]
+    if cluster and seqs is PREFILL_SEQS[:4]:
+        pytest.skip("prefill: no decode kernel")
+    _cluster_mode(kernels, monkeypatch, cluster, group, max(c for _, c in seqs))
 
     scratch = AttentionScratch(8, n_heads, 64, 4096)
     got, want = _run_attention(kernels, "f16", seqs, n_heads, n_kv, 64, 16, seed=n_heads + head_offset,
                                scratch=scratch, group=group, head_offset=head_offset)
     assert_close(got, want, "f16")
+
+
+@pytest.mark.parametrize("seqs", [[(1, 1), (1, 0), (1, 7), (1, 512)], [(1, 9), (1, 255), (1, 257), (1, 500)]])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,n_heads,n_kv,block_size", [(128, 32, 8, 16), (64, 9, 3, 16), (96, 28, 4, 32),
+                                                              (80, 8, 8, 1), (64, 16, 2, 16), (128, 40, 8, 256)])
+def test_attention_decode_cluster(kernels, monkeypatch, seqs, dtype, head_dim, n_heads, n_kv, block_size):
+    """The cluster kernel (small batches, sm_90+): each of the 8 blocks of a (sequence, kv head) takes an even
+    share of the keys, from none (contexts below 8) to 64 in two ring stages (the 512-key bound), and the blocks
+    merge in distributed shared memory. An empty sequence gets zeros; repeated launches the same bits; the
+    split-K kernel agrees within rounding."""
+    _cluster_mode(kernels, monkeypatch, True, n_heads // n_kv, 512)
+    from mpillm.cuda.kernels import AttentionScratch
+
+    rng = np.random.default_rng(head_dim + n_heads)
+    host, d = _paged_batch(rng, dtype, seqs, n_heads, n_kv, head_dim, block_size)
+    out = DeviceTensor.from_numpy(np.full((len(seqs), n_heads, head_dim), 7.0, np.float32), dtype)
+
+    def launch():
+        kernels.attention(out, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
+                          d["context_lens"], n_heads, n_kv, head_dim, head_dim ** -0.5, max_query_len=1,
+                          max_context_len=512, scratch=AttentionScratch(len(seqs), n_heads, head_dim, 512))
+        return out.to_numpy()
+
+    got = launch()
+    assert all(np.array_equal(launch(), got) for _ in range(2)), "repeated launches must give the same bits"
+    live = [i for i, (_, c) in enumerate(seqs) if c > 0]
+    assert not np.delete(got, live, axis=0).any(), "an empty sequence's output must be zeros"
+    sub = dict(host, tables=host["tables"][live], qkv=host["qkv"][live],
+               query_start=np.arange(len(live) + 1, dtype=np.int32))
+    want = _attention_reference(sub, [seqs[i] for i in live], n_heads, n_kv, head_dim, block_size)
+    assert_close(got[live], want, dtype)
+    monkeypatch.setattr(kernels, "decode_cluster", False)
+    assert_close(launch()[live], got[live], dtype, "split-K against cluster")
 
 
 def test_attention_rejects_inconsistent_head_mapping(kernels):

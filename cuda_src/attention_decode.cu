@@ -329,11 +329,11 @@ DECODE_KERNELS(f16, f16)
 // keys, and the blocks of the cluster merge their (max, sum, unnormalised output) through distributed shared
 // memory: two cluster barriers instead of the trip through global memory. No scratch, no counters, no second pass. Every element of the output is written by exactly one
 // block of the cluster (zeros for an empty sequence).
-// The host picks it (kernels.decode_uses_cluster) for very few (sequence, kv head) pairs, GQA groups up to 8 and
-// contexts up to DC_CLUSTER * DC_MAX_KEYS (one split-K partition): there Llama-3-8B int8 at batch 1 gains 4.5%
-// end to end (H100). A first version streaming up to 512 keys a block through a ring only matched split-K at
-// 1,024 keys (half the SMs busy), lost at 4,000, and lost 1.5% at batch 4 (256 blocks) (docs/PERFORMANCE.md,
-// ninth session).
+// The host picks it (kernels.decode_uses_cluster) for few (sequence, kv head) pairs, GQA groups up to 8 and
+// contexts up to DC_CLUSTER * DC_MAX_KEYS (one split-K partition): there Llama-3-8B int8 gains 4.6% end to end at
+// batch 1 and 2.6% at batch 4 (H100); at batch 8 it loses 0.7%. A first version streaming up to 512 keys a block
+// through a ring only matched split-K at 1,024 keys (half the SMs busy), lost at 4,000, and lost 1.5% at batch 4
+// (docs/PERFORMANCE.md, ninth session).
 // Clusters are sm_90+: the sm_80 build has none of this (the launcher never asks for it there).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define DC_CLUSTER 8     // blocks per (sequence, kv head): one cluster (the portable maximum)

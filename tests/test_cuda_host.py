@@ -342,16 +342,16 @@ def test_decode_split_fills_the_gpu_at_batch_1_only():
 def test_small_decode_batches_take_the_cluster_kernel():
     from mpillm.cuda.kernels import decode_cluster_fits, decode_cluster_setting, decode_uses_cluster
     h100 = (132, (9, 0))
-    # Llama-3-8B (8 kv heads, group 4) on 132 SMs: batches 1-2 (up to 16 pairs), contexts up to 512 keys
+    # Llama-3-8B (8 kv heads, group 4) on 132 SMs: batches 1-4 (up to 33 pairs), contexts up to 512 keys
     assert decode_uses_cluster(1, 8, 4, 512, *h100)
-    assert decode_uses_cluster(2, 8, 4, 1, *h100)
-    assert not decode_uses_cluster(3, 8, 4, 512, *h100)          # 24 pairs: split-K
+    assert decode_uses_cluster(4, 8, 4, 1, *h100)
+    assert not decode_uses_cluster(5, 8, 4, 512, *h100)          # 40 pairs: split-K
     assert not decode_uses_cluster(1, 8, 4, 513, *h100)          # more than 8 x 64 keys
     assert decode_uses_cluster(1, 8, 8, 512, *h100) and decode_uses_cluster(1, 16, 1, 512, *h100)
     assert not decode_uses_cluster(1, 2, 16, 512, *h100)         # group 16: no cluster build
     assert not decode_uses_cluster(1, 8, 4, 512, 108, (8, 0))    # A100: no clusters
-    assert decode_uses_cluster(5, 3, 4, 512, *h100)              # SmolLM2's 3 kv heads: up to batch 5
-    assert not decode_uses_cluster(6, 3, 4, 512, *h100)
+    assert decode_uses_cluster(11, 3, 4, 512, *h100)             # SmolLM2's 3 kv heads: up to batch 11
+    assert not decode_uses_cluster(12, 3, 4, 512, *h100)
     assert decode_cluster_fits(4, 512, (9, 0)) and decode_cluster_fits(8, 1, (10, 0))
     assert not decode_cluster_fits(16, 512, (9, 0)) and not decode_cluster_fits(4, 513, (9, 0))
     assert decode_cluster_setting({}) and not decode_cluster_setting({"MPILLM_DECODE_CLUSTER": "0"})

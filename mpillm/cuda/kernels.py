@@ -100,9 +100,9 @@ DECODE_CLUSTER_MAX_KEYS = 64
 DECODE_CLUSTER_MAX_CTX = DECODE_CLUSTER * DECODE_CLUSTER_MAX_KEYS   # = DECODE_PARTITION: the short-context graphs
 DECODE_CLUSTER_CHUNK = 32
 DECODE_CLUSTER_GROUPS = (1, 4, 8)   # group bounds with a cluster kernel (its softmax takes a warp per head)
-# Batches of at most this share of the SM count in (sequence, kv head) pairs take it (docs/PERFORMANCE.md): Llama-3-
-# 8B at batch 1 (8 pairs) gained 4.5% end to end on an H100, batch 4 (32 pairs) lost 1.5%.
-DECODE_CLUSTER_PAIRS_PER_SM = 0.125
+# Batches of at most this share of the SM count in (sequence, kv head) pairs take it (docs/PERFORMANCE.md, H100,
+# Llama-3-8B int8 end to end): batch 1 (8 pairs) +4.6%, batch 4 (32) +2.6%, batch 8 (64) -0.7%.
+DECODE_CLUSTER_PAIRS_PER_SM = 0.25
 SAMPLE_THREADS = 1024
 SAMPLE_CANDIDATE_CAP = 4096  # sampling.cu CANDIDATE_CAP
 

@@ -45,6 +45,25 @@ __device__ __forceinline__ int decode_part_len(int ctx, int P, int min_part) {
     return min(len, DECODE_PARTITION);
 }
 
+// QK^T with 8 lanes per key: query head gi (pre-scaled, s_q) against the key whose 16-byte vectors l8, l8 + 8, ...
+// this lane holds unpacked in kf (zeros past the row), summed over the 8 lanes; every lane of the group gets it.
+template <int HD, int MAXG>
+__device__ __forceinline__ float qk_dot(const float (&s_q)[MAXG][HD],
+                                        const float (&kf)[(HD / 8 + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY][8],
+                                        int gi, int l8) {
+    constexpr int VECS = HD / 8, VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY;
+    float dot = 0.f;
+#pragma unroll
+    for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
+        const int v = min(l8 + vv * DECODE_LANES_PER_KEY, VECS - 1);  // kf is 0 where v >= VECS
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot += s_q[gi][v * 8 + e] * kf[vv][e];
+    }
+#pragma unroll
+    for (int o = DECODE_LANES_PER_KEY / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+    return dot;
+}
+
 template <typename T, int HD, int MAXG>
 __device__ __forceinline__ void attention_decode_partition(
     T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
@@ -133,15 +152,7 @@ __device__ __forceinline__ void attention_decode_partition(
 #pragma unroll
             for (int gi = 0; gi < MAXG; ++gi) {
                 if (gi >= group) break;
-                float dot = 0.f;
-#pragma unroll
-                for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
-                    const int v = min(l8 + vv * DECODE_LANES_PER_KEY, VECS - 1);  // kf is 0 where v >= VECS
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) dot += s_q[gi][v * 8 + e] * kf[vv][e];
-                }
-#pragma unroll
-                for (int o = DECODE_LANES_PER_KEY / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+                const float dot = qk_dot<HD, MAXG>(s_q, kf, gi, l8);
                 if (j < n && l8 == 0) s_work[gi * DECODE_PARTITION + j] = dot;
             }
         }
@@ -441,15 +452,7 @@ __device__ __forceinline__ void attention_decode_cluster_body(
 #pragma unroll
             for (int gi = 0; gi < MAXG; ++gi) {
                 if (gi >= group) break;
-                float dot = 0.f;
-#pragma unroll
-                for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
-                    const int v = min(l8 + vv * DECODE_LANES_PER_KEY, VECS - 1);  // kf is 0 where v >= VECS
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) dot += s_q[gi][v * 8 + e] * kf[vv][e];
-                }
-#pragma unroll
-                for (int o = DECODE_LANES_PER_KEY / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+                const float dot = qk_dot<HD, MAXG>(s_q, kf, gi, l8);
                 if (l8 == 0) s_p[gi][kq] = live ? dot : -INFINITY;
             }
         }

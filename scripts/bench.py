@@ -182,7 +182,8 @@ def main():
         f"kernels compiled in {compile_s:.2f} s; "
         f"weights {model.weight_bytes / 2**30:.2f} GiB/rank, {weight_bytes / 2**30:.2f} GiB read per decode step; "
         f"copy bandwidth {bw:.0f} GB/s; decode split {kernels.decode_split:g} blocks/SM (min {kernels.decode_min_part} "
-        f"keys), cluster kernel {'on' if kernels.decode_cluster else 'off'}" + (f"; prefill micro-batch overlap {'on' if model.overlap else 'off'}" if size > 1 else ""))
+        f"keys), cluster kernel {'on' if kernels.decode_cluster else 'off'}"
+        + (f"; prefill micro-batch overlap {'on' if model.overlap else 'off'}" if size > 1 else ""))
     results = []
 
     def record(**kw):

@@ -778,8 +778,8 @@ class CudaTransformer:
         self._pad_decode(n, B)
         self.buf.upload(B, self.dev.stream)
         # Two graphs per batch bucket: contexts that fit one split-K partition run the direct attention
-        # kernel (no partial outputs, no merge kernel), or at the smallest batches the cluster kernel (the same
-        # bound: kernels.DECODE_CLUSTER_MAX_CTX); longer ones the split-K pair sized for max_model_len.
+        # kernel (no partial outputs, no merge kernel), or at small batches the cluster kernel (the same bound:
+        # kernels.DECODE_CLUSTER_MAX_CTX); longer ones the split-K pair sized for max_model_len.
         max_ctx = DECODE_PARTITION if int(step.context_lens.max()) <= DECODE_PARTITION else self.max_blocks * self.block_size
         graph = self.graphs.get((B, max_ctx))
         if graph is None:

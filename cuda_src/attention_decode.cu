@@ -338,11 +338,13 @@ DECODE_KERNELS(f16, f16)
 // back. Here each block takes an even share of the sequence's keys (at most DC_MAX_KEYS), copies all its K and V
 // rows into shared memory at once (cp.async: one round trip), keeps an online softmax over stages of DC_CHUNK
 // keys, and the blocks of the cluster merge their (max, sum, unnormalised output) through distributed shared
-// memory: two cluster barriers instead of the trip through global memory. No scratch, no counters, no second pass. Every element of the output is written by exactly one
+// memory: each pushes its sums to the block that finishes them, one cluster barrier instead of the trip
+// through global memory. No scratch, no counters, no second pass. Every element of the output is written by exactly one
 // block of the cluster (zeros for an empty sequence).
 // The host picks it (kernels.decode_uses_cluster) for few (sequence, kv head) pairs, GQA groups up to 8 and
 // contexts up to DC_CLUSTER * DC_MAX_KEYS (one split-K partition): there Llama-3-8B int8 gains 4.6% end to end at
-// batch 1 and 2.6% at batch 4 (H100); at batch 8 it loses 0.7%. A first version streaming up to 512 keys a block
+// batch 1 and 2.6% at batch 4 (H100); at batch 8 it loses 0.7%. Pushing the merge's inputs (one barrier) beat
+// reading them from the other blocks (two barriers, two rounds of remote loads) by 0.8% at batch 1 and 4. A first version streaming up to 512 keys a block
 // through a ring only matched split-K at 1,024 keys (half the SMs busy), lost at 4,000, and lost 1.5% at batch 4
 // (docs/PERFORMANCE.md, ninth session).
 // Clusters are sm_90+: the sm_80 build has none of this (the launcher never asks for it there).
@@ -371,7 +373,10 @@ __device__ __forceinline__ void attention_decode_cluster_body(
     __shared__ float s_q[MAXG][HD];
     __shared__ float s_p[MAXG][DC_CHUNK];  // a stage's scores, then its unnormalised probabilities
     __shared__ float s_alpha[MAXG];        // the factor the running sums take at this stage's new max
-    __shared__ float s_o[MAXG][HD], s_m[MAXG], s_l[MAXG];  // this block's share of the answer, read by the cluster
+    // The merge's inputs, pushed here by every block of the cluster (source b's row): the P V sums of this block's
+    // slice of the output, and each head's max and sum.
+    constexpr int SLICE = (MAXG * HD + DC_CLUSTER - 1) / DC_CLUSTER;
+    __shared__ float s_in[DC_CLUSTER][SLICE], s_m[DC_CLUSTER][MAXG], s_l[DC_CLUSTER][MAXG];
     __shared__ int s_slot[DC_MAX_KEYS];
 
     constexpr uint32_t KV_BYTES = 2 * DC_MAX_KEYS * VECS * 16, SUM_BYTES = KEY_LANES * MAXG * HD * 4;
@@ -379,6 +384,9 @@ __device__ __forceinline__ void attention_decode_cluster_body(
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (dyn < (KV_BYTES > SUM_BYTES ? KV_BYTES : SUM_BYTES)) __trap();
     cg::cluster_group cluster = cg::this_cluster();
+    // Shared memory of another block may be written only once that block runs: arrive now, wait before the
+    // first push (by then every block has long arrived).
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
     const int rank = (int)cluster.block_rank(), kv_head = blockIdx.y, seq = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // Query heads served by this kv head (a tensor-parallel shard may start or end inside a GQA group).
@@ -510,46 +518,44 @@ __device__ __forceinline__ void attention_decode_cluster_body(
                 make_float4(acc[gi][0], acc[gi][1], acc[gi][2], acc[gi][3]);
         }
     }
-    if (warp < group && lane == 0) {
-        s_m[warp] = m_run;  // -inf and 0 for a block without keys: it weighs nothing below
-        s_l[warp] = l_run;
-    }
     __syncthreads();
-    for (int i = tid; i < group * HD; i += DECODE_THREADS) {
-        const int gi = i / HD, d = i % HD;
+
+    // The merge: block `rank` of the cluster finishes elements [rank slice, (rank + 1) slice) of the group's
+    // output. Every block pushes each element's sum, and each head's max and sum (-inf and 0 for a block without
+    // keys: it weighs nothing), into the shared memory of the block that finishes it; one cluster barrier
+    // (release / acquire) publishes them, and after it each block reads only its own shared memory.
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+    const int total = group * HD, slice = (total + DC_CLUSTER - 1) / DC_CLUSTER;
+    if (warp < group && lane < DC_CLUSTER) {  // m_run and l_run are the same in every lane of the warp
+        *cluster.map_shared_rank(&s_m[rank][warp], lane) = m_run;
+        *cluster.map_shared_rank(&s_l[rank][warp], lane) = l_run;
+    }
+    for (int e = tid; e < total; e += DECODE_THREADS) {
+        const int gi = e / HD, d = e % HD;
         float o = 0.f;
 #pragma unroll
         for (int kl = 0; kl < KEY_LANES; ++kl) o += red[(kl * MAXG + gi) * HD + d];
-        s_o[gi][d] = o;
+        *cluster.map_shared_rank(&s_in[rank][e % slice], e / slice) = o;
     }
-
-    // The merge: block `rank` of the cluster finishes elements [rank share, (rank + 1) share) of the group's
-    // output from every block's share, each weighted by exp2(m_b - max). The first barrier publishes the shares
-    // (release / acquire across the cluster); the second keeps every block's shared memory alive until the
-    // others have read it.
     cluster.sync();
-    const int total = group * HD, share = (total + DC_CLUSTER - 1) / DC_CLUSTER;
-    const int e_end = min(total, (rank + 1) * share);
-    for (int e = rank * share + tid; e < e_end; e += DECODE_THREADS) {
+    for (int i = tid; i < slice; i += DECODE_THREADS) {
+        const int e = rank * slice + i;
+        if (e >= total) break;
         const int gi = e / HD, d = e % HD;
-        float mb[DC_CLUSTER], mx = -INFINITY;
+        float mx = -INFINITY;
 #pragma unroll
-        for (int b = 0; b < DC_CLUSTER; ++b) {
-            mb[b] = *cluster.map_shared_rank(&s_m[gi], b);
-            mx = fmaxf(mx, mb[b]);
-        }
+        for (int b = 0; b < DC_CLUSTER; ++b) mx = fmaxf(mx, s_m[b][gi]);
         float sum = 0.f, o = 0.f;
         if (mx != -INFINITY) {  // else an empty sequence: defined zeros
 #pragma unroll
             for (int b = 0; b < DC_CLUSTER; ++b) {
-                const float w = exp2f(mb[b] - mx);
-                sum += w * *cluster.map_shared_rank(&s_l[gi], b);
-                o += w * *cluster.map_shared_rank(&s_o[gi][d], b);
+                const float w = exp2f(s_m[b][gi] - mx);
+                sum += w * s_l[b][gi];
+                o += w * s_in[b][i];
             }
         }
         out[((size_t)q_row * n_heads + head0 + gi) * HD + d] = from_float<T>(sum > 0.f ? o / sum : 0.f);
     }
-    cluster.sync();
 }
 
 #define DECODE_CLUSTER_KERNEL(T, NAME, HD, MAXG)                                                           \

@@ -47,11 +47,10 @@ __device__ __forceinline__ int decode_part_len(int ctx, int P, int min_part) {
 
 // QK^T with 8 lanes per key: query head gi (pre-scaled, s_q) against the key whose 16-byte vectors l8, l8 + 8, ...
 // this lane holds unpacked in kf (zeros past the row), summed over the 8 lanes; every lane of the group gets it.
-template <int HD, int MAXG>
-__device__ __forceinline__ float qk_dot(const float (&s_q)[MAXG][HD],
-                                        const float (&kf)[(HD / 8 + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY][8],
-                                        int gi, int l8) {
-    constexpr int VECS = HD / 8, VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY;
+template <int HD, int MAXG, int VECS = HD / 8,
+          int VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY>
+__device__ __forceinline__ float qk_dot(const float (&s_q)[MAXG][HD], const float (&kf)[VECS_PER_LANE][8], int gi,
+                                        int l8) {
     float dot = 0.f;
 #pragma unroll
     for (int vv = 0; vv < VECS_PER_LANE; ++vv) {
@@ -338,15 +337,15 @@ DECODE_KERNELS(f16, f16)
 // back. Here each block takes an even share of the sequence's keys (at most DC_MAX_KEYS), copies all its K and V
 // rows into shared memory at once (cp.async: one round trip), keeps an online softmax over stages of DC_CHUNK
 // keys, and the blocks of the cluster merge their (max, sum, unnormalised output) through distributed shared
-// memory: each pushes its sums to the block that finishes them, one cluster barrier instead of the trip
-// through global memory. No scratch, no counters, no second pass. Every element of the output is written by exactly one
-// block of the cluster (zeros for an empty sequence).
+// memory: each pushes its sums to the block that finishes them, and one cluster barrier replaces the trip
+// through global memory. No scratch, no counters, no second pass. Every element of the output is written by
+// exactly one block of the cluster (zeros for an empty sequence).
 // The host picks it (kernels.decode_uses_cluster) for few (sequence, kv head) pairs, GQA groups up to 8 and
 // contexts up to DC_CLUSTER * DC_MAX_KEYS (one split-K partition): there Llama-3-8B int8 gains 4.6% end to end at
 // batch 1 and 2.6% at batch 4 (H100); at batch 8 it loses 0.7%. Pushing the merge's inputs (one barrier) beat
-// reading them from the other blocks (two barriers, two rounds of remote loads) by 0.8% at batch 1 and 4. A first version streaming up to 512 keys a block
-// through a ring only matched split-K at 1,024 keys (half the SMs busy), lost at 4,000, and lost 1.5% at batch 4
-// (docs/PERFORMANCE.md, ninth session).
+// reading them from the other blocks (two barriers, two rounds of remote loads) by 0.8% at batch 1 and 4. A first
+// version streaming up to 512 keys a block through a ring only matched split-K at 1,024 keys (half the SMs busy),
+// lost at 4,000, and lost 1.5% at batch 4 (docs/PERFORMANCE.md, ninth session).
 // Clusters are sm_90+: the sm_80 build has none of this (the launcher never asks for it there).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define DC_CLUSTER 8     // blocks per (sequence, kv head): one cluster (the portable maximum)

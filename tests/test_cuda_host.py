@@ -365,7 +365,8 @@ def test_cluster_kernel_constants_match_the_source():
     import re
     from mpillm.cuda import kernels as km
     src = (km.CUDA_SRC / "attention_decode.cu").read_text()
-    defines = {m[0]: int(m[1]) for m in re.findall(r"^#define (DC_\w+|DECODE_THREADS|DECODE_PARTITION) (\d+)", src, re.M)}
+    names = r"DC_\w+|DECODE_THREADS|DECODE_PARTITION"
+    defines = {m[0]: int(m[1]) for m in re.findall(rf"^#define ({names}) (\d+)", src, re.M)}
     assert defines == {"DECODE_THREADS": km.DECODE_THREADS, "DC_CLUSTER": km.DECODE_CLUSTER,
                        "DC_CHUNK": km.DECODE_CLUSTER_CHUNK, "DC_MAX_KEYS": km.DECODE_CLUSTER_MAX_KEYS,
                        "DECODE_PARTITION": km.DECODE_PARTITION}

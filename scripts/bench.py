@@ -351,6 +351,10 @@ def attention_compare(args, cfg):
     rng = np.random.default_rng(0)
     picked, uses_cluster = km.decode_kernel_suffix, km.decode_uses_cluster
     group_bound = next(g for g in km.DECODE_GROUPS if nh // nkv <= g)
+    choice = picked(1 << 30, group_bound, device.sm_count)           # "" where this group has no _occ build
+    # The cluster kernel at every batch its build allows (the launcher takes it for small ones only).
+    cluster_ok = km.decode_cluster_fits(group_bound, bound, device.compute_capability)
+    variants = [(s, False) for s in (("", "_occ") if choice == "_occ" else ("",))] + [("", True)] * cluster_ok
     for B in [int(b) for b in args.batch.split(",") if b]:
         kc = DeviceTensor.empty((B * per_seq, bs, nkv, hd), dt)
         vc = DeviceTensor.empty((B * per_seq, bs, nkv, hd), dt)
@@ -368,10 +372,6 @@ def attention_compare(args, cfg):
                         max_context_len=bound, scratch=scratch)
 
         row = []
-        choice = picked(1 << 30, group_bound, device.sm_count)       # "" where this group has no _occ build
-        # The cluster kernel at every batch its build allows (the launcher takes it for small ones only).
-        cluster_ok = km.decode_cluster_fits(group_bound, bound, device.compute_capability)
-        variants = [(s, False) for s in (("", "_occ") if choice == "_occ" else ("",))] + [("", True)] * cluster_ok
         for suffix, cluster in variants:
             km.decode_kernel_suffix = lambda blocks, g, sms, s=suffix: s
             km.decode_uses_cluster = lambda *a, c=cluster: c

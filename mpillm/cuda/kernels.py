@@ -893,10 +893,9 @@ class Kernels:
         Query j of sequence s sits at position context_lens[s] - n_q + j and sees keys 0..position.
 
         max_query_len / max_context_len must bound every sequence of the batch (they size the grid; the
-        host knows them, the kernels do not need them exactly). max_query_len == 1 takes a decode kernel: the
-        cluster kernel for small batches on sm_90+ (decode_uses_cluster), else split-K, which needs `scratch`
-        when max_context_len > DECODE_PARTITION (required then whichever kernel runs, so that a caller works on
-        every device).
+        host knows them, the kernels do not need them exactly). max_query_len == 1 takes a decode kernel: for
+        small batches with max_context_len <= DECODE_PARTITION on sm_90+ the cluster kernel (decode_uses_cluster),
+        else split-K, which needs `scratch` when max_context_len > DECODE_PARTITION.
 
         GQA: query head h reads kv head (h + head_offset) // group; by default group = n_heads / n_kv_heads
         and head_offset = 0 (HF's repeat_kv). A tensor-parallel shard whose heads start inside a GQA group

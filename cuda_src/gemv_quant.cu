@@ -84,6 +84,17 @@ template <> __device__ __forceinline__ uint32_t u4_pair_signed<f16>(uint32_t w, 
     return *reinterpret_cast<const uint32_t*>(&r);
 }
 
+// XH (one token, x staged as fp16) with Q4_0: pair p of a 4-bit word as fp16 (1024 + q, 1024 + q') for p = 0, 2 and
+// (1024 + 16 q, 1024 + 16 q') for p = 1, 3. fp16's mantissa step at 1024 is 1, so a code in bits 0-3 or 4-7 of each
+// half goes in with one LOP3, where it lies, and one shift (w8 = w >> 8) serves pairs 2 and 3: 5 instructions per 8
+// weights against u4_pair_signed's 11. Elements 2, 3, 6 and 7 of each 8 thus enter the mma 16 times too large,
+// which stage_x_half takes back by staging x / 16 there, and the 1024 and the 8 of every code come off the chunk's
+// sum at once: the mma starts from -sum_k (1024 + 8 s_k) x'_k (x'_k the staged x, s_k its 1 or 16), stage_x_half's
+// chunk bias.
+__device__ __forceinline__ uint32_t u4_pair_x16(uint32_t w, uint32_t w8, int p) {
+    return ((p & 2 ? w8 : w) & (p & 1 ? 0x00F000F0u : 0x000F000Fu)) | 0x64006400u;
+}
+
 template <typename T> __device__ __forceinline__ uint32_t ones_pair();
 template <> __device__ __forceinline__ uint32_t ones_pair<bf16>() { return 0x3F803F80u; }
 template <> __device__ __forceinline__ uint32_t ones_pair<f16>() { return 0x3C003C00u; }
@@ -186,15 +197,20 @@ struct PreNormStage {
     }
 };
 
-template <int WARPS, bool FROM_SMEM = false>  // FROM_SMEM: x is already in xs as bf16 (PreNormStage::finish)
+// Q4 (Q4_0's XH kernels): super-blocks of 128 elements; the elements 2, 3, 6, 7 of every 8 staged as x 2^s / 16
+// (u4_pair_x16 feeds their codes 16 times too large), and after the n_sb * 128 fp16 values, each 32-element chunk's
+// bias -sum_k (1024 + 8 s_k) x'_k in fp32 (s_k = 1 or 16, x'_k the staged value): the mma starts from it.
+template <int WARPS, bool FROM_SMEM = false, bool Q4 = false>  // FROM_SMEM: x is already in xs as bf16 (PreNormStage)
 __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16* __restrict__ x, int K, int n_sb,
                                               int warp, int lane) {
-    constexpr int BATCH = 8;  // loads in flight per lane: one round trip for K up to 16,384
-    const int vecs = ((n_sb - warp + WARPS - 1) / WARPS) * 8;  // 16-byte vectors of this warp's super-blocks
-    auto at = [&](int v) { return (warp + WARPS * (v >> 3)) * 64 + 8 * (v & 7); };  // element index of vector v
+    constexpr int BATCH = 8;               // loads in flight per lane: one round trip for K up to 16,384
+    constexpr int SBE = Q4 ? 128 : 64;     // elements per super-block
+    constexpr int VPS = SBE / 8;           // 16-byte vectors per super-block
+    const int vecs = ((n_sb - warp + WARPS - 1) / WARPS) * VPS;  // 16-byte vectors of this warp's super-blocks
+    auto at = [&](int v) { return (warp + WARPS * (v / VPS)) * SBE + 8 * (v % VPS); };  // element index of vector v
     uint32_t dyn;  // the launcher sizes the dynamic shared memory (kernels.py qgemv_x1_bytes): never write past it
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (uint32_t)n_sb * 128u) __trap();
+    if (dyn < (uint32_t)n_sb * (2u * SBE + (Q4 ? 16u : 0u))) __trap();
     // Pass 1: x as it is into shared memory (zeros past K), and the max of |x| as bf16 bits (monotone in |x|: NaN
     // above inf above every finite).
     uint32_t mbits = 0;
@@ -220,19 +236,41 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
     mbits = __reduce_max_sync(0xFFFFFFFFu, mbits);
     const int e = (int)(mbits >> 7);  // biased exponent: 0 zero / subnormal, 255 inf / NaN (left unscaled)
     const int s = (mbits == 0 || e == 255) ? 0 : min(max(142 - e, -100), 100);
-    const float up = __int_as_float((127 + s) << 23);
-    // Pass 2, in place (each lane its own vectors): fp16 of x 2^s.
-    for (int v = lane; v < vecs; v += 32) {
+    const float up = __int_as_float((127 + s) << 23), up16 = __int_as_float((123 + s) << 23);  // 2^s, 2^s / 16
+    // Pass 2, in place (each lane its own vectors): fp16 of x 2^s (Q4: / 16 at elements 2, 3, 6, 7 of each 8, and
+    // the chunk biases: a chunk is 4 vectors, those of lanes 4c .. 4c + 3). convert(v) converts vector v and returns
+    // its share of its chunk's bias (Q4).
+    auto convert = [&](int v) {
         uint4& h = xs[at(v) >> 3];
         const uint4 q = h;
         uint32_t o[4];
+        float part = 0.f;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const uint32_t w = word_at(q, i);
-            const __half2 p = __floats2half2_rn(__uint_as_float(w << 16) * up, __uint_as_float(w & 0xFFFF0000u) * up);
+            const float f = Q4 && (i & 1) ? up16 : up;
+            const __half2 p = __floats2half2_rn(__uint_as_float(w << 16) * f, __uint_as_float(w & 0xFFFF0000u) * f);
             o[i] = *reinterpret_cast<const uint32_t*>(&p);
+            if (Q4) {
+                const float2 r = __half22float2(p);
+                const float c = i & 1 ? 1152.f : 1032.f;  // 1024 + 8 s_k
+                part = fmaf(c, r.y, fmaf(c, r.x, part));
+            }
         }
         h = make_uint4(o[0], o[1], o[2], o[3]);
+        return part;
+    };
+    if constexpr (Q4) {
+        float* const bias = reinterpret_cast<float*>(xs + n_sb * VPS);
+        for (int v0 = 0; v0 < vecs; v0 += 32) {  // a uniform bound for the shuffles
+            const int v = v0 + lane;
+            float part = v < vecs ? convert(v) : 0.f;
+            part += __shfl_xor_sync(0xFFFFFFFFu, part, 1);
+            part += __shfl_xor_sync(0xFFFFFFFFu, part, 2);
+            if (v < vecs && (lane & 3) == 0) bias[at(v) >> 5] = -part;
+        }
+    } else {
+        for (int v = lane; v < vecs; v += 32) convert(v);
     }
     __syncwarp();  // lanes read each other's vectors
     return __int_as_float((127 - s) << 23);
@@ -247,6 +285,7 @@ struct QStage {
     uint4 wa[UNROLL], wb[UNROLL];          // rows g and g + 8
     uint32_t sa[UNROLL][CH], sb[UNROLL][CH];  // their chunk scales (int8, Q4_0: fp16 bits; Q4_1: (d, m) half2)
     uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
+    int sb0;                               // XH Q4_0: the step's first super-block (its chunk biases: compute)
 };
 
 // L2_HINT: weight loads with the L2::256B segment prefetch. STAGES: 0 = two register stages (production);
@@ -264,7 +303,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
     static_assert(!SYM || BITS == 4, "SYM is a 4-bit layout");
     static_assert(!PERSIST || STAGES > 0, "PERSIST: the ring shapes");
-    static_assert(!XH || (BITS == 8 && NT == 1 && sizeof(T) == 2), "XH: int8 weights, one token tile");
+    static_assert(!XH || ((BITS == 8 || SYM) && NT == 1 && sizeof(T) == 2), "XH: int8 or Q4_0, one token tile");
+    constexpr bool XH4 = XH && BITS == 4;  // Q4_0 through u4_pair_x16 and the chunk biases
     static_assert(!PRENORM || XH, "PRENORM: the XH kernels");
     using TC = typename pick_type<XH, f16, T>::type;  // the mma's type: fp16 for XH (x staged as fp16)
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
@@ -323,6 +363,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     float x_down = 1.f;  // XH: 2^-s, x's scale taken back (stage_x_half)
     PreNormStage<WARPS * 32> pre;  // PRENORM: r and the norm weight, loaded before the PDL wait
     auto load_x = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
+        if constexpr (XH4) st.sb0 = sb0;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
@@ -345,6 +386,9 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         }
     };
 
+    // XH4: the chunk biases, after the n_sb * 16 vectors of x (stage_x_half); read at use, which costs fewer
+    // registers than carrying them in the stages.
+    const float* const x_bias = reinterpret_cast<const float*>(qgemv_xs + n_sb * 16);
     auto compute = [&](const QStage<BITS, UNROLL, NT>& st) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -356,6 +400,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     s8x4_pairs<TC>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
                     s8x4_pairs<TC>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
                     s8x4_pairs<TC>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
+                } else if (XH4) {
+                    const uint32_t wa = word_at(st.wa[u], j), wb = word_at(st.wb[u], j), wa8 = wa >> 8, wb8 = wb >> 8;
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) pa[p] = u4_pair_x16(wa, wa8, p), pb[p] = u4_pair_x16(wb, wb8, p);
                 } else if (SYM) {
 #pragma unroll
                     for (int p = 0; p < 4; ++p) {
@@ -388,6 +436,16 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
                 for (int jt = 0; jt < NT; ++jt) {
                     const uint4& xv = st.xv[u][jt][j];
+                    if constexpr (XH4) {  // token 0 is column 0: c[0] (row g) and c[2] (row g + 8) of lanes t = 0
+                        const int sb = st.sb0 + u * WARPS;
+                        const float b = sb < n_sb ? x_bias[sb * 4 + j] : 0.f;
+                        float c[4] = {b, 0.f, b, 0.f};
+                        mma_16816<TC>(c, a0, xv.x, xv.y);
+                        mma_16816<TC>(c, a1, xv.z, xv.w);
+                        acc[jt][0] = fmaf(da, c[0], acc[jt][0]);
+                        acc[jt][2] = fmaf(db, c[2], acc[jt][2]);
+                        continue;
+                    }
                     float c[4] = {0.f, 0.f, 0.f, 0.f};
                     mma_16816<TC>(c, a0, xv.x, xv.y);
                     mma_16816<TC>(c, a1, xv.z, xv.w);
@@ -445,7 +503,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         pdl_begin();
         if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
         if constexpr (XH)
-            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp, lane);
+            x_down = stage_x_half<WARPS, PRENORM, XH4>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp,
+                                                        lane);
         load_x(front, warp);
     };
     if constexpr (STAGES == 0) {  // one tile per block: the grid is ceil(N / 16)
@@ -729,6 +788,32 @@ extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1(
     int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,
     bf16* v_cache, int n_heads, int n_kv, int head_dim) {
     quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true>(
+        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,
+        RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});
+}
+
+// One token, Q4_0 weights, bf16 activations (XH with BITS 4: u4_pair_x16 and the chunk biases), all in the int8
+// _x1 shape (8 warps, unroll 1, the L2 hint, a 4-stage ring, blocks looping over tiles, 2 per SM): staging x is
+// paid once per block, so the one-tile-per-block register stages of Q4_0's m1 SwiGLU and rope kernels would pay
+// it per 16 rows (tried, with the pre-norm folded in as well: 11% slower end to end). No pre-norm fold (_x1n):
+// with these kernels it lost 0.7-1.0% at Llama-3-8B b=1 (H100, docs/PERFORMANCE.md, tenth session), where int8's
+// gained. Dynamic shared memory: kernels.py qgemv_x1_bytes(K, "4s").
+#define QGEMV4_X1_ARGS                                                                                          \
+    const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
+        int n_groups, int gshift
+#define QGEMV4_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 2) FNAME(OUT_T* y, QGEMV4_X1_ARGS) {                       \
+        quant_linear<bf16, OUT_T, 4, 1, 8, 1, SWIGLU, true, 4, false, true, true, true>(                        \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
+    }
+QGEMV4_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, false)
+QGEMV4_X1_ENTRY(float, qgemv4s_bf16_f32_x1, false)
+QGEMV4_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, true)
+QGEMV4_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, true)
+extern "C" __global__ void __launch_bounds__(256, 2) qgemv4s_rope_bf16_x1(
+    bf16* y, QGEMV4_X1_ARGS, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,
+    bf16* v_cache, int n_heads, int n_kv, int head_dim) {
+    quant_linear<bf16, bf16, 4, 1, 8, 1, false, true, 4, true, true, true, true>(
         y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,
         RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});
 }

@@ -77,7 +77,7 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
     """The tile-looping kernels (int8 and Q4_0 up to 16 rows) get at most 2 blocks per SM, each the same number of
     16-row tiles where the count allows; the others (Q4_1, 17-32 rows) and MPILLM_QGEMV_PERSIST=0 one tile per
     block."""
-    from mpillm.cuda.kernels import QGEMV_PERSIST, QuantWeight, qgemv_grid, qgemv_persist_setting
+    from mpillm.cuda.kernels import QGEMV_PERSIST, QGEMV_X1_PERSIST, QuantWeight, qgemv_grid, qgemv_persist_setting
     assert qgemv_grid(6144, 132) == 192            # 384 tiles: 2 each, not 264 blocks in two waves
     assert qgemv_grid(28672, 132) == 256           # 1,792 tiles: 7 each
     assert qgemv_grid(4096, 132) == 256 and qgemv_grid(1000, 132) == 63 and qgemv_grid(16, 132) == 1
@@ -89,8 +89,12 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
     assert QGEMV_PERSIST[("8", 1, "")] == 2 and QGEMV_PERSIST[("8", 1, "rope")] == 3
     assert not any((fmt == "4" or tiles == 4) for fmt, tiles, _ in QGEMV_PERSIST)
     assert ("4s", 1, "swiglu") not in QGEMV_PERSIST and ("4s", 1, "rope") not in QGEMV_PERSIST
+    # the _x1 kernels all loop over tiles; int8's are the m1 shapes, whose counts they share
+    assert all(QGEMV_X1_PERSIST["8", e] == QGEMV_PERSIST[("8", 1, e)] for e in ("", "swiglu", "rope"))
+    assert set(QGEMV_X1_PERSIST) == {(f, e) for f in ("8", "4s") for e in ("", "swiglu", "rope")}
     n, k = 6144, 4096
-    for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_m1", 192), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
+    for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_x1", 192), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
+                                   ("q4_0", 2, "qgemv4s_bf16_bf16_m1", 192),
                                    ("int8", 12, "qgemv8_bf16_bf16_m2", 192), ("int8", 20, "qgemv8_bf16_bf16_m4", 384),
                                    ("q4", 1, "qgemv4_bf16_bf16_m1", 384)):
         w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
@@ -100,13 +104,19 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
             rec.k.qgemv_persist = persist
             rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w)
             assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (want, 1))], (kind, rows, persist)
-    # SwiGLU twins: int8 loops (one token: the _x1 kernel); Q4_0 at M <= 8 runs the register stages, one tile per block
-    for kind, name, grid in (("int8", "qgemv8_swiglu_bf16_bf16_x1", 192), ("q4_0", "qgemv4s_swiglu_bf16_bf16_m1", 384)):
+    # SwiGLU twins: int8 loops; Q4_0 at 2-8 rows runs the register stages, one tile per block, and one token the
+    # _x1 kernels, which loop (MPILLM_QGEMV_PERSIST=0: one tile per block for all)
+    for kind, rows, name, grid in (("int8", 1, "qgemv8_swiglu_bf16_bf16_x1", 192),
+                                   ("q4_0", 1, "qgemv4s_swiglu_bf16_bf16_x1", 192),
+                                   ("q4_0", 2, "qgemv4s_swiglu_bf16_bf16_m1", 384)):
         w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
                         _tensor(0x200000, (n, 256), "u8"))
-        rec = _Recorder()
-        rec.k.linear_swiglu(_tensor(0x400000, (1, n // 2)), _tensor(0x300000, (1, k)), w, _tensor(0x500000, (1, n)))
-        assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (grid, 1))]
+        for persist in (True, False):
+            rec = _Recorder()
+            rec.k.qgemv_persist = persist
+            rec.k.linear_swiglu(_tensor(0x400000, (rows, n // 2)), _tensor(0x300000, (rows, k)), w,
+                                _tensor(0x500000, (rows, n)))
+            assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (grid if persist else 384, 1))]
     # the q/k/v projection with rope, int8 at M <= 8: 3 blocks per SM, so Llama-3-8B's 384 tiles are one wave
     nh, nkv, hd = 32, 8, 128
     w = QuantWeight("int8", n, k, 128, _tensor(0x100000, (n, 64 * 64), "u8"), _tensor(0x200000, (n, 64), "u8"))
@@ -125,13 +135,16 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
 
 
 def test_one_token_int8_bf16_takes_the_x1_kernels():
-    """One token of bf16 x with int8 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy in
-    dynamic shared memory (whole super-blocks of 64, 128 bytes each); fp16 activations, 4-bit weights, more
-    tokens, K past 32,768 and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
+    """One token of bf16 x with int8 or Q4_0 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy
+    in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk
+    biases, 272 bytes); fp16 activations, Q4_1 weights, more tokens, K past the shared memory and MPILLM_QGEMV_X1=0
+    keep the m1 kernel."""
     from mpillm.cuda.kernels import QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid, qgemv_x1_bytes, qgemv_x1_setting
     assert qgemv_x1_bytes(4096) == 64 * 128 and qgemv_x1_bytes(14336) == 224 * 128
     assert qgemv_x1_bytes(576) == 9 * 128 and qgemv_x1_bytes(608) == 10 * 128 and qgemv_x1_bytes(2080) == 33 * 128
     assert qgemv_x1_bytes(32768) == QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(32768 + 32)
+    assert qgemv_x1_bytes(4096, "4s") == 32 * 272 and qgemv_x1_bytes(608, "4s") == 5 * 272
+    assert qgemv_x1_bytes(240 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(240 * 128 + 32, "4s")
 
     def launch(kind, rows, k, dtype="bf16", x1=True, n=6144):
         w = QuantWeight(kind, n, k, 32, _tensor(0x100000, (n, k), "u8"), _tensor(0x200000, (n, k // 16), "u8"))
@@ -145,7 +158,13 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert launch("int8", 1, 4096, x1=False) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     assert launch("int8", 1, 4096, dtype="f16") == ([("qgemv8_f16_f16_m1", (grid, 1))], [0])
     assert launch("int8", 2, 4096)[0] == [("qgemv8_bf16_bf16_m1", (grid, 1))]
-    assert launch("q4_0", 1, 4096)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
+    assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (grid, 1))], [32 * 272])
+    assert launch("q4_0", 1, 4096, x1=False) == ([("qgemv4s_bf16_bf16_m1", (grid, 1))], [0])
+    assert launch("q4_0", 1, 240 * 128 + 32)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
+    # 4,096 rows, 256 tiles: one per block, which staging x does not repay (QGEMV4_X1_MIN_TILES)
+    assert launch("q4_0", 1, 4096, n=4096)[0] == [("qgemv4s_bf16_bf16_m1", (256, 1))]
+    assert launch("int8", 1, 4096, n=4096)[0] == [("qgemv8_bf16_bf16_x1", (256, 1))]
+    assert launch("q4", 1, 4096)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]          # Q4_1: one tile per block
     assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     # 33 rows: a 32-row tile, then one row on its own, which takes the _x1 kernel
     names, shared = launch("int8", 33, 576)
@@ -161,6 +180,13 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     (fn, _, _, args), = rec.launches
     assert fn == "qgemv8_swiglu_bf16_bf16_x1n" and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
     assert rec.shared == [8192]
+    w4 = QuantWeight("q4_0", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"),
+                     _tensor(0x200000, (6144, 256), "u8"))
+    rec4 = _Recorder()        # Q4_0: the _x1 kernels, but no pre-norm folded into them
+    assert rec4.k._takes_x1(w4, "bf16", 1) and not rec4.k.prenorm_fusable(w4, "bf16", 1, 4096)
+    with pytest.raises(ValueError, match="prenorm"):
+        rec4.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w4,
+                             _tensor(0x500000, (1, 6144)), prenorm=pn)
     rec.k.qgemv_x1 = False          # MPILLM_QGEMV_X1=0: nothing folds
     assert not rec.k.prenorm_fusable(w, "bf16", 1, 4096)
     with pytest.raises(ValueError, match="prenorm"):

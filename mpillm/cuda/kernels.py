@@ -52,11 +52,22 @@ QGEMV_PERSIST = {("8", 1, ""): 2, ("8", 2, ""): 2, ("4s", 1, ""): 2, ("4s", 2, "
                  ("8", 1, "swiglu"): 2, ("8", 2, "swiglu"): 2, ("4s", 2, "swiglu"): 2,
                  ("8", 1, "rope"): 3, ("8", 2, "rope"): 2, ("4s", 2, "rope"): 2}
 QGEMV_BLOCKS_PER_SM = 2
-# One token, int8 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu QGEMV_X1_ENTRY) stage x in shared
-# memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against bf16's
-# 11. Their dynamic shared memory is qgemv_x1_bytes(K); up to QGEMV_X1_MAX_BYTES (K <= 32,768), else the m1
-# kernel. MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
+# The same for the _x1 kernels (below; gemv_quant.cu QGEMV_X1_ENTRY, QGEMV4_X1_ENTRY and their rope / pre-norm
+# twins), by (format, epilogue): all of them loop over tiles.
+QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 2, ("4s", "swiglu"): 2,
+                    ("4s", "rope"): 2}
+# One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu QGEMV_X1_ENTRY,
+# QGEMV4_X1_ENTRY) stage x in shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5
+# instructions per 4 weights against bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the pre-norm
+# folded in, the _x1n kernels: Kernels.prenorm_fusable). Their dynamic shared memory is
+# qgemv_x1_bytes(K, format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 30,720), else the m1 kernel.
+# MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
+# Q4_0 takes them only where each block loops over at least this many tiles: staging x (and a folded pre-norm) is
+# paid once per block, which one 16-row tile of 4-bit weights does not repay (H100 sweep, Llama-3-8B: the 4,096-row
+# o and down projections, one tile per block, ran 5% slower than m1; q/k/v and gate/up, 2 and 7, ran 9% and 11%
+# faster). int8's conversion saves more, and takes them always.
+QGEMV4_X1_MIN_TILES = 2
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
@@ -272,9 +283,12 @@ def qgemv_x1_setting(env) -> bool:
     return raw == "1"
 
 
-def qgemv_x1_bytes(k: int) -> int:
-    """Dynamic shared memory of an _x1 launch over K inputs: x as fp16 in whole super-blocks of 64 elements
-    (the kernel traps on less)."""
+def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
+    """Dynamic shared memory of an _x1 launch over K inputs (the kernel traps on less): x as fp16 in whole
+    super-blocks, of 64 elements for int8 (format "8"); of 128 for Q4_0 ("4s"), each with its 4 chunk biases
+    (fp32) after all of x."""
+    if fmt == "4s":
+        return _cdiv(k, 128) * (128 * 2 + 4 * 4)
     return _cdiv(k, 64) * 64 * 2
 
 
@@ -602,14 +616,19 @@ class Kernels:
         """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, int8
         weights (the _x1n kernels), hidden a multiple of 8 up to 8,192 (norm.cu's block of at most 1,024
         threads, one 8-element vector each, is what the kernel replays)."""
-        return (isinstance(w, QuantWeight) and m == 1 and self._takes_x1(w, dtype, m) and hidden % 8 == 0
-                and hidden <= 8 * 1024 and w.k == hidden)
+        return (isinstance(w, QuantWeight) and w.fmt == "8" and m == 1 and self._takes_x1(w, dtype, m)
+                and hidden % 8 == 0 and hidden <= 8 * 1024 and w.k == hidden)
 
     def _takes_x1(self, w: "QuantWeight", dtype: str, rows: int) -> bool:
-        """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 weights, x fitting the
-        kernel's shared memory, MPILLM_QGEMV_X1 on."""
-        return (self.qgemv_x1 and rows == 1 and w.fmt == "8" and dtype == "bf16"
-                and qgemv_x1_bytes(w.k) <= QGEMV_X1_MAX_BYTES)
+        """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 or Q4_0 weights (Q4_0: N of
+        at least QGEMV4_X1_MIN_TILES tiles per block), x fitting the kernel's shared memory, MPILLM_QGEMV_X1 on."""
+        if not (self.qgemv_x1 and rows == 1 and w.fmt in ("8", "4s") and dtype == "bf16"
+                and qgemv_x1_bytes(w.k, w.fmt) <= QGEMV_X1_MAX_BYTES):
+            return False
+        if w.fmt == "4s":   # tiles per block (QGEMV_X1_PERSIST: every Q4_0 _x1 kernel takes 2 blocks per SM)
+            per_block = _cdiv(_cdiv(w.n, GEMV_ROWS), qgemv_grid(w.n, self.device.sm_count, QGEMV_X1_PERSIST["4s", ""]))
+            return per_block >= QGEMV4_X1_MIN_TILES
+        return True
 
     def linear_swiglu(self, act: DeviceTensor, x: DeviceTensor, w, gate_up: DeviceTensor,
                       scratch: DeviceTensor | None = None, prenorm=None) -> None:
@@ -806,11 +825,12 @@ class Kernels:
         m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
         extra = () if prenorm is None else prenorm_args(prenorm, k, x.dtype)
         if extra and not (m == 1 and self.prenorm_fusable(w, x.dtype, m, k)):
-            raise ValueError(f"prenorm: the _x1n kernels take one bf16 token and int8 weights (M={m}, {x.dtype})")
+            raise ValueError(f"prenorm: the _x1n kernels take one bf16 token and int8 weights (M={m}, {x.dtype}, "
+                             f"{w.kind})")
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
-            # one token of int8 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
+            # one token of int8 or Q4_0 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
             x1 = self._takes_x1(w, x.dtype, rows)
             suffix = ("x1n" if extra else "x1") if x1 else f"m{tiles}"
             if rope is None:
@@ -820,14 +840,16 @@ class Kernels:
             if extra:
                 fmt += "PPPPf"
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
-            per_sm = QGEMV_PERSIST.get((w.fmt, tiles, epilogue)) if self.qgemv_persist else None
+            per_sm = None
+            if self.qgemv_persist:
+                per_sm = QGEMV_X1_PERSIST[w.fmt, epilogue] if x1 else QGEMV_PERSIST.get((w.fmt, tiles, epilogue))
             grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
             # _x1: the function allows QGEMV_X1_MAX_BYTES of dynamic shared memory once; each launch asks its own
             fn = self._fn("gemv_quant", name, fmt, QGEMV_X1_MAX_BYTES if x1 else 0)
             self._launch(fn, (grid, 1),
                          QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
-                         *self._rope_args(rope, lo), *extra, shared=qgemv_x1_bytes(k) if x1 else 0)
+                         *self._rope_args(rope, lo), *extra, shared=qgemv_x1_bytes(k, w.fmt) if x1 else 0)
 
     def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
         """out[N, K] (model dtype) = the quantized weight, each value d q (int8), d q + m (Q4_1) or d (q - 8)

@@ -361,23 +361,26 @@ def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
     np.testing.assert_allclose(out[True][0], want, **TOL["bf16"])
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("kind,group", [("int8", 32), ("int8", 64), ("int8", 128), ("q4_0", 32)])
 @pytest.mark.parametrize("k", [608, 4096 + 128, 576 * 3])
 @pytest.mark.parametrize("scale", [1.0, 2.0 ** -70, 3.0e5, "spread"])
-def test_linear_quant_x1_same_bits_as_m1(kernels, group, k, scale):
-    """One token of bf16 x with int8 weights: the _x1 kernels (x staged as fp16 times a power of two from each
-    warp's max |x|, then the fp16 mma) give the m1 kernels' bits, plain, SwiGLU, f32 out and with rope, for x of
-    any magnitude (tiny, past fp16's range); with elements below 2^-33 of the largest (rounded on the fp16 grid)
-    within tolerance of the reference."""
+def test_linear_quant_x1_same_bits_as_m1(kernels, monkeypatch, kind, group, k, scale):
+    """One token of bf16 x: the _x1 kernels (x staged as fp16 times a power of two from each warp's max |x|, then
+    the fp16 mma), plain, SwiGLU, f32 out and with rope, for x of any magnitude (tiny, past fp16's range).
+    int8: the m1 kernels' bits; with elements below 2^-33 of the largest (rounded on the fp16 grid) within
+    tolerance. Q4_0 (codes of 16 times their value at half the elements, x / 16 there, the 1024s and 8s taken off
+    with each chunk's sum of x): other fp32 sums than m1's, so within tolerance of m1 and close to the reference."""
+    import mpillm.cuda.kernels as km
     from mpillm.cuda.kernels import QuantWeight
     from mpillm.cuda.model import rope_interleave
     from mpillm.quant import unpack
     if k % group:
         pytest.skip("group does not divide K")
+    monkeypatch.setattr(km, "QGEMV4_X1_MIN_TILES", 1)   # Q4_0's _x1 kernels also for one tile per block
     rng = np.random.default_rng(k + group)
     n_heads, n_kv, head_dim = 9, 3, 64
     n = 16 * 2 * kernels.device.sm_count * 3 + 16 * 5 + 6 if scale == 1.0 else (n_heads + 2 * n_kv) * head_dim
-    p = _packed(rng, "int8", n, k, group)
+    p = _packed(rng, kind, n, k, group)
     w = QuantWeight.from_packed(p)
     x_h = rng.normal(size=(1, k))
     if scale == "spread":      # a few elements below 2^-33 of the largest: the fp16 grid rounds them
@@ -412,11 +415,15 @@ def test_linear_quant_x1_same_bits_as_m1(kernels, group, k, scale):
     want = x.to_numpy().astype(np.float64) @ unpack(p).astype(np.float64).T
     top = max(float(np.abs(want).max()), 1e-300)
     for i, (a, b) in enumerate(zip(out[True], out[False])):
-        if scale == "spread":
+        if scale == "spread" or kind == "q4_0":
             np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(np.abs(b).max()), err_msg=f"output {i}")
         else:
             np.testing.assert_array_equal(a, b, err_msg=f"output {i}, scale {scale}")
-    np.testing.assert_allclose(out[True][1] / top, want / top, rtol=1e-3, atol=1e-5)
+    # f32 out against the reference (Q4_0: the chunk sums cancel the codes' 1024 + 8, some bits lower)
+    np.testing.assert_allclose(out[True][1] / top, want / top, rtol=1e-3, atol=1e-5 if kind == "int8" else 1e-4)
+    if kind == "q4_0":     # as close to the reference as the m1 kernel, to within a few fp32 roundings of max|y|
+        err_x1, err_m1 = (np.abs(o[1] - want).max() / top for o in (out[True], out[False]))
+        assert err_x1 <= err_m1 + 1e-5, (err_x1, err_m1)
 
 
 @pytest.mark.parametrize("hidden", [576, 4160, 8192])

@@ -294,10 +294,8 @@ def test_default_model_native_blocks_match_numpy(smollm_gguf, cuda_device, kerne
     assert_greedy_equal(ids_gpu, ids_ref, gaps, tie=0.3)
 
 
-def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, cuda_device, kernels):
-    """A GGUF whose projections are all Q4_0: --quantize auto holds them in the Q4_0 layout (d alone, 4.5 bits
-    per weight) and runs the symmetric 4-bit kernels, through prefill (dequantize + GEMM) and the decode graphs;
-    logits and greedy ids follow the NumPy backend on the same blocks."""
+def tiny_q4_0_checkpoint(tmp_path):
+    """A 2-layer Llama GGUF whose projections are all Q4_0 (from random HF weights)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from gguf import GGMLQuantizationType as Q
@@ -312,9 +310,22 @@ def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, cuda_device, kernel
     path = tmp_path / "tiny-q4_0.gguf"
     hf_to_gguf(hf, path, {f"blk.{i}.{g}.weight": Q.Q4_0 for i in range(2) for g in GGUF_NAMES.values()
                           if g not in ("attn_norm", "ffn_norm")})
-    ckpt = open_checkpoint(path)
+    return open_checkpoint(path)
+
+
+@pytest.mark.parametrize("x1_min_tiles", [1, 2])
+def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_device, kernels, x1_min_tiles):
+    """A GGUF whose projections are all Q4_0: --quantize auto holds them in the Q4_0 layout (d alone, 4.5 bits
+    per weight) and runs the symmetric 4-bit kernels, through prefill (dequantize + GEMM) and the decode graphs;
+    logits and greedy ids follow the NumPy backend on the same blocks. One sequence decodes through the _x1
+    kernels where QGEMV4_X1_MIN_TILES allows: at 1 all of the tiny model's projections do, at 2 (production) none."""
+    import mpillm.cuda.kernels as km
+    monkeypatch.setattr(km, "QGEMV4_X1_MIN_TILES", x1_min_tiles)
+    ckpt = tiny_q4_0_checkpoint(tmp_path)
     ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
     assert all(getattr(gpu.layers[0], key).kind == "q4_0" for key in ("qkv", "o", "gate_up", "down"))
+    assert all(kernels._takes_x1(getattr(gpu.layers[0], key), "bf16", 1) == (x1_min_tiles == 1)
+               for key in ("qkv", "o", "gate_up", "down"))
     rng = np.random.default_rng(4)
     prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (3, 60, 70)], 8)  # 133 tokens: dequantize
 

@@ -749,73 +749,54 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)
 
-// One token, int8 weights, bf16 activations: x staged in shared memory as fp16 (XH, stage_x_half), the m1 shapes
+// One token, bf16 activations: x staged in shared memory as fp16 (XH, stage_x_half). int8 in its m1 shapes
 // (QGEMV_KERNELS / QGEMV_ROPE_KERNELS above: 8 warps, unroll 1, the L2 hint, a 4-stage ring, looping over tiles;
-// 3 blocks per SM for rope). Dynamic shared memory: kernels.py qgemv_x1_bytes(K).
-#define QGEMV_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) FNAME(                                                  \
-        OUT_T* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K,    \
-        int n_sb, int n_groups, int gshift) {                                                                   \
-        quant_linear<bf16, OUT_T, 8, 1, 8, 1, SWIGLU, true, 4, false, false, true, true>(                       \
+// 3 blocks per SM for rope). Q4_0 (BITS 4, SYM: u4_pair_x16 and the chunk biases) in the same shape, rope with 2
+// blocks per SM: staging x is paid once per block, so the one-tile-per-block register stages of Q4_0's m1 SwiGLU
+// and rope kernels would pay it per 16 rows (tried, with the pre-norm folded in as well: 11% slower end to end).
+// Dynamic shared memory: kernels.py qgemv_x1_bytes(K, format).
+#define QGEMV_X1_ARGS                                                                                           \
+    const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
+        int n_groups, int gshift
+#define QGEMV_X1_ROPE_ARGS                                                                                      \
+    const int *positions, const float *inv_freq, const int *slots, bf16 *k_cache, bf16 *v_cache, int n_heads,   \
+        int n_kv, int head_dim
+#define QGEMV_X1_ROPE RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim}
+#define QGEMV_X1_ENTRY(OUT_T, FNAME, BITS, SYM, SWIGLU)                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 2) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                        \
+        quant_linear<bf16, OUT_T, BITS, 1, 8, 1, SWIGLU, true, 4, false, SYM, true, true>(                      \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
     }
-QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, false)
-QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, true)
-QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, false)
-QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, true)
-// The same with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones
-// are PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size.
-extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n(
-    bf16* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K, int n_sb,
-    int n_groups, int gshift, const bf16* delta, const bf16* resid_in, bf16* resid_out, const bf16* norm_w,
-    float eps) {
+#define QGEMV_X1_ROPE_ENTRY(FNAME, BITS, SYM, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {  \
+        quant_linear<bf16, bf16, BITS, 1, 8, 1, false, true, 4, true, SYM, true, true>(                         \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE);                             \
+    }
+QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, false)
+QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, false, true)
+QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, false)
+QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, false, true)
+QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, false, 3)
+QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, true, false)
+QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, true)
+QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, true, false)
+QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, true)
+QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, true, 2)
+// int8 with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are
+// PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size. Not built for Q4_0: with its
+// kernels the fold lost 0.7-1.0% at Llama-3-8B b=1 (H100, docs/PERFORMANCE.md, tenth session), where int8's gained.
+#define QGEMV_X1N_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
+extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
+                                                                                 QGEMV_X1N_ARGS) {
     quant_linear<bf16, bf16, 8, 1, 8, 1, true, true, 4, false, false, true, true, true>(
         y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
         PreNorm{delta, resid_in, resid_out, norm_w, eps});
 }
-extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1n(
-    bf16* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K, int n_sb,
-    int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,
-    bf16* v_cache, int n_heads, int n_kv, int head_dim, const bf16* delta, const bf16* resid_in, bf16* resid_out,
-    const bf16* norm_w, float eps) {
+extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1n(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,
+                                                                          QGEMV_X1N_ARGS) {
     quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true, true>(
-        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,
-        RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim},
+        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE,
         PreNorm{delta, resid_in, resid_out, norm_w, eps});
-}
-extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1(
-    bf16* y, const bf16* x, const uint8_t* w, const void* scales, const bf16* bias, int M, int N, int K, int n_sb,
-    int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,
-    bf16* v_cache, int n_heads, int n_kv, int head_dim) {
-    quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true>(
-        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,
-        RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});
-}
-
-// One token, Q4_0 weights, bf16 activations (XH with BITS 4: u4_pair_x16 and the chunk biases), all in the int8
-// _x1 shape (8 warps, unroll 1, the L2 hint, a 4-stage ring, blocks looping over tiles, 2 per SM): staging x is
-// paid once per block, so the one-tile-per-block register stages of Q4_0's m1 SwiGLU and rope kernels would pay
-// it per 16 rows (tried, with the pre-norm folded in as well: 11% slower end to end). No pre-norm fold (_x1n):
-// with these kernels it lost 0.7-1.0% at Llama-3-8B b=1 (H100, docs/PERFORMANCE.md, tenth session), where int8's
-// gained. Dynamic shared memory: kernels.py qgemv_x1_bytes(K, "4s").
-#define QGEMV4_X1_ARGS                                                                                          \
-    const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
-        int n_groups, int gshift
-#define QGEMV4_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256, 2) FNAME(OUT_T* y, QGEMV4_X1_ARGS) {                       \
-        quant_linear<bf16, OUT_T, 4, 1, 8, 1, SWIGLU, true, 4, false, true, true, true>(                        \
-            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
-    }
-QGEMV4_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, false)
-QGEMV4_X1_ENTRY(float, qgemv4s_bf16_f32_x1, false)
-QGEMV4_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, true)
-QGEMV4_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, true)
-extern "C" __global__ void __launch_bounds__(256, 2) qgemv4s_rope_bf16_x1(
-    bf16* y, QGEMV4_X1_ARGS, const int* positions, const float* inv_freq, const int* slots, bf16* k_cache,
-    bf16* v_cache, int n_heads, int n_kv, int head_dim) {
-    quant_linear<bf16, bf16, 4, 1, 8, 1, false, true, 4, true, true, true, true>(
-        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,
-        RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});
 }
 
 // NAME = <activation dtype>_<output dtype>

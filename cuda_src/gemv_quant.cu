@@ -752,7 +752,7 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 // One token, bf16 activations: x staged in shared memory as fp16 (XH, stage_x_half). int8 in its m1 shapes
 // (QGEMV_KERNELS / QGEMV_ROPE_KERNELS above: 8 warps, unroll 1, the L2 hint, a 4-stage ring, looping over tiles;
 // 3 blocks per SM for rope). Q4_0 (BITS 4, SYM: u4_pair_x16 and the chunk biases) in the same shape, rope with 2
-// blocks per SM: staging x is paid once per block, so the one-tile-per-block register stages of Q4_0's m1 SwiGLU
+// blocks per SM, the ring 3 stages deep: staging x is paid once per block, so the one-tile-per-block register stages of Q4_0's m1 SwiGLU
 // and rope kernels would pay it per 16 rows (tried, with the pre-norm folded in as well: 11% slower end to end).
 // Dynamic shared memory: kernels.py qgemv_x1_bytes(K, format).
 #define QGEMV_X1_ARGS                                                                                           \
@@ -762,26 +762,28 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     const int *positions, const float *inv_freq, const int *slots, bf16 *k_cache, bf16 *v_cache, int n_heads,   \
         int n_kv, int head_dim
 #define QGEMV_X1_ROPE RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim}
-#define QGEMV_X1_ENTRY(OUT_T, FNAME, BITS, SYM, SWIGLU)                                                         \
+#define QGEMV_X1_ENTRY(OUT_T, FNAME, BITS, SYM, SWIGLU, STAGES)                                                 \
     extern "C" __global__ void __launch_bounds__(256, 2) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                        \
-        quant_linear<bf16, OUT_T, BITS, 1, 8, 1, SWIGLU, true, 4, false, SYM, true, true>(                      \
+        quant_linear<bf16, OUT_T, BITS, 1, 8, 1, SWIGLU, true, STAGES, false, SYM, true, true>(                 \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
     }
-#define QGEMV_X1_ROPE_ENTRY(FNAME, BITS, SYM, MINB)                                                             \
+#define QGEMV_X1_ROPE_ENTRY(FNAME, BITS, SYM, MINB, STAGES)                                                     \
     extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {  \
-        quant_linear<bf16, bf16, BITS, 1, 8, 1, false, true, 4, true, SYM, true, true>(                         \
+        quant_linear<bf16, bf16, BITS, 1, 8, 1, false, true, STAGES, true, SYM, true, true>(                    \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE);                             \
     }
-QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, false)
-QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, false, true)
-QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, false)
-QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, false, true)
-QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, false, 3)
-QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, true, false)
-QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, true)
-QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, true, false)
-QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, true)
-QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, true, 2)
+QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, false, 4)
+QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, false, true, 4)
+QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, false, 4)
+QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, false, true, 4)
+QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, false, 3, 4)
+// Q4_0's ring is a stage shorter: 3 stages ran +1.6% end to end against 4 (2: -4%), where int8 lost 0.8% with 3
+// (Llama-3-8B b=1, H100, docs/PERFORMANCE.md, tenth session).
+QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, true, false, 3)
+QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, true, 3)
+QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, true, false, 3)
+QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, true, 3)
+QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, true, 2, 3)
 // int8 with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are
 // PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size. Not built for Q4_0: with its
 // kernels the fold lost 0.7-1.0% at Llama-3-8B b=1 (H100, docs/PERFORMANCE.md, tenth session), where int8's gained.

@@ -66,8 +66,8 @@ QGEMV_X1_MAX_BYTES = 64 * 1024
 # Q4_0 takes them only where each block loops over at least this many tiles: staging x is paid once per block,
 # which one 16-row tile of 4-bit weights does not repay (H100 sweep, Llama-3-8B: the 4,096-row o and down
 # projections, one tile per block, ran 4-5% slower than m1; q/k/v and gate/up, 2 and 7, ran 9% and 11% faster; end
-# to end 370.5 tok/s against 368.7 with q/k/v left to m1, 361.5 without the _x1 kernels: docs/PERFORMANCE.md,
-# tenth session). int8's conversion saves more, and takes them always.
+# to end, with 4-stage rings, 370.5 tok/s against 368.7 with q/k/v left to m1 and 361.5 without the _x1 kernels:
+# docs/PERFORMANCE.md, tenth session). int8's conversion saves more, and takes them always.
 QGEMV4_X1_MIN_TILES = 2
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.

@@ -277,7 +277,8 @@ def qgemv_persist_setting(env) -> bool:
 
 
 def qgemv_x1_setting(env) -> bool:
-    """Whether one-token int8 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default 1)."""
+    """Whether one-token int8 / Q4_0 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default
+    1)."""
     raw = env.get("MPILLM_QGEMV_X1", "1")
     if raw not in ("0", "1"):
         raise ValueError(f"MPILLM_QGEMV_X1: {raw!r}, expected 0 or 1")
@@ -825,9 +826,6 @@ class Kernels:
         prenorm (callers checked prenorm_fusable: one token): the _x1n kernel."""
         m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
         extra = () if prenorm is None else prenorm_args(prenorm, k, x.dtype)
-        if extra and not (m == 1 and self.prenorm_fusable(w, x.dtype, m, k)):
-            raise ValueError(f"prenorm: the _x1n kernels take one bf16 token and int8 weights (M={m}, {x.dtype}, "
-                             f"{w.kind})")
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)

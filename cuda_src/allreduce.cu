@@ -1,22 +1,32 @@
 // One-shot all-reduce (sum) over the GPUs of one node, through memory they map from each other (CUDA IPC,
-// NVLink / PCIe peer access). For the small messages of decode (a few tokens x hidden), NCCL's per-call
-// latency, not bandwidth, is the cost; here one kernel does it with one barrier:
-//   1. each block copies its slice of the input into this rank's shared buffer,
-//   2. it raises its flag in every peer's signal array and waits for the peers' flags (block b only meets
-//      block b of the other ranks, so blocks never wait on each other within a GPU),
-//   3. it sums the slice over all ranks' buffers (fixed rank order: every rank gets the same bits) in fp32
-//      and writes it back in place.
-// Flags are per-block counters kept in device memory (a CUDA graph replays fixed arguments, so the kernel
-// counts calls itself); two buffers alternate by the counter's parity, so a fast rank's next call never
-// overwrites data a slow rank is still reading (it cannot pass the next barrier before the slow rank
-// finished this call). Flags only grow, and waiting is `>=`: a peer one call ahead cannot be missed.
-// Every call runs the same grid (AR_BLOCKS, whatever the size): then every block counts every call, all
-// blocks agree on the parity, and block b covers the same slice each time, which the argument above needs.
+// NVLink / PCIe peer access). For the small messages of decode (a few tokens x hidden), latency, not bandwidth,
+// is the cost: NCCL's per call, and in a kernel of our own every round trip between GPUs. So the data carries
+// its own flag (NCCL's LL protocol): each 4-byte word travels next to the call's flag in an 8-byte pair, two
+// pairs per 16-byte store, and a store of 8 aligned bytes arrives whole. One kernel:
+//   1. each block sends its slice of the input into its slot of every peer's buffer, (word, flag) pairs, with
+//      no fence and no separate flag: a one-way trip;
+//   2. it polls its own buffer, where the peers' slices land, until every pair carries this call's flag
+//      (block b only meets block b of the other ranks, so blocks never wait on each other within a GPU);
+//   3. it sums the slice over the ranks in fp32, in rank order (every rank gets the same bits), and writes it
+//      back in place.
+// The one-shot kernel this replaced copied into its own buffer, fenced, raised a flag in each peer and then read
+// the peers' buffers: two crossings more on the critical path (a write acknowledged, a read round trip).
+// The flag is the call's number, counted per block in device memory (a CUDA graph replays fixed arguments, so
+// the kernel counts calls itself; buffers start zeroed and the first call is 1). Two regions alternate by the
+// call's parity: a fast peer cannot send call n + 2 into the region of call n before this rank sent it its
+// part of call n + 1, which a later kernel does, after this one has read everything. Every call runs the same
+// grid (AR_BLOCKS, whatever the size): then every block counts every call, all blocks agree on the parity, and
+// block b covers the same slice each time, which the argument above needs.
 //
-// all_reduce_add_rms_norm_*: the same barrier, then residual += sum; out = rms_norm(residual) * weight for whole
-// rows (the pre-norm of the next sub-layer, which would otherwise be its own kernel after the all-reduce). Block
-// b owns rows b, b + AR_BLOCKS, ... of every call, so the argument above holds for any row count; it runs on
-// its own buffers and signals (a second IpcAllReduce), since the plain kernel's blocks own other slices.
+// all_reduce_add_rms_norm_*: the same exchange, then residual += sum; out = rms_norm(residual) * weight for
+// whole rows (the pre-norm of the next sub-layer, which would otherwise be its own kernel after the
+// all-reduce). Block b owns rows b, b + AR_BLOCKS, ... of every call, so the argument above holds for any row
+// count; it runs on its own buffers and counters (a second IpcAllReduce), since the plain kernel's blocks own
+// other slices.
+//
+// table (mpillm/cuda/ipc_allreduce.py): [AR_MAX_RANKS] buffer base pointers, this process's mappings of every
+// rank's buffer, then this rank's call counters. A buffer holds [2 parities][world senders][slot_bytes]; a
+// sender's slot holds 2 bytes for each byte of the message.
 #include "norm.cuh"
 
 #define AR_MAX_RANKS 8
@@ -24,19 +34,6 @@
 #define AR_BLOCKS 32     // the grid of every call (kernels.py AR_BLOCKS)
 #define AR_THREADS 256
 
-struct ArSignal {  // mpillm/cuda/ipc_allreduce.py SIGNAL_BYTES is its size
-    uint32_t start[AR_MAX_BLOCKS][AR_MAX_RANKS];  // start[b][r]: last call whose data rank r's block b published
-    uint32_t counter[AR_MAX_BLOCKS];              // calls made by this rank's block b
-};
-
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-    uint32_t v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 // Peer data is re-read at the same addresses every other call: never from a (non-coherent) L1 line.
 __device__ __forceinline__ uint4 ld_volatile16(const void* p) {
     uint4 v;
@@ -46,40 +43,67 @@ __device__ __forceinline__ uint4 ld_volatile16(const void* p) {
                  : "memory");
     return v;
 }
+__device__ __forceinline__ void st_volatile16(void* p, uint4 v) {
+    asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+}
 
-// table: [AR_MAX_RANKS] buffer base pointers (this process's mappings), then [AR_MAX_RANKS] ArSignal
-// pointers. parity_bytes: offset of the second buffer.
+struct ArCall {
+    uint32_t flag;                 // this call's number for this block
+    unsigned long long region;     // byte offset of this call's parity region in every buffer
+};
 
-// This call's flag for block b (its counter + 1); its parity picks the buffer.
-__device__ __forceinline__ uint32_t ar_next_flag(const ArSignal* me, int b) {
+// This call's flag for block b (its counter + 1) and region.
+__device__ __forceinline__ ArCall ar_call(const unsigned long long* __restrict__ table, int world,
+                                          unsigned long long slot_bytes) {
     __shared__ uint32_t s_flag;
-    if (threadIdx.x == 0) s_flag = me->counter[b] + 1;
+    if (threadIdx.x == 0) s_flag = reinterpret_cast<const uint32_t*>(table[AR_MAX_RANKS])[blockIdx.x] + 1;
     __syncthreads();
-    return s_flag;
+    const uint32_t flag = s_flag;
+    return ArCall{flag, (flag & 1) ? (unsigned long long)world * slot_bytes : 0ull};
 }
 
-// After the block's copies into its own buffer: raise its flag in every peer's signals, wait for theirs.
-__device__ __forceinline__ void ar_barrier(const unsigned long long* __restrict__ table, ArSignal* me, int b,
-                                           int rank, int world, uint32_t flag) {
-    __syncthreads();
-    if (threadIdx.x < world) {
-        __threadfence_system();  // this block's copies are visible to the peers before the flag is
-        ArSignal* peer = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + threadIdx.x]);
-        st_release_sys(&peer->start[b][rank], flag);
-        while (ld_acquire_sys(&me->start[b][threadIdx.x]) < flag) {
-        }
+// After the block's last poll: the next call's flag (every thread has read s_flag before its polls ended).
+__device__ __forceinline__ void ar_done(const unsigned long long* __restrict__ table, ArCall c) {
+    if (threadIdx.x == 0) reinterpret_cast<uint32_t*>(table[AR_MAX_RANKS])[blockIdx.x] = c.flag;
+}
+
+// Vector i of this rank's message (16 bytes) into every peer's slot for this rank: two LL lines.
+__device__ __forceinline__ void ar_send(const unsigned long long* __restrict__ table, ArCall c,
+                                        unsigned long long slot_bytes, int rank, int world, size_t i, uint4 v) {
+    const uint4 lo = make_uint4(v.x, c.flag, v.y, c.flag), hi = make_uint4(v.z, c.flag, v.w, c.flag);
+    for (int r = 0; r < world; ++r) {
+        if (r == rank) continue;
+        uint4* slot = reinterpret_cast<uint4*>(table[r] + c.region + (unsigned long long)rank * slot_bytes);
+        st_volatile16(slot + 2 * i, lo);
+        st_volatile16(slot + 2 * i + 1, hi);
     }
-    __syncthreads();
 }
 
-// Vector i summed over the ranks' buffers in fp32, in rank order (every rank gets the same bits), rounded to T.
-template <typename T, typename Index>
-__device__ __forceinline__ uint4 ar_sum_vector(const unsigned long long* __restrict__ table, unsigned long long par,
-                                               int world, Index i) {
+// Vector i of rank r's message, once it has arrived in this rank's buffer.
+__device__ __forceinline__ uint4 ar_receive(const unsigned long long* __restrict__ table, ArCall c,
+                                            unsigned long long slot_bytes, int rank, int r, size_t i) {
+    const uint4* slot = reinterpret_cast<const uint4*>(table[rank] + c.region + (unsigned long long)r * slot_bytes);
+    uint4 lo, hi;
+    do lo = ld_volatile16(slot + 2 * i);
+    while (lo.y != c.flag || lo.w != c.flag);
+    do hi = ld_volatile16(slot + 2 * i + 1);
+    while (hi.y != c.flag || hi.w != c.flag);
+    return make_uint4(lo.x, lo.z, hi.x, hi.z);
+}
+
+// Vector i summed over the ranks in fp32, in rank order (every rank gets the same bits), rounded to T; `mine`
+// is this rank's own vector.
+template <typename T>
+__device__ __forceinline__ uint4 ar_sum(const unsigned long long* __restrict__ table, ArCall c,
+                                        unsigned long long slot_bytes, int rank, int world, size_t i, uint4 mine) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int r = 0; r < world; ++r) {
+        uint4 x = mine;
+        if (r != rank) x = ar_receive(table, c, slot_bytes, rank, r, i);
         float f[8];
-        unpack8<T>(ld_volatile16(reinterpret_cast<const uint4*>(table[r] + par) + i), f);
+        unpack8<T>(x, f);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] += f[e];
     }
@@ -90,19 +114,15 @@ __device__ __forceinline__ uint4 ar_sum_vector(const unsigned long long* __restr
 template <typename T>
 __device__ __forceinline__ void one_shot_all_reduce(T* data, int n_vec, int rank, int world,
                                                     const unsigned long long* __restrict__ table,
-                                                    unsigned long long parity_bytes) {
-    ArSignal* me = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + rank]);
-    const int b = blockIdx.x;
-    const uint32_t flag = ar_next_flag(me, b);
-    const unsigned long long par = (flag & 1) ? parity_bytes : 0ull;
+                                                    unsigned long long slot_bytes) {
+    const ArCall c = ar_call(table, world, slot_bytes);
     const int stride = gridDim.x * blockDim.x;
-
-    uint4* mine = reinterpret_cast<uint4*>(table[rank] + par);
-    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride) mine[i] = reinterpret_cast<const uint4*>(data)[i];
-    ar_barrier(table, me, b, rank, world, flag);
-    for (int i = b * blockDim.x + threadIdx.x; i < n_vec; i += stride)
-        reinterpret_cast<uint4*>(data)[i] = ar_sum_vector<T>(table, par, world, i);
-    if (threadIdx.x == 0) me->counter[b] = flag;
+    uint4* v = reinterpret_cast<uint4*>(data);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_vec; i += stride)
+        ar_send(table, c, slot_bytes, rank, world, i, v[i]);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_vec; i += stride)
+        v[i] = ar_sum<T>(table, c, slot_bytes, rank, world, i, v[i]);
+    ar_done(table, c);
 }
 
 // data [rows, hidden]: this rank's partial sums, replaced by the total (rounded to T, as the plain kernel
@@ -113,50 +133,41 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
                                                                  int rows, int hidden, float eps, int rank,
                                                                  int world,
                                                                  const unsigned long long* __restrict__ table,
-                                                                 unsigned long long parity_bytes) {
-    ArSignal* me = reinterpret_cast<ArSignal*>(table[AR_MAX_RANKS + rank]);
-    const int b = blockIdx.x, n_vec = hidden >> 3;
-    const uint32_t flag = ar_next_flag(me, b);
-    const unsigned long long par = (flag & 1) ? parity_bytes : 0ull;
-
-    uint4* mine = reinterpret_cast<uint4*>(table[rank] + par);
-    for (int row = b; row < rows; row += gridDim.x)
-        for (int v = threadIdx.x; v < n_vec; v += blockDim.x)
-            mine[(size_t)row * n_vec + v] = reinterpret_cast<const uint4*>(data)[(size_t)row * n_vec + v];
-    ar_barrier(table, me, b, rank, world, flag);
-    for (int row = b; row < rows; row += gridDim.x) {
+                                                                 unsigned long long slot_bytes) {
+    const ArCall c = ar_call(table, world, slot_bytes);
+    const int n_vec = hidden >> 3;
+    uint4* v = reinterpret_cast<uint4*>(data);
+    for (int row = blockIdx.x; row < rows; row += gridDim.x)
+        for (int j = threadIdx.x; j < n_vec; j += blockDim.x) {
+            const size_t i = (size_t)row * n_vec + j;
+            ar_send(table, c, slot_bytes, rank, world, i, v[i]);
+        }
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         // Each thread sums, and then normalises, the same vectors of the row (rms_norm_row's split), so it
-        // reads back only what it wrote. The sum is ar_sum_vector's loop written out: through the helper the
-        // compiler unrolls the rank loop another way (the same sums); this is the code that was measured.
-        for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
-            const size_t i = (size_t)row * n_vec + v;
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int r = 0; r < world; ++r) {
-                float f[8];
-                unpack8<T>(ld_volatile16(reinterpret_cast<const uint4*>(table[r] + par) + i), f);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[e] += f[e];
-            }
-            reinterpret_cast<uint4*>(data)[i] = pack8<T>(acc);
+        // reads back only what it wrote.
+        for (int j = threadIdx.x; j < n_vec; j += blockDim.x) {
+            const size_t i = (size_t)row * n_vec + j;
+            v[i] = ar_sum<T>(table, c, slot_bytes, rank, world, i, v[i]);
         }
         rms_norm_row<T, true, true>(out, data, residual, weight, hidden, eps, row);
     }
-    if (threadIdx.x == 0) me->counter[b] = flag;
+    ar_done(table, c);
 }
 
 #define AR_KERNEL(T, NAME)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(AR_THREADS) all_reduce_##NAME(                              \
-        T* data, int n_vec, int rank, int world, const unsigned long long* table, unsigned long long parity) { \
+    extern "C" __global__ void __launch_bounds__(AR_THREADS)                                                 \
+        all_reduce_##NAME(T* data, int n_vec, int rank, int world, const unsigned long long* table,          \
+                          unsigned long long slot_bytes) {                                                   \
         pdl_begin();                                                                                          \
-        one_shot_all_reduce<T>(data, n_vec, rank, world, table, parity);                                     \
+        one_shot_all_reduce<T>(data, n_vec, rank, world, table, slot_bytes);                                 \
     }
 #define AR_NORM_KERNEL(T, NAME)                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) all_reduce_add_rms_norm_##NAME(                       \
         T* data, T* residual, T* out, const T* weight, int rows, int hidden, float eps, int rank, int world, \
-        const unsigned long long* table, unsigned long long parity) {                                        \
+        const unsigned long long* table, unsigned long long slot_bytes) {                                    \
         pdl_begin();                                                                                          \
         one_shot_all_reduce_add_rms_norm<T>(data, residual, out, weight, rows, hidden, eps, rank, world, table, \
-                                            parity);                                                          \
+                                            slot_bytes);                                                      \
     }
 AR_KERNEL(bf16, bf16)
 AR_KERNEL(f16, f16)

@@ -103,6 +103,10 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="after each decode batch and prefill: one eager step with a CUDA event pair around every kernel, "
                          "summed per kernel (events serialise the launches; the ratios are what matter)")
+    ap.add_argument("--comm-probe", action="store_true",
+                    help="--tp > 1: after the other measurements, time the decode batches again with every one-shot "
+                         "IPC all-reduce exchanging nothing (each rank sums its own partial: wrong tokens, same kernels "
+                         "otherwise); the difference is the share of the step spent communicating")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -196,7 +200,9 @@ def main():
 
     greedy = SamplingParams(temperature=0.0)
     kv_per_token = 2 * cfg.num_layers * shard.n_kv_heads * cfg.head_dim * 2
-    for B in batches:
+
+    def decode(B: int, probe: bool = False) -> float:
+        """Times args.steps decode steps of B sequences; returns seconds per step."""
         tables = [list(range(i * decode_blocks, (i + 1) * decode_blocks)) for i in range(B)]
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, cfg.vocab_size, args.context).tolist() for _ in range(B)]
@@ -247,6 +253,8 @@ def main():
         ctx = pos - args.steps // 2
         step_bytes = weight_bytes + B * ctx * kv_per_token
         gbs = step_bytes / dt / 1e9
+        if probe:
+            return dt
         say(f"decode  batch {B:4d}: {B / dt:9.1f} tok/s  {dt * 1e3:7.3f} ms/step  {gbs:7.0f} GB/s  "
             f"{100 * gbs / bw:5.1f}% of copy bandwidth (roofline {bw * 1e9 / step_bytes * B:9.1f} tok/s)"
             + ("" if args.no_graph else f"  [graph: {model.pdl_edges} programmatic edges]")
@@ -256,6 +264,9 @@ def main():
         if args.profile:
             st = StepInput.build([(toks[i], pos, tables[i], True) for i in range(B)], 16)
             say(profile_step(cuda, model, kernels, st, specs, f"decode batch {B}, context {pos}"))
+        return dt
+
+    decode_s = {B: decode(B) for B in batches}
 
     h = cfg.hidden_size
     # FLOPs a prefill performs: every token through every layer, the LM head only for the one row sampled
@@ -283,6 +294,9 @@ def main():
         if args.profile:
             say(profile_step(cuda, model, kernels, st, spec, f"prefill {n} tokens"))
 
+    if args.comm_probe and size > 1:
+        comm_probe(args, model, comm, batches, decode_s, decode, say, record)
+
     if args.json and rank == 0:
         with open(args.json, "a") as f:
             for r in results:
@@ -295,6 +309,25 @@ def main():
     world.Barrier()
     MPI.Finalize()
     os._exit(0)   # skip interpreter teardown (see mpillm.cli._exit)
+
+
+def comm_probe(args, model, comm, batches, decode_s, decode, say, record):
+    """--comm-probe: the decode steps again with the IPC all-reduces (the per-layer ones and the embedding's)
+    exchanging nothing. What remains is each rank's own work at this TP degree, kernels and launches included;
+    the difference from the normal step is what the exchange (data over NVLink, waiting at the barrier for the
+    slower rank) costs. The vocabulary gather of the logits (NCCL, once a step) still runs."""
+    if comm.ipc is None:
+        say("# --comm-probe: skipped (no one-shot IPC all-reduce on this group; NCCL calls cannot be emptied)")
+        return
+    comm.ipc.exchange_nothing()
+    comm.ipc_norm.exchange_nothing()
+    model.close()                 # the captured graphs hold the old arguments: capture again
+    for B in batches:
+        dt, alone = decode_s[B], decode(B, probe=True)
+        say(f"decode  batch {B:4d}: communication {1e3 * (dt - alone):6.3f} ms of {1e3 * dt:6.3f} ms/step "
+            f"({100 * (dt - alone) / dt:4.1f}%); without it {B / alone:9.1f} tok/s")
+        record(kind="comm_probe", batch=B, ms_step=dt * 1e3, ms_step_no_exchange=alone * 1e3,
+               comm_share=(dt - alone) / dt)
 
 
 def gemm_compare(args, cfg):

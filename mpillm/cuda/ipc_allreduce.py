@@ -2,10 +2,11 @@
 
 NCCL's all-reduce costs ~10-15 us per call at decode sizes (a few tokens x hidden), whatever the bytes, and a
 tensor-parallel Llama step makes two per layer: at TP = 2 that was a third of the step. Here each rank
-exports two buffers and a signal array with CUDA IPC, maps its peers', and one kernel copies in, meets the
-peers at a flag barrier and sums (see the .cu file for the protocol). It needs every rank of the group on
-one node with peer access between their GPUs; NcclComm uses it for messages up to `max_bytes` and NCCL
-for the rest, and only when every rank can (the choice must be the same on all of them).
+exports a buffer with CUDA IPC and maps its peers', and one kernel sends its part into every peer's buffer,
+each word next to the call's flag, waits in its own buffer for theirs and sums (see the .cu file for the
+protocol). It needs every rank of the group on one node with peer access between their GPUs; NcclComm uses
+it for messages up to `max_bytes` and NCCL for the rest, and only when every rank can (the choice must be
+the same on all of them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ AR_MAX_RANKS = 8        # allreduce.cu
 AR_MAX_BLOCKS = 64
 AR_BLOCKS = 32
 AR_THREADS = 256
-SIGNAL_BYTES = 4 * (AR_MAX_BLOCKS * AR_MAX_RANKS + AR_MAX_BLOCKS)   # sizeof(ArSignal)
+COUNTER_BYTES = 4 * AR_MAX_BLOCKS   # one call counter per block
 
 
 def why_not(group, device) -> str | None:
@@ -49,22 +50,28 @@ class IpcAllReduce:
         import pycuda.driver as cuda
         self.rank, self.world, self.k = group.Get_rank(), group.Get_size(), kernels
         self.max_bytes = -(-int(max_bytes) // 16) * 16
-        self._data = device_alloc(2 * self.max_bytes)           # two buffers, alternating by call parity
-        self._signal = device_alloc(SIGNAL_BYTES)
-        cuda.memset_d8(int(self._signal), 0, SIGNAL_BYTES)
-        handles = group.allgather((cuda.mem_get_ipc_handle(int(self._data)),
-                                   cuda.mem_get_ipc_handle(int(self._signal))))
-        table = np.zeros(2 * AR_MAX_RANKS, np.uint64)
+        # Every rank's buffer: [2 parities][world senders][slot]; a slot carries a message as (word, flag)
+        # pairs, 2 bytes for each byte. Zeroed: no flag matches before the first call (flag 1).
+        self.slot_bytes = 2 * self.max_bytes
+        nbytes = 2 * self.world * self.slot_bytes
+        self._data = device_alloc(nbytes)
+        self._counters = device_alloc(COUNTER_BYTES)
+        cuda.memset_d8(int(self._data), 0, nbytes)
+        cuda.memset_d8(int(self._counters), 0, COUNTER_BYTES)
+        handles = group.allgather(cuda.mem_get_ipc_handle(int(self._data)))
+        table = np.zeros(AR_MAX_RANKS + 1, np.uint64)
         self._mapped = []
-        for r, (data, signal) in enumerate(handles):
+        for r, handle in enumerate(handles):
             if r == self.rank:
-                table[r], table[AR_MAX_RANKS + r] = int(self._data), int(self._signal)
+                table[r] = int(self._data)
                 continue
-            d, s = cuda.IPCMemoryHandle(data), cuda.IPCMemoryHandle(signal)
-            self._mapped += [d, s]
-            table[r], table[AR_MAX_RANKS + r] = int(d), int(s)
+            d = cuda.IPCMemoryHandle(handle)
+            self._mapped.append(d)
+            table[r] = int(d)
+        table[AR_MAX_RANKS] = int(self._counters)
         self.table = DeviceTensor.from_numpy(table.view(np.uint8), "u8")
-        group.Barrier()        # every rank's signals are zero before any rank's first call
+        device.synchronize()
+        group.Barrier()        # every rank's buffer is zero before any peer's first send
 
     def fits(self, t) -> bool:
         return t.dtype in ("bf16", "f16") and t.nbytes <= self.max_bytes and t.numel % 8 == 0
@@ -75,13 +82,23 @@ class IpcAllReduce:
                 and t.shape[1] % 8 == 0 and t.ptr % 16 == 0)
 
     def all_reduce(self, t) -> None:
-        self.k.ipc_all_reduce(t, self.rank, self.world, self.table, self.max_bytes)
+        self.k.ipc_all_reduce(t, self.rank, self.world, self.table, self.slot_bytes)
 
     def all_reduce_add_rms_norm(self, t, residual, out, weight, eps: float) -> None:
         """t = sum over the ranks; residual += t; out = rms_norm(residual) * weight, in one kernel. Use an
         instance for this alone: its blocks own whole rows, the plain all-reduce's blocks other slices."""
         self.k.ipc_all_reduce_add_rms_norm(t, residual, out, weight, eps, self.rank, self.world, self.table,
-                                           self.max_bytes)
+                                           self.slot_bytes)
+
+    def exchange_nothing(self) -> None:
+        """Timing probe (scripts/bench.py --comm-probe): from now on every call sums only this rank's own
+        partial, as a group of one, so no byte crosses GPUs and no rank waits for another; the results are
+        wrong. The kernels' other work (their reads and writes, the norm) stays, so a step's time against a
+        normal run is what the exchange costs. There is no way back (none is needed)."""
+        table = np.zeros(AR_MAX_RANKS + 1, np.uint64)
+        table[0], table[AR_MAX_RANKS] = int(self._data), int(self._counters)
+        self.table = DeviceTensor.from_numpy(table.view(np.uint8), "u8")
+        self.rank, self.world = 0, 1
 
     def close(self) -> None:
         for h in self._mapped:

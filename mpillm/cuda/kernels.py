@@ -868,20 +868,22 @@ class Kernels:
         return "large" if _cdiv(m, bm) * _cdiv(n, bn) * 4 >= 3 * self.device.sm_count else "small"
 
     # -- collectives ------------------------------------------------------------------------------
-    def ipc_all_reduce(self, t: DeviceTensor, rank: int, world: int, table: DeviceTensor, parity_bytes: int) -> None:
+    def ipc_all_reduce(self, t: DeviceTensor, rank: int, world: int, table: DeviceTensor, slot_bytes: int) -> None:
         """t (bf16/f16, in place) = sum over the `world` ranks of their t, through the peer-mapped buffers whose
-        pointers `table` holds (mpillm/cuda/ipc_allreduce.py). Every rank must make the same calls."""
+        pointers `table` holds, slot_bytes per sender (mpillm/cuda/ipc_allreduce.py). Every rank must make the
+        same calls."""
         from .ipc_allreduce import AR_BLOCKS, AR_THREADS
         _check(t, "t", MODEL_DTYPES)
         _check_aligned(t, "t")
-        if t.numel % 8 or t.nbytes > parity_bytes:
-            raise ValueError(f"t: {t.numel} elements; the IPC all-reduce takes multiples of 8 up to {parity_bytes} bytes")
+        if t.numel % 8 or 2 * t.nbytes > slot_bytes:
+            raise ValueError(f"t: {t.numel} elements; the IPC all-reduce takes multiples of 8 up to "
+                             f"{slot_bytes // 2} bytes")
         fn = self._fn("allreduce", f"all_reduce_{t.dtype}", "PiiiPQ")
-        self._launch(fn, (AR_BLOCKS, 1), AR_THREADS, t.ptr, t.numel // 8, rank, world, table.ptr, parity_bytes)
+        self._launch(fn, (AR_BLOCKS, 1), AR_THREADS, t.ptr, t.numel // 8, rank, world, table.ptr, slot_bytes)
 
     def ipc_all_reduce_add_rms_norm(self, x: DeviceTensor, residual: DeviceTensor, out: DeviceTensor,
                                     weight: DeviceTensor, eps: float, rank: int, world: int, table: DeviceTensor,
-                                    parity_bytes: int) -> None:
+                                    slot_bytes: int) -> None:
         """x [M, H] (in place) = the sum over the ranks of their x, then residual += x; out = rms_norm(residual)
         * weight: ipc_all_reduce followed by add_rms_norm in one kernel, with the same bits. `table` must be
         an IpcAllReduce of its own (allreduce.cu says why)."""
@@ -893,12 +895,12 @@ class Kernels:
         _check(weight, "weight", x.dtype, (hidden,))
         for t, name in ((x, "x"), (residual, "residual"), (out, "out"), (weight, "weight")):
             _check_aligned(t, name)
-        if hidden % 8 or x.nbytes > parity_bytes:
+        if hidden % 8 or 2 * x.nbytes > slot_bytes:
             raise ValueError(f"x: [{m}, {hidden}]; the fused all-reduce takes rows of a multiple of 8 elements, up to "
-                             f"{parity_bytes} bytes in all")
+                             f"{slot_bytes // 2} bytes in all")
         fn = self._fn("allreduce", f"all_reduce_add_rms_norm_{x.dtype}", "PPPPiifiiPQ")
         self._launch(fn, (AR_BLOCKS, 1), self._norm_threads(hidden, True), x.ptr, residual.ptr, out.ptr, weight.ptr,
-                     m, hidden, float(eps), rank, world, table.ptr, parity_bytes)
+                     m, hidden, float(eps), rank, world, table.ptr, slot_bytes)
 
     # -- attention --------------------------------------------------------------------------------
     def attention(self, out: DeviceTensor, qkv: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,

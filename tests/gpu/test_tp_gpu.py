@@ -1,5 +1,7 @@
 """Tensor parallelism over NCCL: `mpiexec -n 2 pytest --with-mpi --only-mpi tests/gpu` on a multi-GPU machine."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -285,6 +287,16 @@ def test_ipc_all_reduce_sums_like_nccl_in_and_out_of_graphs(tp_env):
     comm.all_reduce_device(t)
     dev.synchronize()
     assert (t.to_numpy() == n * (n + 1) / 2).all()
+    # back to back with no sync, one rank launching late now and then: each call sums the last result again,
+    # so a call that read a stale or a later call's data would show (the values stay exact in bf16)
+    t.copy_from_numpy(np.full(4096, r + 1, np.float32))
+    calls = 40
+    for k in range(calls):
+        if r == 0 and k % 8 == 0:
+            time.sleep(0.002)
+        comm.all_reduce_device(t)
+    dev.synchronize()
+    assert (t.to_numpy() == n * (n + 1) / 2 * float(n) ** (calls - 1)).all()
     # captured once, replayed: each replay sums the previous result again
     stream = cu.CUstream(dev.stream.handle)
     t.copy_from_numpy(np.full(4096, r + 1, np.float32))

@@ -101,3 +101,43 @@ def test_bad_modes_exit_before_any_gpu_work_naming_the_schedules(bench, monkeypa
     msg = str(e.value)
     assert "static-hff" in msg and "continuous, static, static-padded, static-hf" in msg
     assert bench.parse_modes("continuous,static-hf,") == ["continuous", "static-hf"]
+
+
+class _FakeIpc:
+    def __init__(self):
+        self.emptied = False
+
+    def exchange_nothing(self):
+        self.emptied = True
+
+
+def test_comm_probe_times_again_without_the_exchange(bench):
+    """--comm-probe: both IPC instances stop exchanging, the captured graphs go (they hold the old arguments),
+    every batch is timed again, and the share is (normal - without) / normal."""
+    from types import SimpleNamespace
+    comm = SimpleNamespace(ipc=_FakeIpc(), ipc_norm=_FakeIpc())
+    closed, timed, lines, records = [], [], [], []
+    model = SimpleNamespace(close=lambda: closed.append(True))
+
+    def decode(B, probe=False):
+        assert probe and comm.ipc.emptied and comm.ipc_norm.emptied and closed   # emptied, graphs dropped first
+        timed.append(B)
+        return {1: 0.0029, 32: 0.0040}[B]
+
+    bench.comm_probe(None, model, comm, [1, 32], {1: 0.0032, 32: 0.0050}, decode, lines.append,
+                     lambda **kw: records.append(kw))
+    assert timed == [1, 32]
+    assert [r["batch"] for r in records] == [1, 32]
+    assert records[0]["comm_share"] == pytest.approx(0.3 / 3.2)
+    assert records[1]["comm_share"] == pytest.approx(0.2)
+    assert "communication  0.300 ms of  3.200 ms/step ( 9.4%); without it     344.8 tok/s" in lines[0]
+    assert "communication  1.000 ms of  5.000 ms/step (20.0%); without it    8000.0 tok/s" in lines[1]
+
+
+def test_comm_probe_says_why_it_cannot_run_over_nccl(bench):
+    from types import SimpleNamespace
+    lines = []
+    bench.comm_probe(None, SimpleNamespace(close=lambda: None), SimpleNamespace(ipc=None), [1], {1: 0.003},
+                     lambda B, probe=False: pytest.fail("timed without an IPC all-reduce"), lines.append,
+                     lambda **kw: pytest.fail("recorded"))
+    assert "skipped" in lines[0] and "NCCL" in lines[0]

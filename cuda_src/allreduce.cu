@@ -64,7 +64,7 @@ __device__ __forceinline__ ArCall ar_call(const unsigned long long* __restrict__
     return ArCall{flag, (flag & 1) ? (unsigned long long)world * slot_bytes : 0ull};
 }
 
-// After the block's last poll: the next call's flag (every thread has read s_flag before its polls ended).
+// At the block's end: this call's number becomes its counter, which the next call (a later kernel) reads.
 __device__ __forceinline__ void ar_done(const unsigned long long* __restrict__ table, ArCall c) {
     if (threadIdx.x == 0) reinterpret_cast<uint32_t*>(table[AR_MAX_RANKS])[blockIdx.x] = c.flag;
 }

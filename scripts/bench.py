@@ -295,7 +295,7 @@ def main():
             say(profile_step(cuda, model, kernels, st, spec, f"prefill {n} tokens"))
 
     if args.comm_probe and size > 1:
-        comm_probe(args, model, comm, batches, decode_s, decode, say, record)
+        comm_probe(model, comm, batches, decode_s, decode, say, record)
 
     if args.json and rank == 0:
         with open(args.json, "a") as f:
@@ -311,17 +311,17 @@ def main():
     os._exit(0)   # skip interpreter teardown (see mpillm.cli._exit)
 
 
-def comm_probe(args, model, comm, batches, decode_s, decode, say, record):
+def comm_probe(model, comm, batches, decode_s, decode, say, record):
     """--comm-probe: the decode steps again with the IPC all-reduces (the per-layer ones and the embedding's)
     exchanging nothing. What remains is each rank's own work at this TP degree, kernels and launches included;
-    the difference from the normal step is what the exchange (data over NVLink, waiting at the barrier for the
-    slower rank) costs. The vocabulary gather of the logits (NCCL, once a step) still runs."""
+    the difference from the normal step is what the exchange (data over NVLink, waiting for the slower rank's
+    data) costs. The vocabulary gather of the logits (NCCL, once a step) still runs."""
     if comm.ipc is None:
         say("# --comm-probe: skipped (no one-shot IPC all-reduce on this group; NCCL calls cannot be emptied)")
         return
     comm.ipc.exchange_nothing()
     comm.ipc_norm.exchange_nothing()
-    model.close()                 # the captured graphs hold the old arguments: capture again
+    model.drop_graphs()           # the captured graphs hold the old arguments: capture again
     for B in batches:
         dt, alone = decode_s[B], decode(B, probe=True)
         say(f"decode  batch {B:4d}: communication {1e3 * (dt - alone):6.3f} ms of {1e3 * dt:6.3f} ms/step "

@@ -117,14 +117,14 @@ def test_comm_probe_times_again_without_the_exchange(bench):
     from types import SimpleNamespace
     comm = SimpleNamespace(ipc=_FakeIpc(), ipc_norm=_FakeIpc())
     closed, timed, lines, records = [], [], [], []
-    model = SimpleNamespace(close=lambda: closed.append(True))
+    model = SimpleNamespace(drop_graphs=lambda: closed.append(True))
 
     def decode(B, probe=False):
         assert probe and comm.ipc.emptied and comm.ipc_norm.emptied and closed   # emptied, graphs dropped first
         timed.append(B)
         return {1: 0.0029, 32: 0.0040}[B]
 
-    bench.comm_probe(None, model, comm, [1, 32], {1: 0.0032, 32: 0.0050}, decode, lines.append,
+    bench.comm_probe(model, comm, [1, 32], {1: 0.0032, 32: 0.0050}, decode, lines.append,
                      lambda **kw: records.append(kw))
     assert timed == [1, 32]
     assert [r["batch"] for r in records] == [1, 32]
@@ -137,7 +137,7 @@ def test_comm_probe_times_again_without_the_exchange(bench):
 def test_comm_probe_says_why_it_cannot_run_over_nccl(bench):
     from types import SimpleNamespace
     lines = []
-    bench.comm_probe(None, SimpleNamespace(close=lambda: None), SimpleNamespace(ipc=None), [1], {1: 0.003},
+    bench.comm_probe(SimpleNamespace(drop_graphs=lambda: None), SimpleNamespace(ipc=None), [1], {1: 0.003},
                      lambda B, probe=False: pytest.fail("timed without an IPC all-reduce"), lines.append,
                      lambda **kw: pytest.fail("recorded"))
     assert "skipped" in lines[0] and "NCCL" in lines[0]

@@ -815,15 +815,19 @@ class CudaTransformer:
         self.graph_seconds += time.perf_counter() - t0
         return exe
 
-    def close(self):
-        """Destroy the decode graphs. Must come before NCCL's destroy/abort: graphs that captured collectives
-        hold references on the communicator, and ncclCommDestroy / ncclCommAbort wait for them to go
-        (both ranks of a TP=2 job on H200s sat in ncclCommAbort until the graphs were destroyed first)."""
+    def drop_graphs(self):
+        """Destroy the decode graphs (the next decode step captures again, with the arguments of now)."""
         from cuda.bindings import driver as cu
         self.dev.synchronize()
         graphs, self.graphs = self.graphs, {}
         for exe in graphs.values():
             check_cu(cu.cuGraphExecDestroy(exe), "cuGraphExecDestroy")
+
+    def close(self):
+        """Destroy the decode graphs. Must come before NCCL's destroy/abort: graphs that captured collectives
+        hold references on the communicator, and ncclCommDestroy / ncclCommAbort wait for them to go
+        (both ranks of a TP=2 job on H200s sat in ncclCommAbort until the graphs were destroyed first)."""
+        self.drop_graphs()
         if self.side is not None:
             self.side.close()
 

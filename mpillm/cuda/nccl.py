@@ -45,7 +45,7 @@ class NcclComm:
             return f"NCCL ({reason})"
         self._close_ipc()
         self.ipc = IpcAllReduce(self.group, self.device, kernels, max_bytes)
-        self.ipc_norm = IpcAllReduce(self.group, self.device, kernels, max_bytes)   # own buffers and signals
+        self.ipc_norm = IpcAllReduce(self.group, self.device, kernels, max_bytes)   # own buffers and counters
         return f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
 
     def all_reduce_device(self, t, stream=None):

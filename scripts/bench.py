@@ -294,8 +294,11 @@ def main():
         if args.profile:
             say(profile_step(cuda, model, kernels, st, spec, f"prefill {n} tokens"))
 
-    if args.comm_probe and size > 1:
-        comm_probe(model, comm, batches, decode_s, decode, say, record)
+    if args.comm_probe:
+        if size > 1:
+            comm_probe(model, comm, batches, decode_s, decode, say, record)
+        else:
+            say("# --comm-probe: nothing to measure at --tp 1 (no all-reduce)")
 
     if args.json and rank == 0:
         with open(args.json, "a") as f:

@@ -441,3 +441,18 @@ def test_linear_rope_launches_one_projection_kernel_with_the_rope_arguments():
     assert rec.launches == [("gemv_rope_bf16_m2", (n // 16, 1), 256,
                              (0x400000, 0x300000, 0xB00000, 0, 9, n, k, 0x500000, 0x600000, 0x900000, 0x700000,
                               0x800000, nh, nkv, hd))]
+
+
+def test_ipc_all_reduce_table_lists_the_buffers_then_the_counters(monkeypatch):
+    """The kernels' table (allreduce.cu): every rank's buffer in rank order, the counters at AR_MAX_RANKS; the
+    --comm-probe table has this rank's own buffer as the only rank's."""
+    from mpillm.cuda import ipc_allreduce as ipc
+    monkeypatch.setattr(ipc.DeviceTensor, "from_numpy", staticmethod(lambda a, dtype: a.view(np.uint64)))
+    ar = ipc.IpcAllReduce.__new__(ipc.IpcAllReduce)
+    ar._data, ar._counters, ar.rank, ar.world = 0x7000_0000_1000, 0x7000_0000_9000, 1, 3
+    ar._upload_table([0x5000_0000_0000, ar._data, 0x6000_0000_0000])
+    want = [0x5000_0000_0000, 0x7000_0000_1000, 0x6000_0000_0000] + [0] * (ipc.AR_MAX_RANKS - 3) + [ar._counters]
+    assert ar.table.tolist() == want
+    ar.exchange_nothing()
+    assert (ar.rank, ar.world) == (0, 1)
+    assert ar.table.tolist() == [ar._data] + [0] * (ipc.AR_MAX_RANKS - 1) + [ar._counters]

@@ -59,17 +59,9 @@ class IpcAllReduce:
         cuda.memset_d8(int(self._data), 0, nbytes)
         cuda.memset_d8(int(self._counters), 0, COUNTER_BYTES)
         handles = group.allgather(cuda.mem_get_ipc_handle(int(self._data)))
-        table = np.zeros(AR_MAX_RANKS + 1, np.uint64)
-        self._mapped = []
-        for r, handle in enumerate(handles):
-            if r == self.rank:
-                table[r] = int(self._data)
-                continue
-            d = cuda.IPCMemoryHandle(handle)
-            self._mapped.append(d)
-            table[r] = int(d)
-        table[AR_MAX_RANKS] = int(self._counters)
-        self.table = DeviceTensor.from_numpy(table.view(np.uint8), "u8")
+        mapped = {r: cuda.IPCMemoryHandle(h) for r, h in enumerate(handles) if r != self.rank}
+        self._mapped = list(mapped.values())
+        self._upload_table([int(mapped[r]) if r in mapped else int(self._data) for r in range(self.world)])
         device.synchronize()
         group.Barrier()        # every rank's buffer is zero before any peer's first send
 
@@ -95,10 +87,15 @@ class IpcAllReduce:
         partial, as a group of one, so no byte crosses GPUs and no rank waits for another; the results are
         wrong. The kernels' other work (their reads and writes, the norm) stays, so a step's time against a
         normal run is what the exchange costs. There is no way back (none is needed)."""
-        table = np.zeros(AR_MAX_RANKS + 1, np.uint64)
-        table[0], table[AR_MAX_RANKS] = int(self._data), int(self._counters)
-        self.table = DeviceTensor.from_numpy(table.view(np.uint8), "u8")
+        self._upload_table([int(self._data)])
         self.rank, self.world = 0, 1
+
+    def _upload_table(self, buffers: list[int]) -> None:
+        """The kernels' table: every rank's buffer as this process maps it (rank order), then this rank's counters."""
+        table = np.zeros(AR_MAX_RANKS + 1, np.uint64)
+        table[:len(buffers)] = buffers
+        table[AR_MAX_RANKS] = int(self._counters)
+        self.table = DeviceTensor.from_numpy(table.view(np.uint8), "u8")
 
     def close(self) -> None:
         for h in self._mapped:

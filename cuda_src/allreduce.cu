@@ -24,88 +24,70 @@
 // count; it runs on its own buffers and counters (a second IpcAllReduce), since the plain kernel's blocks own
 // other slices.
 //
-// table (mpillm/cuda/ipc_allreduce.py): [AR_MAX_RANKS] buffer base pointers, this process's mappings of every
-// rank's buffer, then this rank's call counters. A buffer holds [2 parities][world senders][slot_bytes]; a
-// sender's slot holds 2 bytes for each byte of the message.
+// sent (the fused kernel): this rank's part was already sent by the kernel that computed it (the row-parallel
+// GEMV's epilogue, gemv.cu), with the same flag: this kernel only receives. That GEMV reads the counters after its
+// own PDL wait, this kernel writes them after its wait, so both see the same call number.
+//
+// The LL helpers and the table's layout are in ll.cuh.
+#include "ll.cuh"
 #include "norm.cuh"
 
-#define AR_MAX_RANKS 8
-#define AR_MAX_BLOCKS 64
-#define AR_BLOCKS 32     // the grid of every call (kernels.py AR_BLOCKS)
 #define AR_THREADS 256
-
-// Peer data is re-read at the same addresses every other call: never from a (non-coherent) L1 line.
-__device__ __forceinline__ uint4 ld_volatile16(const void* p) {
-    uint4 v;
-    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p)
-                 : "memory");
-    return v;
-}
-__device__ __forceinline__ void st_volatile16(void* p, uint4 v) {
-    asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
-                 "r"(v.w)
-                 : "memory");
-}
-
-struct ArCall {
-    uint32_t flag;                 // this call's number for this block
-    unsigned long long region;     // byte offset of this call's parity region in every buffer
-};
+#define AR_GROUP 4       // peers whose lines are read before any is checked
 
 // This call's flag for block b (its counter + 1) and region.
 __device__ __forceinline__ ArCall ar_call(const unsigned long long* __restrict__ table, int world,
                                           unsigned long long slot_bytes) {
-    __shared__ uint32_t s_flag;
-    if (threadIdx.x == 0) s_flag = reinterpret_cast<const uint32_t*>(table[AR_MAX_RANKS])[blockIdx.x] + 1;
+    __shared__ ArCall s_call;
+    if (threadIdx.x == 0) s_call = ar_call_of(table, world, slot_bytes, blockIdx.x);
     __syncthreads();
-    const uint32_t flag = s_flag;
-    return ArCall{flag, (flag & 1) ? (unsigned long long)world * slot_bytes : 0ull};
+    return s_call;
 }
 
 // At the block's end: this call's number becomes its counter, which the next call (a later kernel) reads.
 __device__ __forceinline__ void ar_done(const unsigned long long* __restrict__ table, ArCall c) {
-    if (threadIdx.x == 0) reinterpret_cast<uint32_t*>(table[AR_MAX_RANKS])[blockIdx.x] = c.flag;
+    if (threadIdx.x == 0) ar_counters(table)[blockIdx.x] = c.flag;
 }
 
 // Vector i of this rank's message (16 bytes) into every peer's slot for this rank: two LL lines.
 __device__ __forceinline__ void ar_send(const unsigned long long* __restrict__ table, ArCall c,
                                         unsigned long long slot_bytes, int rank, int world, size_t i, uint4 v) {
-    const uint4 lo = make_uint4(v.x, c.flag, v.y, c.flag), hi = make_uint4(v.z, c.flag, v.w, c.flag);
-    for (int r = 0; r < world; ++r) {
-        if (r == rank) continue;
-        uint4* slot = reinterpret_cast<uint4*>(table[r] + c.region + (unsigned long long)rank * slot_bytes);
-        st_volatile16(slot + 2 * i, lo);
-        st_volatile16(slot + 2 * i + 1, hi);
-    }
-}
-
-// Vector i of rank r's message, once it has arrived in this rank's buffer.
-__device__ __forceinline__ uint4 ar_receive(const unsigned long long* __restrict__ table, ArCall c,
-                                            unsigned long long slot_bytes, int rank, int r, size_t i) {
-    const uint4* slot = reinterpret_cast<const uint4*>(table[rank] + c.region + (unsigned long long)r * slot_bytes);
-    uint4 lo, hi;
-    do lo = ld_volatile16(slot + 2 * i);
-    while (lo.y != c.flag || lo.w != c.flag);
-    do hi = ld_volatile16(slot + 2 * i + 1);
-    while (hi.y != c.flag || hi.w != c.flag);
-    return make_uint4(lo.x, lo.z, hi.x, hi.z);
+    ar_send_line(table, c, slot_bytes, rank, world, 2 * i, v.x, v.y);
+    ar_send_line(table, c, slot_bytes, rank, world, 2 * i + 1, v.z, v.w);
 }
 
 // Vector i summed over the ranks in fp32, in rank order (every rank gets the same bits), rounded to T; `mine`
-// is this rank's own vector.
+// is this rank's own vector. The lines of AR_GROUP peers are all read before the first is checked: when the
+// data is there, that is one round trip to L2 instead of one per line.
 template <typename T>
 __device__ __forceinline__ uint4 ar_sum(const unsigned long long* __restrict__ table, ArCall c,
                                         unsigned long long slot_bytes, int rank, int world, size_t i, uint4 mine) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int r = 0; r < world; ++r) {
-        uint4 x = mine;
-        if (r != rank) x = ar_receive(table, c, slot_bytes, rank, r, i);
-        float f[8];
-        unpack8<T>(x, f);
+    for (int r0 = 0; r0 < world; r0 += AR_GROUP) {
+        uint4 lo[AR_GROUP], hi[AR_GROUP];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += f[e];
+        for (int g = 0; g < AR_GROUP; ++g) {
+            const int r = r0 + g;
+            if (r < world && r != rank) {
+                lo[g] = ld_volatile16(ar_line(table, c, slot_bytes, rank, r, 2 * i));
+                hi[g] = ld_volatile16(ar_line(table, c, slot_bytes, rank, r, 2 * i + 1));
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < AR_GROUP; ++g) {
+            const int r = r0 + g;
+            if (r >= world) continue;
+            uint4 x = mine;
+            if (r != rank) {
+                while (!ar_arrived(lo[g], c)) lo[g] = ld_volatile16(ar_line(table, c, slot_bytes, rank, r, 2 * i));
+                while (!ar_arrived(hi[g], c)) hi[g] = ld_volatile16(ar_line(table, c, slot_bytes, rank, r, 2 * i + 1));
+                x = make_uint4(lo[g].x, lo[g].z, hi[g].x, hi[g].z);
+            }
+            float f[8];
+            unpack8<T>(x, f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += f[e];
+        }
     }
     return pack8<T>(acc);
 }
@@ -133,15 +115,16 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
                                                                  int rows, int hidden, float eps, int rank,
                                                                  int world,
                                                                  const unsigned long long* __restrict__ table,
-                                                                 unsigned long long slot_bytes) {
+                                                                 unsigned long long slot_bytes, bool sent) {
     const ArCall c = ar_call(table, world, slot_bytes);
     const int n_vec = hidden >> 3;
     uint4* v = reinterpret_cast<uint4*>(data);
-    for (int row = blockIdx.x; row < rows; row += gridDim.x)
-        for (int j = threadIdx.x; j < n_vec; j += blockDim.x) {
-            const size_t i = (size_t)row * n_vec + j;
-            ar_send(table, c, slot_bytes, rank, world, i, v[i]);
-        }
+    if (!sent)
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)
+            for (int j = threadIdx.x; j < n_vec; j += blockDim.x) {
+                const size_t i = (size_t)row * n_vec + j;
+                ar_send(table, c, slot_bytes, rank, world, i, v[i]);
+            }
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         // Each thread sums, and then normalises, the same vectors of the row (rms_norm_row's split), so it
         // reads back only what it wrote.
@@ -164,10 +147,10 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
 #define AR_NORM_KERNEL(T, NAME)                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) all_reduce_add_rms_norm_##NAME(                       \
         T* data, T* residual, T* out, const T* weight, int rows, int hidden, float eps, int rank, int world, \
-        const unsigned long long* table, unsigned long long slot_bytes) {                                    \
+        const unsigned long long* table, unsigned long long slot_bytes, int sent) {                          \
         pdl_begin();                                                                                          \
         one_shot_all_reduce_add_rms_norm<T>(data, residual, out, weight, rows, hidden, eps, rank, world, table, \
-                                            slot_bytes);                                                      \
+                                            slot_bytes, sent != 0);                                           \
     }
 AR_KERNEL(bf16, bf16)
 AR_KERNEL(f16, f16)

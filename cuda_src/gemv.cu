@@ -14,6 +14,12 @@
 //
 // Block: WARPS warps on the same 16 weight rows, interleaved over k blocks (enough warps per SM even
 // when N is only 4096); partial tiles are summed through shared memory.
+//
+// SEND (gemv_send_*, the row-parallel projections at tensor parallelism): each block also sends its finished
+// tile into every peer's all-reduce buffer (ll.cuh), so that the fused all-reduce + norm after it only waits
+// for the peers' parts: they cross NVLink while the rest of this kernel still streams weights, instead of
+// after it, from the all-reduce's few blocks.
+#include "ll.cuh"
 #include "mma.cuh"
 
 // Production shape (the template below also serves benchmark variants).
@@ -30,6 +36,32 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 // Pair p (0..7) of a lane's 16 elements: pairs 0-3 live in `lo`, 4-7 in `hi`.
 __device__ __forceinline__ uint32_t pair_of(const uint4& lo, const uint4& hi, int p) {
     return p < 4 ? word_of(lo, p) : word_of(hi, p - 4);
+}
+
+// The all-reduce buffers a SEND GEMV writes into (mpillm/cuda/ipc_allreduce.py: the fused all-reduce's).
+struct LlSend {
+    const unsigned long long* table;
+    unsigned long long slot_bytes;
+    int rank, world;
+};
+
+// y's columns n0..n0+15 of every token, just stored by this block, into every peer's slot for this rank, as
+// the fused all-reduce would have sent them: token m's row is all-reduce block m % AR_BLOCKS's, whose counter
+// numbers the call. The counters were last written by the previous all-reduce, which finished before this
+// kernel passed its PDL wait; the all-reduce this tile is for writes them only after its own wait, once this
+// kernel has finished.
+template <typename T>
+__device__ __noinline__ void send_tile(const T* y, int n0, int M, int N, const LlSend& s) {
+    __syncthreads();  // the tile's stores are visible to the whole block; read back past L1's non-coherent path
+    for (int idx = threadIdx.x; idx < M * 4; idx += blockDim.x) {
+        const int tok = idx >> 2, col = n0 + 4 * (idx & 3);
+        if (col >= N) continue;
+        const size_t e = (size_t)tok * N + col;  // 4 elements (N % 8 == 0): one line of the slot
+        uint32_t a, b;
+        asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];\n" : "=r"(a), "=r"(b) : "l"(y + e) : "memory");
+        const ArCall c = ar_call_of(s.table, s.world, s.slot_bytes, tok % AR_BLOCKS);
+        ar_send_line(s.table, c, s.slot_bytes, s.rank, s.world, e / 4, a, b);
+    }
 }
 
 // L2::256B asks L2 to fetch the whole 256-byte segment around each miss: the other half of a row's
@@ -56,10 +88,12 @@ struct GemvStage {
 // each warp keeps weight bytes in flight without a gap.
 // ROPE: the epilogue of the q/k/v projection with rotary embedding and the KV store (finish_small_m_tile_rope).
 template <typename T, typename OutT, int NT, int WARPS = GEMV_WARPS, int UNROLL = GEMV_UNROLL,
-          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false, bool ROPE = false>
+          bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false, bool ROPE = false,
+          bool SEND = false>
 __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                                const T* __restrict__ w, const T* __restrict__ bias, int M,
-                                               int N, int K, const RopeArgs<T>& rope = RopeArgs<T>{}) {
+                                               int N, int K, const RopeArgs<T>& rope = RopeArgs<T>{},
+                                               const LlSend& send = LlSend{}) {
     __shared__ float partial[WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -154,6 +188,7 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
     else
         finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
+    if constexpr (SEND) send_tile<T>(y, n0, M, N, send);
 }
 
 // Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_CONFIGS mirrors WARPS.
@@ -185,6 +220,19 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
     GEMV_ROPE_KERNEL(T, NAME, 2, 8, 2, true, true)      \
     GEMV_ROPE_KERNEL(T, NAME, 4, 8, 1, true, true)
 
+// The row-parallel projection that sends its tiles (SEND; output in T, the all-reduce's dtype).
+#define GEMV_SEND_KERNEL(T, NAME, NT, WARPS, UNROLL, L2, PIPE)                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_send_##NAME##_m##NT(                     \
+        T* y, const T* x, const T* w, const T* bias, int M, int N, int K, const unsigned long long* table, \
+        unsigned long long slot_bytes, int rank, int world) {                                               \
+        small_m_linear<T, T, NT, WARPS, UNROLL, L2, PIPE, false, false, true>(                              \
+            y, x, w, bias, M, N, K, RopeArgs<T>{}, LlSend{table, slot_bytes, rank, world});                \
+    }
+#define GEMV_SEND_KERNELS(T, NAME)                      \
+    GEMV_SEND_KERNEL(T, NAME, 1, 8, 2, true, true)      \
+    GEMV_SEND_KERNEL(T, NAME, 2, 8, 2, true, true)      \
+    GEMV_SEND_KERNEL(T, NAME, 4, 8, 1, true, true)
+
 // NAME = <input dtype>_<output dtype>
 GEMV_KERNELS(bf16, bf16, bf16_bf16)
 GEMV_KERNELS(bf16, float, bf16_f32)
@@ -192,3 +240,5 @@ GEMV_KERNELS(f16, f16, f16_f16)
 GEMV_KERNELS(f16, float, f16_f32)
 GEMV_ROPE_KERNELS(bf16, bf16)
 GEMV_ROPE_KERNELS(f16, f16)
+GEMV_SEND_KERNELS(bf16, bf16)
+GEMV_SEND_KERNELS(f16, f16)

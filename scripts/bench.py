@@ -100,6 +100,9 @@ def main():
     ap.add_argument("--no-fuse-ar-norm", action="store_true",
                     help="--tp > 1: the IPC all-reduce and the next residual add + RMSNorm as two kernels (the A side of an "
                          "A/B with the fused kernel)")
+    ap.add_argument("--no-presend", action="store_true",
+                    help="--tp > 1: the fused all-reduce kernel sends this rank's part itself, instead of the bf16 projection "
+                         "that computes it (the A side of an A/B)")
     ap.add_argument("--profile", action="store_true",
                     help="after each decode batch and prefill: one eager step with a CUDA event pair around every kernel, "
                          "summed per kernel (events serialise the launches; the ratios are what matter)")
@@ -177,7 +180,8 @@ def main():
     blocks_needed = max([max_seqs * decode_blocks] + [-(-p // 16) + 1 for p in prefills]) + 16
     model = CudaTransformer(ckpt, cfg, shard, device, kernels, dtype=args.dtype, comm=comm, max_tokens=max_tokens,
                             max_seqs=max_seqs, max_model_len=max_len, num_blocks=blocks_needed,
-                            overlap=args.overlap, fuse_allreduce_norm=not args.no_fuse_ar_norm, **quant_args(args))
+                            overlap=args.overlap, fuse_allreduce_norm=not args.no_fuse_ar_norm,
+                            presend=not args.no_presend, **quant_args(args))
     bw = copy_bandwidth(cuda, device.stream)
     weight_bytes = model.streamed_bytes          # bytes a decode step reads (the embedding table is not streamed)
     if size > 1:
@@ -195,7 +199,7 @@ def main():
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
                   pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
                   decode_cluster=kernels.decode_cluster,
-                  fuse_ar_norm=model.fuse_allreduce_norm, fuse_rope=model.fuse_rope, fuse_prenorm=model.fuse_prenorm)
+                  fuse_ar_norm=model.fuse_allreduce_norm, presend=model.presend, fuse_rope=model.fuse_rope, fuse_prenorm=model.fuse_prenorm)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)

@@ -456,3 +456,42 @@ def test_ipc_all_reduce_table_lists_the_buffers_then_the_counters(monkeypatch):
     ar.exchange_nothing()
     assert (ar.rank, ar.world) == (0, 1)
     assert ar.table.tolist() == [ar._data] + [0] * (ipc.AR_MAX_RANKS - 1) + [ar._counters]
+
+
+def test_ipc_all_reduce_constants_match_the_source():
+    """ipc_allreduce.py sizes the table, the counters and the grid from constants that cuda_src/ll.cuh and
+    allreduce.cu define: they must agree."""
+    import re
+    from mpillm.cuda import ipc_allreduce as ipc
+    from mpillm.cuda.kernels import CUDA_SRC
+    src = (CUDA_SRC / "ll.cuh").read_text() + (CUDA_SRC / "allreduce.cu").read_text()
+    defines = {m[0]: int(m[1]) for m in re.findall(r"^#define (AR_\w+) (\d+)", src, re.M)}
+    assert {k: defines[k] for k in ("AR_MAX_RANKS", "AR_MAX_BLOCKS", "AR_BLOCKS", "AR_THREADS")} == {
+        "AR_MAX_RANKS": ipc.AR_MAX_RANKS, "AR_MAX_BLOCKS": ipc.AR_MAX_BLOCKS, "AR_BLOCKS": ipc.AR_BLOCKS,
+        "AR_THREADS": ipc.AR_THREADS}
+
+
+def test_row_parallel_projection_sends_only_from_the_float_small_m_kernel():
+    """linear's `send`: the small-M kernel's send twin with the all-reduce's table, slot size, rank and world after
+    the usual arguments; refused (ValueError, nothing launched) for a quantized weight, an f32 output, more rows
+    than the small-M kernel takes, a path that is not it, or y larger than the slots."""
+    from mpillm.cuda.kernels import QuantWeight
+    n, k = 576, 200
+    w, table = _tensor(0x100000, (n, k)), _tensor(0x200000, (9,), "u8")
+    rec = _Recorder()
+    rec.k.linear(_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, send=(table, 1 << 20, 1, 4))
+    assert rec.launches == [("gemv_send_bf16_m2", (36, 1), 256,
+                             (0x400000, 0x300000, 0x100000, 0, 9, n, k, 0x200000, 1 << 20, 1, 4))]
+    assert rec.k.gemv_sends(w, _tensor(0x400000, (9, n)), 9)
+    rec.launches.clear()
+    q = QuantWeight("int8", n, k, 40, _tensor(0x100000, (n, 5 * 40), "u8"), _tensor(0x200000, (n, 10), "u8"))
+    bad = [(_tensor(0x400000, (1, n)), _tensor(0x300000, (1, k)), q, {}),
+           (_tensor(0x400000, (1, n), "f32"), _tensor(0x300000, (1, k)), w, {}),
+           (_tensor(0x400000, (33, n)), _tensor(0x300000, (33, k)), w, {}),
+           (_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, {"path": "gemm"})]
+    for y, x, weight, kw in bad:
+        with pytest.raises(ValueError, match="send"):
+            rec.k.linear(y, x, weight, send=(table, 1 << 20, 1, 4), **kw)
+    with pytest.raises(ValueError, match="slots"):
+        rec.k.linear(_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, send=(table, 9 * n * 2, 1, 4))
+    assert rec.launches == []

@@ -76,11 +76,17 @@ class IpcAllReduce:
     def all_reduce(self, t) -> None:
         self.k.ipc_all_reduce(t, self.rank, self.world, self.table, self.slot_bytes)
 
-    def all_reduce_add_rms_norm(self, t, residual, out, weight, eps: float) -> None:
+    def all_reduce_add_rms_norm(self, t, residual, out, weight, eps: float, sent: bool = False) -> None:
         """t = sum over the ranks; residual += t; out = rms_norm(residual) * weight, in one kernel. Use an
-        instance for this alone: its blocks own whole rows, the plain all-reduce's blocks other slices."""
+        instance for this alone: its blocks own whole rows, the plain all-reduce's blocks other slices.
+        sent: the kernel that computed t sent it already, with send_args()."""
         self.k.ipc_all_reduce_add_rms_norm(t, residual, out, weight, eps, self.rank, self.world, self.table,
-                                           self.slot_bytes)
+                                           self.slot_bytes, sent)
+
+    def send_args(self) -> tuple:
+        """What a kernel that computes the next all_reduce_add_rms_norm's input needs to send it itself
+        (Kernels.linear's `send`). Ask at every launch: exchange_nothing changes them."""
+        return self.table, self.slot_bytes, self.rank, self.world
 
     def exchange_nothing(self) -> None:
         """Timing probe (scripts/bench.py --comm-probe): from now on every call sums only this rank's own

@@ -721,13 +721,18 @@ class Kernels:
 
     # -- linear -----------------------------------------------------------------------------------
     def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,
-               path: str | None = None, scratch: DeviceTensor | None = None) -> None:
+               path: str | None = None, scratch: DeviceTensor | None = None, send: tuple | None = None) -> None:
         """y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]), fp32 accumulation; y in the model dtype or f32.
 
         Float w: M <= GEMV_MAX_M (32) runs the bandwidth-bound small-M kernel, larger M the tensor-core GEMM.
         `path` ("gemv", "gemm" or "cublaslt") forces one (tests, benchmarks).
         QuantWeight w: see linear_quant (`scratch` serves its dequantize path).
+        send (where gemv_sends says so): (table, slot_bytes, rank, world) of the fused all-reduce that follows
+        (IpcAllReduce.send_args); the kernel also sends y into the peers' buffers of that all-reduce, which must
+        then be told `sent`.
         """
+        if send is not None and not self.gemv_sends(w, y, x.shape[0]):
+            raise ValueError("send: only the small-M kernel of a float weight, into y of its dtype, sends its output")
         if isinstance(w, QuantWeight):
             self.linear_quant(y, x, w, bias, path, scratch)
             return
@@ -754,7 +759,9 @@ class Kernels:
         suffix = f"{w.dtype}_{y.dtype}"
         bias_ptr = 0 if bias is None else bias.ptr
         if path == "gemv":
-            self._gemv(y, x, w, bias_ptr)
+            self._gemv(y, x, w, bias_ptr, send=send)
+        elif send is not None:
+            raise ValueError(f"send: path {path!r} cannot send its output")
         elif path == "gemm":
             cfg = self._gemm_config(m, n)
             bm, bn, bk, threads, stages = GEMM_CONFIGS[cfg]
@@ -807,18 +814,33 @@ class Kernels:
         return (positions.ptr + 4 * lo, inv_freq.ptr, slots.ptr + 4 * lo, k_cache.ptr, v_cache.ptr, n_heads, n_kv,
                 head_dim)
 
+    @staticmethod
+    def gemv_sends(w, y: DeviceTensor, m: int) -> bool:
+        """Whether linear(y, x, w) with M = m rows can send y itself (`send`): the small-M kernel of a float
+        weight with y in its dtype, whole 16-byte vectors per row."""
+        return (not isinstance(w, QuantWeight) and 0 < m <= GEMV_MAX_M and y.dtype == w.dtype
+                and w.shape[0] % 8 == 0 and y.ptr % 16 == 0)
+
     def _gemv(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias_ptr: int, swiglu: bool = False,
-              rope=None) -> None:
+              rope=None, send=None) -> None:
         m, (n, k) = x.shape[0], w.shape
         tiles = next((nt for nt in GEMV_THREADS if m <= 8 * nt), None)
         if tiles is None:
             raise ValueError(f"x: gemv path takes at most {8 * max(GEMV_THREADS)} rows, got {m}")
-        if rope is None:
-            name, fmt = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}", "PPPPiii"
-        else:
+        extra = ()
+        if rope is not None:
             name, fmt = f"gemv_rope_{w.dtype}_m{tiles}", "PPPPiiiPPPPPiii"
+            extra = self._rope_args(rope, 0)
+        elif send is not None:
+            table, slot_bytes, rank, world = send
+            if 2 * y.nbytes > slot_bytes:
+                raise ValueError(f"send: y is {y.nbytes} bytes; the all-reduce's slots take {slot_bytes // 2}")
+            name, fmt = f"gemv_send_{w.dtype}_m{tiles}", "PPPPiiiPQii"
+            extra = (table.ptr, slot_bytes, rank, world)
+        else:
+            name, fmt = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}", "PPPPiii"
         self._launch(self._fn("gemv", name, fmt), (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y.ptr, x.ptr,
-                     w.ptr, bias_ptr, m, n, k, *self._rope_args(rope, 0))
+                     w.ptr, bias_ptr, m, n, k, *extra)
 
     def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False,
                rope=None, prenorm=None) -> None:
@@ -883,10 +905,11 @@ class Kernels:
 
     def ipc_all_reduce_add_rms_norm(self, x: DeviceTensor, residual: DeviceTensor, out: DeviceTensor,
                                     weight: DeviceTensor, eps: float, rank: int, world: int, table: DeviceTensor,
-                                    slot_bytes: int) -> None:
+                                    slot_bytes: int, sent: bool = False) -> None:
         """x [M, H] (in place) = the sum over the ranks of their x, then residual += x; out = rms_norm(residual)
         * weight: ipc_all_reduce followed by add_rms_norm in one kernel, with the same bits. `table` must be
-        an IpcAllReduce of its own (allreduce.cu says why)."""
+        an IpcAllReduce of its own (allreduce.cu says why). sent: the kernel that computed x sent it already
+        (linear's `send`, with this table); this one only receives."""
         from .ipc_allreduce import AR_BLOCKS
         _check(x, "x", MODEL_DTYPES, (None, None))
         m, hidden = x.shape
@@ -898,9 +921,9 @@ class Kernels:
         if hidden % 8 or 2 * x.nbytes > slot_bytes:
             raise ValueError(f"x: [{m}, {hidden}]; the fused all-reduce takes rows of a multiple of 8 elements, up to "
                              f"{slot_bytes // 2} bytes in all")
-        fn = self._fn("allreduce", f"all_reduce_add_rms_norm_{x.dtype}", "PPPPiifiiPQ")
+        fn = self._fn("allreduce", f"all_reduce_add_rms_norm_{x.dtype}", "PPPPiifiiPQi")
         self._launch(fn, (AR_BLOCKS, 1), self._norm_threads(hidden, True), x.ptr, residual.ptr, out.ptr, weight.ptr,
-                     m, hidden, float(eps), rank, world, table.ptr, slot_bytes)
+                     m, hidden, float(eps), rank, world, table.ptr, slot_bytes, int(sent))
 
     # -- attention --------------------------------------------------------------------------------
     def attention(self, out: DeviceTensor, qkv: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,

@@ -194,7 +194,7 @@ class CudaTransformer:
                  num_blocks: int | None = None, quantize: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, fuse_swiglu: bool = True, pdl: bool | None = None,
                  overlap: bool = False, fuse_allreduce_norm: bool = True, fuse_rope: bool = True,
-                 fuse_prenorm: bool = True, log=lambda m: None):
+                 fuse_prenorm: bool = True, presend: bool = True, log=lambda m: None):
         import pycuda.driver as cuda
         if quantize not in QUANTIZE or (quantize in ("q4", "q4_1") and ckpt is not None):
             raise ValueError(f"--quantize {quantize}: expected none, auto or int8"
@@ -205,6 +205,9 @@ class CudaTransformer:
         # Tensor parallelism: decode-sized all-reduces fused with the next residual add + RMSNorm (allreduce.cu);
         # False: the IPC all-reduce and add_rms_norm as two kernels (A/B runs).
         self.fuse_allreduce_norm = fuse_allreduce_norm
+        # ... and the row-parallel projection's bf16 kernel sends its tiles to the peers itself (Kernels.linear's
+        # `send`); False: the all-reduce kernel sends them (A/B runs).
+        self.presend = presend
         # One GPU, one token: the residual add + RMSNorm before the q/k/v and gate/up projections folded into their
         # int8 kernels (Kernels.prenorm_fusable; the same bits), the residual alternating between two buffers;
         # False: add_rms_norm as a kernel of its own (A/B runs).
@@ -659,10 +662,12 @@ class CudaTransformer:
         norm folds into the kernel of next_w (the projection that reads h) where it can (Kernels.prenorm_fusable):
         r + y then goes to the other residual buffer, since every block of that kernel reads r."""
         k, eps = self.k, self.cfg.rms_norm_eps
-        k.linear(y, x, w, scratch=self.wscratch)
+        fused = self.comm.size > 1 and self.fuse_allreduce_norm and hasattr(self.comm, "all_reduce_add_rms_norm")
+        # The projection's kernel sends its tiles to the peers itself where it can: they cross while it runs.
+        send = self.comm.row_send(y) if fused and self.presend and k.gemv_sends(w, y, x.shape[0]) else None
+        k.linear(y, x, w, scratch=self.wscratch, send=send)
         if self.comm.size > 1:
-            if self.fuse_allreduce_norm and hasattr(self.comm, "all_reduce_add_rms_norm") \
-                    and self.comm.all_reduce_add_rms_norm(y, resid, rows.h, norm_weight, eps):
+            if fused and self.comm.all_reduce_add_rms_norm(y, resid, rows.h, norm_weight, eps, sent=send is not None):
                 return resid, None
             self.comm.all_reduce_device(y)
         elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1

@@ -58,14 +58,24 @@ class NcclComm:
         handle = self.stream if stream is None else stream
         self.nc.all_reduce(t.ptr, t.ptr, t.numel, NCCL_DTYPE[t.dtype], NCCL_SUM, self.comm, handle)
 
-    def all_reduce_add_rms_norm(self, t, residual, out, weight, eps: float) -> bool:
+    def all_reduce_add_rms_norm(self, t, residual, out, weight, eps: float, sent: bool = False) -> bool:
         """t = sum over the group; residual += t; out = rms_norm(residual) * weight, as one kernel when the IPC
         path takes t (returns True); otherwise does nothing and returns False (the caller all-reduces and
-        normalises in two steps). The answer depends only on t's shape, which every rank shares."""
+        normalises in two steps). The answer depends only on t's shape, which every rank shares. sent: t's
+        kernel sent it already, with row_send(t)'s arguments."""
         if self.ipc_norm is None or not self.ipc_norm.fits_rows(t):
+            if sent:
+                raise ValueError("all_reduce_add_rms_norm: sent, but the fused all-reduce does not take t")
             return False
-        self.ipc_norm.all_reduce_add_rms_norm(t, residual, out, weight, eps)
+        self.ipc_norm.all_reduce_add_rms_norm(t, residual, out, weight, eps, sent)
         return True
+
+    def row_send(self, t) -> tuple | None:
+        """The arguments with which the kernel that computes t can send it to the peers itself (Kernels.linear's
+        `send`), when all_reduce_add_rms_norm will take t; else None."""
+        if self.ipc_norm is None or not self.ipc_norm.fits_rows(t):
+            return None
+        return self.ipc_norm.send_args()
 
     def all_gather_vocab(self, out, local):
         """out [L, V] f32 = the ranks' local logits [L, V_r] side by side (vocab shards may differ in size).

@@ -225,9 +225,82 @@ def test_fused_all_reduce_add_rms_norm_equals_the_two_kernels(tp_env):
 
 
 @mpi
+def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
+    """The row-parallel bf16 GEMV sending its output tiles itself (linear's `send`) and the fused all-reduce + norm
+    only receiving (`sent`): the same bits as the all-reduce kernel sending them, for token counts of each GEMV
+    tiling (1, 9, 32 rows), hidden sizes whose last tile is half full, the two ways alternating call by call (the
+    call counters and parities stay in step), and the pair captured in a graph with programmatic edges and
+    replayed back to back."""
+    from cuda.bindings import driver as cu
+
+    from mpillm.cuda.graphs import link_programmatic
+    from mpillm.cuda.nccl import NcclComm
+    from mpillm.cuda.runtime import DeviceTensor, check_cu
+    world, dev, kernels = tp_env
+    r, n = world.Get_rank(), world.Get_size()
+    comm = NcclComm(world, dev, [(0, 1)] * n)
+    comm.enable_ipc_all_reduce(kernels, 32 * 4104 * 2)
+    if comm.ipc_norm is None:
+        comm.destroy()
+        pytest.skip("no IPC all-reduce on this machine")
+    shared = np.random.default_rng(11)                       # the same residual and norm weight on every rank
+    for m, hidden, k in [(1, 4096, 1024), (9, 576, 200), (32, 4104, 64), (2, 2056, 512)]:
+        resid0 = shared.normal(size=(m, hidden)).astype(np.float32)
+        norm_w = DeviceTensor.from_numpy(shared.normal(1, 0.1, hidden).astype(np.float32), "bf16")
+        own = np.random.default_rng(1000 * r + m)
+        w = DeviceTensor.from_numpy(own.normal(size=(hidden, k)).astype(np.float32) / np.sqrt(k), "bf16")
+        x = DeviceTensor.from_numpy(own.normal(size=(m, k)).astype(np.float32), "bf16")
+        y = DeviceTensor.empty((m, hidden), "bf16")
+        resid, h = DeviceTensor.from_numpy(resid0, "bf16"), DeviceTensor.empty((m, hidden), "bf16")
+        assert kernels.gemv_sends(w, y, m)
+
+        def step(sent):
+            send = comm.row_send(y) if sent else None
+            assert (send is not None) == sent
+            kernels.linear(y, x, w, send=send)
+            assert comm.all_reduce_add_rms_norm(y, resid, h, norm_w, 1e-5, sent=sent)
+
+        got = []
+        for sent in (False, True, True, False, True):
+            resid.copy_from_numpy(resid0)
+            step(sent)
+            dev.synchronize()
+            got.append((h.to_numpy(), resid.to_numpy(), y.to_numpy()))
+        for i, g in enumerate(got[1:], 1):
+            for a, b, what in zip(g, got[0], ("out", "residual", "sum")):
+                np.testing.assert_array_equal(a, b, err_msg=f"{what}, call {i}, {m} x {hidden}")
+        everyone = world.allgather(got[1][0])
+        assert all(np.array_equal(e, everyone[0]) for e in everyone), f"ranks differ at {m} x {hidden}"
+        # Replays: each adds the same sum to the residual again; the eager twin gives the bits to expect.
+        resid.copy_from_numpy(resid0)
+        want = []
+        for _ in range(3):
+            step(False)
+            dev.synchronize()
+            want.append(resid.to_numpy())
+        stream = cu.CUstream(dev.stream.handle)
+        resid.copy_from_numpy(resid0)
+        dev.synchronize()
+        check_cu(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "capture")
+        step(True)
+        graph = check_cu(cu.cuStreamEndCapture(stream), "end capture")
+        link_programmatic(graph, kernels.owns)
+        exe = check_cu(cu.cuGraphInstantiate(graph, 0), "instantiate")
+        for i in range(3):
+            check_cu(cu.cuGraphLaunch(exe, stream), "launch")
+            dev.synchronize()
+            np.testing.assert_array_equal(resid.to_numpy(), want[i], err_msg=f"replay {i}, {m} x {hidden}")
+        cu.cuGraphExecDestroy(exe)
+        cu.cuGraphDestroy(graph)
+    with pytest.raises(ValueError, match="sent"):
+        comm.all_reduce_add_rms_norm(DeviceTensor.empty((65, 4104), "bf16"), resid, h, norm_w, 1e-5, sent=True)
+    comm.destroy()
+
+
+@mpi
 def test_tp_fused_all_reduce_norm_model_equals_unfused(tp_env, smollm_gguf):
-    """The model with the fused all-reduce + norm (default) and without: the same logits bit for bit on a
-    prompt, and the same greedy ids through the decode graphs."""
+    """The model with the fused all-reduce + norm (default; its bf16 o and down projections send their own tiles)
+    and without: the same logits bit for bit on a prompt, and the same greedy ids through the decode graphs."""
     comm, fused, single = _tp_and_single(tp_env, smollm_gguf)
     single.close()
     from mpillm.checkpoint import open_checkpoint
@@ -238,6 +311,7 @@ def test_tp_fused_all_reduce_norm_model_equals_unfused(tp_env, smollm_gguf):
     plain = CudaTransformer(ck, ck.config, make_shard(ck.config, world.Get_rank(), world.Get_size()), dev, kernels,
                             comm=comm, dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64,
                             fuse_allreduce_norm=False)
+    assert fused.presend and kernels.gemv_sends(fused.layers[0].o, fused.delta.view(0, (1, ck.config.hidden_size)), 1)
     from mpillm.batch import StepInput
     from mpillm.engine import SampleSpec
     from mpillm.jobio import SamplingParams

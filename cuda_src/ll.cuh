@@ -1,0 +1,63 @@
+// The LL ("low latency", after NCCL's protocol) exchange of the one-shot all-reduce (allreduce.cu), shared with
+// the decode GEMV (gemv.cu), whose epilogue can send its output tile itself. Each 4-byte word travels next to the
+// call's flag in an 8-byte pair, two pairs per 16-byte line, and a store of 8 aligned bytes arrives whole, so a
+// receiver that sees the flag in a pair has the word next to it.
+//
+// table (mpillm/cuda/ipc_allreduce.py): [AR_MAX_RANKS] buffer base pointers, this process's mappings of every
+// rank's buffer, then this rank's call counters. A buffer holds [2 parities][world senders][slot_bytes]; a
+// sender's slot holds 2 bytes for each byte of the message: message bytes 8v..8v+7 (word pair v) in line v.
+#pragma once
+#include "common.cuh"
+
+#define AR_MAX_RANKS 8
+#define AR_MAX_BLOCKS 64
+#define AR_BLOCKS 32     // the grid of every all-reduce (kernels.py AR_BLOCKS); block b owns rows b, b + 32, ...
+
+// Peer data is re-read at the same addresses every other call: never from a (non-coherent) L1 line.
+__device__ __forceinline__ uint4 ld_volatile16(const void* p) {
+    uint4 v;
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_volatile16(void* p, uint4 v) {
+    asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+}
+
+struct ArCall {
+    uint32_t flag;                 // this call's number
+    unsigned long long region;     // byte offset of this call's parity region in every buffer
+};
+
+__device__ __forceinline__ uint32_t* ar_counters(const unsigned long long* __restrict__ table) {
+    return reinterpret_cast<uint32_t*>(table[AR_MAX_RANKS]);
+}
+
+// The call whose number is counter `b` + 1 (the all-reduce block b's next call).
+__device__ __forceinline__ ArCall ar_call_of(const unsigned long long* __restrict__ table, int world,
+                                             unsigned long long slot_bytes, int b) {
+    const uint32_t flag = ar_counters(table)[b] + 1;
+    return ArCall{flag, (flag & 1) ? (unsigned long long)world * slot_bytes : 0ull};
+}
+
+// Line `line` (16 bytes: message words 2 line, 2 line + 1) of sender `from`'s slot in rank `to`'s buffer.
+__device__ __forceinline__ uint4* ar_line(const unsigned long long* __restrict__ table, ArCall c,
+                                          unsigned long long slot_bytes, int to, int from, size_t line) {
+    return reinterpret_cast<uint4*>(table[to] + c.region + (unsigned long long)from * slot_bytes) + line;
+}
+
+// Message words a and b (line `line`) of this rank into every peer's slot for it.
+__device__ __forceinline__ void ar_send_line(const unsigned long long* __restrict__ table, ArCall c,
+                                             unsigned long long slot_bytes, int rank, int world, size_t line,
+                                             uint32_t a, uint32_t b) {
+    const uint4 v = make_uint4(a, c.flag, b, c.flag);
+    for (int r = 0; r < world; ++r)
+        if (r != rank) st_volatile16(ar_line(table, c, slot_bytes, r, rank, line), v);
+}
+
+// Whether a line read back carries this call's flag in both its pairs.
+__device__ __forceinline__ bool ar_arrived(const uint4& v, ArCall c) { return v.y == c.flag && v.w == c.flag; }

@@ -125,6 +125,31 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
                 const size_t i = (size_t)row * n_vec + j;
                 ar_send(table, c, slot_bytes, rank, world, i, v[i]);
             }
+    if (rows <= (int)gridDim.x && n_vec <= (int)blockDim.x) {
+        // Decode: a row per block, a vector of it per thread. The residual and weight vectors load with this
+        // rank's part, before the wait for the peers' parts, and the row stays in registers through the norm:
+        // rms_norm_row's arithmetic on its split, without its trips back to memory.
+        const int row = blockIdx.x, j = threadIdx.x;
+        if (row < rows) {
+            const bool mine = j < n_vec;
+            const size_t i = (size_t)row * n_vec + j;
+            uint4* r = reinterpret_cast<uint4*>(residual);
+            uint4 sum = make_uint4(0, 0, 0, 0), res = sum, w = sum;
+            float sum_sq = 0.f;
+            if (mine) {
+                res = r[i];
+                w = reinterpret_cast<const uint4*>(weight)[j];
+                sum = ar_sum<T>(table, c, slot_bytes, rank, world, i, v[i]);
+                v[i] = sum;
+                res = add_vec<T>(sum, res, sum_sq);
+                r[i] = res;
+            }
+            const float rstd = norm_rstd(sum_sq, hidden, eps);
+            if (mine) reinterpret_cast<uint4*>(out)[i] = scale_vec<T>(res, w, rstd);
+        }
+        ar_done(table, c);
+        return;
+    }
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         // Each thread sums, and then normalises, the same vectors of the row (rms_norm_row's split), so it
         // reads back only what it wrote.
@@ -144,8 +169,10 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
         pdl_begin();                                                                                          \
         one_shot_all_reduce<T>(data, n_vec, rank, world, table, slot_bytes);                                 \
     }
-#define AR_NORM_KERNEL(T, NAME)                                                                              \
-    extern "C" __global__ void __launch_bounds__(1024) all_reduce_add_rms_norm_##NAME(                       \
+// _t512: the same for blocks of up to 512 threads (hidden <= 4,096), which may hold twice the registers: the
+// 1,024-thread build spills some of the exchange's state.
+#define AR_NORM_KERNEL(T, NAME, THREADS, SUFFIX)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS) all_reduce_add_rms_norm_##NAME##SUFFIX(            \
         T* data, T* residual, T* out, const T* weight, int rows, int hidden, float eps, int rank, int world, \
         const unsigned long long* table, unsigned long long slot_bytes, int sent) {                          \
         pdl_begin();                                                                                          \
@@ -154,5 +181,7 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
     }
 AR_KERNEL(bf16, bf16)
 AR_KERNEL(f16, f16)
-AR_NORM_KERNEL(bf16, bf16)
-AR_NORM_KERNEL(f16, f16)
+AR_NORM_KERNEL(bf16, bf16, 1024, )
+AR_NORM_KERNEL(f16, f16, 1024, )
+AR_NORM_KERNEL(bf16, bf16, 512, _t512)
+AR_NORM_KERNEL(f16, f16, 512, _t512)

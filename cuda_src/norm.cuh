@@ -3,6 +3,37 @@
 #pragma once
 #include "common.cuh"
 
+// One vector of the residual add: round(x + r) to T, as the residual stream is stored, its squares added to
+// sum_sq in element order. Returns the new residual vector.
+template <typename T>
+__device__ __forceinline__ uint4 add_vec(const uint4& x, const uint4& r, float& sum_sq) {
+    float a[8], b[8];
+    unpack8<T>(x, a);
+    unpack8<T>(r, b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a[i] = to_float(from_float<T>(a[i] + b[i]));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum_sq = __fmaf_rn(a[i], a[i], sum_sq);
+    return pack8<T>(a);
+}
+
+// 1 / rms of the row from the block's threads' sums of squares (every thread of the block calls it).
+__device__ __forceinline__ float norm_rstd(float sum_sq, int hidden, float eps) {
+    __shared__ float scratch[32];
+    return rsqrtf(__fadd_rn(__fdiv_rn(block_sum(sum_sq, scratch), (float)hidden), eps));
+}
+
+// One vector of the output: (a rstd) w.
+template <typename T>
+__device__ __forceinline__ uint4 scale_vec(const uint4& x, const uint4& weight, float rstd) {
+    float a[8], w[8];
+    unpack8<T>(x, a);
+    unpack8<T>(weight, w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a[i] = __fmul_rn(__fmul_rn(a[i], rstd), w[i]);
+    return pack8<T>(a);
+}
+
 // ADD: residual += x first (stored rounded to T, as the model's own residual stream is), then the
 // norm is taken over that rounded residual. out may alias x: every x element is read before the
 // block-wide reduction that precedes the first write of out.
@@ -13,24 +44,22 @@
 template <typename T, bool ADD, bool VEC>
 __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, const T* weight, int hidden,
                                              float eps, unsigned index) {
-    __shared__ float scratch[32];
     const size_t row = (size_t)index * hidden;
     const T* src = ADD ? residual + row : x + row;
     float sum_sq = 0.f;
     if (VEC) {
         const int n_vec = hidden >> 3;
         for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
-            float a[8];
-            unpack8<T>(reinterpret_cast<const uint4*>(x + row)[v], a);
+            const uint4 xv = reinterpret_cast<const uint4*>(x + row)[v];
             if (ADD) {
-                float r[8];
-                unpack8<T>(reinterpret_cast<const uint4*>(residual + row)[v], r);
+                reinterpret_cast<uint4*>(residual + row)[v] =
+                    add_vec<T>(xv, reinterpret_cast<const uint4*>(residual + row)[v], sum_sq);
+            } else {
+                float a[8];
+                unpack8<T>(xv, a);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) a[i] = to_float(from_float<T>(a[i] + r[i]));
-                reinterpret_cast<uint4*>(residual + row)[v] = pack8<T>(a);
+                for (int i = 0; i < 8; ++i) sum_sq = __fmaf_rn(a[i], a[i], sum_sq);
             }
-#pragma unroll
-            for (int i = 0; i < 8; ++i) sum_sq = __fmaf_rn(a[i], a[i], sum_sq);
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -43,17 +72,12 @@ __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, co
             sum_sq = __fmaf_rn(a, a, sum_sq);
         }
     }
-    const float rstd = rsqrtf(__fadd_rn(__fdiv_rn(block_sum(sum_sq, scratch), (float)hidden), eps));
+    const float rstd = norm_rstd(sum_sq, hidden, eps);
     if (VEC) {
         const int n_vec = hidden >> 3;
-        for (int v = threadIdx.x; v < n_vec; v += blockDim.x) {
-            float a[8], w[8];
-            unpack8<T>(reinterpret_cast<const uint4*>(src)[v], a);
-            unpack8<T>(reinterpret_cast<const uint4*>(weight)[v], w);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) a[i] = __fmul_rn(__fmul_rn(a[i], rstd), w[i]);
-            reinterpret_cast<uint4*>(out + row)[v] = pack8<T>(a);
-        }
+        for (int v = threadIdx.x; v < n_vec; v += blockDim.x)
+            reinterpret_cast<uint4*>(out + row)[v] = scale_vec<T>(reinterpret_cast<const uint4*>(src)[v],
+                                                                  reinterpret_cast<const uint4*>(weight)[v], rstd);
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x)
             out[row + i] = from_float<T>(__fmul_rn(__fmul_rn(to_float(src[i]), rstd), to_float(weight[i])));

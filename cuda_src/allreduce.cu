@@ -116,30 +116,30 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
                                                                  int world,
                                                                  const unsigned long long* __restrict__ table,
                                                                  unsigned long long slot_bytes, bool sent) {
-    const ArCall c = ar_call(table, world, slot_bytes);
     const int n_vec = hidden >> 3;
     uint4* v = reinterpret_cast<uint4*>(data);
-    if (!sent)
-        for (int row = blockIdx.x; row < rows; row += gridDim.x)
-            for (int j = threadIdx.x; j < n_vec; j += blockDim.x) {
-                const size_t i = (size_t)row * n_vec + j;
-                ar_send(table, c, slot_bytes, rank, world, i, v[i]);
-            }
     if (rows <= (int)gridDim.x && n_vec <= (int)blockDim.x) {
-        // Decode: a row per block, a vector of it per thread. The residual and weight vectors load with this
-        // rank's part, before the wait for the peers' parts, and the row stays in registers through the norm:
+        // Decode: a row per block, a vector of it per thread. This rank's part, the residual and the weight
+        // load while the call's number comes back, and the row stays in registers through the norm:
         // rms_norm_row's arithmetic on its split, without its trips back to memory.
         const int row = blockIdx.x, j = threadIdx.x;
+        const bool mine = row < rows && j < n_vec;
+        const size_t i = (size_t)row * n_vec + j;
+        uint4* r = reinterpret_cast<uint4*>(residual);
+        uint4 own = make_uint4(0, 0, 0, 0), res = own, w = own;
+        if (mine) {
+            own = v[i];
+            res = r[i];
+            w = reinterpret_cast<const uint4*>(weight)[j];
+        }
+        // Each thread reads the call's number itself (no barrier for the loads above to wait behind); thread 0
+        // overwrites it only after norm_rstd's barriers, which blocks that sum or send anything reach.
+        const ArCall c = ar_call_of(table, world, slot_bytes, blockIdx.x);
+        if (mine && !sent) ar_send(table, c, slot_bytes, rank, world, i, own);
         if (row < rows) {
-            const bool mine = j < n_vec;
-            const size_t i = (size_t)row * n_vec + j;
-            uint4* r = reinterpret_cast<uint4*>(residual);
-            uint4 sum = make_uint4(0, 0, 0, 0), res = sum, w = sum;
             float sum_sq = 0.f;
             if (mine) {
-                res = r[i];
-                w = reinterpret_cast<const uint4*>(weight)[j];
-                sum = ar_sum<T>(table, c, slot_bytes, rank, world, i, v[i]);
+                const uint4 sum = ar_sum<T>(table, c, slot_bytes, rank, world, i, own);
                 v[i] = sum;
                 res = add_vec<T>(sum, res, sum_sq);
                 r[i] = res;
@@ -150,6 +150,13 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
         ar_done(table, c);
         return;
     }
+    const ArCall c = ar_call(table, world, slot_bytes);
+    if (!sent)
+        for (int row = blockIdx.x; row < rows; row += gridDim.x)
+            for (int j = threadIdx.x; j < n_vec; j += blockDim.x) {
+                const size_t i = (size_t)row * n_vec + j;
+                ar_send(table, c, slot_bytes, rank, world, i, v[i]);
+            }
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         // Each thread sums, and then normalises, the same vectors of the row (rms_norm_row's split), so it
         // reads back only what it wrote.

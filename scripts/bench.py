@@ -199,7 +199,8 @@ def main():
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
                   pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
                   decode_cluster=kernels.decode_cluster,
-                  fuse_ar_norm=model.fuse_allreduce_norm, presend=model.presend, fuse_rope=model.fuse_rope, fuse_prenorm=model.fuse_prenorm)
+                  fuse_ar_norm=model.fuse_allreduce_norm, presend=model.presend, fuse_rope=model.fuse_rope,
+                  fuse_prenorm=model.fuse_prenorm)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)

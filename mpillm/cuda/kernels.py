@@ -922,7 +922,8 @@ class Kernels:
             raise ValueError(f"x: [{m}, {hidden}]; the fused all-reduce takes rows of a multiple of 8 elements, up to "
                              f"{slot_bytes // 2} bytes in all")
         threads = self._norm_threads(hidden, True)
-        fn = self._fn("allreduce", f"all_reduce_add_rms_norm_{x.dtype}{'_t512' if threads <= 512 else ''}", "PPPPiifiiPQi")
+        name = f"all_reduce_add_rms_norm_{x.dtype}{'_t512' if threads <= 512 else ''}"   # allreduce.cu: _t512
+        fn = self._fn("allreduce", name, "PPPPiifiiPQi")
         self._launch(fn, (AR_BLOCKS, 1), threads, x.ptr, residual.ptr, out.ptr, weight.ptr,
                      m, hidden, float(eps), rank, world, table.ptr, slot_bytes, int(sent))
 

@@ -28,12 +28,18 @@
 // GEMV's epilogue, gemv.cu), with the same flag: this kernel only receives. That GEMV reads the counters after its
 // own PDL wait, this kernel writes them after its wait, so both see the same call number.
 //
+// all_gather_cols_f32: the same exchange without a sum, for the logits of decode: every rank's local columns
+// [rows, width_r] laid side by side into out [rows, out_cols] on every rank (each a vocab shard of the LM
+// head). A sender's message is its local block, row-major; its AG_BLOCKS blocks cover the same lines every
+// call, and so do the receivers', so the argument above holds for it too (on buffers and counters of its own).
+//
 // The LL helpers and the table's layout are in ll.cuh.
 #include "ll.cuh"
 #include "norm.cuh"
 
 #define AR_THREADS 256
 #define AR_GROUP 4       // peers whose lines are read before any is checked
+#define AG_BLOCKS 64     // the gather's grid (ipc_allreduce.py AG_BLOCKS; at most AR_MAX_BLOCKS counters)
 
 // This call's flag for block b (its counter + 1) and region.
 __device__ __forceinline__ ArCall ar_call(const unsigned long long* __restrict__ table, int world,
@@ -192,3 +198,45 @@ AR_NORM_KERNEL(bf16, bf16, 1024, )
 AR_NORM_KERNEL(f16, f16, 1024, )
 AR_NORM_KERNEL(bf16, bf16, 512, _t512)
 AR_NORM_KERNEL(f16, f16, 512, _t512)
+
+// out [rows, out_cols] f32: columns [starts[r], starts[r + 1]) from rank r's local [rows, width_r] (width_r =
+// starts[r + 1] - starts[r] <= widest), this rank's own copied from `local`. Word w of a message (row w / width_r,
+// column w % width_r) travels in line w / 2; an odd last word shares its line with a zero. Messages are small
+// (a few rows of a vocab shard: the host checks they fit the slots), so 32-bit indices.
+extern "C" __global__ void __launch_bounds__(AR_THREADS)
+    all_gather_cols_f32(float* __restrict__ out, const float* __restrict__ local, const int* __restrict__ starts,
+                        int rows, int widest, int out_cols, int rank, int world,
+                        const unsigned long long* __restrict__ table, unsigned long long slot_bytes) {
+    pdl_begin();
+    const ArCall c = ar_call(table, world, slot_bytes);
+    const int stride = gridDim.x * blockDim.x, first = blockIdx.x * blockDim.x + threadIdx.x;
+    {
+        const int lo = starts[rank], width = starts[rank + 1] - lo, n = rows * width;
+        for (int l = first; 2 * l < n; l += stride) {
+            const int w = 2 * l;
+            const float a = local[w], b = w + 1 < n ? local[w + 1] : 0.f;
+            ar_send_line(table, c, slot_bytes, rank, world, l, __float_as_uint(a), __float_as_uint(b));
+            out[(size_t)(w / width) * out_cols + lo + w % width] = a;
+            if (w + 1 < n) out[(size_t)((w + 1) / width) * out_cols + lo + (w + 1) % width] = b;
+        }
+    }
+    // Every thread reads its line l of every peer before it checks any (one round trip, not one per peer).
+    for (int l = first; 2 * l < rows * widest; l += stride) {
+        uint4 line[AR_MAX_RANKS];
+#pragma unroll
+        for (int r = 0; r < AR_MAX_RANKS; ++r)
+            if (r < world && r != rank && 2 * l < rows * (starts[r + 1] - starts[r]))
+                line[r] = ld_volatile16(ar_line(table, c, slot_bytes, rank, r, l));
+#pragma unroll
+        for (int r = 0; r < AR_MAX_RANKS; ++r) {
+            if (r >= world || r == rank) continue;
+            const int lo = starts[r], width = starts[r + 1] - lo, n = rows * width, w = 2 * l;
+            if (w >= n) continue;
+            while (!ar_arrived(line[r], c)) line[r] = ld_volatile16(ar_line(table, c, slot_bytes, rank, r, l));
+            const uint4 v = line[r];
+            out[(size_t)(w / width) * out_cols + lo + w % width] = __uint_as_float(v.x);
+            if (w + 1 < n) out[(size_t)((w + 1) / width) * out_cols + lo + (w + 1) % width] = __uint_as_float(v.z);
+        }
+    }
+    ar_done(table, c);
+}

@@ -321,14 +321,16 @@ def main():
 
 def comm_probe(model, comm, batches, decode_s, decode, say, record):
     """--comm-probe: the decode steps again with the IPC all-reduces (the per-layer ones and the embedding's)
-    exchanging nothing. What remains is each rank's own work at this TP degree, kernels and launches included;
-    the difference from the normal step is what the exchange (data over NVLink, waiting for the slower rank's
-    data) costs. The vocabulary gather of the logits (NCCL, once a step) still runs."""
+    and the IPC gather of the logits exchanging nothing. What remains is each rank's own work at this TP degree,
+    kernels and launches included; the difference from the normal step is what the exchange (data over NVLink,
+    waiting for the slower rank's data) costs. A gather of more rows than the IPC kernel takes (NCCL) still
+    runs."""
     if comm.ipc is None:
         say("# --comm-probe: skipped (no one-shot IPC all-reduce on this group; NCCL calls cannot be emptied)")
         return
-    comm.ipc.exchange_nothing()
-    comm.ipc_norm.exchange_nothing()
+    for ipc in (comm.ipc, comm.ipc_norm, comm.ipc_gather):
+        if ipc is not None:
+            ipc.exchange_nothing()
     model.drop_graphs()           # the captured graphs hold the old arguments: capture again
     for B in batches:
         dt, alone = decode_s[B], decode(B, probe=True)

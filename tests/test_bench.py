@@ -112,15 +112,16 @@ class _FakeIpc:
 
 
 def test_comm_probe_times_again_without_the_exchange(bench):
-    """--comm-probe: both IPC instances stop exchanging, the captured graphs go (they hold the old arguments),
-    every batch is timed again, and the share is (normal - without) / normal."""
+    """--comm-probe: the IPC instances (all-reduces and the logits gather) stop exchanging, the captured graphs go
+    (they hold the old arguments), every batch is timed again, and the share is (normal - without) / normal."""
     from types import SimpleNamespace
-    comm = SimpleNamespace(ipc=_FakeIpc(), ipc_norm=_FakeIpc())
+    comm = SimpleNamespace(ipc=_FakeIpc(), ipc_norm=_FakeIpc(), ipc_gather=_FakeIpc())
     closed, timed, lines, records = [], [], [], []
     model = SimpleNamespace(drop_graphs=lambda: closed.append(True))
 
     def decode(B, probe=False):
-        assert probe and comm.ipc.emptied and comm.ipc_norm.emptied and closed   # emptied, graphs dropped first
+        emptied = comm.ipc.emptied and comm.ipc_norm.emptied and comm.ipc_gather.emptied
+        assert probe and emptied and closed   # emptied, graphs dropped first
         timed.append(B)
         return {1: 0.0029, 32: 0.0040}[B]
 

@@ -465,10 +465,67 @@ def test_ipc_all_reduce_constants_match_the_source():
     from mpillm.cuda import ipc_allreduce as ipc
     from mpillm.cuda.kernels import CUDA_SRC
     src = (CUDA_SRC / "ll.cuh").read_text() + (CUDA_SRC / "allreduce.cu").read_text()
-    defines = {m[0]: int(m[1]) for m in re.findall(r"^#define (AR_\w+) (\d+)", src, re.M)}
-    assert {k: defines[k] for k in ("AR_MAX_RANKS", "AR_MAX_BLOCKS", "AR_BLOCKS", "AR_THREADS")} == {
-        "AR_MAX_RANKS": ipc.AR_MAX_RANKS, "AR_MAX_BLOCKS": ipc.AR_MAX_BLOCKS, "AR_BLOCKS": ipc.AR_BLOCKS,
-        "AR_THREADS": ipc.AR_THREADS}
+    defines = {m[0]: int(m[1]) for m in re.findall(r"^#define (A[RG]_\w+) (\d+)", src, re.M)}
+    names = ("AR_MAX_RANKS", "AR_MAX_BLOCKS", "AR_BLOCKS", "AR_THREADS", "AG_BLOCKS")
+    assert {k: defines[k] for k in names} == {k: getattr(ipc, k) for k in names}
+    assert ipc.AG_BLOCKS <= ipc.AR_MAX_BLOCKS and ipc.AR_BLOCKS <= ipc.AR_MAX_BLOCKS   # one counter per block
+
+
+def test_ipc_gather_launches_its_fixed_grid_and_refuses_what_its_slots_cannot_hold(monkeypatch):
+    """ipc_all_gather_cols: AG_BLOCKS blocks whatever the rows (every block counts every call), the widest shard
+    passed for the lines every thread reads; refused (ValueError, nothing launched) when L rows of the widest
+    shard overflow a slot (16 bytes per pair of floats), the shapes disagree or the rank is outside the group.
+    IpcAllReduce.all_gather_cols uploads the column starts once per split and, after exchange_nothing, gathers
+    only this rank's own columns as a group of one."""
+    from mpillm.cuda import ipc_allreduce as ipc
+    rec = _Recorder()
+    table, starts = _tensor(0x200000, (9,), "u8"), _tensor(0x210000, (4,), "i32")
+    out, local = _tensor(0x300000, (3, 1001), "f32"), _tensor(0x400000, (3, 334), "f32")
+    slot = 16 * (3 * 334 + 1) // 2
+    rec.k.ipc_all_gather_cols(out, local, starts, 2, 3, table, slot, 334)
+    assert rec.launches == [("all_gather_cols_f32", (ipc.AG_BLOCKS, 1), ipc.AR_THREADS,
+                             (0x300000, 0x400000, 0x210000, 3, 334, 1001, 2, 3, 0x200000, slot))]
+    rec.launches.clear()
+    bad = [(out, local, starts, 2, 3, table, slot - 16, 334, "slots"),
+           (out, _tensor(0x400000, (2, 334), "f32"), starts, 2, 3, table, slot, 334, "local"),
+           (out, local, _tensor(0x210000, (3,), "i32"), 2, 3, table, slot, 334, "starts"),
+           (out, local, starts, 3, 3, table, slot, 334, "rank"),
+           (out, local, starts, 2, 3, table, slot, 300, "widest"),
+           (_tensor(0x300000, (3, 1001)), local, starts, 2, 3, table, slot, 334, "out")]
+    for *args, what in bad:
+        with pytest.raises(ValueError, match=what):
+            rec.k.ipc_all_gather_cols(*args)
+    assert rec.launches == []
+
+    uploads = []
+    monkeypatch.setattr(ipc.DeviceTensor, "from_numpy",
+                        staticmethod(lambda a, dtype: uploads.append(a.tolist()) or _tensor(0x210000, a.shape, dtype)))
+    ar = ipc.IpcAllReduce.__new__(ipc.IpcAllReduce)
+    ar.k, ar.rank, ar.home, ar.world, ar.table, ar.slot_bytes = rec.k, 1, 1, 3, table, slot
+    ar._data, ar._counters, ar._starts, ar._splits = 0x7000_0000_1000, 0x7000_0000_9000, None, None
+    splits = [(0, 334), (334, 668), (668, 1001)]
+    assert ar.fits_gather(3, splits) and not ar.fits_gather(4, splits)
+    for _ in range(2):
+        ar.all_gather_cols(out, _tensor(0x400000, (3, 334), "f32"), splits)
+    assert uploads == [[0, 334, 668, 1001]]
+    assert [a[3:8] for _, _, _, a in rec.launches] == [(3, 334, 1001, 1, 3)] * 2
+    ar.exchange_nothing()
+    ar.all_gather_cols(out, _tensor(0x400000, (3, 334), "f32"), splits)
+    assert uploads[-1] == [334, 668]          # (the table before it: exchange_nothing uploads one too)
+    assert rec.launches[-1][3][3:8] == (3, 334, 1001, 0, 1)
+
+
+def test_embedding_zeroes_the_residual_in_the_same_kernel():
+    """embedding's `zero`: a buffer of out's shape passed to the same launch (the TP step's residual, which the
+    first fused all-reduce adds into); a mismatched one is refused."""
+    rec = _Recorder()
+    ids, table = _tensor(0x100000, (5,), "i32"), _tensor(0x200000, (1000, 64))
+    rec.k.embedding(_tensor(0x300000, (5, 64)), ids, table, 500, zero=_tensor(0x400000, (5, 64)))
+    rec.k.embedding(_tensor(0x300000, (5, 64)), ids, table, 500)
+    assert [a for _, _, _, a in rec.launches] == [(0x300000, 0x400000, 0x100000, 0, 0x200000, 500, 1000, 64),
+                                                  (0x300000, 0, 0x100000, 0, 0x200000, 500, 1000, 64)]
+    with pytest.raises(ValueError, match="zero"):
+        rec.k.embedding(_tensor(0x300000, (5, 64)), ids, table, 500, zero=_tensor(0x400000, (4, 64)))
 
 
 def test_row_parallel_projection_sends_only_from_the_float_small_m_kernel():

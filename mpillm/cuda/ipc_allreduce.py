@@ -19,6 +19,7 @@ AR_MAX_RANKS = 8        # allreduce.cu
 AR_MAX_BLOCKS = 64
 AR_BLOCKS = 32
 AR_THREADS = 256
+AG_BLOCKS = 64          # the gather's grid (allreduce.cu)
 COUNTER_BYTES = 4 * AR_MAX_BLOCKS   # one call counter per block
 
 
@@ -49,6 +50,8 @@ class IpcAllReduce:
     def __init__(self, group, device, kernels, max_bytes: int):
         import pycuda.driver as cuda
         self.rank, self.world, self.k = group.Get_rank(), group.Get_size(), kernels
+        self.home = self.rank            # the group rank, kept when exchange_nothing makes this a group of one
+        self._starts, self._splits = None, None
         self.max_bytes = -(-int(max_bytes) // 16) * 16
         # Every rank's buffer: [2 parities][world senders][slot]; a slot carries a message as (word, flag)
         # pairs, 2 bytes for each byte. Zeroed: no flag matches before the first call (flag 1).
@@ -82,6 +85,22 @@ class IpcAllReduce:
         sent: the kernel that computed t sent it already, with send_args()."""
         self.k.ipc_all_reduce_add_rms_norm(t, residual, out, weight, eps, self.rank, self.world, self.table,
                                            self.slot_bytes, sent)
+
+    def fits_gather(self, rows: int, splits) -> bool:
+        """Whether all_gather_cols takes `rows` rows of the column shards `splits`."""
+        return 16 * -(-rows * max(hi - lo for lo, hi in splits) // 2) <= self.slot_bytes
+
+    def all_gather_cols(self, out, local, splits) -> None:
+        """out [L, V] f32 = every rank's local [L, hi - lo] at its columns splits[rank] = (lo, hi), in one kernel.
+        Use an instance for this alone (its blocks cover other lines than the all-reduce's)."""
+        if self.world < len(splits):       # exchange_nothing: this rank's own columns only
+            splits = [splits[self.home]]
+        if self._splits != list(splits):
+            self._starts = DeviceTensor.from_numpy(np.array([lo for lo, _ in splits] + [splits[-1][1]], np.int32),
+                                                   "i32")
+            self._splits = list(splits)
+        self.k.ipc_all_gather_cols(out, local, self._starts, self.rank, self.world, self.table, self.slot_bytes,
+                                   max(hi - lo for lo, hi in splits))
 
     def send_args(self) -> tuple:
         """What a kernel that computes the next all_reduce_add_rms_norm's input needs to send it itself

@@ -474,9 +474,10 @@ class Kernels:
 
     # -- embedding --------------------------------------------------------------------------------
     def embedding(self, out: DeviceTensor, ids: DeviceTensor, table: DeviceTensor, vocab_start: int = 0,
-                  fed: DeviceTensor | None = None) -> None:
+                  fed: DeviceTensor | None = None, zero: DeviceTensor | None = None) -> None:
         """out[T, H] = table[ids - vocab_start], zeros for ids outside this rank's [vocab_start, +V_local).
-        With `fed` (i32), an id -1 - j < 0 stands for fed[j] (the previous step's sampled ids on the device)."""
+        With `fed` (i32), an id -1 - j < 0 stands for fed[j] (the previous step's sampled ids on the device).
+        zero: a buffer of out's shape and dtype set to zeros in the same kernel."""
         _check(table, "table", MODEL_DTYPES, (None, None))
         v_local, hidden = table.shape
         _check(ids, "ids", "i32", (None,))
@@ -484,14 +485,18 @@ class Kernels:
             _check(fed, "fed", "i32", (None,))
         n = ids.shape[0]
         _check(out, "out", table.dtype, (n, hidden))
+        if zero is not None:
+            _check(zero, "zero", table.dtype, (n, hidden))
         if hidden % 8 == 0:
             _check_aligned(table, "table")
             _check_aligned(out, "out")
+            if zero is not None:
+                _check_aligned(zero, "zero")
         if n == 0:
             return
-        fn = self._fn("embedding", "embedding_b16", "PPPPiii")
-        self._launch(fn, (n, 1), EMBEDDING_THREADS, out.ptr, ids.ptr, fed.ptr if fed is not None else 0, table.ptr,
-                     vocab_start, v_local, hidden)
+        fn = self._fn("embedding", "embedding_b16", "PPPPPiii")
+        self._launch(fn, (n, 1), EMBEDDING_THREADS, out.ptr, zero.ptr if zero is not None else 0, ids.ptr,
+                     fed.ptr if fed is not None else 0, table.ptr, vocab_start, v_local, hidden)
 
     # -- norms ------------------------------------------------------------------------------------
     def _norm_threads(self, hidden: int, vec: bool) -> int:
@@ -902,6 +907,28 @@ class Kernels:
                              f"{slot_bytes // 2} bytes")
         fn = self._fn("allreduce", f"all_reduce_{t.dtype}", "PiiiPQ")
         self._launch(fn, (AR_BLOCKS, 1), AR_THREADS, t.ptr, t.numel // 8, rank, world, table.ptr, slot_bytes)
+
+    def ipc_all_gather_cols(self, out: DeviceTensor, local: DeviceTensor, starts: DeviceTensor, rank: int,
+                            world: int, table: DeviceTensor, slot_bytes: int, widest: int) -> None:
+        """out [L, V] f32 = every rank's local [L, V_r] side by side: rank r's at columns [starts[r], starts[r + 1])
+        (starts: i32 [world + 1] on the device, 0 .. V; widest: the largest V_r), through the peer-mapped
+        buffers of an IpcAllReduce of its own (allreduce.cu). Every rank must make the same calls."""
+        from .ipc_allreduce import AG_BLOCKS, AR_THREADS
+        _check(out, "out", "f32", (None, None))
+        L, V = out.shape
+        _check(local, "local", "f32", (L, None))
+        _check(starts, "starts", "i32", (world + 1,))
+        if not 0 <= rank < world or not local.shape[1] <= widest <= V:
+            raise ValueError(f"ipc_all_gather_cols: rank {rank} of {world}, local width {local.shape[1]}, widest "
+                             f"{widest}, {V} columns")
+        if 16 * _cdiv(L * widest, 2) > slot_bytes:
+            raise ValueError(f"local: {L} rows of up to {widest} floats; the IPC gather's slots take "
+                             f"{slot_bytes // 16 * 2} floats")
+        if L == 0:
+            return
+        fn = self._fn("allreduce", "all_gather_cols_f32", "PPPiiiiiPQ")
+        self._launch(fn, (AG_BLOCKS, 1), AR_THREADS, out.ptr, local.ptr, starts.ptr, L, widest, V, rank, world,
+                     table.ptr, slot_bytes)
 
     def ipc_all_reduce_add_rms_norm(self, x: DeviceTensor, residual: DeviceTensor, out: DeviceTensor,
                                     weight: DeviceTensor, eps: float, rank: int, world: int, table: DeviceTensor,

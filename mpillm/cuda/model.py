@@ -44,6 +44,9 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 38
 
 
 KV_RESERVE_BYTES = 256 << 20   # left free after the KV cache: NCCL, graphs and the driver
+# Tensor parallelism: logits of up to this many rows are gathered by the IPC kernel (NCCL's fixed cost dominates
+# there; its buffers take 2 x 2 x world x rows x the widest vocab shard's floats, 16 MiB for Llama 3's vocab).
+IPC_GATHER_ROWS = 8
 
 
 class GpuMemoryError(RuntimeError):
@@ -302,8 +305,10 @@ class CudaTransformer:
             self.half_dev = DeviceTensor.empty((2 * (2 * S + 1),), "i32")
 
         if self.comm.size > 1 and hasattr(self.comm, "enable_ipc_all_reduce"):
-            # Decode-sized all-reduces (up to 64 tokens) through the one-shot IPC kernel; larger ones NCCL.
-            note = self.comm.enable_ipc_all_reduce(kernels, min(max_tokens, 64) * H * self.resid.itemsize)
+            # Decode-sized all-reduces (up to 64 tokens) through the one-shot IPC kernel; larger ones NCCL. The
+            # logits of up to IPC_GATHER_ROWS sequences are gathered by an IPC kernel too.
+            note = self.comm.enable_ipc_all_reduce(kernels, min(max_tokens, 64) * H * self.resid.itemsize,
+                                                   min(max_seqs, IPC_GATHER_ROWS))
             log(f"mpillm: rank {shard.rank}: all-reduce: {note}")
         self._alloc_kv_cache(num_blocks, gpu_memory_utilization, log)
         # Decode batch sizes that get a CUDA graph: a batch runs in the smallest bucket that holds it.
@@ -520,16 +525,11 @@ class CudaTransformer:
         that are all decodes (one query) or all prefill chunks; each run gets the attention kernel made for
         it, sized by its own longest query and context (a mixed step would otherwise launch prefill tiles
         for every decode sequence)."""
-        b, c = self.buf, self.cfg
+        b = self.buf
         rows = self._rows(0, T)
         meta = self._seq_meta(b.dev_view("query_start", (S + 1,)), b.dev_view("context_lens", (S,)),
                               b.dev_view("block_tables", (S, b.max_blocks)), attn_groups)
-        if self.comm.size == 1:     # the whole vocabulary here: lookup and first norm in one kernel
-            self.k.embedding_rms_norm(rows.h, rows.resid, b.dev_view("ids", (T,)), self.embed, self.layers[0].ln1,
-                                      c.rms_norm_eps, fed=self.out_ids)
-        else:
-            self._embed(rows.resid, b.dev_view("ids", (T,)))
-            self.k.rms_norm(rows.h, rows.resid, self.layers[0].ln1, c.rms_norm_eps)
+        self._embed(rows, b.dev_view("ids", (T,)))
         self.prenorm_folds = 0
         resid, pending = rows.resid, None     # pending: a pre-norm folded into the next projection (_row_parallel)
         for i, w in enumerate(self.layers):
@@ -560,8 +560,7 @@ class CudaTransformer:
                 pending[j] = None
 
         whole = self._rows(0, T)
-        self._embed(whole.resid, b.dev_view("ids", (T,)))
-        k.rms_norm(whole.h, whole.resid, self.layers[0].ln1, eps)
+        self._embed(whole, b.dev_view("ids", (T,)))
         for i, w in enumerate(self.layers):
             for j, (rows, meta) in enumerate(parts):
                 settle(j)
@@ -647,12 +646,21 @@ class CudaTransformer:
         return logits
 
     # The parallel layers: the only places a collective is called (see layers.py for the NumPy twins).
-    def _embed(self, out, ids):
-        """Vocab-parallel embedding: rows outside this rank's shard are zero, the sum fills them in. Fed ids
-        (< 0, see `launch`) are the previous step's samples, still in out_ids."""
-        self.k.embedding(out, ids, self.embed, self.shard.vocab_lo, fed=self.out_ids)
-        if self.comm.size > 1:
-            self.comm.all_reduce_device(out)
+    def _embed(self, rows, ids):
+        """r = the embedding of ids; h = rms_norm(r) * the first layer's ln1. Vocab-parallel: each rank looks up
+        the ids of its shard (zeros for the others) and the sum over the ranks fills the rows in, added into a
+        zeroed r by the all-reduce that also normalises (one kernel where the fused all-reduce takes the rows).
+        Fed ids (< 0, see `launch`) are the previous step's samples, still in out_ids."""
+        k, ln1, eps = self.k, self.layers[0].ln1, self.cfg.rms_norm_eps
+        if self.comm.size == 1:     # the whole vocabulary here: lookup and first norm in one kernel
+            k.embedding_rms_norm(rows.h, rows.resid, ids, self.embed, ln1, eps, fed=self.out_ids)
+            return
+        k.embedding(rows.delta, ids, self.embed, self.shard.vocab_lo, fed=self.out_ids, zero=rows.resid)
+        fused = self.fuse_allreduce_norm and hasattr(self.comm, "all_reduce_add_rms_norm")
+        if fused and self.comm.all_reduce_add_rms_norm(rows.delta, rows.resid, rows.h, ln1, eps):
+            return
+        self.comm.all_reduce_device(rows.delta)
+        k.add_rms_norm(rows.h, rows.delta, rows.resid, ln1, eps)
 
     def _row_parallel(self, y, x, w, rows, norm_weight, resid, next_w=None):
         """y = all_reduce(x_local @ w_local.T), each rank holding the input columns it computes; then the next

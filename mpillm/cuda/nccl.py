@@ -29,12 +29,13 @@ class NcclComm:
         self._gathered = None
         self.ipc = None               # IpcAllReduce for small messages, once enabled
         self.ipc_norm = None          # another, for the all-reduce fused with the next residual add + RMSNorm
+        self.ipc_gather = None        # and one for the vocab gather of a few rows of logits
         atexit.register(self.destroy)
 
-    def enable_ipc_all_reduce(self, kernels, max_bytes: int) -> str:
-        """Route all-reduces of up to max_bytes through the one-shot IPC kernel where the group allows it
-        (collective: every rank calls it). MPILLM_IPC_ALLREDUCE=0 keeps NCCL for everything. Returns what
-        was decided, for the log."""
+    def enable_ipc_all_reduce(self, kernels, max_bytes: int, gather_rows: int = 0) -> str:
+        """Route all-reduces of up to max_bytes, and vocab gathers of up to gather_rows rows, through the one-shot
+        IPC kernels where the group allows it (collective: every rank calls it). MPILLM_IPC_ALLREDUCE=0 keeps
+        NCCL for everything. Returns what was decided, for the log."""
         from mpillm.cuda.ipc_allreduce import IpcAllReduce, why_not
         if os.environ.get("MPILLM_IPC_ALLREDUCE", "1") == "0":
             return "NCCL (MPILLM_IPC_ALLREDUCE=0)"
@@ -46,7 +47,12 @@ class NcclComm:
         self._close_ipc()
         self.ipc = IpcAllReduce(self.group, self.device, kernels, max_bytes)
         self.ipc_norm = IpcAllReduce(self.group, self.device, kernels, max_bytes)   # own buffers and counters
-        return f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
+        note = f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
+        if gather_rows > 0 and self.vocab_splits:
+            pad = max(hi - lo for lo, hi in self.vocab_splits)
+            self.ipc_gather = IpcAllReduce(self.group, self.device, kernels, gather_rows * pad * 4)
+            note += f"; logits gathered by an IPC kernel up to {gather_rows} rows"
+        return note
 
     def all_reduce_device(self, t, stream=None):
         """In-place sum over the group: small messages through the IPC kernel when enabled, else NCCL. The
@@ -80,11 +86,16 @@ class NcclComm:
     def all_gather_vocab(self, out, local):
         """out [L, V] f32 = the ranks' local logits [L, V_r] side by side (vocab shards may differ in size).
 
-        NCCL gathers equal counts, so each rank sends L * max(V_r) floats (its rows, then slack) into a
-        rank-major scratch; 2-D copies then lay each rank's block into its columns of `out`.
+        A few rows (decode) go through the IPC gather kernel: one kernel, against NCCL's fixed cost plus the
+        copies below. Otherwise NCCL, which gathers equal counts: each rank sends L * max(V_r) floats (its rows,
+        then slack) into a rank-major scratch, and 2-D copies lay each rank's block into its columns of `out`.
+        The choice depends only on L and the splits, which every rank shares.
         """
         import pycuda.driver as cuda
         L, V = out.shape
+        if self.ipc_gather is not None and self.ipc_gather.fits_gather(L, self.vocab_splits):
+            self.ipc_gather.all_gather_cols(out, local, self.vocab_splits)
+            return
         widths = [hi - lo for lo, hi in self.vocab_splits]
         pad = max(widths)
         need = self.size * out.shape[0] * pad
@@ -109,10 +120,10 @@ class NcclComm:
         self._gathered = DeviceTensor.empty((self.size * max_rows * pad,), "f32")
 
     def _close_ipc(self):
-        for ipc in (self.ipc, self.ipc_norm):
+        for ipc in (self.ipc, self.ipc_norm, self.ipc_gather):
             if ipc is not None:
                 ipc.close()
-        self.ipc = self.ipc_norm = None
+        self.ipc = self.ipc_norm = self.ipc_gather = None
 
     def destroy(self):
         self._close_ipc()

@@ -89,6 +89,13 @@ def test_embedding_vocab_parallel(kernels, dtype, hidden):
     owned = (resolved >= 0) & (resolved < v_local)
     want = np.where(owned[:, None], table[np.clip(resolved, 0, v_local - 1)], 0.0)
     np.testing.assert_array_equal(out.to_numpy(), want)
+    # zero: another buffer of out's shape set to zeros by the same kernel (nothing else of it touched).
+    zero = DeviceTensor.from_numpy(np.full((len(mixed) + 1, hidden), 3.0), dtype)
+    kernels.embedding(out, dev(mixed, "i32"), dev(table, dtype), vocab_start, fed=dev(fed, "i32"),
+                      zero=zero.view(0, (len(mixed), hidden)))
+    np.testing.assert_array_equal(out.to_numpy(), want)
+    np.testing.assert_array_equal(zero.to_numpy(), np.vstack([np.zeros((len(mixed), hidden)),
+                                                              np.full((1, hidden), 3.0)]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

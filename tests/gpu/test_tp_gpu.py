@@ -51,6 +51,79 @@ def test_all_reduce_and_vocab_gather(tp_env):
     comm.destroy()
 
 
+@mpi
+def test_ipc_vocab_gather_equals_nccl_in_and_out_of_graphs(tp_env):
+    """The IPC gather of logits: uneven shards of odd widths (a row's last word shares a line with the next row's
+    first), 1 to 8 rows equal to NCCL's gather bit for bit, 9 rows through NCCL; 41 calls back to back with one
+    rank late now and then (the two buffers alternate; every call has its own input and output, so one that read
+    a stale or a later call's lines would show); a captured graph replayed on new inputs."""
+    from cuda.bindings import driver as cu
+
+    from mpillm.cuda.nccl import NcclComm
+    from mpillm.cuda.runtime import DeviceTensor
+    from mpillm.parallel import split_even
+    world, dev, kernels = tp_env
+    r, n = world.Get_rank(), world.Get_size()
+    V = 2 * 1001 * n + 3
+    splits = [split_even(V, n, i) for i in range(n)]
+    lo, hi = splits[r]
+    comm = NcclComm(world, dev, splits)
+    comm.reserve(9)
+    note = comm.enable_ipc_all_reduce(kernels, 1 << 14, gather_rows=8)
+    if comm.ipc_gather is None:
+        comm.destroy()
+        pytest.skip(note)
+    rng = np.random.default_rng(5)                             # the same logits on every rank
+
+    def logits(L):
+        a = rng.normal(size=(L, V)).astype(np.float32)
+        a[:, ::7] = -np.inf                                    # every bit pattern crosses as it is
+        return a
+
+    for L in (1, 2, 3, 8, 9):
+        full = logits(L)
+        mine = DeviceTensor.from_numpy(full[:, lo:hi], "f32")
+        out = DeviceTensor.from_numpy(np.full((L, V), np.nan, np.float32), "f32")
+        assert comm.ipc_gather.fits_gather(L, splits) == (L <= 8)
+        comm.all_gather_vocab(out, mine)
+        dev.synchronize()
+        np.testing.assert_array_equal(out.to_numpy(), full)
+        if L <= 8:                                             # NCCL's gather of the same rows: the same bits
+            ipc_gather, comm.ipc_gather = comm.ipc_gather, None
+            nccl_out = DeviceTensor.empty((L, V), "f32")
+            comm.all_gather_vocab(nccl_out, mine)
+            comm.ipc_gather = ipc_gather
+            dev.synchronize()
+            np.testing.assert_array_equal(nccl_out.to_numpy(), out.to_numpy())
+    calls, L = 41, 3
+    fulls = [logits(L) for _ in range(calls)]
+    ins = [DeviceTensor.from_numpy(f[:, lo:hi], "f32") for f in fulls]
+    outs = [DeviceTensor.empty((L, V), "f32") for _ in range(calls)]
+    dev.synchronize()
+    for k in range(calls):
+        if r == 0 and k % 8 == 0:
+            time.sleep(0.002)
+        comm.all_gather_vocab(outs[k], ins[k])
+    dev.synchronize()
+    for k in range(calls):
+        np.testing.assert_array_equal(outs[k].to_numpy(), fulls[k], err_msg=f"call {k}")
+    stream = cu.CUstream(dev.stream.handle)
+    cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    comm.all_gather_vocab(outs[0], ins[0])
+    _, graph = cu.cuStreamEndCapture(stream)
+    _, exe = cu.cuGraphInstantiate(graph, 0)
+    for k in range(5):
+        full = logits(L)
+        ins[0].copy_from_numpy(full[:, lo:hi])
+        dev.synchronize()
+        cu.cuGraphLaunch(exe, stream)
+        dev.synchronize()
+        np.testing.assert_array_equal(outs[0].to_numpy(), full, err_msg=f"replay {k}")
+    cu.cuGraphExecDestroy(exe)
+    cu.cuGraphDestroy(graph)
+    comm.destroy()
+
+
 PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 
 

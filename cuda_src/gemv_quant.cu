@@ -125,8 +125,9 @@ template <typename A, typename B> struct pick_type<false, A, B> { using type = B
 // cross-warp sum.
 // Only delta is read after the PDL wait: the weight is never written, and r was written at least two kernels
 // back (by the pre-norm before the previous projection, or the norm kernel), which is complete and visible once
-// this kernel runs at all: the kernel just before ours let it start only after its own wait for that one
-// (pdl_begin: wait, then launch_dependents; common.cuh). r is read through L2 (__ldcg), never a stale L1 line.
+// this kernel runs at all: the kernel just before ours is a quantized projection (the model folds a pre-norm only
+// after one), which lets it start only after its own wait for that one (pdl_begin_late: wait, then
+// launch_dependents; common.cuh). r is read through L2 (__ldcg), never a stale L1 line.
 struct PreNorm {
     const bf16* delta;
     const bf16* resid_in;
@@ -500,7 +501,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     auto start = [&](int row_a, int row_b) {
         load_w(front, warp, row_a, row_b);
         if constexpr (PRENORM) pre.load(prenorm, K);
-        pdl_begin();
+        pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait (PreNorm above)
         if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
         if constexpr (XH)
             x_down = stage_x_half<WARPS, PRENORM, XH4>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp,

@@ -552,3 +552,23 @@ def test_row_parallel_projection_sends_only_from_the_float_small_m_kernel():
     with pytest.raises(ValueError, match="slots"):
         rec.k.linear(_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, send=(table, 9 * n * 2, 1, 4))
     assert rec.launches == []
+
+
+def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
+    """common.cuh: pdl_begin lets the dependents start before this kernel's wait; pdl_begin_late after it. A kernel
+    may read another kernel's output before its wait only where the one before it starts it late: gemv_quant.cu's
+    PreNormStage (r), after a quantized projection, whose prologue is pdl_begin_late; no other kernel uses it."""
+    import re
+    from mpillm.cuda.kernels import CUDA_SRC
+    common = (CUDA_SRC / "common.cuh").read_text()
+    body = lambda name: re.search(name + r"\(\) \{(.*?)\n\}", common, re.S).group(1)   # noqa: E731
+    assert body("pdl_begin").split() == ["pdl_launch_dependents();", "pdl_wait();"]
+    assert body("pdl_begin_late").split() == ["pdl_wait();", "pdl_launch_dependents();"]
+    quant = (CUDA_SRC / "gemv_quant.cu").read_text()
+    start = quant.index("auto start = [&]")
+    assert quant.index("pre.load(prenorm, K);", start) < quant.index("pdl_begin_late();", start) < \
+        quant.index("pre.finish(", start)
+    users = [p.name for p in CUDA_SRC.iterdir() if p.suffix == ".cu" and "pdl_begin_late()" in p.read_text()]
+    assert users == ["gemv_quant.cu"]
+    model = (CUDA_SRC.parent / "mpillm" / "cuda" / "model.py").read_text()
+    assert "isinstance(w, QuantWeight)\n              and k.prenorm_fusable(next_w" in model

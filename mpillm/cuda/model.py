@@ -678,7 +678,9 @@ class CudaTransformer:
             if fused and self.comm.all_reduce_add_rms_norm(y, resid, rows.h, norm_weight, eps, sent=send is not None):
                 return resid, None
             self.comm.all_reduce_device(y)
-        elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1
+        # The folded kernel reads r before its PDL wait: safe after a quantized projection's kernel, which lets it
+        # start only once the kernels before had finished (cuda_src/common.cuh, pdl_begin_late).
+        elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1 and isinstance(w, QuantWeight)
               and k.prenorm_fusable(next_w, y.dtype, 1, y.shape[1])):
             out = self.resid_alt if resid.ptr == self.resid.ptr else self.resid.view(0, resid.shape)
             self.prenorm_folds += 1

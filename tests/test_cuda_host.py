@@ -572,3 +572,43 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
     assert users == ["gemv_quant.cu"]
     model = (CUDA_SRC.parent / "mpillm" / "cuda" / "model.py").read_text()
     assert "isinstance(w, QuantWeight)\n              and k.prenorm_fusable(next_w" in model
+
+
+def test_ipc_enable_sizes_the_gather_by_the_widest_vocab_shard_and_keeps_what_is_big_enough(monkeypatch):
+    """NcclComm.enable_ipc_all_reduce: the all-reduce instances and, with gather_rows, one for the logits gather
+    sized for that many rows of the widest shard; a call asking no more than what exists keeps it (the model
+    calls it once per model on a shared communicator); asking more makes all of them anew; a group that cannot
+    (why_not) or MPILLM_IPC_ALLREDUCE=0 keeps NCCL and makes nothing."""
+    from mpillm.cuda import ipc_allreduce as ipc
+    from mpillm.cuda.nccl import NcclComm
+    made, closed = [], []
+
+    class FakeIpc:
+        def __init__(self, group, device, kernels, max_bytes):
+            self.max_bytes = -(-max_bytes // 16) * 16
+            made.append(max_bytes)
+
+        def close(self):
+            closed.append(self.max_bytes)
+
+    reason = [None]
+    monkeypatch.setattr(ipc, "IpcAllReduce", FakeIpc)
+    monkeypatch.setattr(ipc, "why_not", lambda group, device: reason[0])
+    comm = NcclComm.__new__(NcclComm)
+    comm.group = comm.device = None
+    comm.ipc = comm.ipc_norm = comm.ipc_gather = None
+    comm.vocab_splits = [(0, 1001), (1001, 2001)]
+    note = comm.enable_ipc_all_reduce(None, 8192, gather_rows=8)
+    assert made == [8192, 8192, 8 * 1001 * 4] and "up to 8 rows" in note
+    assert comm.enable_ipc_all_reduce(None, 4096, gather_rows=4) == note and len(made) == 3   # kept
+    comm.enable_ipc_all_reduce(None, 8192, gather_rows=16)
+    assert made[3:] == [8192, 8192, 16 * 1001 * 4] and len(closed) == 3
+    fresh = NcclComm.__new__(NcclComm)
+    fresh.group = fresh.device = fresh.ipc = fresh.ipc_norm = fresh.ipc_gather = None
+    fresh.vocab_splits = comm.vocab_splits
+    reason[0] = "the group spans several nodes"
+    assert fresh.enable_ipc_all_reduce(None, 8192, 8) == "NCCL (the group spans several nodes)"
+    monkeypatch.setenv("MPILLM_IPC_ALLREDUCE", "0")
+    reason[0] = None
+    assert fresh.enable_ipc_all_reduce(None, 8192, 8).startswith("NCCL")
+    assert fresh.ipc is None and fresh.ipc_gather is None and len(made) == 6

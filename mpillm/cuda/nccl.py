@@ -39,19 +39,21 @@ class NcclComm:
         from mpillm.cuda.ipc_allreduce import IpcAllReduce, why_not
         if os.environ.get("MPILLM_IPC_ALLREDUCE", "1") == "0":
             return "NCCL (MPILLM_IPC_ALLREDUCE=0)"
-        if self.ipc is not None and self.ipc.max_bytes >= max_bytes:
-            return f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
-        reason = why_not(self.group, self.device)
-        if reason:
-            return f"NCCL ({reason})"
-        self._close_ipc()
-        self.ipc = IpcAllReduce(self.group, self.device, kernels, max_bytes)
-        self.ipc_norm = IpcAllReduce(self.group, self.device, kernels, max_bytes)   # own buffers and counters
+        pad = max(hi - lo for lo, hi in self.vocab_splits) if self.vocab_splits else 0
+        gather_bytes = max(0, gather_rows) * pad * 4
+        have = self.ipc_gather.max_bytes if self.ipc_gather is not None else 0
+        if self.ipc is None or self.ipc.max_bytes < max_bytes or have < gather_bytes:
+            reason = why_not(self.group, self.device)
+            if reason:
+                return f"NCCL ({reason})"
+            self._close_ipc()
+            self.ipc = IpcAllReduce(self.group, self.device, kernels, max_bytes)
+            self.ipc_norm = IpcAllReduce(self.group, self.device, kernels, max_bytes)   # own buffers and counters
+            if gather_bytes:
+                self.ipc_gather = IpcAllReduce(self.group, self.device, kernels, gather_bytes)
         note = f"one-shot IPC kernel up to {self.ipc.max_bytes} bytes, NCCL beyond"
-        if gather_rows > 0 and self.vocab_splits:
-            pad = max(hi - lo for lo, hi in self.vocab_splits)
-            self.ipc_gather = IpcAllReduce(self.group, self.device, kernels, gather_rows * pad * 4)
-            note += f"; logits gathered by an IPC kernel up to {gather_rows} rows"
+        if self.ipc_gather is not None:
+            note += f"; logits gathered by an IPC kernel up to {self.ipc_gather.max_bytes // (4 * pad)} rows"
         return note
 
     def all_reduce_device(self, t, stream=None):

@@ -23,6 +23,12 @@ AG_BLOCKS = 64          # the gather's grid (allreduce.cu)
 COUNTER_BYTES = 4 * AR_MAX_BLOCKS   # one call counter per block
 
 
+def gather_slot_bytes(rows: int, widest: int) -> int:
+    """Slot bytes the gather (allreduce.cu all_gather_cols_f32) needs for `rows` rows of up to `widest` floats:
+    a 16-byte line per pair of floats, an odd last one padded."""
+    return 16 * -(-rows * widest // 2)
+
+
 def why_not(group, device) -> str | None:
     """None when the group can use the IPC all-reduce, else the reason. Collective: every rank must call it,
     and every rank gets the same answer."""
@@ -88,7 +94,7 @@ class IpcAllReduce:
 
     def fits_gather(self, rows: int, splits) -> bool:
         """Whether all_gather_cols takes `rows` rows of the column shards `splits`."""
-        return 16 * -(-rows * max(hi - lo for lo, hi in splits) // 2) <= self.slot_bytes
+        return gather_slot_bytes(rows, max(hi - lo for lo, hi in splits)) <= self.slot_bytes
 
     def all_gather_cols(self, out, local, splits) -> None:
         """out [L, V] f32 = every rank's local [L, hi - lo] at its columns splits[rank] = (lo, hi), in one kernel.

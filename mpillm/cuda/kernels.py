@@ -913,7 +913,7 @@ class Kernels:
         """out [L, V] f32 = every rank's local [L, V_r] side by side: rank r's at columns [starts[r], starts[r + 1])
         (starts: i32 [world + 1] on the device, 0 .. V; widest: the largest V_r), through the peer-mapped
         buffers of an IpcAllReduce of its own (allreduce.cu). Every rank must make the same calls."""
-        from .ipc_allreduce import AG_BLOCKS, AR_THREADS
+        from .ipc_allreduce import AG_BLOCKS, AR_THREADS, gather_slot_bytes
         _check(out, "out", "f32", (None, None))
         L, V = out.shape
         _check(local, "local", "f32", (L, None))
@@ -921,7 +921,7 @@ class Kernels:
         if not 0 <= rank < world or not local.shape[1] <= widest <= V:
             raise ValueError(f"ipc_all_gather_cols: rank {rank} of {world}, local width {local.shape[1]}, widest "
                              f"{widest}, {V} columns")
-        if 16 * _cdiv(L * widest, 2) > slot_bytes:
+        if gather_slot_bytes(L, widest) > slot_bytes:
             raise ValueError(f"local: {L} rows of up to {widest} floats; the IPC gather's slots take "
                              f"{slot_bytes // 16 * 2} floats")
         if L == 0:

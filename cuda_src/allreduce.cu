@@ -14,15 +14,17 @@
 // The flag is the call's number, counted per block in device memory (a CUDA graph replays fixed arguments, so
 // the kernel counts calls itself; buffers start zeroed and the first call is 1). Two regions alternate by the
 // call's parity: a fast peer cannot send call n + 2 into the region of call n before this rank sent it its
-// part of call n + 1, which a later kernel does, after this one has read everything. Every call runs the same
-// grid (AR_BLOCKS, whatever the size): then every block counts every call, all blocks agree on the parity, and
-// block b covers the same slice each time, which the argument above needs.
+// part of call n + 1, which a later kernel does, after this one has read everything. Every call of the plain
+// all-reduce runs the same grid (AR_BLOCKS, whatever the size): then every block counts every call, all blocks
+// agree on the parity, and block b covers the same slice each time, which the argument above needs.
 //
 // all_reduce_add_rms_norm_*: the same exchange, then residual += sum; out = rms_norm(residual) * weight for
 // whole rows (the pre-norm of the next sub-layer, which would otherwise be its own kernel after the
 // all-reduce). Block b owns rows b, b + AR_BLOCKS, ... of every call, so the argument above holds for any row
 // count; it runs on its own buffers and counters (a second IpcAllReduce), since the plain kernel's blocks own
-// other slices.
+// other slices. Its grid is min(rows, AR_BLOCKS) (a 512-thread block that needs an SM of its own is placed
+// sooner alone than 32 of them); the blocks it leaves out count the call all the same (ar_done), so every block
+// numbers every call as above.
 //
 // sent (the fused kernel): this rank's part was already sent by the kernel that computed it (the row-parallel
 // GEMV's epilogue, gemv.cu), with the same flag: this kernel only receives. That GEMV reads the counters after its
@@ -50,9 +52,18 @@ __device__ __forceinline__ ArCall ar_call(const unsigned long long* __restrict__
     return s_call;
 }
 
-// At the block's end: this call's number becomes its counter, which the next call (a later kernel) reads.
+// At the block's end: this call's number becomes its counter, which the next call (a later kernel) reads. The
+// grid's last block also writes it into the counters of the blocks up to AR_BLOCKS that this grid did not launch
+// (the fused kernel's grid follows the rows): every counter then stays the call count, so a line's flag names
+// one call whichever block wrote it (a row's lines move with the row length, so rows of different calls share
+// lines). No block of this grid reads those counters.
 __device__ __forceinline__ void ar_done(const unsigned long long* __restrict__ table, ArCall c) {
-    if (threadIdx.x == 0) ar_counters(table)[blockIdx.x] = c.flag;
+    if (threadIdx.x == 0) {
+        uint32_t* counters = ar_counters(table);
+        counters[blockIdx.x] = c.flag;
+        if (blockIdx.x == gridDim.x - 1)
+            for (int b = gridDim.x; b < AR_BLOCKS; ++b) counters[b] = c.flag;
+    }
 }
 
 // Vector i of this rank's message (16 bytes) into every peer's slot for this rank: two LL lines.

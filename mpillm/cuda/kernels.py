@@ -951,7 +951,9 @@ class Kernels:
         threads = self._norm_threads(hidden, True)
         name = f"all_reduce_add_rms_norm_{x.dtype}{'_t512' if threads <= 512 else ''}"   # allreduce.cu: _t512
         fn = self._fn("allreduce", name, "PPPPiifiiPQi")
-        self._launch(fn, (AR_BLOCKS, 1), threads, x.ptr, residual.ptr, out.ptr, weight.ptr,
+        # A block per row up to AR_BLOCKS (allreduce.cu): one block for one token, which fits on an SM beside the
+        # projection's blocks sooner than 32 would.
+        self._launch(fn, (min(m, AR_BLOCKS), 1), threads, x.ptr, residual.ptr, out.ptr, weight.ptr,
                      m, hidden, float(eps), rank, world, table.ptr, slot_bytes, int(sent))
 
     # -- attention --------------------------------------------------------------------------------

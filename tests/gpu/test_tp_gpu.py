@@ -260,7 +260,8 @@ def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
 def test_fused_all_reduce_add_rms_norm_equals_the_two_kernels(tp_env):
     """all_reduce_add_rms_norm: the same bits as the IPC all-reduce followed by add_rms_norm, for row counts
     that leave blocks idle or give them two rows, hidden sizes that need one or many vectors per thread, back to
-    back calls of both kernels (each on its own buffers), and the same bits on every rank."""
+    back calls of both kernels (each on its own buffers), row counts and lengths mixed call by call without a
+    synchronisation (the grid follows the rows), and the same bits on every rank."""
     from mpillm.cuda.nccl import NcclComm
     from mpillm.cuda.runtime import DeviceTensor
     world, dev, kernels = tp_env
@@ -292,6 +293,30 @@ def test_fused_all_reduce_add_rms_norm_equals_the_two_kernels(tp_env):
         np.testing.assert_array_equal(got[0][1], want[0][1], err_msg=f"residual, {m} x {hidden}")
         everyone = world.allgather(got[0][0])
         assert all(np.array_equal(e, everyone[0]) for e in everyone), f"ranks differ at {m} x {hidden}"
+    # The grid is a block per row (up to 32); the blocks it leaves out must still count the call, or a later call's
+    # block would take a line left by another block's call of the same number (a row's lines move with its length).
+    # Row counts and lengths mixed back to back with no synchronisation, each call against the two kernels' bits.
+    seq = [(1, 4096), (5, 576), (1, 576), (40, 576), (2, 4096), (1, 4096), (1, 576), (33, 576), (3, 4096)] * 3
+    weights = {h: DeviceTensor.from_numpy(rng.normal(1, 0.1, h).astype(np.float32), "bf16") for h in (576, 4096)}
+    resid0 = [rng.normal(size=mh).astype(np.float32) for mh in seq]
+    parts = [np.random.default_rng(1000 * r + i).normal(size=mh).astype(np.float32) for i, mh in enumerate(seq)]
+    runs = {}
+    for fused in (True, False):
+        xs = [DeviceTensor.from_numpy(p, "bf16") for p in parts]
+        resids = [DeviceTensor.from_numpy(r0, "bf16") for r0 in resid0]
+        hs = [DeviceTensor.empty(p.shape, "bf16") for p in parts]
+        for x, resid, h in zip(xs, resids, hs):
+            weight = weights[x.shape[1]]
+            if fused:
+                assert comm.all_reduce_add_rms_norm(x, resid, h, weight, 1e-5)
+            else:
+                comm.all_reduce_device(x)
+                kernels.add_rms_norm(h, x, resid, weight, 1e-5)
+        dev.synchronize()
+        runs[fused] = [(h.to_numpy(), resid.to_numpy()) for h, resid in zip(hs, resids)]
+    for i, ((h1, r1), (h2, r2)) in enumerate(zip(runs[True], runs[False])):
+        np.testing.assert_array_equal(h1, h2, err_msg=f"out, call {i} ({seq[i]})")
+        np.testing.assert_array_equal(r1, r2, err_msg=f"residual, call {i} ({seq[i]})")
     too_big = DeviceTensor.empty((65, 4096), "bf16")
     assert not comm.all_reduce_add_rms_norm(too_big, too_big, too_big, weight, 1e-5)    # over the limit: caller's job
     comm.destroy()

@@ -515,6 +515,24 @@ def test_ipc_gather_launches_its_fixed_grid_and_refuses_what_its_slots_cannot_ho
     assert rec.launches[-1][3][3:8] == (3, 334, 1001, 0, 1)
 
 
+def test_fused_all_reduce_norm_launches_a_block_per_row_up_to_32():
+    """ipc_all_reduce_add_rms_norm: min(rows, AR_BLOCKS) blocks (allreduce.cu: the blocks left out still count the
+    call), the 512-thread build up to hidden 4,096 and the 1,024-thread one beyond; no rows, no launch."""
+    from mpillm.cuda import ipc_allreduce as ipc
+    rec = _Recorder()
+    table = _tensor(0x200000, (9,), "u8")
+    for m, hidden in [(1, 4096), (5, 576), (32, 4096), (40, 576), (3, 8192), (0, 4096)]:
+        x, resid = _tensor(0x300000, (m, hidden)), _tensor(0x400000, (m, hidden))
+        out, weight = _tensor(0x500000, (m, hidden)), _tensor(0x600000, (hidden,))
+        rec.k.ipc_all_reduce_add_rms_norm(x, resid, out, weight, 1e-5, 1, 2, table, 1 << 20, sent=m == 1)
+    assert [(fn, grid, block, args[4], args[-1]) for fn, grid, block, args in rec.launches] == [
+        ("all_reduce_add_rms_norm_bf16_t512", (1, 1), 512, 1, 1),
+        ("all_reduce_add_rms_norm_bf16_t512", (5, 1), 96, 5, 0),
+        ("all_reduce_add_rms_norm_bf16_t512", (ipc.AR_BLOCKS, 1), 512, 32, 0),
+        ("all_reduce_add_rms_norm_bf16_t512", (ipc.AR_BLOCKS, 1), 96, 40, 0),
+        ("all_reduce_add_rms_norm_bf16", (3, 1), 1024, 3, 0)]
+
+
 def test_embedding_zeroes_the_residual_in_the_same_kernel():
     """embedding's `zero`: a buffer of out's shape passed to the same launch (the TP step's residual, which the
     first fused all-reduce adds into); a mismatched one is refused."""

@@ -948,6 +948,8 @@ class Kernels:
         if hidden % 8 or 2 * x.nbytes > slot_bytes:
             raise ValueError(f"x: [{m}, {hidden}]; the fused all-reduce takes rows of a multiple of 8 elements, up to "
                              f"{slot_bytes // 2} bytes in all")
+        if m == 0:      # no rows: no call on any rank (a grid of 0 blocks cannot launch)
+            return
         threads = self._norm_threads(hidden, True)
         name = f"all_reduce_add_rms_norm_{x.dtype}{'_t512' if threads <= 512 else ''}"   # allreduce.cu: _t512
         fn = self._fn("allreduce", name, "PPPPiifiiPQi")

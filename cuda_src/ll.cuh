@@ -11,7 +11,8 @@
 
 #define AR_MAX_RANKS 8
 #define AR_MAX_BLOCKS 64
-#define AR_BLOCKS 32     // the grid of every all-reduce (kernels.py AR_BLOCKS); block b owns rows b, b + 32, ...
+// The plain all-reduce's grid and the fused one's largest (kernels.py AR_BLOCKS); block b owns rows b, b + 32, ...
+#define AR_BLOCKS 32
 
 // Peer data is re-read at the same addresses every other call: never from a (non-coherent) L1 line.
 __device__ __forceinline__ uint4 ld_volatile16(const void* p) {

@@ -192,22 +192,26 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 }
 
 // Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_CONFIGS mirrors WARPS.
-#define GEMV_KERNEL(T, OUT_T, NAME, NT, WARPS, UNROLL, L2, PIPE)                                           \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_##NAME##_m##NT(                         \
+// SHAPE names the kernel: m<NT>, or m1w for the wide block at M <= 8: 16 warps on a tile instead of 8, twice the
+// weight bytes in flight per block, for launches with no more tiles than SMs, where a block per SM is all the
+// parallelism there is (kernels.py GEMV_WIDE_THREADS: the q/k/v projection at TP 4).
+#define GEMV_KERNEL(T, OUT_T, NAME, SHAPE, NT, WARPS, UNROLL, L2, PIPE)                                    \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_##NAME##_##SHAPE(                       \
         OUT_T* y, const T* x, const T* w, const T* bias, int M, int N, int K) {                            \
         small_m_linear<T, OUT_T, NT, WARPS, UNROLL, L2, PIPE>(y, x, w, bias, M, N, K);                     \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_swiglu_##NAME##_m##NT(                  \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_swiglu_##NAME##_##SHAPE(                \
         OUT_T* y, const T* x, const T* w, const T* bias, int M, int N, int K) {                            \
         small_m_linear<T, OUT_T, NT, WARPS, UNROLL, L2, PIPE, true>(y, x, w, bias, M, N, K);               \
     }
-#define GEMV_KERNELS(T, OUT_T, NAME)                 \
-    GEMV_KERNEL(T, OUT_T, NAME, 1, 8, 2, true, true) \
-    GEMV_KERNEL(T, OUT_T, NAME, 2, 8, 2, true, true) \
-    GEMV_KERNEL(T, OUT_T, NAME, 4, 8, 1, true, true)
+#define GEMV_KERNELS(T, OUT_T, NAME)                      \
+    GEMV_KERNEL(T, OUT_T, NAME, m1, 1, 8, 2, true, true)  \
+    GEMV_KERNEL(T, OUT_T, NAME, m2, 2, 8, 2, true, true)  \
+    GEMV_KERNEL(T, OUT_T, NAME, m4, 4, 8, 1, true, true)  \
+    GEMV_KERNEL(T, OUT_T, NAME, m1w, 1, 16, 2, true, true)
 // The q/k/v projection with rotary embedding and the KV store (same shapes as GEMV_KERNELS; output in T).
-#define GEMV_ROPE_KERNEL(T, NAME, NT, WARPS, UNROLL, L2, PIPE)                                              \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_rope_##NAME##_m##NT(                     \
+#define GEMV_ROPE_KERNEL(T, NAME, SHAPE, NT, WARPS, UNROLL, L2, PIPE)                                       \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_rope_##NAME##_##SHAPE(                   \
         T* y, const T* x, const T* w, const T* bias, int M, int N, int K, const int* positions,            \
         const float* inv_freq, const int* slots, T* k_cache, T* v_cache, int n_heads, int n_kv,             \
         int head_dim) {                                                                                     \
@@ -216,22 +220,24 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
             RopeArgs<T>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});            \
     }
 #define GEMV_ROPE_KERNELS(T, NAME)                      \
-    GEMV_ROPE_KERNEL(T, NAME, 1, 8, 2, true, true)      \
-    GEMV_ROPE_KERNEL(T, NAME, 2, 8, 2, true, true)      \
-    GEMV_ROPE_KERNEL(T, NAME, 4, 8, 1, true, true)
+    GEMV_ROPE_KERNEL(T, NAME, m1, 1, 8, 2, true, true)  \
+    GEMV_ROPE_KERNEL(T, NAME, m2, 2, 8, 2, true, true)  \
+    GEMV_ROPE_KERNEL(T, NAME, m4, 4, 8, 1, true, true)  \
+    GEMV_ROPE_KERNEL(T, NAME, m1w, 1, 16, 2, true, true)
 
 // The row-parallel projection that sends its tiles (SEND; output in T, the all-reduce's dtype).
-#define GEMV_SEND_KERNEL(T, NAME, NT, WARPS, UNROLL, L2, PIPE)                                              \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_send_##NAME##_m##NT(                     \
+#define GEMV_SEND_KERNEL(T, NAME, SHAPE, NT, WARPS, UNROLL, L2, PIPE)                                       \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_send_##NAME##_##SHAPE(                   \
         T* y, const T* x, const T* w, const T* bias, int M, int N, int K, const unsigned long long* table, \
         unsigned long long slot_bytes, int rank, int world) {                                               \
         small_m_linear<T, T, NT, WARPS, UNROLL, L2, PIPE, false, false, true>(                              \
             y, x, w, bias, M, N, K, RopeArgs<T>{}, LlSend{table, slot_bytes, rank, world});                \
     }
 #define GEMV_SEND_KERNELS(T, NAME)                      \
-    GEMV_SEND_KERNEL(T, NAME, 1, 8, 2, true, true)      \
-    GEMV_SEND_KERNEL(T, NAME, 2, 8, 2, true, true)      \
-    GEMV_SEND_KERNEL(T, NAME, 4, 8, 1, true, true)
+    GEMV_SEND_KERNEL(T, NAME, m1, 1, 8, 2, true, true)  \
+    GEMV_SEND_KERNEL(T, NAME, m2, 2, 8, 2, true, true)  \
+    GEMV_SEND_KERNEL(T, NAME, m4, 4, 8, 1, true, true)  \
+    GEMV_SEND_KERNEL(T, NAME, m1w, 1, 16, 2, true, true)
 
 // NAME = <input dtype>_<output dtype>
 GEMV_KERNELS(bf16, bf16, bf16_bf16)

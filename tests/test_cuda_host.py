@@ -38,6 +38,7 @@ class _Recorder:
         self.k.blas = None
         self.k.qgemv_persist = True
         self.k.qgemv_x1 = True
+        self.k.gemv_wide = True
         self.launches = []
         self.shared = []     # dynamic shared memory of each launch
 
@@ -132,6 +133,46 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
         qgemv_persist_setting({"MPILLM_QGEMV_PERSIST": "yes"})
     with pytest.raises(ValueError, match="kind"):
         QuantWeight("q5", n, k, 32, _tensor(0x100000, (n, 64 * 64), "u8"), _tensor(0x200000, (n, 256), "u8"))
+
+
+def test_float_gemv_takes_the_wide_block_where_a_block_per_sm_is_all_there_is():
+    """Up to 8 tokens, no more 16-row tiles than SMs and K >= 2,048: the 16-warp m1w kernels (plain, SwiGLU, rope,
+    send); more tiles, more tokens, shorter K or MPILLM_GEMV_WIDE=0: the 8-warp ones. The grid is a tile per block
+    either way."""
+    from mpillm.cuda.kernels import gemv_takes_wide, gemv_wide_setting
+    assert gemv_takes_wide(1, 1536, 4096, 132) and gemv_takes_wide(1, 2112, 2048, 132)
+    assert not gemv_takes_wide(1, 2113, 4096, 132) and not gemv_takes_wide(1, 1536, 2040, 132)
+    assert not gemv_takes_wide(2, 1536, 4096, 132)
+    assert gemv_wide_setting({}) is True and gemv_wide_setting({"MPILLM_GEMV_WIDE": "0"}) is False
+    with pytest.raises(ValueError, match="MPILLM_GEMV_WIDE"):
+        gemv_wide_setting({"MPILLM_GEMV_WIDE": "2"})
+    nh, nkv, hd, k = 8, 2, 128, 4096        # Llama-3-8B's q/k/v projection at TP 4: 1,536 rows, 96 tiles
+    n = (nh + 2 * nkv) * hd
+    for wide in (True, False):
+        for rows, shape in ((1, "m1"), (8, "m1"), (9, "m2")):
+            rec = _Recorder()
+            rec.k.gemv_wide = wide
+            w = _tensor(0x100000, (n, k))
+            rec.k.linear_rope(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w, None,
+                              _tensor(0x500000, (rows,), "i32"), _tensor(0x600000, (hd // 2,), "f32"),
+                              _tensor(0x700000, (8, 16, nkv, hd)), _tensor(0x800000, (8, 16, nkv, hd)),
+                              _tensor(0x900000, (rows,), "i32"), nh, nkv, hd, _tensor(0xA00000, (rows, n)))
+            rec.k.linear_swiglu(_tensor(0x400000, (rows, n // 2)), _tensor(0x300000, (rows, k)), w,
+                                _tensor(0x500000, (rows, n)))
+            rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w)
+            rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w,
+                         send=(_tensor(0xB00000, (1,), "u8"), 1 << 20, 0, 2))
+            rec.k.linear(_tensor(0x400000, (rows, 2 * 132 * 16)), _tensor(0x300000, (rows, k)),
+                         _tensor(0x100000, (2 * 132 * 16, k)))                     # 264 tiles: never wide
+            rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, 1024)), _tensor(0x100000, (n, 1024)))
+            s = "w" if wide and rows <= 8 else ""
+            assert [(fn, g, b) for fn, g, b, _ in rec.launches] == [
+                (f"gemv_rope_bf16_{shape}{s}", (96, 1), 512 if s else 256),
+                (f"gemv_swiglu_bf16_bf16_{shape}{s}", (96, 1), 512 if s else 256),
+                (f"gemv_bf16_bf16_{shape}{s}", (96, 1), 512 if s else 256),
+                (f"gemv_send_bf16_{shape}{s}", (96, 1), 512 if s else 256),
+                (f"gemv_bf16_bf16_{shape}", (264, 1), 256),
+                (f"gemv_bf16_bf16_{shape}", (96, 1), 256)], (wide, rows)
 
 
 def test_one_token_int8_bf16_takes_the_x1_kernels():

@@ -41,6 +41,14 @@ GEMV_ROWS = 16              # gemv.cu GEMV_ROWS
 # 1453 GB/s for the tensor-core GEMM, whose 64-row tiles waste the weight reads on padding).
 GEMV_MAX_M = 32
 GEMV_THREADS = {1: 256, 2: 256, 4: 256}  # token tiles NT (M <= 8 NT) -> block size, as in gemv.cu GEMV_KERNELS
+# Up to 8 tokens (one token tile), no more 16-row tiles than SMs and K of at least GEMV_WIDE_MIN_K: the m1w kernels,
+# 16 warps on a tile instead of 8 (gemv.cu GEMV_KERNELS). With a block per SM at most, the blocks' bytes in flight
+# are all there is; twice as many warps keep twice as many weight bytes in flight. The q/k/v projection at TP 4
+# (Llama-3-8B: 96 tiles) is such a launch: TP 4's per-rank step +4.5% at b=1, +3.7% at b=8 (H100,
+# docs/PERFORMANCE.md, fifteenth session). Below GEMV_WIDE_MIN_K a wide block has warps without a 64-element k
+# block pair to read. 12 warps where tiles <= 2 x SMs (two blocks per SM) was mixed and not kept.
+GEMV_WIDE_THREADS = 512
+GEMV_WIDE_MIN_K = 16 * 2 * 64
 QGEMV_THREADS = {(8, 1): 256, (8, 2): 256, (8, 4): 256,   # (bits, token tiles) -> block size, as in
                  (4, 1): 256, (4, 2): 256, (4, 4): 128}   # gemv_quant.cu QGEMV_KERNELS (WARPS * 32)
 # (format, token tiles, epilogue: "" / "swiglu" / "rope") -> blocks per SM (their launch bounds' min blocks) of
@@ -260,29 +268,39 @@ def decode_cluster_bytes(head_dim: int, group_bound: int) -> int:
     return max(kv, DECODE_THREADS // (head_dim // 4) * group_bound * head_dim * 4)
 
 
+def _switch(env, name: str) -> bool:
+    """An on/off environment switch, on unless set to 0 (the A side of an A/B); anything but 0 or 1 is an error."""
+    raw = env.get(name, "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name}: {raw!r}, expected 0 or 1")
+    return raw == "1"
+
+
 def decode_cluster_setting(env) -> bool:
     """Whether small decode batches take the cluster kernel (MPILLM_DECODE_CLUSTER, default 1)."""
-    raw = env.get("MPILLM_DECODE_CLUSTER", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"MPILLM_DECODE_CLUSTER: {raw!r}, expected 0 or 1")
-    return raw == "1"
+    return _switch(env, "MPILLM_DECODE_CLUSTER")
 
 
 def qgemv_persist_setting(env) -> bool:
     """Whether the QGEMV_PERSIST kernels get fewer blocks than tiles (MPILLM_QGEMV_PERSIST, default 1)."""
-    raw = env.get("MPILLM_QGEMV_PERSIST", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"MPILLM_QGEMV_PERSIST: {raw!r}, expected 0 or 1")
-    return raw == "1"
+    return _switch(env, "MPILLM_QGEMV_PERSIST")
 
 
 def qgemv_x1_setting(env) -> bool:
     """Whether one-token int8 / Q4_0 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default
     1)."""
-    raw = env.get("MPILLM_QGEMV_X1", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"MPILLM_QGEMV_X1: {raw!r}, expected 0 or 1")
-    return raw == "1"
+    return _switch(env, "MPILLM_QGEMV_X1")
+
+
+def gemv_wide_setting(env) -> bool:
+    """Whether float GEMVs take the wide m1w kernels where they apply (GEMV_WIDE_THREADS; MPILLM_GEMV_WIDE, default
+    1)."""
+    return _switch(env, "MPILLM_GEMV_WIDE")
+
+
+def gemv_takes_wide(tiles: int, n: int, k: int, sm_count: int) -> bool:
+    """Whether a float GEMV of `tiles` token tiles over w [n, k] runs the wide m1w kernel (GEMV_WIDE_THREADS)."""
+    return tiles == 1 and _cdiv(n, GEMV_ROWS) <= sm_count and k >= GEMV_WIDE_MIN_K
 
 
 def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
@@ -423,6 +441,7 @@ class Kernels:
         self.decode_cluster = decode_cluster_setting(os.environ)
         self.qgemv_persist = qgemv_persist_setting(os.environ)
         self.qgemv_x1 = qgemv_x1_setting(os.environ)
+        self.gemv_wide = gemv_wide_setting(os.environ)
         sources = kernel_sources()
         workers = workers or min(len(sources), os.cpu_count() or 1)
 
@@ -844,7 +863,10 @@ class Kernels:
             extra = (table.ptr, slot_bytes, rank, world)
         else:
             name, fmt = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}", "PPPPiii"
-        self._launch(self._fn("gemv", name, fmt), (_cdiv(n, GEMV_ROWS), 1), GEMV_THREADS[tiles], y.ptr, x.ptr,
+        threads = GEMV_THREADS[tiles]
+        if self.gemv_wide and gemv_takes_wide(tiles, n, k, self.device.sm_count):
+            name, threads = name + "w", GEMV_WIDE_THREADS
+        self._launch(self._fn("gemv", name, fmt), (_cdiv(n, GEMV_ROWS), 1), threads, y.ptr, x.ptr,
                      w.ptr, bias_ptr, m, n, k, *extra)
 
     def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False,

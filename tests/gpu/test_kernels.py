@@ -567,6 +567,57 @@ def test_linear_rope_equals_linear_then_rope(kernels, dtype, kind, m, head_dim, 
                                               f"{q[worst]} (bound {bound[worst]:.4f})")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_wide_gemv_blocks(kernels, monkeypatch, dtype, m):
+    """Few tiles and a long K (the q/k/v projection at TP 4): the 16-warp m1w kernels run, and against NumPy they are
+    as close as the 8-warp ones (MPILLM_GEMV_WIDE=0); within them, linear_rope and linear_swiglu are bitwise linear
+    followed by rope_store_kv / silu_mul, as for the 8-warp kernels."""
+    from mpillm.cuda.model import rope_interleave
+    head_dim, n_heads, n_kv, k = 64, 9, 3, 4104          # 960 rows: 60 tiles; k leaves a part-filled last k step
+    n = (n_heads + 2 * n_kv) * head_dim
+    rng = np.random.default_rng(m + 41)
+    wf = rounded(rng.normal(size=(n, k)) / math.sqrt(k), dtype)
+    x = rounded(rng.normal(size=(m, k)), dtype)
+    bias = rounded(rng.normal(size=n), dtype)
+    w_nat, w_int, xd = dev(wf, dtype), dev(rope_interleave(wf, head_dim), dtype), dev(x, dtype)
+    positions = dev(rng.integers(0, 5000, m).astype(np.int32), "i32")
+    slots = dev(np.arange(m, dtype=np.int32), "i32")
+    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
+    names = []
+    launch = kernels._launch
+
+    def named(fn, *a, **kw):
+        names.extend(name for name, f in kernels._functions.items() if f is fn)
+        launch(fn, *a, **kw)
+    monkeypatch.setattr(kernels, "_launch", named)
+    yy = x.astype(np.float64) @ wf.astype(np.float64).T
+    out = {}
+    for wide in (True, False):
+        monkeypatch.setattr(kernels, "gemv_wide", wide)
+        names.clear()
+        qkv, y = DeviceTensor.empty((m, n), dtype), DeviceTensor.empty((m, n), dtype)
+        kc, vc, kc2, vc2 = (dev(np.zeros((1, 16, n_kv, head_dim)), dtype) for _ in range(4))
+        kernels.linear_rope(qkv, xd, w_int, dev(rope_interleave(bias, head_dim), dtype), positions, inv_freq, kc, vc,
+                            slots, n_heads, n_kv, head_dim, DeviceTensor.empty((m, n), dtype))
+        kernels.linear(y, xd, w_nat, dev(bias, dtype))
+        kernels.rope_store_kv(y, positions, inv_freq, kc2, vc2, slots, n_heads, n_kv, head_dim)
+        act, plain, ref = (DeviceTensor.empty((m, w), dtype) for w in (n // 2, n, n // 2))
+        kernels.linear_swiglu(act, xd, w_nat, DeviceTensor.empty((m, n), dtype))
+        kernels.linear(plain, xd, w_nat)
+        kernels.silu_mul(ref, plain, interleaved=True)
+        s = "w" if wide else ""
+        assert names[:3] == [f"gemv_rope_{dtype}_m1{s}", f"gemv_{dtype}_{dtype}_m1{s}", f"rope_store_kv_{dtype}"]
+        assert names[3:5] == [f"gemv_swiglu_{dtype}_{dtype}_m1{s}", f"gemv_{dtype}_{dtype}_m1{s}"]
+        for a, b, what in ((qkv, y, "qkv"), (kc, kc2, "k cache"), (vc, vc2, "v cache"), (act, ref, "act")):
+            np.testing.assert_array_equal(a.to_numpy(), b.to_numpy(), err_msg=f"{what}, wide={wide}")
+        got = plain.to_numpy().astype(np.float64)
+        out[wide] = np.abs(got - yy).max() / np.abs(yy).max()
+        assert_close(got, yy, dtype, f"wide={wide} M={m}")
+        assert_close(act.to_numpy(), ops.silu_mul(np.concatenate([yy[:, 0::2], yy[:, 1::2]], axis=1)), dtype)
+    assert out[True] <= 2 * out[False] + 1e-6, out      # the same rounding of y, summed in another order
+
+
 # ---------------------------------------------------------------------------------------------------
 # SwiGLU fused into the gate/up projection
 

@@ -326,9 +326,9 @@ def test_fused_all_reduce_add_rms_norm_equals_the_two_kernels(tp_env):
 def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
     """The row-parallel bf16 GEMV sending its output tiles itself (linear's `send`) and the fused all-reduce + norm
     only receiving (`sent`): the same bits as the all-reduce kernel sending them, for token counts of each GEMV
-    tiling (1, 9, 32 rows), hidden sizes whose last tile is half full, the two ways alternating call by call (the
-    call counters and parities stay in step), and the pair captured in a graph with programmatic edges and
-    replayed back to back."""
+    tiling (1, 9, 32 rows; and the wide m1w kernel, few tiles with a long K), hidden sizes whose last tile is half
+    full, the two ways alternating call by call (the call counters and parities stay in step), and the pair
+    captured in a graph with programmatic edges and replayed back to back."""
     from cuda.bindings import driver as cu
 
     from mpillm.cuda.graphs import link_programmatic
@@ -342,7 +342,8 @@ def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
         comm.destroy()
         pytest.skip("no IPC all-reduce on this machine")
     shared = np.random.default_rng(11)                       # the same residual and norm weight on every rank
-    for m, hidden, k in [(1, 4096, 1024), (9, 576, 200), (32, 4104, 64), (2, 2056, 512)]:
+    for m, hidden, k in [(1, 4096, 1024), (9, 576, 200), (32, 4104, 64), (2, 2056, 512), (1, 2056, 4096),
+                         (5, 1032, 2048)]:
         resid0 = shared.normal(size=(m, hidden)).astype(np.float32)
         norm_w = DeviceTensor.from_numpy(shared.normal(1, 0.1, hidden).astype(np.float32), "bf16")
         own = np.random.default_rng(1000 * r + m)

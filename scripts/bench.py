@@ -16,6 +16,7 @@ Writes a JSON line per measurement to --json if given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,6 +54,9 @@ def main():
     ap.add_argument("--context", type=int, default=128, help="tokens of context per sequence during decode")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per batch size")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--rank-of", type=int, default=0, metavar="N",
+                    help="dummy models, one GPU: run rank 0's share of a TP N step alone (its heads, MLP slice and "
+                         "vocabulary slice as weights; no all-reduce): the compute part of a tensor-parallel step")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
     ap.add_argument("--no-graph", action="store_true", help="eager launches instead of CUDA graph replay")
     ap.add_argument("--sync-steps", action="store_true",
@@ -146,6 +150,11 @@ def main():
         from mpillm.checkpoint import open_checkpoint
         ckpt = open_checkpoint(args.model)
         cfg = ckpt.config
+    if args.rank_of:
+        if not is_dummy(args.model) or args.tp != 1:
+            sys.exit("--rank-of: a dummy: model on one rank (--tp 1)")
+        cfg = rank_share(cfg, args.rank_of)
+        args.model = f"{args.model} (rank 0 of TP {args.rank_of})"
     if args.group_size is None:
         from mpillm.quant import pick_group_size
         args.group_size = pick_group_size(cfg, args.tp)
@@ -846,6 +855,15 @@ def throughput(args, ckpt, cfg, world):
                         for m in STATIC_MODES if m in results))
     model.close()
     device.close()
+
+
+def rank_share(cfg, tp: int):
+    """The config whose whole model is rank 0's share of cfg at tensor parallelism tp (mpillm.parallel.make_shard):
+    the same layers, hidden size and head size, with that rank's query and kv heads, MLP slice and vocabulary slice."""
+    from mpillm.parallel import make_shard
+    s = make_shard(cfg, 0, tp)
+    return dataclasses.replace(cfg, num_heads=s.n_heads, num_kv_heads=s.n_kv_heads, intermediate_size=s.ffn_hi - s.ffn_lo,
+                               vocab_size=s.vocab_hi - s.vocab_lo).validate(cfg.name)
 
 
 def profile_step(cuda, model, kernels, st, specs, what: str) -> str:

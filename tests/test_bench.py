@@ -142,3 +142,23 @@ def test_comm_probe_says_why_it_cannot_run_over_nccl(bench):
                      lambda B, probe=False: pytest.fail("timed without an IPC all-reduce"), lines.append,
                      lambda **kw: pytest.fail("recorded"))
     assert "skipped" in lines[0] and "NCCL" in lines[0]
+
+
+def test_rank_of_runs_rank_zeros_share_as_a_whole_model(bench):
+    """bench --rank-of N: the model is rank 0's share of a TP N step (mpillm.parallel.make_shard), the rest as it
+    was; a share whose heads do not group evenly, or a shard past the heads, is refused with the reason."""
+    from mpillm.config import ConfigError
+    from mpillm.dummy import dummy_config
+    from mpillm.parallel import ShardingError, make_shard
+    for name, tp in (("llama3-8b", 2), ("llama3-8b", 4), ("llama3-70b", 4), ("qwen2-7b", 4)):
+        cfg = dummy_config(f"dummy:{name}")
+        share, s = bench.rank_share(cfg, tp), make_shard(cfg, 0, tp)
+        assert (share.num_heads, share.num_kv_heads) == (s.n_heads, s.n_kv_heads)
+        assert (share.intermediate_size, share.vocab_size) == (s.ffn_hi - s.ffn_lo, s.vocab_hi - s.vocab_lo)
+        assert (share.hidden_size, share.head_dim, share.num_layers) == (cfg.hidden_size, cfg.head_dim, cfg.num_layers)
+    share = bench.rank_share(dummy_config("dummy:llama3-8b"), 4)
+    assert (share.num_heads, share.num_kv_heads, share.intermediate_size, share.vocab_size) == (8, 2, 3584, 32064)
+    with pytest.raises(ConfigError, match="multiple of num_key_value_heads"):
+        bench.rank_share(dummy_config("dummy:smollm2-135m"), 2)        # 5 query heads over 2 kv heads
+    with pytest.raises(ShardingError, match="attention heads"):
+        bench.rank_share(dummy_config("dummy:smollm2-135m"), 16)

@@ -405,23 +405,34 @@ __device__ __forceinline__ void attention_decode_cluster_body(
     }
     __syncthreads();
 
-    // Every K and V row of the block at once (one round trip), zeros past n up to a whole stage.
+    // Every K and V row of the block at once (one round trip), zeros past n up to a whole stage. The keys before
+    // the step's own (position ctx - 1: one query per sequence here) were written by earlier steps, so their copies
+    // go out before the PDL wait, while the q/k/v projection that writes the newest key still runs; that key's
+    // row (the block holding it: index `newest`) is copied after the wait. It is skipped, not zero-filled, before:
+    // two copies into one place would land in either order.
     const int n_stages = (n + DC_CHUNK - 1) / DC_CHUNK, rows = n_stages * DC_CHUNK;
     const size_t row_stride = (size_t)n_kv * HD;  // between consecutive cache slots
     const T* k_head = k_cache + (size_t)kv_head * HD;
     const T* v_head = v_cache + (size_t)kv_head * HD;
     uint4* const k_smem = dc_kv;
     uint4* const v_smem = dc_kv + DC_MAX_KEYS * VECS;
-    pdl_begin();
+    const int newest = ctx - 1 - k0 < n ? ctx - 1 - k0 : -1;  // -1: not this block's (its rows past n: zeros)
+    auto copy = [&](int j, int part) {  // 16-byte part `part` of row j: K's parts, then V's (part - VECS)
+        const bool is_v = part >= VECS, ok = j < n;
+        const int v = is_v ? part - VECS : part;
+        const T* src = (is_v ? v_head : k_head) + (ok ? (size_t)s_slot[j] * row_stride : 0) + 8 * v;
+        cp_async16((is_v ? v_smem : k_smem) + j * VECS + v, src, ok);
+    };
     for (int i = tid; i < 2 * rows * VECS; i += DECODE_THREADS) {
-        const bool is_v = i >= rows * VECS;
-        const int e = is_v ? i - rows * VECS : i;
-        const int j = e / VECS;
-        const bool ok = j < n;
-        const T* src = (is_v ? v_head : k_head) + (ok ? (size_t)s_slot[j] * row_stride : 0) + 8 * (e % VECS);
-        cp_async16((is_v ? v_smem : k_smem) + e, src, ok);
+        const int j = i / VECS % rows;
+        if (j != newest) copy(j, i % VECS + (i < rows * VECS ? 0 : VECS));
     }
     cp_async_commit();
+    pdl_begin();
+    if (newest >= 0) {
+        for (int part = tid; part < 2 * VECS; part += DECODE_THREADS) copy(newest, part);
+        cp_async_commit();
+    }
 
     const T* q = qkv + (size_t)q_row * (n_heads + 2 * n_kv) * HD + (size_t)head0 * HD;
     for (int i = tid; i < MAXG * HD; i += DECODE_THREADS)

@@ -880,6 +880,71 @@ def test_attention_decode_cluster(kernels, monkeypatch, seqs, dtype, head_dim, n
     assert_close(launch()[live], got[live], dtype, "split-K against cluster")
 
 
+@pytest.mark.parametrize("seqs", [[(1, 1), (1, 9), (1, 64), (1, 65)], [(1, 255), (1, 257), (1, 500), (1, 512)]])
+def test_attention_decode_cluster_takes_the_step_key_after_the_wait(kernels, monkeypatch, seqs):
+    """The cluster kernel copies the keys of earlier steps before its PDL wait and the step's own key (position
+    ctx - 1, which the kernel before it stores) after: captured after rope_store_kv with a programmatic edge and
+    replayed with NaN in the new keys' slots before every replay, it matches NumPy on the stored keys every time
+    (the new key first, last, alone, or at a block's end)."""
+    from cuda.bindings import driver as cu
+
+    from mpillm.cuda.graphs import link_programmatic
+    from mpillm.cuda.kernels import AttentionScratch
+    from mpillm.cuda.runtime import check_cu
+    n_heads, n_kv, head_dim, block_size, dtype = 32, 8, 128, 16, "bf16"
+    _cluster_mode(kernels, monkeypatch, True, n_heads // n_kv, 512)
+    rng = np.random.default_rng(5)
+    host, d = _paged_batch(rng, dtype, seqs, n_heads, n_kv, head_dim, block_size)
+    ctx = host["context_lens"]
+    new_slots = (host["tables"][np.arange(len(seqs)), (ctx - 1) // block_size] * block_size
+                 + (ctx - 1) % block_size).astype(np.int32)
+    positions, slots = dev(ctx - 1, "i32"), dev(new_slots, "i32")
+    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
+    poisoned = {}
+    for name in ("k_cache", "v_cache"):
+        c = host[name].reshape(-1, n_kv, head_dim).copy()
+        c[new_slots] = np.nan
+        poisoned[name] = c.reshape(host[name].shape)
+    out = DeviceTensor.empty((len(seqs), n_heads, head_dim), dtype)
+    scratch = AttentionScratch(len(seqs), n_heads, head_dim, 512)
+
+    def step():
+        kernels.rope_store_kv(d["qkv"], positions, inv_freq, d["k_cache"], d["v_cache"], slots, n_heads, n_kv,
+                              head_dim)
+        kernels.attention(out, d["qkv"], d["k_cache"], d["v_cache"], d["block_tables"], d["query_start"],
+                          d["context_lens"], n_heads, n_kv, head_dim, head_dim ** -0.5, max_query_len=1,
+                          max_context_len=512, scratch=scratch)
+
+    def reset():
+        d["qkv"].copy_from_numpy(host["qkv"])
+        d["k_cache"].copy_from_numpy(poisoned["k_cache"])
+        d["v_cache"].copy_from_numpy(poisoned["v_cache"])
+        kernels.stream.synchronize()
+
+    reset()
+    kernels.rope_store_kv(d["qkv"], positions, inv_freq, d["k_cache"], d["v_cache"], slots, n_heads, n_kv, head_dim)
+    kernels.stream.synchronize()
+    stored = dict(host, qkv=d["qkv"].to_numpy(), k_cache=d["k_cache"].to_numpy(), v_cache=d["v_cache"].to_numpy())
+    assert not np.isnan(stored["k_cache"]).any() and not np.isnan(stored["v_cache"]).any()
+    want = _attention_reference(stored, seqs, n_heads, n_kv, head_dim, block_size)
+    reset()
+    stream = cu.CUstream(kernels.stream.handle)
+    check_cu(cu.cuStreamBeginCapture(stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "capture")
+    step()
+    graph = check_cu(cu.cuStreamEndCapture(stream), "end capture")
+    assert link_programmatic(graph, kernels.owns) == 1
+    exe = check_cu(cu.cuGraphInstantiate(graph, 0), "instantiate")
+    try:
+        for i in range(4):
+            reset()
+            check_cu(cu.cuGraphLaunch(exe, stream), "launch")
+            kernels.stream.synchronize()
+            assert_close(out.to_numpy(), want, dtype, f"replay {i}")
+    finally:
+        cu.cuGraphExecDestroy(exe)
+        cu.cuGraphDestroy(graph)
+
+
 def test_attention_rejects_inconsistent_head_mapping(kernels):
     rng = np.random.default_rng(0)
     _, d = _paged_batch(rng, "bf16", [(1, 60)], 4, 2, 64, 16)

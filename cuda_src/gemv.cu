@@ -191,7 +191,8 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
     if constexpr (SEND) send_tile<T>(y, n0, M, N, send);
 }
 
-// Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_CONFIGS mirrors WARPS.
+// Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_THREADS and GEMV_WIDE_THREADS
+// mirror WARPS.
 // SHAPE names the kernel: m<NT>, or m1w for the wide block at M <= 8: 16 warps on a tile instead of 8, twice the
 // weight bytes in flight per block, for launches with no more tiles than SMs, where a block per SM is all the
 // parallelism there is (kernels.py GEMV_WIDE_THREADS: the q/k/v projection at TP 4).

@@ -151,10 +151,10 @@ def main():
         ckpt = open_checkpoint(args.model)
         cfg = ckpt.config
     if args.rank_of:
-        if not is_dummy(args.model) or args.tp != 1:
-            sys.exit("--rank-of: a dummy: model on one rank (--tp 1)")
+        if not is_dummy(args.model) or args.tp != 1 or args.throughput:
+            sys.exit("--rank-of: a dummy: model on one rank (--tp 1), not with --throughput")
         cfg = rank_share(cfg, args.rank_of)
-        args.model = f"{args.model} (rank 0 of TP {args.rank_of})"
+    label = args.model + (f" (rank 0 of TP {args.rank_of})" if args.rank_of else "")
     if args.group_size is None:
         from mpillm.quant import pick_group_size
         args.group_size = pick_group_size(cfg, args.tp)
@@ -195,7 +195,7 @@ def main():
     weight_bytes = model.streamed_bytes          # bytes a decode step reads (the embedding table is not streamed)
     if size > 1:
         say(f"# all-reduce: {'one-shot IPC kernel up to %d bytes, NCCL beyond' % comm.ipc.max_bytes if comm.ipc else 'NCCL'}")
-    say(f"# {device.name}, {args.model}, tp={size}, {args.dtype}, weights {model._scheme()}; "
+    say(f"# {device.name}, {label}, tp={size}, {args.dtype}, weights {model._scheme()}; "
         f"kernels compiled in {compile_s:.2f} s; "
         f"weights {model.weight_bytes / 2**30:.2f} GiB/rank, {weight_bytes / 2**30:.2f} GiB read per decode step; "
         f"copy bandwidth {bw:.0f} GB/s; decode split {kernels.decode_split:g} blocks/SM (min {kernels.decode_min_part} "
@@ -204,7 +204,7 @@ def main():
     results = []
 
     def record(**kw):
-        kw.update(gpu=device.name, model=args.model, tp=size, dtype=args.dtype, quantize=args.quantize,
+        kw.update(gpu=device.name, model=label, tp=size, dtype=args.dtype, quantize=args.quantize,
                   allreduce="nccl" if args.nccl_only or size == 1 else "ipc+nccl", fuse_swiglu=not args.no_fuse_swiglu,
                   pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
                   decode_cluster=kernels.decode_cluster,

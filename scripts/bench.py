@@ -151,9 +151,12 @@ def main():
         ckpt = open_checkpoint(args.model)
         cfg = ckpt.config
     if args.rank_of:
-        if not is_dummy(args.model) or args.tp != 1 or args.throughput:
-            sys.exit("--rank-of: a dummy: model on one rank (--tp 1), not with --throughput")
-        cfg = rank_share(cfg, args.rank_of)
+        if args.rank_of < 0 or not is_dummy(args.model) or args.tp != 1 or args.throughput:
+            sys.exit("--rank-of N: N >= 1, a dummy: model on one rank (--tp 1), not with --throughput")
+        try:
+            cfg = rank_share(cfg, args.rank_of)
+        except ValueError as e:     # ShardingError, ConfigError: a share that cannot stand alone
+            sys.exit(f"--rank-of {args.rank_of}: {e}")
     label = args.model + (f" (rank 0 of TP {args.rank_of})" if args.rank_of else "")
     if args.group_size is None:
         from mpillm.quant import pick_group_size

@@ -27,6 +27,21 @@
 #define QGEMV_ROWS 16
 #define QGEMV_SB_BYTES 64   // bytes per row per super-block (int8: 2 chunks of 32; 4-bit: 4 chunks)
 
+// 4-bit scale loads (read-only, through L1: the 4 lanes of a quad and the warps on neighbouring super-blocks share
+// their sectors) with L2::256B: L2 fetches the whole 256-byte segment around a miss, as for the weights, instead of
+// each 32-byte sector of a row's scales on its own (Q4_0 b=1 +2.5%, Llama-3-8B, H100, docs/PERFORMANCE.md,
+// sixteenth session; int8's scales, 2 bytes per 128 weights, showed nothing).
+__device__ __forceinline__ uint2 ld_scales8(const void* p) {
+    uint2 v;
+    asm("ld.global.nc.L2::256B.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 ld_scales16(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -207,9 +222,10 @@ struct PreNormStage {
     }
 };
 
-// Q4 (Q4_0's XH kernels): super-blocks of 128 elements; the elements 2, 3, 6, 7 of every 8 staged as x 2^s / 16
-// (u4_pair_x16 feeds their codes 16 times too large), and after the n_sb * 128 fp16 values, each 32-element chunk's
-// bias -sum_k (1024 + 8 s_k) x'_k in fp32 (s_k = 1 or 16, x'_k the staged value): the mma starts from it.
+// Q4 (Q4_0's one-token kernels, q4_x1_linear): super-blocks of 128 elements; the elements 2, 3, 6, 7 of every 8
+// staged as x 2^s / 16 (u4_pair_x16 feeds their codes 16 times too large), and after the n_sb * 128 fp16 values,
+// each 32-element chunk's bias -sum_k (1024 + 8 s_k) x'_k in fp32 (s_k = 1 or 16, x'_k the staged value), four
+// times (16 bytes: the mma's accumulator input as it is loaded).
 template <int WARPS, bool FROM_SMEM = false, bool Q4 = false>  // FROM_SMEM: x is already in xs as bf16 (PreNormStage)
 __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16* __restrict__ x, int K, int n_sb,
                                               int warp, int lane) {
@@ -220,7 +236,7 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
     auto at = [&](int v) { return (warp + WARPS * (v / VPS)) * SBE + 8 * (v % VPS); };  // element index of vector v
     uint32_t dyn;  // the launcher sizes the dynamic shared memory (kernels.py qgemv_x1_bytes): never write past it
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (uint32_t)n_sb * (2u * SBE + (Q4 ? 16u : 0u))) __trap();
+    if (dyn < (uint32_t)n_sb * (2u * SBE + (Q4 ? 64u : 0u))) __trap();
     // Pass 1: x as it is into shared memory (zeros past K), and the max of |x| as bf16 bits (monotone in |x|: NaN
     // above inf above every finite).
     uint32_t mbits = 0;
@@ -277,7 +293,7 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
             float part = v < vecs ? convert(v) : 0.f;
             part += __shfl_xor_sync(0xFFFFFFFFu, part, 1);
             part += __shfl_xor_sync(0xFFFFFFFFu, part, 2);
-            if (v < vecs && (lane & 3) == 0) bias[at(v) >> 5] = -part;
+            if (v < vecs && (lane & 3) == 0) reinterpret_cast<float4*>(bias)[at(v) >> 5] = make_float4(-part, -part, -part, -part);
         }
     } else {
         for (int v = lane; v < vecs; v += 32) convert(v);
@@ -295,7 +311,6 @@ struct QStage {
     uint4 wa[UNROLL], wb[UNROLL];          // rows g and g + 8
     uint32_t sa[UNROLL][CH], sb[UNROLL][CH];  // their chunk scales (int8, Q4_0: fp16 bits; Q4_1: (d, m) half2)
     uint4 xv[UNROLL][NT][CH];              // 8 elements of each chunk for token g of each token tile
-    int sb0;                               // XH Q4_0: the step's first super-block (its chunk biases: compute)
 };
 
 // L2_HINT: weight loads with the L2::256B segment prefetch. STAGES: 0 = two register stages (production);
@@ -313,8 +328,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
     static_assert(!SYM || BITS == 4, "SYM is a 4-bit layout");
     static_assert(!PERSIST || STAGES > 0, "PERSIST: the ring shapes");
-    static_assert(!XH || ((BITS == 8 || SYM) && NT == 1 && sizeof(T) == 2), "XH: int8 or Q4_0, one token tile");
-    constexpr bool XH4 = XH && BITS == 4;  // Q4_0 through u4_pair_x16 and the chunk biases
+    static_assert(!XH || (BITS == 8 && NT == 1 && sizeof(T) == 2), "XH: int8, one token tile (Q4_0: q4_x1_linear)");
     static_assert(!PRENORM || XH, "PRENORM: the XH kernels");
     using TC = typename pick_type<XH, f16, T>::type;  // the mma's type: fp16 for XH (x staged as fp16)
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
@@ -355,14 +369,14 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 }
             } else if (SYM) {
                 const uint2* s = reinterpret_cast<const uint2*>(scales);
-                const uint2 a = ok ? __ldg(s + (size_t)row_a * n_sb + sb) : make_uint2(0, 0);
-                const uint2 b = ok ? __ldg(s + (size_t)row_b * n_sb + sb) : make_uint2(0, 0);
+                const uint2 a = ok ? ld_scales8(s + (size_t)row_a * n_sb + sb) : make_uint2(0, 0);
+                const uint2 b = ok ? ld_scales8(s + (size_t)row_b * n_sb + sb) : make_uint2(0, 0);
                 st.sa[u][0] = a.x, st.sa[u][1] = a.y;  // chunks (0, 1) and (2, 3), unpacked at use
                 st.sb[u][0] = b.x, st.sb[u][1] = b.y;
             } else {
                 const uint4* s = reinterpret_cast<const uint4*>(scales);
-                const uint4 a = ok ? __ldg(s + (size_t)row_a * n_sb + sb) : zero;
-                const uint4 b = ok ? __ldg(s + (size_t)row_b * n_sb + sb) : zero;
+                const uint4 a = ok ? ld_scales16(s + (size_t)row_a * n_sb + sb) : zero;
+                const uint4 b = ok ? ld_scales16(s + (size_t)row_b * n_sb + sb) : zero;
 #pragma unroll
                 for (int j = 0; j < CH; ++j) st.sa[u][j] = word_at(a, j), st.sb[u][j] = word_at(b, j);
             }
@@ -373,7 +387,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     float x_down = 1.f;  // XH: 2^-s, x's scale taken back (stage_x_half)
     PreNormStage<WARPS * 32> pre;  // PRENORM: r and the norm weight, loaded before the PDL wait
     auto load_x = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
-        if constexpr (XH4) st.sb0 = sb0;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
@@ -396,9 +409,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         }
     };
 
-    // XH4: the chunk biases, after the n_sb * 16 vectors of x (stage_x_half); read at use, which costs fewer
-    // registers than carrying them in the stages.
-    const float* const x_bias = reinterpret_cast<const float*>(qgemv_xs + n_sb * 16);
     auto compute = [&](const QStage<BITS, UNROLL, NT>& st) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -410,10 +420,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     s8x4_pairs<TC>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
                     s8x4_pairs<TC>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
                     s8x4_pairs<TC>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
-                } else if (XH4) {
-                    const uint32_t wa = word_at(st.wa[u], j), wb = word_at(st.wb[u], j), wa8 = wa >> 8, wb8 = wb >> 8;
-#pragma unroll
-                    for (int p = 0; p < 4; ++p) pa[p] = u4_pair_x16(wa, wa8, p), pb[p] = u4_pair_x16(wb, wb8, p);
                 } else if (SYM) {
 #pragma unroll
                     for (int p = 0; p < 4; ++p) {
@@ -446,19 +452,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
                 for (int jt = 0; jt < NT; ++jt) {
                     const uint4& xv = st.xv[u][jt][j];
-                    if constexpr (XH4) {  // token 0 is column 0: c[0] (row g) and c[2] (row g + 8) of lanes t = 0
-                        const int sb = st.sb0 + u * WARPS;
-                        const float b = sb < n_sb ? x_bias[sb * 4 + j] : 0.f;
-                        // c[1], c[3] (column 2t + 1: no token) are never read: left as they come, not zeroed
-                        float c[4];
-                        asm("" : "=f"(c[1]), "=f"(c[3]));
-                        c[0] = c[2] = b;
-                        mma_16816<TC>(c, a0, xv.x, xv.y);
-                        mma_16816<TC>(c, a1, xv.z, xv.w);
-                        acc[jt][0] = fmaf(da, c[0], acc[jt][0]);
-                        acc[jt][2] = fmaf(db, c[2], acc[jt][2]);
-                        continue;
-                    }
                     float c[4] = {0.f, 0.f, 0.f, 0.f};
                     mma_16816<TC>(c, a0, xv.x, xv.y);
                     mma_16816<TC>(c, a1, xv.z, xv.w);
@@ -516,7 +509,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait (PreNorm above)
         if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
         if constexpr (XH)
-            x_down = stage_x_half<WARPS, PRENORM, XH4>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp,
+            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp,
                                                         lane);
         load_x(front, warp);
     };
@@ -637,6 +630,127 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         }
         cp_async_wait<0>();  // the trailing zero-fill copies land before the block exits
     }
+}
+
+// One token of bf16 x against Q4_0 weights (the 4s _x1 kernels): the XH plan of quant_linear (x staged as fp16 in
+// shared memory, u4_pair_x16, each chunk's mma started from its bias) in a loop of its own, with about 110
+// instructions per 1 KB warp step where quant_linear's general shape took about 180, and 80 registers: 3 blocks per
+// SM (24 warps) to cover the weight stream's latency, which quant_linear's 103 registers did not allow. (The fewer
+// instructions alone gained 0.2% at 2 blocks per SM: the loop waits on memory, not on issue.)
+//   - The block's tiles are one flat run of steps, unrolled by STAGES so that every ring slot is a constant; the
+//     ahead cursor and the compute cursor each move on to their next tile in a branch taken once per tile.
+//   - The scales go into registers (reg_s[slot]) when the ahead cursor issues the slot's copy, STAGES - 1 steps
+//     before their use, with L2::256B (ld_scales8). Through the ring instead (cp.async of 8 bytes, which has to
+//     go through L1) the kernel ran 8% slower.
+//   - x is staged as zeros up to a whole number of steps per warp (n_sb rounded up to WARPS), so no step tests K
+//     or n_sb on the compute side; the ring zero-fills a step past n_sb (scale 0: d * finite = 0).
+//   - Every lane reads x (lanes g != 0 feed the mma's columns 1..7, whose results are never read), and each
+//     chunk's bias is stored four times so that one 16-byte load is the mma's accumulator input.
+// The arithmetic is the one quant_linear's XH path had for Q4_0, step for step: the same fp32 sums in the same
+// order, the same bits (checked on an H100 against that kernel on six shapes, sixteenth session).
+// A tile's end in q4_x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
+template <typename OutT, bool SWIGLU, bool ROPE>
+__device__ __forceinline__ void q4_x1_finish(float (*partial)[4][32], float acc_a, float acc_b, OutT* __restrict__ y,
+                                             const bf16* __restrict__ bias, int n0, int M, int N,
+                                             const RopeArgs<bf16>& rope) {
+    const float acc[1][4] = {{acc_a, 0.f, acc_b, 0.f}};
+    if constexpr (ROPE)
+        finish_small_m_tile_rope<bf16, 8, 1>(partial, acc, y, bias, n0, M, N, rope);
+    else
+        finish_small_m_tile<bf16, OutT, 8, 1, SWIGLU>(partial, acc, y, bias, n0, M, N);
+    __syncthreads();  // every thread has read `partial` before the next tile writes it
+}
+
+template <typename OutT, bool SWIGLU, bool ROPE, int STAGES>
+__device__ __forceinline__ void q4_x1_linear(OutT* __restrict__ y, const bf16* __restrict__ x,
+                                             const uint8_t* __restrict__ w, const void* __restrict__ scales,
+                                             const bf16* __restrict__ bias, int M, int N, int K, int n_sb,
+                                             const RopeArgs<bf16>& rope = RopeArgs<bf16>{}) {
+    static_assert(STAGES >= 2, "a ring of at least 2 stages");
+    constexpr int WARPS = 8, STEP_SB = WARPS;  // a warp step: one super-block (1 KB of 16 rows), sb = warp + 8 i
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_sbp = (n_sb + WARPS - 1) / WARPS * WARPS;  // x staged (zeros past K) up to here
+    const int steps = n_sbp / WARPS;                          // per warp per tile, the same for every warp
+    const int n_tiles = (N + QGEMV_ROWS - 1) / QGEMV_ROWS;
+    const int my_tiles = blockIdx.x < n_tiles ? (n_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const int total = my_tiles * steps;
+    const size_t row_bytes = (size_t)n_sb * QGEMV_SB_BYTES;
+
+    // Slot [warp][s][row a / b][lane]: each lane copies and reads back only its own pieces (no barrier).
+    __shared__ __align__(16) uint4 ring_w[WARPS][STAGES][2][32];
+    uint2 reg_s[STAGES][2];  // their scales, in registers: slot s is a constant in the unrolled loop below
+    __shared__ float partial[WARPS][4][32];
+    extern __shared__ __align__(16) uint4 qgemv_xs[];
+
+    // The cursor STAGES - 1 steps ahead: its tile's row pointers move only when it crosses into the next tile.
+    int a_tile = blockIdx.x, a_sb = warp;
+    const uint8_t *a_wa, *a_wb, *a_sa, *a_sbp;  // rows g and g + 8: codes, and scales (8 bytes per super-block)
+    auto aim = [&]() {
+        const size_t ra = min(a_tile * QGEMV_ROWS + g, N - 1), rb = min(a_tile * QGEMV_ROWS + g + 8, N - 1);
+        a_wa = w + ra * row_bytes + 16 * t, a_wb = w + rb * row_bytes + 16 * t;
+        a_sa = static_cast<const uint8_t*>(scales) + ra * n_sb * 8;
+        a_sbp = static_cast<const uint8_t*>(scales) + rb * n_sb * 8;
+    };
+    aim();
+    auto issue = [&](int slot) {
+        const bool ok = a_tile < n_tiles && a_sb < n_sb;
+        const uint32_t off = ok ? (uint32_t)a_sb * QGEMV_SB_BYTES : 0u;  // stays in bounds when nothing is read
+        cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
+        cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
+        reg_s[slot][0] = ok ? ld_scales8(a_sa + (off >> 3)) : make_uint2(0, 0);
+        reg_s[slot][1] = ok ? ld_scales8(a_sbp + (off >> 3)) : make_uint2(0, 0);
+        cp_async_commit();  // one group per step, also past the end: the step read is always STAGES - 2 back
+        a_sb += STEP_SB;
+        if (a_sb >= n_sbp) a_sb = warp, a_tile += gridDim.x, aim();
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);  // weights and scales: before the PDL wait
+    pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait (PreNorm above)
+    const float x_down = stage_x_half<WARPS, false, true>(qgemv_xs, x, K, n_sbp, warp, lane);
+
+    // The compute cursor: x (vector sb * 16 + 4 j + t: lane t's 8 elements of chunk j) and the chunk biases
+    // (float4 sb * 4 + j, after the n_sbp * 16 vectors of x).
+    const uint4* const x0 = qgemv_xs + warp * 16 + t;
+    const float4* const b0 = reinterpret_cast<const float4*>(qgemv_xs + n_sbp * 16) + warp * 4;
+    const uint4* xp = x0;
+    const float4* bp = b0;
+    int c_step = 0, tile = blockIdx.x;
+    float acc_a = 0.f, acc_b = 0.f;  // token 0 of rows g and g + 8 (lanes t = 0; the others' are never read)
+    auto step = [&](int slot) {
+        cp_async_wait<STAGES - 2>();
+        const uint4 wa = ring_w[warp][slot][0][lane], wb = ring_w[warp][slot][1][lane];
+        const uint2 sa = reg_s[slot][0], sb = reg_s[slot][1];
+        issue(slot == 0 ? STAGES - 1 : slot - 1);  // the slot read one step ago
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t ua = word_at(wa, j), ub = word_at(wb, j), ua8 = ua >> 8, ub8 = ub >> 8;
+            const uint32_t a0[4] = {u4_pair_x16(ua, ua8, 0), u4_pair_x16(ub, ub8, 0), u4_pair_x16(ua, ua8, 1),
+                                    u4_pair_x16(ub, ub8, 1)};
+            const uint32_t a1[4] = {u4_pair_x16(ua, ua8, 2), u4_pair_x16(ub, ub8, 2), u4_pair_x16(ua, ua8, 3),
+                                    u4_pair_x16(ub, ub8, 3)};
+            const uint4 xv = xp[4 * j];
+            const float4 bj = bp[j];
+            float c[4] = {bj.x, bj.y, bj.z, bj.w};
+            mma_16816<f16>(c, a0, xv.x, xv.y);
+            mma_16816<f16>(c, a1, xv.z, xv.w);
+            const uint32_t da = (j < 2 ? sa.x : sa.y) >> (16 * (j & 1)), db = (j < 2 ? sb.x : sb.y) >> (16 * (j & 1));
+            acc_a = fmaf(half_bits_to_float(da), c[0], acc_a);
+            acc_b = fmaf(half_bits_to_float(db), c[2], acc_b);
+        }
+        xp += WARPS * 16, bp += WARPS * 4;
+        if (++c_step == steps) {  // the tile's last step: its sums, then the next tile from its first super-block
+            q4_x1_finish<OutT, SWIGLU, ROPE>(partial, acc_a * x_down, acc_b * x_down, y, bias, tile * QGEMV_ROWS, M, N,
+                                             rope);
+            acc_a = acc_b = 0.f, c_step = 0, tile += gridDim.x, xp = x0, bp = b0;
+        }
+    };
+    for (int i = 0; i < total; i += STAGES) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s)
+            if (i + s < total) step(s);
+    }
+    cp_async_wait<0>();  // the trailing zero-fill copies land before the block exits
 }
 
 // Dequantize the whole packed weight into out[N, K] (model dtype) for the prefill GEMM; one thread per
@@ -764,10 +878,8 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 
 // One token, bf16 activations: x staged in shared memory as fp16 (XH, stage_x_half). int8 in its m1 shapes
 // (QGEMV_KERNELS / QGEMV_ROPE_KERNELS above: 8 warps, unroll 1, the L2 hint, a 4-stage ring, looping over tiles;
-// 3 blocks per SM for rope). Q4_0 (BITS 4, SYM: u4_pair_x16 and the chunk biases) in the same shape, rope with 2
-// blocks per SM, the ring 3 stages deep: staging x is paid once per block, so the one-tile-per-block register stages of Q4_0's m1 SwiGLU
-// and rope kernels would pay it per 16 rows (tried, with the pre-norm folded in as well: 11% slower end to end).
-// Dynamic shared memory: kernels.py qgemv_x1_bytes(K, format).
+// 3 blocks per SM for rope). Q4_0 in q4_x1_linear (below). Dynamic shared memory: kernels.py qgemv_x1_bytes(K,
+// format).
 #define QGEMV_X1_ARGS                                                                                           \
     const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
         int n_groups, int gshift
@@ -790,13 +902,21 @@ QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, false, true, 4)
 QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, false, 4)
 QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, false, true, 4)
 QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, false, 3, 4)
-// Q4_0's ring is a stage shorter: 3 stages ran +1.6% end to end against 4 (2: -4%), where int8 lost 0.8% with 3
-// (Llama-3-8B b=1, H100, docs/PERFORMANCE.md, tenth session).
-QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, true, false, 3)
-QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, true, 3)
-QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, true, false, 3)
-QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, true, 3)
-QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, true, 2, 3)
+// Q4_0 at one token (q4_x1_linear): 3 blocks per SM (80 registers, no spills; kernels.py QGEMV_X1_PERSIST["4s", *])
+// and a 3-stage ring, for every projection (also where a block gets one tile). Llama-3-8B b=1, H100, one call
+// (docs/PERFORMANCE.md, sixteenth session): 413.7 / 413.9 tok/s against 406.1 / 406.6 with 2 blocks per SM and the
+// o and down projections on m1, 410.6-411.0 with 2 blocks and a 5-stage ring, 413.3-413.6 with 3 blocks and 4 stages.
+#define Q4_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 3) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                        \
+        q4_x1_linear<OUT_T, SWIGLU, false, 3>(y, x, w, scales, bias, M, N, K, n_sb);                            \
+    }
+Q4_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, false)
+Q4_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, true)
+Q4_X1_ENTRY(float, qgemv4s_bf16_f32_x1, false)
+Q4_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, true)
+extern "C" __global__ void __launch_bounds__(256, 3) qgemv4s_rope_bf16_x1(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {
+    q4_x1_linear<bf16, false, true, 3>(y, x, w, scales, bias, M, N, K, n_sb, QGEMV_X1_ROPE);
+}
 // int8 with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are
 // PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size. Not built for Q4_0: with its
 // kernels the fold lost 0.7-1.0% at Llama-3-8B b=1 (H100, docs/PERFORMANCE.md, tenth session), where int8's gained.

@@ -90,11 +90,13 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
     assert QGEMV_PERSIST[("8", 1, "")] == 2 and QGEMV_PERSIST[("8", 1, "rope")] == 3
     assert not any((fmt == "4" or tiles == 4) for fmt, tiles, _ in QGEMV_PERSIST)
     assert ("4s", 1, "swiglu") not in QGEMV_PERSIST and ("4s", 1, "rope") not in QGEMV_PERSIST
-    # the _x1 kernels all loop over tiles; int8's are the m1 shapes, whose counts they share
+    # the _x1 kernels all loop over tiles; int8's are the m1 shapes, whose counts they share; Q4_0's take 3 blocks
+    # per SM (6,144 rows: 384 blocks of one tile)
     assert all(QGEMV_X1_PERSIST["8", e] == QGEMV_PERSIST[("8", 1, e)] for e in ("", "swiglu", "rope"))
+    assert all(QGEMV_X1_PERSIST["4s", e] == 3 for e in ("", "swiglu", "rope"))
     assert set(QGEMV_X1_PERSIST) == {(f, e) for f in ("8", "4s") for e in ("", "swiglu", "rope")}
     n, k = 6144, 4096
-    for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_x1", 192), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
+    for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_x1", 384), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
                                    ("q4_0", 2, "qgemv4s_bf16_bf16_m1", 192),
                                    ("int8", 12, "qgemv8_bf16_bf16_m2", 192), ("int8", 20, "qgemv8_bf16_bf16_m4", 384),
                                    ("q4", 1, "qgemv4_bf16_bf16_m1", 384)):
@@ -108,7 +110,7 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
     # SwiGLU twins: int8 loops; Q4_0 at 2-8 rows runs the register stages, one tile per block, and one token the
     # _x1 kernels, which loop (MPILLM_QGEMV_PERSIST=0: one tile per block for all)
     for kind, rows, name, grid in (("int8", 1, "qgemv8_swiglu_bf16_bf16_x1", 192),
-                                   ("q4_0", 1, "qgemv4s_swiglu_bf16_bf16_x1", 192),
+                                   ("q4_0", 1, "qgemv4s_swiglu_bf16_bf16_x1", 384),
                                    ("q4_0", 2, "qgemv4s_swiglu_bf16_bf16_m1", 384)):
         w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
                         _tensor(0x200000, (n, 256), "u8"))
@@ -178,14 +180,14 @@ def test_float_gemv_takes_the_wide_block_where_a_block_per_sm_is_all_there_is():
 def test_one_token_int8_bf16_takes_the_x1_kernels():
     """One token of bf16 x with int8 or Q4_0 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy
     in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk
-    biases, 272 bytes); fp16 activations, Q4_1 weights, more tokens, K past the shared memory and MPILLM_QGEMV_X1=0
-    keep the m1 kernel."""
+    biases stored 4 times, 320 bytes, in whole steps of 8 super-blocks); fp16 activations, Q4_1 weights, more tokens,
+    K past the shared memory and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
     from mpillm.cuda.kernels import QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid, qgemv_x1_bytes, qgemv_x1_setting
     assert qgemv_x1_bytes(4096) == 64 * 128 and qgemv_x1_bytes(14336) == 224 * 128
     assert qgemv_x1_bytes(576) == 9 * 128 and qgemv_x1_bytes(608) == 10 * 128 and qgemv_x1_bytes(2080) == 33 * 128
     assert qgemv_x1_bytes(32768) == QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(32768 + 32)
-    assert qgemv_x1_bytes(4096, "4s") == 32 * 272 and qgemv_x1_bytes(608, "4s") == 5 * 272
-    assert qgemv_x1_bytes(240 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(240 * 128 + 32, "4s")
+    assert qgemv_x1_bytes(4096, "4s") == 32 * 320 and qgemv_x1_bytes(608, "4s") == 8 * 320
+    assert qgemv_x1_bytes(200 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(200 * 128 + 32, "4s")
 
     def launch(kind, rows, k, dtype="bf16", x1=True, n=6144):
         w = QuantWeight(kind, n, k, 32, _tensor(0x100000, (n, k), "u8"), _tensor(0x200000, (n, k // 16), "u8"))
@@ -199,11 +201,11 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert launch("int8", 1, 4096, x1=False) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     assert launch("int8", 1, 4096, dtype="f16") == ([("qgemv8_f16_f16_m1", (grid, 1))], [0])
     assert launch("int8", 2, 4096)[0] == [("qgemv8_bf16_bf16_m1", (grid, 1))]
-    assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (grid, 1))], [32 * 272])
+    assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (qgemv_grid(6144, 132, 3), 1))], [32 * 320])
     assert launch("q4_0", 1, 4096, x1=False) == ([("qgemv4s_bf16_bf16_m1", (grid, 1))], [0])
-    assert launch("q4_0", 1, 240 * 128 + 32)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
-    # 4,096 rows, 256 tiles: one per block, which staging x does not repay (QGEMV4_X1_MIN_TILES)
-    assert launch("q4_0", 1, 4096, n=4096)[0] == [("qgemv4s_bf16_bf16_m1", (256, 1))]
+    assert launch("q4_0", 1, 200 * 128 + 32)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
+    # 4,096 rows, 256 tiles: one per block, also _x1
+    assert launch("q4_0", 1, 4096, n=4096)[0] == [("qgemv4s_bf16_bf16_x1", (256, 1))]
     assert launch("int8", 1, 4096, n=4096)[0] == [("qgemv8_bf16_bf16_x1", (256, 1))]
     assert launch("q4", 1, 4096)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]          # Q4_1: one tile per block
     assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])

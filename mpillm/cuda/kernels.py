@@ -61,22 +61,18 @@ QGEMV_PERSIST = {("8", 1, ""): 2, ("8", 2, ""): 2, ("4s", 1, ""): 2, ("4s", 2, "
                  ("8", 1, "rope"): 3, ("8", 2, "rope"): 2, ("4s", 2, "rope"): 2}
 QGEMV_BLOCKS_PER_SM = 2
 # The same for the _x1 kernels (below; gemv_quant.cu QGEMV_X1_ENTRY, QGEMV_X1_ROPE_ENTRY and int8's pre-norm
-# twins), by (format, epilogue): all of them loop over tiles.
-QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 2, ("4s", "swiglu"): 2,
-                    ("4s", "rope"): 2}
+# twins; Q4_X1_ENTRY, q4_x1_linear's __launch_bounds__), by (format, epilogue): all of them loop over tiles.
+QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 3, ("4s", "swiglu"): 3,
+                    ("4s", "rope"): 3}
 # One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu QGEMV_X1_ENTRY,
-# QGEMV_X1_ROPE_ENTRY) stage x in shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5
-# instructions per 4 weights against bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the pre-norm
-# folded in, the _x1n kernels: Kernels.prenorm_fusable). Their dynamic shared memory is
-# qgemv_x1_bytes(K, format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 30,720), else the m1 kernel.
+# QGEMV_X1_ROPE_ENTRY; Q4_0's q4_x1_linear) stage x in shared memory as fp16 and run the fp16 mma, whose int8
+# conversion costs 5 instructions per 4 weights against bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the
+# pre-norm folded in, the _x1n kernels: Kernels.prenorm_fusable). Every projection takes them, also where a block
+# gets one tile (Q4_0 once kept those on m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic
+# shared memory is
+# qgemv_x1_bytes(K, format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 25,600), else the m1 kernel.
 # MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
-# Q4_0 takes them only where each block loops over at least this many tiles: staging x is paid once per block,
-# which one 16-row tile of 4-bit weights does not repay (H100 sweep, Llama-3-8B: the 4,096-row o and down
-# projections, one tile per block, ran 4-5% slower than m1; q/k/v and gate/up, 2 and 7, ran 9% and 11% faster; end
-# to end, with 4-stage rings, 370.5 tok/s against 368.7 with q/k/v left to m1 and 361.5 without the _x1 kernels:
-# docs/PERFORMANCE.md, tenth session). int8's conversion saves more, and takes them always.
-QGEMV4_X1_MIN_TILES = 2
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
@@ -305,10 +301,11 @@ def gemv_takes_wide(tiles: int, n: int, k: int, sm_count: int) -> bool:
 
 def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
     """Dynamic shared memory of an _x1 launch over K inputs (the kernel traps on less): x as fp16 in whole
-    super-blocks, of 64 elements for int8 (format "8"); of 128 for Q4_0 ("4s"), each with its 4 chunk biases
-    (fp32) after all of x."""
+    super-blocks, of 64 elements for int8 (format "8"); for Q4_0 ("4s", gemv_quant.cu q4_x1_linear) of 128, as many
+    as make a whole number of steps for the block's 8 warps, each with its 4 chunk biases (fp32, each stored 4
+    times) after all of x."""
     if fmt == "4s":
-        return _cdiv(k, 128) * (128 * 2 + 4 * 4)
+        return _cdiv(_cdiv(k, 128), 8) * 8 * (128 * 2 + 4 * 16)
     return _cdiv(k, 64) * 64 * 2
 
 
@@ -646,15 +643,10 @@ class Kernels:
                 and hidden % 8 == 0 and hidden <= 8 * 1024 and w.k == hidden)
 
     def _takes_x1(self, w: "QuantWeight", dtype: str, rows: int) -> bool:
-        """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 or Q4_0 weights (Q4_0: N of
-        at least QGEMV4_X1_MIN_TILES tiles per block), x fitting the kernel's shared memory, MPILLM_QGEMV_X1 on."""
-        if not (self.qgemv_x1 and rows == 1 and w.fmt in ("8", "4s") and dtype == "bf16"
-                and qgemv_x1_bytes(w.k, w.fmt) <= QGEMV_X1_MAX_BYTES):
-            return False
-        if w.fmt == "4s":   # tiles per block (QGEMV_X1_PERSIST: every Q4_0 _x1 kernel takes 2 blocks per SM)
-            per_block = _cdiv(_cdiv(w.n, GEMV_ROWS), qgemv_grid(w.n, self.device.sm_count, QGEMV_X1_PERSIST["4s", ""]))
-            return per_block >= QGEMV4_X1_MIN_TILES
-        return True
+        """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 or Q4_0 weights, x fitting the
+        kernel's shared memory, MPILLM_QGEMV_X1 on."""
+        return (self.qgemv_x1 and rows == 1 and w.fmt in ("8", "4s") and dtype == "bf16"
+                and qgemv_x1_bytes(w.k, w.fmt) <= QGEMV_X1_MAX_BYTES)
 
     def linear_swiglu(self, act: DeviceTensor, x: DeviceTensor, w, gate_up: DeviceTensor,
                       scratch: DeviceTensor | None = None, prenorm=None) -> None:

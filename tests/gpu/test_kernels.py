@@ -371,19 +371,17 @@ def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
 @pytest.mark.parametrize("kind,group", [("int8", 32), ("int8", 64), ("int8", 128), ("q4_0", 32)])
 @pytest.mark.parametrize("k", [608, 4096 + 128, 576 * 3])
 @pytest.mark.parametrize("scale", [1.0, 2.0 ** -70, 3.0e5, "spread"])
-def test_linear_quant_x1_same_bits_as_m1(kernels, monkeypatch, kind, group, k, scale):
+def test_linear_quant_x1_same_bits_as_m1(kernels, kind, group, k, scale):
     """One token of bf16 x: the _x1 kernels (x staged as fp16 times a power of two from each warp's max |x|, then
     the fp16 mma), plain, SwiGLU, f32 out and with rope, for x of any magnitude (tiny, past fp16's range).
     int8: the m1 kernels' bits; with elements below 2^-33 of the largest (rounded on the fp16 grid) within
     tolerance. Q4_0 (codes of 16 times their value at half the elements, x / 16 there, the 1024s and 8s taken off
     with each chunk's sum of x): other fp32 sums than m1's, so within tolerance of m1 and close to the reference."""
-    import mpillm.cuda.kernels as km
     from mpillm.cuda.kernels import QuantWeight
     from mpillm.cuda.model import rope_interleave
     from mpillm.quant import unpack
     if k % group:
         pytest.skip("group does not divide K")
-    monkeypatch.setattr(km, "QGEMV4_X1_MIN_TILES", 1)   # Q4_0's _x1 kernels also for one tile per block
     rng = np.random.default_rng(k + group)
     n_heads, n_kv, head_dim = 9, 3, 64
     n = 16 * 2 * kernels.device.sm_count * 3 + 16 * 5 + 6 if scale == 1.0 else (n_heads + 2 * n_kv) * head_dim

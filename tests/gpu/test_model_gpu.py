@@ -313,19 +313,17 @@ def tiny_q4_0_checkpoint(tmp_path):
     return open_checkpoint(path)
 
 
-@pytest.mark.parametrize("x1_min_tiles", [1, 2])
-def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_device, kernels, x1_min_tiles):
+@pytest.mark.parametrize("x1", [True, False])
+def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_device, kernels, x1):
     """A GGUF whose projections are all Q4_0: --quantize auto holds them in the Q4_0 layout (d alone, 4.5 bits
     per weight) and runs the symmetric 4-bit kernels, through prefill (dequantize + GEMM) and the decode graphs;
     logits and greedy ids follow the NumPy backend on the same blocks. One sequence decodes through the _x1
-    kernels where QGEMV4_X1_MIN_TILES allows: at 1 all of the tiny model's projections do, at 2 (production) none."""
-    import mpillm.cuda.kernels as km
-    monkeypatch.setattr(km, "QGEMV4_X1_MIN_TILES", x1_min_tiles)
+    kernels (every projection; q4_x1_linear), or with MPILLM_QGEMV_X1=0 through m1."""
+    monkeypatch.setattr(kernels, "qgemv_x1", x1)
     ckpt = tiny_q4_0_checkpoint(tmp_path)
     ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
     assert all(getattr(gpu.layers[0], key).kind == "q4_0" for key in ("qkv", "o", "gate_up", "down"))
-    assert all(kernels._takes_x1(getattr(gpu.layers[0], key), "bf16", 1) == (x1_min_tiles == 1)
-               for key in ("qkv", "o", "gate_up", "down"))
+    assert all(kernels._takes_x1(getattr(gpu.layers[0], key), "bf16", 1) == x1 for key in ("qkv", "o", "gate_up", "down"))
     rng = np.random.default_rng(4)
     prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (3, 60, 70)], 8)  # 133 tokens: dequantize
 

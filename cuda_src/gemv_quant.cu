@@ -108,13 +108,13 @@ template <> __device__ __forceinline__ uint32_t u4_pair_signed<f16>(uint32_t w, 
     return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-// XH (one token, x staged as fp16) with Q4_0: pair p of a 4-bit word as fp16 (1024 + q, 1024 + q') for p = 0, 2 and
-// (1024 + 16 q, 1024 + 16 q') for p = 1, 3. fp16's mantissa step at 1024 is 1, so a code in bits 0-3 or 4-7 of each
-// half goes in with one LOP3, where it lies, and one shift (w8 = w >> 8) serves pairs 2 and 3: 5 instructions per 8
-// weights against u4_pair_signed's 11. Elements 2, 3, 6 and 7 of each 8 thus enter the mma 16 times too large,
-// which stage_x_half takes back by staging x / 16 there, and the 1024 and the 8 of every code come off the chunk's
-// sum at once: the mma starts from -sum_k (1024 + 8 s_k) x'_k (x'_k the staged x, s_k its 1 or 16), stage_x_half's
-// chunk bias.
+// One token with Q4_0 (q4_x1_linear, x staged as fp16): pair p of a 4-bit word as fp16 (1024 + q, 1024 + q') for
+// p = 0, 2 and (1024 + 16 q, 1024 + 16 q') for p = 1, 3. fp16's mantissa step at 1024 is 1, so a code in bits 0-3 or
+// 4-7 of each half goes in with one LOP3, where it lies, and one shift (w8 = w >> 8) serves pairs 2 and 3: 5
+// instructions per 8 weights against u4_pair_signed's 11. Elements 2, 3, 6 and 7 of each 8 thus enter the mma 16
+// times too large, which stage_x_half takes back by staging x / 16 there, and the 1024 and the 8 of every code come
+// off the chunk's sum at once: the mma starts from -sum_k (1024 + 8 s_k) x'_k (x'_k the staged x, s_k its 1 or 16),
+// stage_x_half's chunk bias.
 __device__ __forceinline__ uint32_t u4_pair_x16(uint32_t w, uint32_t w8, int p) {
     return and_or(p & 2 ? w8 : w, p & 1 ? 0x00F000F0u : 0x000F000Fu, 0x64006400u);
 }
@@ -293,7 +293,8 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
             float part = v < vecs ? convert(v) : 0.f;
             part += __shfl_xor_sync(0xFFFFFFFFu, part, 1);
             part += __shfl_xor_sync(0xFFFFFFFFu, part, 2);
-            if (v < vecs && (lane & 3) == 0) reinterpret_cast<float4*>(bias)[at(v) >> 5] = make_float4(-part, -part, -part, -part);
+            if (v < vecs && (lane & 3) == 0)
+                reinterpret_cast<float4*>(bias)[at(v) >> 5] = make_float4(-part, -part, -part, -part);
         }
     } else {
         for (int v = lane; v < vecs; v += 32) convert(v);
@@ -632,6 +633,19 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     }
 }
 
+// A tile's end in q4_x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
+template <typename OutT, bool SWIGLU, bool ROPE>
+__device__ __forceinline__ void q4_x1_finish(float (*partial)[4][32], float acc_a, float acc_b, OutT* __restrict__ y,
+                                             const bf16* __restrict__ bias, int n0, int M, int N,
+                                             const RopeArgs<bf16>& rope) {
+    const float acc[1][4] = {{acc_a, 0.f, acc_b, 0.f}};
+    if constexpr (ROPE)
+        finish_small_m_tile_rope<bf16, 8, 1>(partial, acc, y, bias, n0, M, N, rope);
+    else
+        finish_small_m_tile<bf16, OutT, 8, 1, SWIGLU>(partial, acc, y, bias, n0, M, N);
+    __syncthreads();  // every thread has read `partial` before the next tile writes it
+}
+
 // One token of bf16 x against Q4_0 weights (the 4s _x1 kernels): the XH plan of quant_linear (x staged as fp16 in
 // shared memory, u4_pair_x16, each chunk's mma started from its bias) in a loop of its own, with about 110
 // instructions per 1 KB warp step where quant_linear's general shape took about 180, and 80 registers: 3 blocks per
@@ -648,19 +662,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 //     chunk's bias is stored four times so that one 16-byte load is the mma's accumulator input.
 // The arithmetic is the one quant_linear's XH path had for Q4_0, step for step: the same fp32 sums in the same
 // order, the same bits (checked on an H100 against that kernel on six shapes, sixteenth session).
-// A tile's end in q4_x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
-template <typename OutT, bool SWIGLU, bool ROPE>
-__device__ __forceinline__ void q4_x1_finish(float (*partial)[4][32], float acc_a, float acc_b, OutT* __restrict__ y,
-                                             const bf16* __restrict__ bias, int n0, int M, int N,
-                                             const RopeArgs<bf16>& rope) {
-    const float acc[1][4] = {{acc_a, 0.f, acc_b, 0.f}};
-    if constexpr (ROPE)
-        finish_small_m_tile_rope<bf16, 8, 1>(partial, acc, y, bias, n0, M, N, rope);
-    else
-        finish_small_m_tile<bf16, OutT, 8, 1, SWIGLU>(partial, acc, y, bias, n0, M, N);
-    __syncthreads();  // every thread has read `partial` before the next tile writes it
-}
-
 template <typename OutT, bool SWIGLU, bool ROPE, int STAGES>
 __device__ __forceinline__ void q4_x1_linear(OutT* __restrict__ y, const bf16* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,

@@ -69,8 +69,8 @@ QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", "
 # conversion costs 5 instructions per 4 weights against bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the
 # pre-norm folded in, the _x1n kernels: Kernels.prenorm_fusable). Every projection takes them, also where a block
 # gets one tile (Q4_0 once kept those on m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic
-# shared memory is
-# qgemv_x1_bytes(K, format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 25,600), else the m1 kernel.
+# shared memory is qgemv_x1_bytes(K, format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 25,600),
+# else the m1 kernel.
 # MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads

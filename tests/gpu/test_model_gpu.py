@@ -323,7 +323,8 @@ def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_d
     ckpt = tiny_q4_0_checkpoint(tmp_path)
     ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
     assert all(getattr(gpu.layers[0], key).kind == "q4_0" for key in ("qkv", "o", "gate_up", "down"))
-    assert all(kernels._takes_x1(getattr(gpu.layers[0], key), "bf16", 1) == x1 for key in ("qkv", "o", "gate_up", "down"))
+    assert all(kernels._takes_x1(getattr(gpu.layers[0], key), "bf16", 1) == x1
+               for key in ("qkv", "o", "gate_up", "down"))
     rng = np.random.default_rng(4)
     prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (3, 60, 70)], 8)  # 133 tokens: dequantize
 

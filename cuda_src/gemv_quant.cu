@@ -888,21 +888,20 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     const int *positions, const float *inv_freq, const int *slots, bf16 *k_cache, bf16 *v_cache, int n_heads,   \
         int n_kv, int head_dim
 #define QGEMV_X1_ROPE RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim}
-#define QGEMV_X1_ENTRY(OUT_T, FNAME, BITS, SYM, SWIGLU, STAGES)                                                 \
+// int8 (quant_linear's XH path): 2 blocks per SM, a 4-stage ring; rope 3 blocks per SM.
+#define QGEMV_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                        \
-        quant_linear<bf16, OUT_T, BITS, 1, 8, 1, SWIGLU, true, STAGES, false, SYM, true, true>(                 \
+        quant_linear<bf16, OUT_T, 8, 1, 8, 1, SWIGLU, true, 4, false, false, true, true>(                       \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
     }
-#define QGEMV_X1_ROPE_ENTRY(FNAME, BITS, SYM, MINB, STAGES)                                                     \
-    extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {  \
-        quant_linear<bf16, bf16, BITS, 1, 8, 1, false, true, STAGES, true, SYM, true, true>(                    \
-            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE);                             \
-    }
-QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, false, 4)
-QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, false, true, 4)
-QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, false, 4)
-QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, false, true, 4)
-QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, false, 3, 4)
+QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, false)
+QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, true)
+QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, false)
+QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, true)
+extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {
+    quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true>(
+        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE);
+}
 // Q4_0 at one token (q4_x1_linear): 3 blocks per SM (80 registers, no spills; kernels.py QGEMV_X1_PERSIST["4s", *])
 // and a 3-stage ring, for every projection (also where a block gets one tile). Llama-3-8B b=1, H100, one call
 // (docs/PERFORMANCE.md, sixteenth session): 413.7 / 413.9 tok/s against 406.1 / 406.6 with 2 blocks per SM and the

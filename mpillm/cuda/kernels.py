@@ -60,12 +60,12 @@ QGEMV_PERSIST = {("8", 1, ""): 2, ("8", 2, ""): 2, ("4s", 1, ""): 2, ("4s", 2, "
                  ("8", 1, "swiglu"): 2, ("8", 2, "swiglu"): 2, ("4s", 2, "swiglu"): 2,
                  ("8", 1, "rope"): 3, ("8", 2, "rope"): 2, ("4s", 2, "rope"): 2}
 QGEMV_BLOCKS_PER_SM = 2
-# The same for the _x1 kernels (below; gemv_quant.cu QGEMV_X1_ENTRY, QGEMV_X1_ROPE_ENTRY and int8's pre-norm
+# The same for the _x1 kernels (below; gemv_quant.cu QGEMV_X1_ENTRY, qgemv8_rope_bf16_x1 and int8's pre-norm
 # twins; Q4_X1_ENTRY, q4_x1_linear's __launch_bounds__), by (format, epilogue): all of them loop over tiles.
 QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 3, ("4s", "swiglu"): 3,
                     ("4s", "rope"): 3}
 # One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu QGEMV_X1_ENTRY,
-# QGEMV_X1_ROPE_ENTRY; Q4_0's q4_x1_linear) stage x in shared memory as fp16 and run the fp16 mma, whose int8
+# qgemv8_rope_bf16_x1; Q4_0's q4_x1_linear) stage x in shared memory as fp16 and run the fp16 mma, whose int8
 # conversion costs 5 instructions per 4 weights against bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the
 # pre-norm folded in, the _x1n kernels: Kernels.prenorm_fusable). Every projection takes them, also where a block
 # gets one tile (Q4_0 once kept those on m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic

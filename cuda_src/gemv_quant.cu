@@ -21,7 +21,8 @@
 // stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
 // Most shipped kernels instead stream the weights through a per-warp shared-memory ring of STAGES cp.async
 // stages, which keeps more bytes in flight without holding them in registers; some of those (PERSIST) launch
-// fewer blocks than tiles and loop over them, the ring streaming on from one tile into the next.
+// fewer blocks than tiles and loop over them, the ring streaming on from one tile into the next. One token of bf16 x
+// (the _x1 kernels) runs x1_linear, a loop of its own.
 #include "mma.cuh"
 
 #define QGEMV_ROWS 16
@@ -108,7 +109,7 @@ template <> __device__ __forceinline__ uint32_t u4_pair_signed<f16>(uint32_t w, 
     return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-// One token with Q4_0 (q4_x1_linear, x staged as fp16): pair p of a 4-bit word as fp16 (1024 + q, 1024 + q') for
+// One token with Q4_0 (x1_linear, x staged as fp16): pair p of a 4-bit word as fp16 (1024 + q, 1024 + q') for
 // p = 0, 2 and (1024 + 16 q, 1024 + 16 q') for p = 1, 3. fp16's mantissa step at 1024 is 1, so a code in bits 0-3 or
 // 4-7 of each half goes in with one LOP3, where it lies, and one shift (w8 = w >> 8) serves pairs 2 and 3: 5
 // instructions per 8 weights against u4_pair_signed's 11. Elements 2, 3, 6 and 7 of each 8 thus enter the mma 16
@@ -125,12 +126,9 @@ template <> __device__ __forceinline__ uint32_t ones_pair<f16>() { return 0x3C00
 
 __device__ __forceinline__ float half_bits_to_float(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
 
-template <bool C, typename A, typename B> struct pick_type { using type = A; };
-template <typename A, typename B> struct pick_type<false, A, B> { using type = B; };
-
-// XH (int8 weights, bf16 activations, one token): bf16 has too few significant bits for int8 codes to become
-// bf16 pairs with a magic number (s8x4_pairs<bf16> goes through fp32: 11 instructions per 4 weights), fp16 has
-// enough (5). So the kernel takes x to fp16 once, into shared memory, and runs the fp16 mma. Each warp stages the
+// One token of int8 weights and bf16 activations (x1_linear): bf16 has too few significant bits for int8 codes to
+// become bf16 pairs with a magic number (s8x4_pairs<bf16> goes through fp32: 11 instructions per 4 weights), fp16
+// has enough (5). So the kernel takes x to fp16 once, into shared memory, and runs the fp16 mma. Each warp stages the
 // super-blocks it alone reads (sb = warp mod WARPS, below n_sb; zeros past K; no block barrier), times 2^s, s
 // chosen from the warp's max |x| so that the largest lands in [2^15, 2^16): no overflow, and every element down
 // to 2^-33 of the largest keeps its bf16 bits exactly (8 significant bits; fp16 subnormals reach 2^-24). The
@@ -138,7 +136,7 @@ template <typename A, typename B> struct pick_type<false, A, B> { using type = B
 // fp32, so the result has the bf16 path's bits unless some x was below 2^-33 of its warp's max (then it is
 // rounded on that grid: an error far below fp32 summation's).
 // Returns 2^-s.
-// PRENORM (the _x1n kernels: the q/k/v and gate/up projections at one token on one GPU): the pre-norm before
+// PRENORM (x1_linear's _x1n kernels: the q/k/v and gate/up projections at one token on one GPU): the pre-norm before
 // them (add_rms_norm: r' = r + delta, rounded; x = rms_norm(r') * weight) computed in the prologue instead of by a
 // kernel of its own, whose launch, wait and drain cost more than its arithmetic (skipping the norms saves 3.5 us
 // each, 64 per 8B step, H100). Every block reads r, delta and the weight (8 KB each for Llama-3-8B, from L2);
@@ -222,7 +220,7 @@ struct PreNormStage {
     }
 };
 
-// Q4 (Q4_0's one-token kernels, q4_x1_linear): super-blocks of 128 elements; the elements 2, 3, 6, 7 of every 8
+// Q4 (Q4_0's one-token kernels, x1_linear): super-blocks of 128 elements; the elements 2, 3, 6, 7 of every 8
 // staged as x 2^s / 16 (u4_pair_x16 feeds their codes 16 times too large), and after the n_sb * 128 fp16 values,
 // each 32-element chunk's bias -sum_k (1024 + 8 s_k) x'_k in fp32 (s_k = 1 or 16, x'_k the staged value), four
 // times (16 bytes: the mma's accumulator input as it is loaded).
@@ -319,19 +317,14 @@ struct QStage {
 // ROPE: the q/k/v projection's epilogue with rotary embedding and the KV store (mma.cuh).
 // SYM: BITS = 4 without the min (Q4_0 layout). PERSIST (ring only): blocks loop over tiles (see below).
 template <typename T, typename OutT, int BITS, int NT, int WARPS, int UNROLL, bool SWIGLU = false,
-          bool L2_HINT = false, int STAGES = 0, bool ROPE = false, bool SYM = false, bool PERSIST = false,
-          bool XH = false, bool PRENORM = false>
+          bool L2_HINT = false, int STAGES = 0, bool ROPE = false, bool SYM = false, bool PERSIST = false>
 __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                              const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                              const T* __restrict__ bias, int M, int N, int K, int n_sb,
-                                             int n_groups, int gshift, const RopeArgs<T>& rope = RopeArgs<T>{},
-                                             const PreNorm& prenorm = PreNorm{}) {
+                                             int n_groups, int gshift, const RopeArgs<T>& rope = RopeArgs<T>{}) {
     static_assert(STAGES == 0 || STAGES >= 2, "STAGES: 0 (register stages) or a ring of at least 2");
     static_assert(!SYM || BITS == 4, "SYM is a 4-bit layout");
     static_assert(!PERSIST || STAGES > 0, "PERSIST: the ring shapes");
-    static_assert(!XH || (BITS == 8 && NT == 1 && sizeof(T) == 2), "XH: int8, one token tile (Q4_0: q4_x1_linear)");
-    static_assert(!PRENORM || XH, "PRENORM: the XH kernels");
-    using TC = typename pick_type<XH, f16, T>::type;  // the mma's type: fp16 for XH (x staged as fp16)
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -383,10 +376,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             }
         }
     };
-    // XH: x is token 0's fp16 copy in shared memory (stage_x_half): n_sb super-blocks, zeros past K.
-    extern __shared__ __align__(16) uint4 qgemv_xs[];
-    float x_down = 1.f;  // XH: 2^-s, x's scale taken back (stage_x_half)
-    PreNormStage<WARPS * 32> pre;  // PRENORM: r and the norm weight, loaded before the PDL wait
     auto load_x = [&](QStage<BITS, UNROLL, NT>& st, int sb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -395,10 +384,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 #pragma unroll
             for (int j = 0; j < CH; ++j) {
                 const int k = sb * SB_ELEMS + 32 * j + 8 * t;
-                if constexpr (XH) {  // staged below n_sb, zeros past K
-                    st.xv[u][0][j] = g == 0 && ok ? qgemv_xs[k >> 3] : zero;
-                    continue;
-                }
                 const bool in = ok && k < K;       // K % 32 == 0: a chunk is all in or all out
 #pragma unroll
                 for (int jt = 0; jt < NT; ++jt) {
@@ -417,10 +402,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             for (int j = 0; j < CH; ++j) {
                 uint32_t pa[4], pb[4];  // pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8
                 if (BITS == 8) {
-                    s8x4_pairs<TC>(word_at(st.wa[u], 2 * j), pa[0], pa[1]);
-                    s8x4_pairs<TC>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
-                    s8x4_pairs<TC>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
-                    s8x4_pairs<TC>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
+                    s8x4_pairs<T>(word_at(st.wa[u], 2 * j), pa[0], pa[1]);
+                    s8x4_pairs<T>(word_at(st.wa[u], 2 * j + 1), pa[2], pa[3]);
+                    s8x4_pairs<T>(word_at(st.wb[u], 2 * j), pb[0], pb[1]);
+                    s8x4_pairs<T>(word_at(st.wb[u], 2 * j + 1), pb[2], pb[3]);
                 } else if (SYM) {
 #pragma unroll
                     for (int p = 0; p < 4; ++p) {
@@ -454,8 +439,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 for (int jt = 0; jt < NT; ++jt) {
                     const uint4& xv = st.xv[u][jt][j];
                     float c[4] = {0.f, 0.f, 0.f, 0.f};
-                    mma_16816<TC>(c, a0, xv.x, xv.y);
-                    mma_16816<TC>(c, a1, xv.z, xv.w);
+                    mma_16816<T>(c, a0, xv.x, xv.y);
+                    mma_16816<T>(c, a1, xv.z, xv.w);
                     add_scaled(acc[jt], da, db, c);
                     if (BITS == 4 && !SYM) {
                         const uint32_t one = ones_pair<T>();
@@ -491,10 +476,6 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     };
 
     auto finish = [&](float(*partial)[NT * 4][32], int n0) {
-        if constexpr (XH) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[0][i] *= x_down;
-        }
         if constexpr (ROPE)
             finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
         else
@@ -503,15 +484,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 
     QStage<BITS, UNROLL, NT> front, back;
     // Every shape's start: the first step's weights or scales (never written by a kernel: before the PDL wait),
-    // the wait, x (staged in shared memory for XH, after the folded pre-norm for PRENORM), the first step's x.
+    // the wait, the first step's x.
     auto start = [&](int row_a, int row_b) {
         load_w(front, warp, row_a, row_b);
-        if constexpr (PRENORM) pre.load(prenorm, K);
         pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait (PreNorm above)
-        if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
-        if constexpr (XH)
-            x_down = stage_x_half<WARPS, PRENORM>(qgemv_xs, reinterpret_cast<const bf16*>(x), K, n_sb, warp,
-                                                        lane);
         load_x(front, warp);
     };
     if constexpr (STAGES == 0) {  // one tile per block: the grid is ceil(N / 16)
@@ -633,9 +609,9 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     }
 }
 
-// A tile's end in q4_x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
+// A tile's end in x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
 template <typename OutT, bool SWIGLU, bool ROPE>
-__device__ __forceinline__ void q4_x1_finish(float (*partial)[4][32], float acc_a, float acc_b, OutT* __restrict__ y,
+__device__ __forceinline__ void x1_finish(float (*partial)[4][32], float acc_a, float acc_b, OutT* __restrict__ y,
                                              const bf16* __restrict__ bias, int n0, int M, int N,
                                              const RopeArgs<bf16>& rope) {
     const float acc[1][4] = {{acc_a, 0.f, acc_b, 0.f}};
@@ -646,29 +622,34 @@ __device__ __forceinline__ void q4_x1_finish(float (*partial)[4][32], float acc_
     __syncthreads();  // every thread has read `partial` before the next tile writes it
 }
 
-// One token of bf16 x against Q4_0 weights (the 4s _x1 kernels): the XH plan of quant_linear (x staged as fp16 in
-// shared memory, u4_pair_x16, each chunk's mma started from its bias) in a loop of its own, with about 110
-// instructions per 1 KB warp step where quant_linear's general shape took about 180, and 80 registers: 3 blocks per
-// SM (24 warps) to cover the weight stream's latency, which quant_linear's 103 registers did not allow. (The fewer
-// instructions alone gained 0.2% at 2 blocks per SM: the loop waits on memory, not on issue.)
+// One token of bf16 x against int8 or Q4_0 weights (the _x1 and _x1n kernels): x staged as fp16 in shared memory
+// (stage_x_half; Q4_0 through u4_pair_x16, each chunk's mma started from its bias) and a loop of its own, with about
+// 110 instructions per 1 KB warp step where quant_linear's general shape took about 180, and 80 registers: Q4_0
+// runs 3 blocks per SM (24 warps) to cover the weight stream's latency, which quant_linear's 103 registers did not
+// allow. (The fewer instructions alone gained 0.2% at 2 blocks per SM: the loop waits on memory, not on issue.)
 //   - The block's tiles are one flat run of steps, unrolled by STAGES so that every ring slot is a constant; the
 //     ahead cursor and the compute cursor each move on to their next tile in a branch taken once per tile.
 //   - The scales go into registers (reg_s[slot]) when the ahead cursor issues the slot's copy, STAGES - 1 steps
-//     before their use, with L2::256B (ld_scales8). Through the ring instead (cp.async of 8 bytes, which has to
-//     go through L1) the kernel ran 8% slower.
+//     before their use (Q4_0 with L2::256B, ld_scales8). Through the ring instead (cp.async of 8 bytes, which has
+//     to go through L1) the Q4_0 kernel ran 8% slower.
 //   - x is staged as zeros up to a whole number of steps per warp (n_sb rounded up to WARPS), so no step tests K
 //     or n_sb on the compute side; the ring zero-fills a step past n_sb (scale 0: d * finite = 0).
-//   - Every lane reads x (lanes g != 0 feed the mma's columns 1..7, whose results are never read), and each
-//     chunk's bias is stored four times so that one 16-byte load is the mma's accumulator input.
-// The arithmetic is the one quant_linear's XH path had for Q4_0, step for step: the same fp32 sums in the same
-// order, the same bits (checked on an H100 against that kernel on six shapes, sixteenth session).
-template <typename OutT, bool SWIGLU, bool ROPE, int STAGES>
-__device__ __forceinline__ void q4_x1_linear(OutT* __restrict__ y, const bf16* __restrict__ x,
-                                             const uint8_t* __restrict__ w, const void* __restrict__ scales,
-                                             const bf16* __restrict__ bias, int M, int N, int K, int n_sb,
-                                             const RopeArgs<bf16>& rope = RopeArgs<bf16>{}) {
+//   - Every lane reads x (lanes g != 0 feed the mma's columns 1..7, whose results are never read); Q4_0's chunk
+//     biases are stored four times so that one 16-byte load is the mma's accumulator input.
+//   - PRENORM (int8): the pre-norm folded into the prologue (PreNormStage above).
+// The arithmetic is quant_linear's one-token path's, step for step: the same fp32 sums in the same order (Q4_0:
+// the same bits, checked on an H100 against that kernel on six shapes; int8: the m1 kernels' bits, the GPU tests).
+template <int BITS, typename OutT, bool SWIGLU, bool ROPE, int STAGES, bool PRENORM = false>
+__device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __restrict__ x,
+                                          const uint8_t* __restrict__ w, const void* __restrict__ scales,
+                                          const bf16* __restrict__ bias, int M, int N, int K, int n_sb, int n_groups,
+                                          int gshift, const RopeArgs<bf16>& rope = RopeArgs<bf16>{},
+                                          const PreNorm& prenorm = PreNorm{}) {
     static_assert(STAGES >= 2, "a ring of at least 2 stages");
+    static_assert(BITS == 8 || BITS == 4, "int8, or Q4_0 (the 4s layout)");
+    constexpr bool Q4 = BITS == 4;
     constexpr int WARPS = 8, STEP_SB = WARPS;  // a warp step: one super-block (1 KB of 16 rows), sb = warp + 8 i
+    constexpr int VPS = Q4 ? 16 : 8;           // x vectors (8 elements) per super-block: 128 or 64 elements
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_sbp = (n_sb + WARPS - 1) / WARPS * WARPS;  // x staged (zeros past K) up to here
@@ -680,40 +661,67 @@ __device__ __forceinline__ void q4_x1_linear(OutT* __restrict__ y, const bf16* _
 
     // Slot [warp][s][row a / b][lane]: each lane copies and reads back only its own pieces (no barrier).
     __shared__ __align__(16) uint4 ring_w[WARPS][STAGES][2][32];
-    uint2 reg_s[STAGES][2];  // their scales, in registers: slot s is a constant in the unrolled loop below
+    // Their scales, in registers (slot s is a constant in the unrolled loop below), rows g and g + 8: Q4_0 the 4
+    // chunks' fp16 d (8 bytes); int8 each of the 2 chunks' group scale (fp16 bits).
+    uint2 reg_s[STAGES][2];
     __shared__ float partial[WARPS][4][32];
     extern __shared__ __align__(16) uint4 qgemv_xs[];
 
     // The cursor STAGES - 1 steps ahead: its tile's row pointers move only when it crosses into the next tile.
+    // Each format's code below is the one measured (docs/PERFORMANCE.md, sixteenth session): the Q4_0 and int8
+    // branches differ in form where a common form compiled to a slower Q4_0 kernel (405.9 against 414.9 tok/s).
     int a_tile = blockIdx.x, a_sb = warp;
-    const uint8_t *a_wa, *a_wb, *a_sa, *a_sbp;  // rows g and g + 8: codes, and scales (8 bytes per super-block)
+    const uint8_t *a_wa, *a_wb;           // rows g and g + 8: codes
+    const uint8_t *a_sa, *a_sbp;          // Q4_0: their scales, 8 bytes per super-block
+    const unsigned short *a_ga, *a_gb;    // int8: their group scales
     auto aim = [&]() {
         const size_t ra = min(a_tile * QGEMV_ROWS + g, N - 1), rb = min(a_tile * QGEMV_ROWS + g + 8, N - 1);
         a_wa = w + ra * row_bytes + 16 * t, a_wb = w + rb * row_bytes + 16 * t;
-        a_sa = static_cast<const uint8_t*>(scales) + ra * n_sb * 8;
-        a_sbp = static_cast<const uint8_t*>(scales) + rb * n_sb * 8;
+        if constexpr (Q4) {
+            a_sa = static_cast<const uint8_t*>(scales) + ra * n_sb * 8;
+            a_sbp = static_cast<const uint8_t*>(scales) + rb * n_sb * 8;
+        } else {
+            a_ga = static_cast<const unsigned short*>(scales) + ra * n_groups;
+            a_gb = static_cast<const unsigned short*>(scales) + rb * n_groups;
+        }
     };
     aim();
+    // Addresses stay in bounds where nothing is read (super-block 0): the loads may be issued either way.
     auto issue = [&](int slot) {
         const bool ok = a_tile < n_tiles && a_sb < n_sb;
-        const uint32_t off = ok ? (uint32_t)a_sb * QGEMV_SB_BYTES : 0u;  // stays in bounds when nothing is read
-        cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
-        cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
-        reg_s[slot][0] = ok ? ld_scales8(a_sa + (off >> 3)) : make_uint2(0, 0);
-        reg_s[slot][1] = ok ? ld_scales8(a_sbp + (off >> 3)) : make_uint2(0, 0);
+        if constexpr (Q4) {
+            const uint32_t off = ok ? (uint32_t)a_sb * QGEMV_SB_BYTES : 0u;
+            cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
+            cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
+            reg_s[slot][0] = ok ? ld_scales8(a_sa + (off >> 3)) : make_uint2(0, 0);
+            reg_s[slot][1] = ok ? ld_scales8(a_sbp + (off >> 3)) : make_uint2(0, 0);
+        } else {  // chunks 2 sb and 2 sb + 1; a chunk past K (K % 64 == 32) has scale 0
+            const int sbi = ok ? a_sb : 0;
+            const uint32_t off = (uint32_t)sbi * QGEMV_SB_BYTES;
+            cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
+            cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
+            const int c0 = 2 * sbi;
+            const bool in1 = ok && (c0 + 1) * 32 < K;
+            const int g0 = c0 >> gshift, g1 = in1 ? (c0 + 1) >> gshift : g0;
+            reg_s[slot][0] = make_uint2(ok ? __ldg(a_ga + g0) : 0u, in1 ? __ldg(a_ga + g1) : 0u);
+            reg_s[slot][1] = make_uint2(ok ? __ldg(a_gb + g0) : 0u, in1 ? __ldg(a_gb + g1) : 0u);
+        }
         cp_async_commit();  // one group per step, also past the end: the step read is always STAGES - 2 back
         a_sb += STEP_SB;
         if (a_sb >= n_sbp) a_sb = warp, a_tile += gridDim.x, aim();
     };
+    PreNormStage<WARPS * 32> pre;  // PRENORM: r and the norm weight, loaded before the PDL wait
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s);  // weights and scales: before the PDL wait
+    if constexpr (PRENORM) pre.load(prenorm, K);
     pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait (PreNorm above)
-    const float x_down = stage_x_half<WARPS, false, true>(qgemv_xs, x, K, n_sbp, warp, lane);
+    if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
+    const float x_down = stage_x_half<WARPS, PRENORM, Q4>(qgemv_xs, x, K, n_sbp, warp, lane);
 
-    // The compute cursor: x (vector sb * 16 + 4 j + t: lane t's 8 elements of chunk j) and the chunk biases
-    // (float4 sb * 4 + j, after the n_sbp * 16 vectors of x).
-    const uint4* const x0 = qgemv_xs + warp * 16 + t;
-    const float4* const b0 = reinterpret_cast<const float4*>(qgemv_xs + n_sbp * 16) + warp * 4;
+    // The compute cursor: x (vector sb * VPS + 4 j + t: lane t's 8 elements of chunk j) and, for Q4_0, the chunk
+    // biases (float4 sb * 4 + j, after the n_sbp * 16 vectors of x).
+    const uint4* const x0 = qgemv_xs + warp * VPS + t;
+    const float4* const b0 = reinterpret_cast<const float4*>(qgemv_xs + n_sbp * VPS) + warp * 4;
     const uint4* xp = x0;
     const float4* bp = b0;
     int c_step = 0, tile = blockIdx.x;
@@ -723,26 +731,47 @@ __device__ __forceinline__ void q4_x1_linear(OutT* __restrict__ y, const bf16* _
         const uint4 wa = ring_w[warp][slot][0][lane], wb = ring_w[warp][slot][1][lane];
         const uint2 sa = reg_s[slot][0], sb = reg_s[slot][1];
         issue(slot == 0 ? STAGES - 1 : slot - 1);  // the slot read one step ago
+        // Chunk j: pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8 as fp16 in a0 / a1, the fp32 sum from the
+        // mma, times the chunk's scale (fp16 bits da / db).
+        if constexpr (Q4) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const uint32_t ua = word_at(wa, j), ub = word_at(wb, j), ua8 = ua >> 8, ub8 = ub >> 8;
-            const uint32_t a0[4] = {u4_pair_x16(ua, ua8, 0), u4_pair_x16(ub, ub8, 0), u4_pair_x16(ua, ua8, 1),
-                                    u4_pair_x16(ub, ub8, 1)};
-            const uint32_t a1[4] = {u4_pair_x16(ua, ua8, 2), u4_pair_x16(ub, ub8, 2), u4_pair_x16(ua, ua8, 3),
-                                    u4_pair_x16(ub, ub8, 3)};
-            const uint4 xv = xp[4 * j];
-            const float4 bj = bp[j];
-            float c[4] = {bj.x, bj.y, bj.z, bj.w};
-            mma_16816<f16>(c, a0, xv.x, xv.y);
-            mma_16816<f16>(c, a1, xv.z, xv.w);
-            const uint32_t da = (j < 2 ? sa.x : sa.y) >> (16 * (j & 1)), db = (j < 2 ? sb.x : sb.y) >> (16 * (j & 1));
-            acc_a = fmaf(half_bits_to_float(da), c[0], acc_a);
-            acc_b = fmaf(half_bits_to_float(db), c[2], acc_b);
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t ua = word_at(wa, j), ub = word_at(wb, j), ua8 = ua >> 8, ub8 = ub >> 8;
+                const uint32_t a0[4] = {u4_pair_x16(ua, ua8, 0), u4_pair_x16(ub, ub8, 0), u4_pair_x16(ua, ua8, 1),
+                                        u4_pair_x16(ub, ub8, 1)};
+                const uint32_t a1[4] = {u4_pair_x16(ua, ua8, 2), u4_pair_x16(ub, ub8, 2), u4_pair_x16(ua, ua8, 3),
+                                        u4_pair_x16(ub, ub8, 3)};
+                const uint4 xv = xp[4 * j];
+                const float4 bj = bp[j];
+                float c[4] = {bj.x, bj.y, bj.z, bj.w};
+                mma_16816<f16>(c, a0, xv.x, xv.y);
+                mma_16816<f16>(c, a1, xv.z, xv.w);
+                const uint32_t da = (j < 2 ? sa.x : sa.y) >> (16 * (j & 1)), db = (j < 2 ? sb.x : sb.y) >> (16 * (j & 1));
+                acc_a = fmaf(half_bits_to_float(da), c[0], acc_a);
+                acc_b = fmaf(half_bits_to_float(db), c[2], acc_b);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                uint32_t a0[4], a1[4];
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+                s8x4_pairs<f16>(word_at(wa, 2 * j), a0[0], a0[2]);
+                s8x4_pairs<f16>(word_at(wa, 2 * j + 1), a1[0], a1[2]);
+                s8x4_pairs<f16>(word_at(wb, 2 * j), a0[1], a0[3]);
+                s8x4_pairs<f16>(word_at(wb, 2 * j + 1), a1[1], a1[3]);
+                const uint32_t da = j == 0 ? sa.x : sa.y, db = j == 0 ? sb.x : sb.y;
+                const uint4 xv = xp[4 * j];
+                mma_16816<f16>(c, a0, xv.x, xv.y);
+                mma_16816<f16>(c, a1, xv.z, xv.w);
+                acc_a = fmaf(half_bits_to_float(da), c[0], acc_a);
+                acc_b = fmaf(half_bits_to_float(db), c[2], acc_b);
+            }
         }
-        xp += WARPS * 16, bp += WARPS * 4;
+        xp += WARPS * VPS;
+        if constexpr (Q4) bp += WARPS * 4;
         if (++c_step == steps) {  // the tile's last step: its sums, then the next tile from its first super-block
-            q4_x1_finish<OutT, SWIGLU, ROPE>(partial, acc_a * x_down, acc_b * x_down, y, bias, tile * QGEMV_ROWS, M, N,
-                                             rope);
+            x1_finish<OutT, SWIGLU, ROPE>(partial, acc_a * x_down, acc_b * x_down, y, bias, tile * QGEMV_ROWS, M, N,
+                                          rope);
             acc_a = acc_b = 0.f, c_step = 0, tile += gridDim.x, xp = x0, bp = b0;
         }
     };
@@ -877,10 +906,21 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)
 
-// One token, bf16 activations: x staged in shared memory as fp16 (XH, stage_x_half). int8 in its m1 shapes
-// (QGEMV_KERNELS / QGEMV_ROPE_KERNELS above: 8 warps, unroll 1, the L2 hint, a 4-stage ring, looping over tiles;
-// 3 blocks per SM for rope). Q4_0 in q4_x1_linear (below). Dynamic shared memory: kernels.py qgemv_x1_bytes(K,
-// format).
+// One token, bf16 activations (the _x1 kernels): x1_linear's loop, x staged in shared memory as fp16 (stage_x_half;
+// dynamic shared memory: kernels.py qgemv_x1_bytes(K, format)). Blocks per SM (kernels.py QGEMV_X1_PERSIST) and
+// ring depth:
+//   - Q4_0: 3 blocks (80 registers, no spills) and 3 stages, for every projection (also where a block gets one
+//     tile). Llama-3-8B b=1, H100, one call (docs/PERFORMANCE.md, sixteenth session): 413.7 / 413.9 tok/s against
+//     406.1 / 406.6 with 2 blocks per SM and the o and down projections on m1, 410.6-411.0 with 2 blocks and 5
+//     stages, 413.3-413.6 with 3 blocks and 4 stages.
+//   - int8: 2 blocks (Q8_X1_MINB), 4 stages (3 lost 0.8% in the tenth session's shape); rope 3 blocks. At 3 blocks
+//     the _x1n SwiGLU kernel spills: 289.7 tok/s against 308.5 (H100, sixteenth session).
+#ifndef Q8_X1_MINB
+#define Q8_X1_MINB 2
+#endif
+#ifndef Q8_X1_SWIGLU_MINB
+#define Q8_X1_SWIGLU_MINB Q8_X1_MINB
+#endif
 #define QGEMV_X1_ARGS                                                                                           \
     const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
         int n_groups, int gshift
@@ -888,50 +928,38 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     const int *positions, const float *inv_freq, const int *slots, bf16 *k_cache, bf16 *v_cache, int n_heads,   \
         int n_kv, int head_dim
 #define QGEMV_X1_ROPE RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim}
-// int8 (quant_linear's XH path): 2 blocks per SM, a 4-stage ring; rope 3 blocks per SM.
-#define QGEMV_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                        \
-        quant_linear<bf16, OUT_T, 8, 1, 8, 1, SWIGLU, true, 4, false, false, true, true>(                       \
-            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
+#define QGEMV_X1_ENTRY(OUT_T, FNAME, BITS, SWIGLU, MINB, STAGES)                                                \
+    extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                     \
+        x1_linear<BITS, OUT_T, SWIGLU, false, STAGES>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);    \
     }
-QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, false)
-QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, true)
-QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, false)
-QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, true)
-extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {
-    quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true>(
-        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE);
-}
-// Q4_0 at one token (q4_x1_linear): 3 blocks per SM (80 registers, no spills; kernels.py QGEMV_X1_PERSIST["4s", *])
-// and a 3-stage ring, for every projection (also where a block gets one tile). Llama-3-8B b=1, H100, one call
-// (docs/PERFORMANCE.md, sixteenth session): 413.7 / 413.9 tok/s against 406.1 / 406.6 with 2 blocks per SM and the
-// o and down projections on m1, 410.6-411.0 with 2 blocks and a 5-stage ring, 413.3-413.6 with 3 blocks and 4 stages.
-#define Q4_X1_ENTRY(OUT_T, FNAME, SWIGLU)                                                                       \
-    extern "C" __global__ void __launch_bounds__(256, 3) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                        \
-        q4_x1_linear<OUT_T, SWIGLU, false, 3>(y, x, w, scales, bias, M, N, K, n_sb);                            \
+#define QGEMV_X1_ROPE_ENTRY(FNAME, BITS, MINB, STAGES)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {  \
+        x1_linear<BITS, bf16, false, true, STAGES>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,       \
+                                                   QGEMV_X1_ROPE);                                              \
     }
-Q4_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, false)
-Q4_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, true)
-Q4_X1_ENTRY(float, qgemv4s_bf16_f32_x1, false)
-Q4_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, true)
-extern "C" __global__ void __launch_bounds__(256, 3) qgemv4s_rope_bf16_x1(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {
-    q4_x1_linear<bf16, false, true, 3>(y, x, w, scales, bias, M, N, K, n_sb, QGEMV_X1_ROPE);
-}
+QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, Q8_X1_MINB, 4)
+QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, true, Q8_X1_SWIGLU_MINB, 4)
+QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, Q8_X1_MINB, 4)
+QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, true, Q8_X1_SWIGLU_MINB, 4)
+QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, 3, 4)
+QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, false, 3, 3)
+QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, 3, 3)
+QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, false, 3, 3)
+QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, 3, 3)
+QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3)
 // int8 with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are
 // PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size. Not built for Q4_0: with its
 // kernels the fold lost 0.7-1.0% at Llama-3-8B b=1 (H100, docs/PERFORMANCE.md, tenth session), where int8's gained.
 #define QGEMV_X1N_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
-extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
-                                                                                 QGEMV_X1N_ARGS) {
-    quant_linear<bf16, bf16, 8, 1, 8, 1, true, true, 4, false, false, true, true, true>(
-        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
-        PreNorm{delta, resid_in, resid_out, norm_w, eps});
+extern "C" __global__ void __launch_bounds__(256, Q8_X1_SWIGLU_MINB) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
+                                                                                          QGEMV_X1N_ARGS) {
+    x1_linear<8, bf16, true, false, 4, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
+                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
 }
 extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1n(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,
                                                                           QGEMV_X1N_ARGS) {
-    quant_linear<bf16, bf16, 8, 1, 8, 1, false, true, 4, true, false, true, true, true>(
-        y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE,
-        PreNorm{delta, resid_in, resid_out, norm_w, eps});
+    x1_linear<8, bf16, false, true, 4, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE,
+                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
 }
 
 // NAME = <activation dtype>_<output dtype>

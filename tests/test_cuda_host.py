@@ -90,8 +90,8 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
     assert QGEMV_PERSIST[("8", 1, "")] == 2 and QGEMV_PERSIST[("8", 1, "rope")] == 3
     assert not any((fmt == "4" or tiles == 4) for fmt, tiles, _ in QGEMV_PERSIST)
     assert ("4s", 1, "swiglu") not in QGEMV_PERSIST and ("4s", 1, "rope") not in QGEMV_PERSIST
-    # the _x1 kernels all loop over tiles; int8's are the m1 shapes, whose counts they share; Q4_0's take 3 blocks
-    # per SM (6,144 rows: 384 blocks of one tile)
+    # the _x1 kernels all loop over tiles; int8's at the m1 shapes' counts (2 blocks per SM, rope 3), Q4_0's at 3
+    # (6,144 rows: 384 blocks of one tile)
     assert all(QGEMV_X1_PERSIST["8", e] == QGEMV_PERSIST[("8", 1, e)] for e in ("", "swiglu", "rope"))
     assert all(QGEMV_X1_PERSIST["4s", e] == 3 for e in ("", "swiglu", "rope"))
     assert set(QGEMV_X1_PERSIST) == {(f, e) for f in ("8", "4s") for e in ("", "swiglu", "rope")}
@@ -184,7 +184,7 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     K past the shared memory and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
     from mpillm.cuda.kernels import QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid, qgemv_x1_bytes, qgemv_x1_setting
     assert qgemv_x1_bytes(4096) == 64 * 128 and qgemv_x1_bytes(14336) == 224 * 128
-    assert qgemv_x1_bytes(576) == 9 * 128 and qgemv_x1_bytes(608) == 10 * 128 and qgemv_x1_bytes(2080) == 33 * 128
+    assert qgemv_x1_bytes(576) == 16 * 128 and qgemv_x1_bytes(608) == 16 * 128 and qgemv_x1_bytes(2080) == 40 * 128
     assert qgemv_x1_bytes(32768) == QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(32768 + 32)
     assert qgemv_x1_bytes(4096, "4s") == 32 * 320 and qgemv_x1_bytes(608, "4s") == 8 * 320
     assert qgemv_x1_bytes(200 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(200 * 128 + 32, "4s")
@@ -196,12 +196,12 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
         rec.k.linear(_tensor(0x400000, (rows, n), dtype), _tensor(0x300000, (rows, k), dtype), w)
         return [(fn, g) for fn, g, _, _ in rec.launches], rec.shared
 
-    grid = qgemv_grid(6144, 132)
+    grid, grid_x1 = qgemv_grid(6144, 132), qgemv_grid(6144, 132, 3)
     assert launch("int8", 1, 4096) == ([("qgemv8_bf16_bf16_x1", (grid, 1))], [8192])
     assert launch("int8", 1, 4096, x1=False) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     assert launch("int8", 1, 4096, dtype="f16") == ([("qgemv8_f16_f16_m1", (grid, 1))], [0])
     assert launch("int8", 2, 4096)[0] == [("qgemv8_bf16_bf16_m1", (grid, 1))]
-    assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (qgemv_grid(6144, 132, 3), 1))], [32 * 320])
+    assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (grid_x1, 1))], [32 * 320])
     assert launch("q4_0", 1, 4096, x1=False) == ([("qgemv4s_bf16_bf16_m1", (grid, 1))], [0])
     assert launch("q4_0", 1, 200 * 128 + 32)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
     # 4,096 rows, 256 tiles: one per block, also _x1
@@ -211,7 +211,7 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     # 33 rows: a 32-row tile, then one row on its own, which takes the _x1 kernel
     names, shared = launch("int8", 33, 576)
-    assert [fn for fn, _ in names] == ["qgemv8_bf16_bf16_m4", "qgemv8_bf16_bf16_x1"] and shared == [0, 9 * 128]
+    assert [fn for fn, _ in names] == ["qgemv8_bf16_bf16_m4", "qgemv8_bf16_bf16_x1"] and shared == [0, 16 * 128]
     # a pre-norm folded in: the _x1n kernel, its five arguments after the usual ones
     w = QuantWeight("int8", 6144, 4096, 128, _tensor(0x100000, (6144, 4096), "u8"), _tensor(0x200000, (6144, 64), "u8"))
     pn = (_tensor(0x610000, (1, 4096)), _tensor(0x620000, (1, 4096)), _tensor(0x630000, (1, 4096)),
@@ -626,7 +626,7 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
     assert body("pdl_begin").split() == ["pdl_launch_dependents();", "pdl_wait();"]
     assert body("pdl_begin_late").split() == ["pdl_wait();", "pdl_launch_dependents();"]
     quant = (CUDA_SRC / "gemv_quant.cu").read_text()
-    start = quant.index("auto start = [&]")
+    start = quant.index("void x1_linear(")   # the one-token kernels' prologue, where the _x1n kernels fold the norm
     assert quant.index("pre.load(prenorm, K);", start) < quant.index("pdl_begin_late();", start) < \
         quant.index("pre.finish(", start)
     users = [p.name for p in CUDA_SRC.iterdir() if p.suffix == ".cu" and "pdl_begin_late()" in p.read_text()]

@@ -60,17 +60,16 @@ QGEMV_PERSIST = {("8", 1, ""): 2, ("8", 2, ""): 2, ("4s", 1, ""): 2, ("4s", 2, "
                  ("8", 1, "swiglu"): 2, ("8", 2, "swiglu"): 2, ("4s", 2, "swiglu"): 2,
                  ("8", 1, "rope"): 3, ("8", 2, "rope"): 2, ("4s", 2, "rope"): 2}
 QGEMV_BLOCKS_PER_SM = 2
-# The same for the _x1 kernels (below; gemv_quant.cu QGEMV_X1_ENTRY, qgemv8_rope_bf16_x1 and int8's pre-norm
-# twins; Q4_X1_ENTRY, q4_x1_linear's __launch_bounds__), by (format, epilogue): all of them loop over tiles.
+# The same for the _x1 kernels (below; gemv_quant.cu x1_linear: the MINB of QGEMV_X1_ENTRY / QGEMV_X1_ROPE_ENTRY,
+# Q8_X1_MINB, and the _x1n kernels' __launch_bounds__), by (format, epilogue): all of them loop over tiles.
 QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 3, ("4s", "swiglu"): 3,
                     ("4s", "rope"): 3}
-# One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu QGEMV_X1_ENTRY,
-# qgemv8_rope_bf16_x1; Q4_0's q4_x1_linear) stage x in shared memory as fp16 and run the fp16 mma, whose int8
-# conversion costs 5 instructions per 4 weights against bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the
-# pre-norm folded in, the _x1n kernels: Kernels.prenorm_fusable). Every projection takes them, also where a block
-# gets one tile (Q4_0 once kept those on m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic
-# shared memory is qgemv_x1_bytes(K, format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 25,600),
-# else the m1 kernel.
+# One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu x1_linear) stage x in
+# shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against
+# bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the pre-norm folded in, the _x1n kernels:
+# Kernels.prenorm_fusable). Every projection takes them, also where a block gets one tile (Q4_0 once kept those on
+# m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic shared memory is qgemv_x1_bytes(K,
+# format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 25,600), else the m1 kernel.
 # MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
@@ -300,13 +299,13 @@ def gemv_takes_wide(tiles: int, n: int, k: int, sm_count: int) -> bool:
 
 
 def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
-    """Dynamic shared memory of an _x1 launch over K inputs (the kernel traps on less): x as fp16 in whole
-    super-blocks, of 64 elements for int8 (format "8"); for Q4_0 ("4s", gemv_quant.cu q4_x1_linear) of 128, as many
-    as make a whole number of steps for the block's 8 warps, each with its 4 chunk biases (fp32, each stored 4
-    times) after all of x."""
+    """Dynamic shared memory of an _x1 launch over K inputs (gemv_quant.cu x1_linear, which traps on less): x as
+    fp16 in whole super-blocks, as many as make a whole number of steps for the block's 8 warps: of 64 elements for
+    int8 (format "8"); of 128 for Q4_0 ("4s"), each with its 4 chunk biases (fp32, each stored 4 times) after all
+    of x."""
     if fmt == "4s":
         return _cdiv(_cdiv(k, 128), 8) * 8 * (128 * 2 + 4 * 16)
-    return _cdiv(k, 64) * 64 * 2
+    return _cdiv(_cdiv(k, 64), 8) * 8 * 64 * 2
 
 
 def prenorm_args(prenorm, hidden: int, dtype: str) -> tuple:

@@ -16,6 +16,7 @@
 //     scales are 8 bytes per row per super-block instead of 16 (4.5 bits per weight instead of 5).
 // The byte order that makes a lane's 16-byte load hold 8 elements of each chunk of a super-block is
 // mpillm/quant.py's PackedLinear (packed on the host at load time; no value is re-quantized).
+// Q4_0's codes are stored in tiles of rows (Q4_0_TILES below; kernels.py q4_0_tiles): a warp step reads one 1 KB run.
 //
 // Block: WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
 // stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
@@ -27,6 +28,18 @@
 
 #define QGEMV_ROWS 16
 #define QGEMV_SB_BYTES 64   // bytes per row per super-block (int8: 2 chunks of 32; 4-bit: 4 chunks)
+
+// Q4_0_TILES (the "4s" format, SYM): the codes in tiles of QGEMV_ROWS rows (N padded to whole tiles), each tile's
+// super-block sb one contiguous run of its 16 rows' 64 bytes (1 KB) in row order: row r's super-block sb at byte
+// ((r / 16) n_sb + sb) 1024 + (r % 16) 64. A warp step (one super-block of 16 rows) reads one 1 KB run instead of 16
+// runs of 64 bytes a row apart. The scales stay row-major (row r's super-block sb at byte (r n_sb + sb) 8; N padded
+// likewise): with them in tiles too, one token ran 1.5% faster still, but a 32-token step 18% slower (the 32-token
+// register-stage kernel, whose scale loads likely stopped hitting L1). Llama-3-8B, H100, docs/PERFORMANCE.md,
+// seventeenth session. int8 and Q4_1 are row-major.
+__device__ __forceinline__ size_t q4_0_tile_offset(int row, int n_sb) {  // row's super-block 0, in 64-byte units
+    return (size_t)(row / QGEMV_ROWS) * n_sb * QGEMV_ROWS + row % QGEMV_ROWS;
+}
+#define Q4_0_SB_STRIDE QGEMV_ROWS  // from one super-block of a row to the next, in 64-byte units
 
 // 4-bit scale loads (read-only, through L1: the 4 lanes of a quad and the warps on neighbouring super-blocks share
 // their sectors) with L2::256B: L2 fetches the whole 256-byte segment around a miss, as for the weights, instead of
@@ -331,6 +344,12 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     const size_t row_bytes = (size_t)n_sb * QGEMV_SB_BYTES;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     constexpr int STEP = WARPS * UNROLL;
+    // Row r's codes (its super-block 0, lane t's 16 bytes), and the distance from one super-block to the next:
+    // SYM (Q4_0) in tiles (Q4_0_TILES), the others row-major.
+    auto row_codes = [&](int r) {
+        return w + (SYM ? q4_0_tile_offset(r, n_sb) * QGEMV_SB_BYTES : r * row_bytes) + 16 * t;
+    };
+    constexpr int SB_STRIDE = (SYM ? Q4_0_SB_STRIDE : 1) * QGEMV_SB_BYTES;
 
     float acc[NT][4];
 #pragma unroll
@@ -342,15 +361,15 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     // Rows past N are clamped onto row N-1 (row_of): loads stay in bounds, results are never stored.
     auto row_of = [&](int tile, int r) { return min(tile * QGEMV_ROWS + r, N - 1); };
     auto load_w = [&](QStage<BITS, UNROLL, NT>& st, int sb0, int row_a, int row_b) {
-        const uint8_t* w_a = w + row_a * row_bytes + 16 * t;
-        const uint8_t* w_b = w + row_b * row_bytes + 16 * t;
+        const uint8_t* w_a = row_codes(row_a);
+        const uint8_t* w_b = row_codes(row_b);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
             const bool ok = sb < n_sb;
             if (STAGES == 0) {
-                st.wa[u] = ok ? load_weight(w_a + (size_t)sb * QGEMV_SB_BYTES) : zero;
-                st.wb[u] = ok ? load_weight(w_b + (size_t)sb * QGEMV_SB_BYTES) : zero;
+                st.wa[u] = ok ? load_weight(w_a + (size_t)sb * SB_STRIDE) : zero;
+                st.wb[u] = ok ? load_weight(w_b + (size_t)sb * SB_STRIDE) : zero;
             }
             if (BITS == 8) {
                 const unsigned short* s = reinterpret_cast<const unsigned short*>(scales);
@@ -463,7 +482,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
             const bool ok = live && sb < n_sb;
-            const size_t off = ok ? (size_t)sb * QGEMV_SB_BYTES : 0;
+            const size_t off = ok ? (size_t)sb * SB_STRIDE : 0;
             if (L2_HINT) {
                 cp_async16_l2_256(&slots[slot][u][0][lane], w_a + off, ok);
                 cp_async16_l2_256(&slots[slot][u][1][lane], w_b + off, ok);
@@ -512,8 +531,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         __shared__ __align__(16) uint4 ring[WARPS][STAGES][UNROLL][2][32];
         uint4(*slots)[UNROLL][2][32] = ring[warp];
         const int row_a = row_of(blockIdx.x, g), row_b = row_of(blockIdx.x, g + 8);
-        const uint8_t* w_a = w + row_a * row_bytes + 16 * t;
-        const uint8_t* w_b = w + row_b * row_bytes + 16 * t;
+        const uint8_t* w_a = row_codes(row_a);
+        const uint8_t* w_b = row_codes(row_b);
         // One commit group per step, also for steps past the end (zero-filled), so that the group of the
         // step being read is always the (STAGES - 1)-th most recent.
         auto issue = [&](int slot, int sb0) { ring_copy(slots, slot, w_a, w_b, sb0, true); };
@@ -557,8 +576,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         // The cursor STAGES - 1 steps ahead: its tile's row pointers move only when it crosses into the next tile.
         int a_tile = blockIdx.x, a_sb = warp;
         bool a_live = a_tile < n_tiles;
-        const uint8_t* a_wa = w + row_of(a_tile, g) * row_bytes + 16 * t;
-        const uint8_t* a_wb = w + row_of(a_tile, g + 8) * row_bytes + 16 * t;
+        const uint8_t* a_wa = row_codes(row_of(a_tile, g));
+        const uint8_t* a_wb = row_codes(row_of(a_tile, g + 8));
         // One commit group per step, also for steps past the end (zero-filled), so that the group of the
         // step being read is always the (STAGES - 1)-th most recent.
         auto issue = [&](int slot) {
@@ -568,8 +587,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 a_sb = warp;
                 a_tile += gridDim.x;
                 a_live = a_tile < n_tiles;
-                a_wa = w + row_of(a_tile, g) * row_bytes + 16 * t;
-                a_wb = w + row_of(a_tile, g + 8) * row_bytes + 16 * t;
+                a_wa = row_codes(row_of(a_tile, g));
+                a_wb = row_codes(row_of(a_tile, g + 8));
             }
         };
         int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
@@ -675,12 +694,13 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     const uint8_t *a_sa, *a_sbp;          // Q4_0: their scales, 8 bytes per super-block
     const unsigned short *a_ga, *a_gb;    // int8: their group scales
     auto aim = [&]() {
-        const size_t ra = min(a_tile * QGEMV_ROWS + g, N - 1), rb = min(a_tile * QGEMV_ROWS + g + 8, N - 1);
-        a_wa = w + ra * row_bytes + 16 * t, a_wb = w + rb * row_bytes + 16 * t;
-        if constexpr (Q4) {
-            a_sa = static_cast<const uint8_t*>(scales) + ra * n_sb * 8;
-            a_sbp = static_cast<const uint8_t*>(scales) + rb * n_sb * 8;
+        if constexpr (Q4) {  // codes in tiles (Q4_0_TILES): the tile's rows g and g + 8, the last tile past the end
+            const size_t r0 = (size_t)min(a_tile, n_tiles - 1) * QGEMV_ROWS;
+            a_wa = w + r0 * row_bytes + g * QGEMV_SB_BYTES + 16 * t, a_wb = a_wa + 8 * QGEMV_SB_BYTES;
+            a_sa = static_cast<const uint8_t*>(scales) + (r0 + g) * n_sb * 8, a_sbp = a_sa + 8 * n_sb * 8;
         } else {
+            const size_t ra = min(a_tile * QGEMV_ROWS + g, N - 1), rb = min(a_tile * QGEMV_ROWS + g + 8, N - 1);
+            a_wa = w + ra * row_bytes + 16 * t, a_wb = w + rb * row_bytes + 16 * t;
             a_ga = static_cast<const unsigned short*>(scales) + ra * n_groups;
             a_gb = static_cast<const unsigned short*>(scales) + rb * n_groups;
         }
@@ -689,12 +709,12 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     // Addresses stay in bounds where nothing is read (super-block 0): the loads may be issued either way.
     auto issue = [&](int slot) {
         const bool ok = a_tile < n_tiles && a_sb < n_sb;
-        if constexpr (Q4) {
-            const uint32_t off = ok ? (uint32_t)a_sb * QGEMV_SB_BYTES : 0u;
+        if constexpr (Q4) {  // the tile's super-block: 1 KB of codes; each row's 8 bytes of scales
+            const uint32_t off = ok ? (uint32_t)a_sb * Q4_0_SB_STRIDE * QGEMV_SB_BYTES : 0u;
             cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
             cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
-            reg_s[slot][0] = ok ? ld_scales8(a_sa + (off >> 3)) : make_uint2(0, 0);
-            reg_s[slot][1] = ok ? ld_scales8(a_sbp + (off >> 3)) : make_uint2(0, 0);
+            reg_s[slot][0] = ok ? ld_scales8(a_sa + (off >> 7)) : make_uint2(0, 0);
+            reg_s[slot][1] = ok ? ld_scales8(a_sbp + (off >> 7)) : make_uint2(0, 0);
         } else {  // chunks 2 sb and 2 sb + 1; a chunk past K (K % 64 == 32) has scale 0
             const int sbi = ok ? a_sb : 0;
             const uint32_t off = (uint32_t)sbi * QGEMV_SB_BYTES;
@@ -792,6 +812,45 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
                                                   int n_groups, int gshift) {
     pdl_begin();
     constexpr int CH = BITS == 8 ? 2 : 4, SB_ELEMS = CH * 32;
+    if constexpr (SYM) {
+        // Q4_0's codes are in tiles (Q4_0_TILES): a block takes SBB super-blocks of a tile, 8 KB read in storage
+        // order, and writes its 16 rows out through shared memory, 2 KB of bf16 a row. (Read in (row, sb) order, 64
+        // bytes 1 KB apart, or written 256 bytes a row, prefill ran 1.5-3.7% slower than with row-major codes.)
+        constexpr int SBB = 8, VEC = SBB * SB_ELEMS / 8;  // 16-byte vectors of T per row per item
+        __shared__ __align__(16) uint4 stage[QGEMV_ROWS][VEC];
+        const int n_tiles = (N + QGEMV_ROWS - 1) / QGEMV_ROWS, groups = (n_sb + SBB - 1) / SBB;
+        for (int item = blockIdx.x; item < n_tiles * groups; item += gridDim.x) {
+            const int tile = item / groups, sb0 = item % groups * SBB;
+            for (int u = threadIdx.x; u < SBB * QGEMV_ROWS * 4; u += blockDim.x) {  // (sb, row, t): storage order
+                const int t = u & 3, r = (u >> 2) % QGEMV_ROWS, sl = u / (4 * QGEMV_ROWS), sb = sb0 + sl;
+                const int row = tile * QGEMV_ROWS + r;
+                if (sb >= n_sb || row >= N) continue;
+                const uint4 v =
+                    ld_stream16(w + (((size_t)tile * n_sb + sb) * QGEMV_ROWS + r) * QGEMV_SB_BYTES + 16 * t);
+                const unsigned short* d4 = static_cast<const unsigned short*>(scales) + ((size_t)row * n_sb + sb) * 4;
+#pragma unroll
+                for (int j = 0; j < CH; ++j) {
+                    if (sb * SB_ELEMS + 32 * j + 8 * t >= K) continue;
+                    const float d = half_bits_to_float(d4[j]);
+                    const uint32_t wd = word_at(v, j);
+                    float f[8];
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        f[2 * p] = d * (float)((int)((wd >> (4 * p)) & 0xF) - 8);
+                        f[2 * p + 1] = d * (float)((int)((wd >> (4 * p + 16)) & 0xF) - 8);
+                    }
+                    stage[r][sl * (SB_ELEMS / 8) + 4 * j + t] = pack8<T>(f);  // element (sb0 + sl) 128 + 32 j + 8 t
+                }
+            }
+            __syncthreads();
+            for (int u = threadIdx.x; u < QGEMV_ROWS * VEC; u += blockDim.x) {  // row by row
+                const int c = u % VEC, r = u / VEC, row = tile * QGEMV_ROWS + r, k = sb0 * SB_ELEMS + 8 * c;
+                if (row < N && k < K) *reinterpret_cast<uint4*>(out + (size_t)row * K + k) = stage[r][c];
+            }
+            __syncthreads();
+        }
+        return;
+    }
     const size_t units = (size_t)N * n_sb * 4;
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < units;
          idx += (size_t)gridDim.x * blockDim.x) {
@@ -801,7 +860,7 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
         const size_t row = rs / n_sb;
         const uint4 v = *reinterpret_cast<const uint4*>(w + (row * n_sb + sb) * QGEMV_SB_BYTES + 16 * t);
         uint4 sm = make_uint4(0, 0, 0, 0);
-        if (BITS == 4 && !SYM) sm = reinterpret_cast<const uint4*>(scales)[row * n_sb + sb];
+        if (BITS == 4) sm = reinterpret_cast<const uint4*>(scales)[row * n_sb + sb];
 #pragma unroll
         for (int j = 0; j < CH; ++j) {
             const int k = sb * SB_ELEMS + 32 * j + 8 * t;
@@ -815,14 +874,6 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
                     const uint32_t wd = word_at(v, 2 * j + h);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) f[4 * h + e] = d * (float)(int8_t)(wd >> (8 * e));
-                }
-            } else if (SYM) {
-                const float d = half_bits_to_float(reinterpret_cast<const unsigned short*>(scales)[(row * n_sb + sb) * 4 + j]);
-                const uint32_t wd = word_at(v, j);
-#pragma unroll
-                for (int p = 0; p < 4; ++p) {
-                    f[2 * p] = d * (float)((int)((wd >> (4 * p)) & 0xF) - 8);
-                    f[2 * p + 1] = d * (float)((int)((wd >> (4 * p + 16)) & 0xF) - 8);
                 }
             } else {
                 const uint32_t dm_bits = word_at(sm, j);

@@ -177,6 +177,33 @@ def test_float_gemv_takes_the_wide_block_where_a_block_per_sm_is_all_there_is():
                 (f"gemv_bf16_bf16_{shape}", (96, 1), 256)], (wide, rows)
 
 
+def test_q4_0_tiles_store_each_tiles_super_block_as_one_run():
+    """The device's Q4_0 order (gemv_quant.cu Q4_0_TILES): row r's super-block sb at byte ((r // 16) n_sb + sb)
+    1024 + (r % 16) 64 of the codes; the scales row-major; N padded with zero rows to whole tiles."""
+    from mpillm.cuda.kernels import q4_0_tiles
+    rng = np.random.default_rng(0)
+    n, n_sb = 37, 3
+    data = rng.integers(0, 256, (n, n_sb * 64), dtype=np.uint8)
+    scales = rng.integers(0, 256, (n, n_sb * 8), dtype=np.uint8)
+    codes, sc = q4_0_tiles(data, scales)
+    assert codes.shape == (48, n_sb * 64) and sc.shape == (48, n_sb * 8)
+    assert codes.dtype == sc.dtype == np.uint8 and codes.flags.c_contiguous and sc.flags.c_contiguous
+    np.testing.assert_array_equal(sc[:n], scales)
+    assert not sc[n:].any()
+    codes = codes.reshape(-1)
+    for r in range(48):
+        for sb in range(n_sb):
+            at = ((r // 16) * n_sb + sb) * 1024 + (r % 16) * 64
+            want = data[r, sb * 64:(sb + 1) * 64] if r < n else np.zeros(64, np.uint8)
+            np.testing.assert_array_equal(codes[at:at + 64], want, err_msg=f"row {r}, super-block {sb}")
+    whole, whole_sc = q4_0_tiles(data[:32], scales[:32])      # whole tiles: no padding
+    assert whole.shape == (32, n_sb * 64) and whole_sc.shape == (32, n_sb * 8)
+    from mpillm.cuda.kernels import QuantWeight               # the kernels read whole tiles: padding is required
+    QuantWeight("q4_0", n, 384, 32, _tensor(0x100000, (48, 192), "u8"), _tensor(0x200000, (48, 24), "u8"))
+    with pytest.raises(ValueError, match="q4_0 weight of 37 rows.*37 and 37 rows"):
+        QuantWeight("q4_0", n, 384, 32, _tensor(0x100000, (37, 192), "u8"), _tensor(0x200000, (37, 24), "u8"))
+
+
 def test_one_token_int8_bf16_takes_the_x1_kernels():
     """One token of bf16 x with int8 or Q4_0 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy
     in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk

@@ -373,14 +373,34 @@ class AttentionScratch:
 # Quantized weights on the device
 
 
+def q4_0_tiles(data: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 codes [N, n_sb * 64] and scale bytes [N, n_sb * 8] (row-major, as mpillm.quant packs them) in the
+    device's order ("4s", gemv_quant.cu Q4_0_TILES): N padded with zero rows to whole tiles of 16, and the codes
+    tile-major, each tile's super-block sb one contiguous 1 KB (its 16 rows' 64 bytes in row order), so that a
+    kernel's warp step streams one run, not 16 runs of 64 bytes a row apart. The scales stay row-major."""
+    n, n_sb = data.shape[0], data.shape[1] // 64
+    n_pad = _cdiv(n, GEMV_ROWS) * GEMV_ROWS
+
+    codes = np.zeros((n_pad, n_sb, 64), np.uint8)
+    codes[:n] = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, n_sb, 64)
+    codes = codes.reshape(n_pad // GEMV_ROWS, GEMV_ROWS, n_sb, 64).transpose(0, 2, 1, 3).reshape(n_pad, n_sb * 64)
+    padded = np.zeros((n_pad, n_sb * 8), np.uint8)
+    padded[:n] = scales
+    return codes, padded
+
+
 class QuantWeight:
-    """A mpillm.quant.PackedLinear on the device: what `Kernels.linear` takes in place of a float weight.
+    """A mpillm.quant.PackedLinear on the device: what `Kernels.linear` takes in place of a float weight. Q4_0's
+    codes are in the kernels' tile order, its rows padded to whole tiles (q4_0_tiles).
 
     `random(...)` makes one with random codes of a real shape for benchmarks (no host copy of the weight)."""
 
     def __init__(self, kind: str, n: int, k: int, group_size: int, data: DeviceTensor, scales: DeviceTensor):
         if kind not in QUANT_FORMATS:
             raise ValueError(f"quantized weight kind {kind!r}: expected one of {', '.join(QUANT_FORMATS)}")
+        if kind == "q4_0" and (data.shape[0], scales.shape[0]) != (_cdiv(n, GEMV_ROWS) * GEMV_ROWS,) * 2:
+            raise ValueError(f"q4_0 weight of {n} rows: data and scales have {data.shape[0]} and {scales.shape[0]} "
+                             f"rows; the kernels read whole tiles of {GEMV_ROWS} (q4_0_tiles pads)")
         self.kind, self.n, self.k, self.group_size = kind, n, k, group_size
         self.bits = 8 if kind == "int8" else 4
         self.fmt = QUANT_FORMATS[kind]        # the format in gemv_quant.cu's kernel names
@@ -399,18 +419,21 @@ class QuantWeight:
 
     @classmethod
     def from_packed(cls, p) -> "QuantWeight":
-        scales = np.ascontiguousarray(p.scales).view(np.uint8).reshape(p.n, -1)
-        return cls(p.kind, p.n, p.k, p.group_size, DeviceTensor.from_numpy(p.data, "u8"),
+        data, scales = p.data, np.ascontiguousarray(p.scales).view(np.uint8).reshape(p.n, -1)
+        if p.kind == "q4_0":
+            data, scales = q4_0_tiles(data, scales)
+        return cls(p.kind, p.n, p.k, p.group_size, DeviceTensor.from_numpy(data, "u8"),
                    DeviceTensor.from_numpy(scales, "u8"))
 
     @classmethod
     def random(cls, kind: str, n: int, k: int, group_size: int, fill) -> "QuantWeight":
         """Codes from `fill(tensor)` (random bytes), every scale 1/512 and min 0."""
         sb = _cdiv(k, 64 if kind == "int8" else 128)
-        data = DeviceTensor.empty((n, sb * 64), "u8")
+        rows = _cdiv(n, GEMV_ROWS) * GEMV_ROWS if kind == "q4_0" else n    # Q4_0: whole tiles (q4_0_tiles)
+        data = DeviceTensor.empty((rows, sb * 64), "u8")
         fill(data)
         scale_bytes = {"int8": _cdiv(k, group_size) * 2, "q4": sb * 16, "q4_0": sb * 8}[kind]
-        scales = DeviceTensor.empty((n, scale_bytes), "u8")
+        scales = DeviceTensor.empty((rows, scale_bytes), "u8")
         import pycuda.driver as cuda
         if kind in ("int8", "q4_0"):
             cuda.memset_d16(scales.ptr, 0x1800, scales.nbytes // 2)          # fp16 2^-9

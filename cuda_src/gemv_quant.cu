@@ -999,8 +999,9 @@ QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, false, 3, 3)
 QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, 3, 3)
 QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3)
 // int8 with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are
-// PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size. Not built for Q4_0: with its
-// kernels the fold lost 0.7-1.0% at Llama-3-8B b=1 (H100, docs/PERFORMANCE.md, tenth session), where int8's gained.
+// PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size. Not built for Q4_0: the fold lost
+// 0.7-1.0% at Llama-3-8B b=1 with its earlier kernels and 2.6% on x1_linear, where int8's gained (H100,
+// docs/PERFORMANCE.md, tenth and seventeenth sessions): each of Q4_0's short blocks waits on the norm.
 #define QGEMV_X1N_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
 extern "C" __global__ void __launch_bounds__(256, Q8_X1_SWIGLU_MINB) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
                                                                                           QGEMV_X1N_ARGS) {

@@ -825,6 +825,7 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
                 const int t = u & 3, r = (u >> 2) % QGEMV_ROWS, sl = u / (4 * QGEMV_ROWS), sb = sb0 + sl;
                 const int row = tile * QGEMV_ROWS + r;
                 if (sb >= n_sb || row >= N) continue;
+                // q4_0_tile_offset(row, n_sb) + sb Q4_0_SB_STRIDE, from the tile and r at hand
                 const uint4 v =
                     ld_stream16(w + (((size_t)tile * n_sb + sb) * QGEMV_ROWS + r) * QGEMV_SB_BYTES + 16 * t);
                 const unsigned short* d4 = static_cast<const unsigned short*>(scales) + ((size_t)row * n_sb + sb) * 4;
@@ -964,14 +965,8 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 //     tile). Llama-3-8B b=1, H100, one call (docs/PERFORMANCE.md, sixteenth session): 413.7 / 413.9 tok/s against
 //     406.1 / 406.6 with 2 blocks per SM and the o and down projections on m1, 410.6-411.0 with 2 blocks and 5
 //     stages, 413.3-413.6 with 3 blocks and 4 stages.
-//   - int8: 2 blocks (Q8_X1_MINB), 4 stages (3 lost 0.8% in the tenth session's shape); rope 3 blocks. At 3 blocks
-//     the _x1n SwiGLU kernel spills: 289.7 tok/s against 308.5 (H100, sixteenth session).
-#ifndef Q8_X1_MINB
-#define Q8_X1_MINB 2
-#endif
-#ifndef Q8_X1_SWIGLU_MINB
-#define Q8_X1_SWIGLU_MINB Q8_X1_MINB
-#endif
+//   - int8: 2 blocks, 4 stages (3 lost 0.8% in the tenth session's shape); rope 3 blocks. At 3 blocks the _x1n
+//     SwiGLU kernel spills: 289.7 tok/s against 308.5 (H100, sixteenth session).
 #define QGEMV_X1_ARGS                                                                                           \
     const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
         int n_groups, int gshift
@@ -988,10 +983,10 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
         x1_linear<BITS, bf16, false, true, STAGES>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,       \
                                                    QGEMV_X1_ROPE);                                              \
     }
-QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, Q8_X1_MINB, 4)
-QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, true, Q8_X1_SWIGLU_MINB, 4)
-QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, Q8_X1_MINB, 4)
-QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, true, Q8_X1_SWIGLU_MINB, 4)
+QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, 2, 4)
+QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, true, 2, 4)
+QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, 2, 4)
+QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, true, 2, 4)
 QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, 3, 4)
 QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, false, 3, 3)
 QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, 3, 3)
@@ -1003,8 +998,8 @@ QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3)
 // 0.7-1.0% at Llama-3-8B b=1 with its earlier kernels and 2.6% on x1_linear, where int8's gained (H100,
 // docs/PERFORMANCE.md, tenth and seventeenth sessions): each of Q4_0's short blocks waits on the norm.
 #define QGEMV_X1N_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
-extern "C" __global__ void __launch_bounds__(256, Q8_X1_SWIGLU_MINB) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
-                                                                                          QGEMV_X1N_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
+                                                                                 QGEMV_X1N_ARGS) {
     x1_linear<8, bf16, true, false, 4, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
                                              PreNorm{delta, resid_in, resid_out, norm_w, eps});
 }

@@ -60,8 +60,8 @@ QGEMV_PERSIST = {("8", 1, ""): 2, ("8", 2, ""): 2, ("4s", 1, ""): 2, ("4s", 2, "
                  ("8", 1, "swiglu"): 2, ("8", 2, "swiglu"): 2, ("4s", 2, "swiglu"): 2,
                  ("8", 1, "rope"): 3, ("8", 2, "rope"): 2, ("4s", 2, "rope"): 2}
 QGEMV_BLOCKS_PER_SM = 2
-# The same for the _x1 kernels (below; gemv_quant.cu x1_linear: the MINB of QGEMV_X1_ENTRY / QGEMV_X1_ROPE_ENTRY,
-# Q8_X1_MINB, and the _x1n kernels' __launch_bounds__), by (format, epilogue): all of them loop over tiles.
+# The same for the _x1 kernels (below; gemv_quant.cu x1_linear: the MINB of QGEMV_X1_ENTRY / QGEMV_X1_ROPE_ENTRY
+# and the _x1n kernels' __launch_bounds__), by (format, epilogue): all of them loop over tiles.
 QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 3, ("4s", "swiglu"): 3,
                     ("4s", "rope"): 3}
 # One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu x1_linear) stage x in
@@ -380,7 +380,6 @@ def q4_0_tiles(data: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.nda
     kernel's warp step streams one run, not 16 runs of 64 bytes a row apart. The scales stay row-major."""
     n, n_sb = data.shape[0], data.shape[1] // 64
     n_pad = _cdiv(n, GEMV_ROWS) * GEMV_ROWS
-
     codes = np.zeros((n_pad, n_sb, 64), np.uint8)
     codes[:n] = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, n_sb, 64)
     codes = codes.reshape(n_pad // GEMV_ROWS, GEMV_ROWS, n_sb, 64).transpose(0, 2, 1, 3).reshape(n_pad, n_sb * 64)

@@ -190,7 +190,7 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
     extern "C" __global__ void __launch_bounds__(AR_THREADS)                                                 \
         all_reduce_##NAME(T* data, int n_vec, int rank, int world, const unsigned long long* table,          \
                           unsigned long long slot_bytes) {                                                   \
-        pdl_begin();                                                                                          \
+        ar_pdl_begin(table);                                                                                  \
         one_shot_all_reduce<T>(data, n_vec, rank, world, table, slot_bytes);                                 \
     }
 // _t512: the same for blocks of up to 512 threads (hidden <= 4,096), which may hold twice the registers: the
@@ -199,7 +199,7 @@ __device__ __forceinline__ void one_shot_all_reduce_add_rms_norm(T* data, T* res
     extern "C" __global__ void __launch_bounds__(THREADS) all_reduce_add_rms_norm_##NAME##SUFFIX(            \
         T* data, T* residual, T* out, const T* weight, int rows, int hidden, float eps, int rank, int world, \
         const unsigned long long* table, unsigned long long slot_bytes, int sent) {                          \
-        pdl_begin();                                                                                          \
+        ar_pdl_begin(table);                                                                                  \
         one_shot_all_reduce_add_rms_norm<T>(data, residual, out, weight, rows, hidden, eps, rank, world, table, \
                                             slot_bytes, sent != 0);                                           \
     }
@@ -218,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(AR_THREADS)
     all_gather_cols_f32(float* __restrict__ out, const float* __restrict__ local, const int* __restrict__ starts,
                         int rows, int widest, int out_cols, int rank, int world,
                         const unsigned long long* __restrict__ table, unsigned long long slot_bytes) {
-    pdl_begin();
+    ar_pdl_begin(table);
     const ArCall c = ar_call(table, world, slot_bytes);
     const int stride = gridDim.x * blockDim.x, first = blockIdx.x * blockDim.x + threadIdx.x;
     {

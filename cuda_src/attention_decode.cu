@@ -18,10 +18,6 @@
 
 #include "mma.cuh"
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
 #define DECODE_THREADS 256
 #define DECODE_PARTITION 512
 #define DECODE_LANES_PER_KEY 8   // QK^T: 8 lanes share one key row, so a warp reads 4 rows at once

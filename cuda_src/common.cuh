@@ -39,6 +39,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+// A hint, not a read: the line holding p into L2 (the point of coherence, where later writes land too), so a
+// load after the PDL wait finds it there instead of in HBM. Allowed before the wait on any address.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
 // The usual kernel prologue: let the next kernel be scheduled, then wait for the kernels before.
 __device__ __forceinline__ void pdl_begin() {
     pdl_launch_dependents();

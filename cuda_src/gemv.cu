@@ -45,22 +45,40 @@ struct LlSend {
     int rank, world;
 };
 
-// y's columns n0..n0+15 of every token, just stored by this block, into every peer's slot for this rank, as
-// the fused all-reduce would have sent them: token m's row is all-reduce block m % AR_BLOCKS's, whose counter
-// numbers the call. The counters were last written by the previous all-reduce, which finished before this
-// kernel passed its PDL wait; the all-reduce this tile is for writes them only after its own wait, once this
-// kernel has finished.
-template <typename T>
-__device__ __noinline__ void send_tile(const T* y, int n0, int M, int N, const LlSend& s) {
-    __syncthreads();  // the tile's stores are visible to the whole block; read back past L1's non-coherent path
+// SEND's state, in shared memory, gathered early so that the tile's end makes no trip to memory: the peers' buffer
+// bases (the table's pointers, which the host writes once: read before the PDL wait), the call number of each
+// token's all-reduce block (token m's row is all-reduce block m % AR_BLOCKS's, whose counter numbers the call: read
+// right after the wait, long before the end), and the tile's outputs as stored in y, sent from here. (It used to
+// read y and the counters back at the end: a trip to L2 and a chain of two loads on every block's last step.)
+// The counters were last written by the previous all-reduce, which finished before this kernel passed its PDL
+// wait; the all-reduce this tile is for writes them only after its own wait, once this kernel has finished.
+template <typename T, int NT>
+struct SendStage {
+    unsigned long long base[AR_MAX_RANKS];
+    uint32_t flag[NT * 8];
+    T out[NT * 8][GEMV_ROWS];  // [token][row - n0]
+};
+
+template <typename T, int NT>
+__device__ __forceinline__ void send_stage_bases(SendStage<T, NT>& st, const LlSend& s) {
+    if (threadIdx.x < s.world) st.base[threadIdx.x] = s.table[threadIdx.x];
+}
+template <typename T, int NT>
+__device__ __forceinline__ void send_stage_flags(SendStage<T, NT>& st, const LlSend& s, int M) {
+    if (threadIdx.x < M) st.flag[threadIdx.x] = ar_counters(s.table)[threadIdx.x % AR_BLOCKS] + 1;
+}
+
+// y's columns n0..n0+15 of every token (st.out) into every peer's slot for this rank, as the fused all-reduce would
+// have sent them: 4 elements (N % 8 == 0) per line of the slot.
+template <typename T, int NT>
+__device__ __noinline__ void send_tile(const SendStage<T, NT>& st, int n0, int M, int N, const LlSend& s) {
+    __syncthreads();  // the stage's outputs, bases and flags are visible to the whole block
     for (int idx = threadIdx.x; idx < M * 4; idx += blockDim.x) {
-        const int tok = idx >> 2, col = n0 + 4 * (idx & 3);
-        if (col >= N) continue;
-        const size_t e = (size_t)tok * N + col;  // 4 elements (N % 8 == 0): one line of the slot
-        uint32_t a, b;
-        asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];\n" : "=r"(a), "=r"(b) : "l"(y + e) : "memory");
-        const ArCall c = ar_call_of(s.table, s.world, s.slot_bytes, tok % AR_BLOCKS);
-        ar_send_line(s.table, c, s.slot_bytes, s.rank, s.world, e / 4, a, b);
+        const int tok = idx >> 2, c4 = 4 * (idx & 3);
+        if (n0 + c4 >= N) continue;
+        const uint2 v = *reinterpret_cast<const uint2*>(&st.out[tok][c4]);
+        const ArCall c = ar_call_numbered(st.flag[tok], s.world, s.slot_bytes);
+        ar_send_line(st.base, c, s.slot_bytes, s.rank, s.world, ((size_t)tok * N + n0 + c4) / 4, v.x, v.y);
     }
 }
 
@@ -164,10 +182,13 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         }
     };
 
+    __shared__ __align__(16) SendStage<T, NT> send_st;  // SEND only (unused shared memory is not allocated)
     if (PIPELINE) {
         GemvStage<UNROLL, NT> front, back;
         load_w(front, warp);  // weights are never written by a kernel: safe before the wait
+        if constexpr (SEND) send_stage_bases(send_st, send);
         pdl_begin();
+        if constexpr (SEND) send_stage_flags(send_st, send, M);
         load_x(front, warp);
         for (int kb0 = warp; kb0 < n_kblocks; kb0 += 2 * STEP) {
             load(back, kb0 + STEP);
@@ -176,7 +197,9 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
             compute(back);
         }
     } else {
+        if constexpr (SEND) send_stage_bases(send_st, send);
         pdl_begin();
+        if constexpr (SEND) send_stage_flags(send_st, send, M);
         for (int kb0 = warp; kb0 < n_kblocks; kb0 += STEP) {
             GemvStage<UNROLL, NT> st;
             load(st, kb0);
@@ -186,9 +209,11 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 
     if constexpr (ROPE)
         finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
+    else if constexpr (SEND)
+        finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N, &send_st.out[0][0]);
     else
         finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
-    if constexpr (SEND) send_tile<T>(y, n0, M, N, send);
+    if constexpr (SEND) send_tile<T, NT>(send_st, n0, M, N, send);
 }
 
 // Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_THREADS and GEMV_WIDE_THREADS

@@ -38,11 +38,29 @@ __device__ __forceinline__ uint32_t* ar_counters(const unsigned long long* __res
     return reinterpret_cast<uint32_t*>(table[AR_MAX_RANKS]);
 }
 
+// The call numbered `flag`: odd numbers use the second parity region.
+__device__ __forceinline__ ArCall ar_call_numbered(uint32_t flag, int world, unsigned long long slot_bytes) {
+    return ArCall{flag, (flag & 1) ? (unsigned long long)world * slot_bytes : 0ull};
+}
+
 // The call whose number is counter `b` + 1 (the all-reduce block b's next call).
 __device__ __forceinline__ ArCall ar_call_of(const unsigned long long* __restrict__ table, int world,
                                              unsigned long long slot_bytes, int b) {
-    const uint32_t flag = ar_counters(table)[b] + 1;
-    return ArCall{flag, (flag & 1) ? (unsigned long long)world * slot_bytes : 0ull};
+    return ar_call_numbered(ar_counters(table)[b] + 1, world, slot_bytes);
+}
+
+// Before the PDL wait: block b's counter line into L2. Its value is written by the previous call (another kernel,
+// maybe still running), so it is read only after the wait (ar_call_of); but the weights streamed between two
+// calls evict it, and the load after the wait was two trips to HBM one after the other (the table, then the
+// counter). The table itself is written once by the host, before any graph runs, so it may be read here.
+__device__ __forceinline__ void ar_prefetch(const unsigned long long* __restrict__ table, int b) {
+    if (threadIdx.x == 0) prefetch_l2(ar_counters(table) + b);
+}
+// The collective kernels' prologue: pdl_begin with this block's ar_prefetch between its two halves.
+__device__ __forceinline__ void ar_pdl_begin(const unsigned long long* __restrict__ table) {
+    pdl_launch_dependents();
+    ar_prefetch(table, blockIdx.x);
+    pdl_wait();
 }
 
 // Line `line` (16 bytes: message words 2 line, 2 line + 1) of sender `from`'s slot in rank `to`'s buffer.
@@ -51,7 +69,8 @@ __device__ __forceinline__ uint4* ar_line(const unsigned long long* __restrict__
     return reinterpret_cast<uint4*>(table[to] + c.region + (unsigned long long)from * slot_bytes) + line;
 }
 
-// Message words a and b (line `line`) of this rank into every peer's slot for it.
+// Message words a and b (line `line`) of this rank into every peer's slot for it. `table` may also be a copy of the
+// table's buffer pointers in shared memory (gemv.cu's SendStage).
 __device__ __forceinline__ void ar_send_line(const unsigned long long* __restrict__ table, ArCall c,
                                              unsigned long long slot_bytes, int rank, int world, size_t line,
                                              uint32_t a, uint32_t b) {

@@ -125,10 +125,12 @@ __device__ __forceinline__ bool small_m_pair(float (*partial)[NT * 4][32], int i
     return true;
 }
 
+// stage (not SWIGLU): each stored value also into stage[tok * 16 + row - n0] (shared memory), for an epilogue that
+// reads the tile back (gemv.cu's SEND).
 template <typename T, typename OutT, int WARPS, int NT, bool SWIGLU>
 __device__ __forceinline__ void finish_small_m_tile(float (*partial)[NT * 4][32], const float (&acc)[NT][4],
                                                     OutT* __restrict__ y, const T* __restrict__ bias, int n0,
-                                                    int M, int N) {
+                                                    int M, int N, OutT* stage = nullptr) {
     small_m_tile_to_shared<NT>(partial, acc);
     if constexpr (!SWIGLU) {
         for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
@@ -140,7 +142,9 @@ __device__ __forceinline__ void finish_small_m_tile(float (*partial)[NT * 4][32]
 #pragma unroll
             for (int wi = 0; wi < WARPS; ++wi) v += partial[wi][jc][l];
             if (bias) v += to_float(bias[row]);
-            y[(size_t)tok * N + row] = from_float<OutT>(v);
+            const OutT o = from_float<OutT>(v);
+            y[(size_t)tok * N + row] = o;
+            if (stage) stage[tok * 16 + row - n0] = o;
         }
     } else {
         // Lanes with an even g hold the gate rows; lane + 4 (g + 1, same t) holds the matching up row.

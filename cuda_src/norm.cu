@@ -2,15 +2,33 @@
 // One block per row; the row is read twice (sum of squares, then scale), the second read hits L1/L2.
 #include "norm.cuh"
 
+// One vector per thread (vec, hidden / 8 <= block size): rms_norm_row1, the weight loaded before the PDL wait and
+// the residual's row prefetched into L2 (measured: docs/PERFORMANCE.md, eighteenth session).
 #define NORM_KERNELS(T, NAME)                                                                                  \
     extern "C" __global__ void __launch_bounds__(1024) rms_norm_##NAME(                                        \
         T* out, const T* x, const T* weight, int hidden, float eps, int vec) {                                 \
+        if (vec && (hidden >> 3) <= (int)blockDim.x) {                                                         \
+            pdl_launch_dependents();                                                                           \
+            const uint4 wv = norm_weight_early<T>(weight, hidden);                                             \
+            pdl_wait();                                                                                        \
+            rms_norm_row1<T, false>(out, x, nullptr, wv, hidden, eps, blockIdx.x);                             \
+            return;                                                                                            \
+        }                                                                                                      \
         pdl_begin();                                                                                           \
         if (vec) rms_norm_row<T, false, true>(out, x, nullptr, weight, hidden, eps, blockIdx.x);               \
         else rms_norm_row<T, false, false>(out, x, nullptr, weight, hidden, eps, blockIdx.x);                  \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##NAME(                                    \
         T* out, const T* x, T* residual, const T* weight, int hidden, float eps, int vec) {                    \
+        if (vec && (hidden >> 3) <= (int)blockDim.x) {                                                         \
+            pdl_launch_dependents();                                                                           \
+            const uint4 wv = norm_weight_early<T>(weight, hidden);                                             \
+            if ((threadIdx.x & 7) == 0 && (int)threadIdx.x < (hidden >> 3))                                    \
+                prefetch_l2(residual + (size_t)blockIdx.x * hidden + 8 * threadIdx.x);  /* a hint: any time */ \
+            pdl_wait();                                                                                        \
+            rms_norm_row1<T, true>(out, x, residual, wv, hidden, eps, blockIdx.x);                             \
+            return;                                                                                            \
+        }                                                                                                      \
         pdl_begin();                                                                                           \
         if (vec) rms_norm_row<T, true, true>(out, x, residual, weight, hidden, eps, blockIdx.x);               \
         else rms_norm_row<T, true, false>(out, x, residual, weight, hidden, eps, blockIdx.x);                  \

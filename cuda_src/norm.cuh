@@ -83,3 +83,37 @@ __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, co
             out[row + i] = from_float<T>(__fmul_rn(__fmul_rn(to_float(src[i]), rstd), to_float(weight[i])));
     }
 }
+
+// The norm kernels' shape for rows of at most blockDim.x vectors (every hidden size up to 8,192: kernels.py sizes the
+// block by the row), one vector per thread: rms_norm_row's arithmetic and bits, with the thread's vector kept in
+// registers between the two passes instead of read back, and the norm weight's vector `wv` loaded by the caller
+// before its PDL wait (norm_weight_early): the pass after the block's reduction then waits on no memory. ADD as
+// rms_norm_row's; out may alias x.
+template <typename T>
+__device__ __forceinline__ uint4 norm_weight_early(const T* weight, int hidden) {
+    return (int)threadIdx.x < (hidden >> 3) ? reinterpret_cast<const uint4*>(weight)[threadIdx.x] : make_uint4(0, 0, 0, 0);
+}
+template <typename T, bool ADD>
+__device__ __forceinline__ void rms_norm_row1(T* out, const T* x, T* residual, uint4 wv, int hidden, float eps,
+                                              unsigned index) {
+    const size_t row = (size_t)index * hidden;
+    const int v = threadIdx.x;
+    const bool mine = v < (hidden >> 3);
+    float sum_sq = 0.f;
+    uint4 a = make_uint4(0, 0, 0, 0);
+    if (mine) {
+        const uint4 xv = reinterpret_cast<const uint4*>(x + row)[v];
+        if (ADD) {
+            a = add_vec<T>(xv, reinterpret_cast<const uint4*>(residual + row)[v], sum_sq);
+            reinterpret_cast<uint4*>(residual + row)[v] = a;
+        } else {
+            a = xv;
+            float f[8];
+            unpack8<T>(xv, f);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sum_sq = __fmaf_rn(f[i], f[i], sum_sq);
+        }
+    }
+    const float rstd = norm_rstd(sum_sq, hidden, eps);
+    if (mine) reinterpret_cast<uint4*>(out + row)[v] = scale_vec<T>(a, wv, rstd);
+}

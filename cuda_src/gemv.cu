@@ -57,6 +57,7 @@ struct SendStage {
     unsigned long long base[AR_MAX_RANKS];
     uint32_t flag[NT * 8];
     T out[NT * 8][GEMV_ROWS];  // [token][row - n0]
+    static_assert(GEMV_ROWS == 16, "finish_small_m_tile stages a tile's outputs as [token][16 rows]");
 };
 
 template <typename T, int NT>

@@ -1,5 +1,6 @@
 // RMSNorm and the fused pre-norm step (residual += x; out = rms_norm(residual)), fp32 math (norm.cuh).
-// One block per row; the row is read twice (sum of squares, then scale), the second read hits L1/L2.
+// One block per row. A row of more vectors than threads is read twice (sum of squares, then scale; the second
+// read hits L1/L2); at one vector per thread the vector stays in registers (norm.cuh rms_norm_row1).
 #include "norm.cuh"
 
 // One vector per thread (vec, hidden / 8 <= block size): rms_norm_row1, the weight loaded before the PDL wait and

@@ -91,7 +91,8 @@ __device__ __forceinline__ void rms_norm_row(T* out, const T* x, T* residual, co
 // rms_norm_row's; out may alias x.
 template <typename T>
 __device__ __forceinline__ uint4 norm_weight_early(const T* weight, int hidden) {
-    return (int)threadIdx.x < (hidden >> 3) ? reinterpret_cast<const uint4*>(weight)[threadIdx.x] : make_uint4(0, 0, 0, 0);
+    const unsigned v = threadIdx.x;
+    return (int)v < (hidden >> 3) ? reinterpret_cast<const uint4*>(weight)[v] : make_uint4(0, 0, 0, 0);
 }
 template <typename T, bool ADD>
 __device__ __forceinline__ void rms_norm_row1(T* out, const T* x, T* residual, uint4 wv, int hidden, float eps,

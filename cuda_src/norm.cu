@@ -3,36 +3,34 @@
 // read hits L1/L2); at one vector per thread the vector stays in registers (norm.cuh rms_norm_row1).
 #include "norm.cuh"
 
-// One vector per thread (vec, hidden / 8 <= block size): rms_norm_row1, the weight loaded before the PDL wait and
-// the residual's row prefetched into L2 (measured: docs/PERFORMANCE.md, eighteenth session).
+// A norm kernel's body (ADD: add_rms_norm's, residual += x first). One vector per thread (vec, hidden / 8 <= block
+// size): rms_norm_row1, the weight loaded before the PDL wait and the residual's row prefetched into L2 (measured:
+// docs/PERFORMANCE.md, eighteenth session); otherwise rms_norm_row after the wait.
+template <typename T, bool ADD>
+__device__ __forceinline__ void norm_kernel(T* out, const T* x, T* residual, const T* weight, int hidden, float eps,
+                                            int vec) {
+    if (vec && (hidden >> 3) <= (int)blockDim.x) {
+        pdl_launch_dependents();
+        const uint4 wv = norm_weight_early<T>(weight, hidden);
+        if (ADD && (threadIdx.x & 7) == 0 && (int)threadIdx.x < (hidden >> 3))
+            prefetch_l2(residual + (size_t)blockIdx.x * hidden + 8 * threadIdx.x);  // a hint: allowed before the wait
+        pdl_wait();
+        rms_norm_row1<T, ADD>(out, x, residual, wv, hidden, eps, blockIdx.x);
+        return;
+    }
+    pdl_begin();
+    if (vec) rms_norm_row<T, ADD, true>(out, x, residual, weight, hidden, eps, blockIdx.x);
+    else rms_norm_row<T, ADD, false>(out, x, residual, weight, hidden, eps, blockIdx.x);
+}
+
 #define NORM_KERNELS(T, NAME)                                                                                  \
     extern "C" __global__ void __launch_bounds__(1024) rms_norm_##NAME(                                        \
         T* out, const T* x, const T* weight, int hidden, float eps, int vec) {                                 \
-        if (vec && (hidden >> 3) <= (int)blockDim.x) {                                                         \
-            pdl_launch_dependents();                                                                           \
-            const uint4 wv = norm_weight_early<T>(weight, hidden);                                             \
-            pdl_wait();                                                                                        \
-            rms_norm_row1<T, false>(out, x, nullptr, wv, hidden, eps, blockIdx.x);                             \
-            return;                                                                                            \
-        }                                                                                                      \
-        pdl_begin();                                                                                           \
-        if (vec) rms_norm_row<T, false, true>(out, x, nullptr, weight, hidden, eps, blockIdx.x);               \
-        else rms_norm_row<T, false, false>(out, x, nullptr, weight, hidden, eps, blockIdx.x);                  \
+        norm_kernel<T, false>(out, x, nullptr, weight, hidden, eps, vec);                                      \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##NAME(                                    \
         T* out, const T* x, T* residual, const T* weight, int hidden, float eps, int vec) {                    \
-        if (vec && (hidden >> 3) <= (int)blockDim.x) {                                                         \
-            pdl_launch_dependents();                                                                           \
-            const uint4 wv = norm_weight_early<T>(weight, hidden);                                             \
-            if ((threadIdx.x & 7) == 0 && (int)threadIdx.x < (hidden >> 3))                                    \
-                prefetch_l2(residual + (size_t)blockIdx.x * hidden + 8 * threadIdx.x);  /* a hint: any time */ \
-            pdl_wait();                                                                                        \
-            rms_norm_row1<T, true>(out, x, residual, wv, hidden, eps, blockIdx.x);                             \
-            return;                                                                                            \
-        }                                                                                                      \
-        pdl_begin();                                                                                           \
-        if (vec) rms_norm_row<T, true, true>(out, x, residual, weight, hidden, eps, blockIdx.x);               \
-        else rms_norm_row<T, true, false>(out, x, residual, weight, hidden, eps, blockIdx.x);                  \
+        norm_kernel<T, true>(out, x, residual, weight, hidden, eps, vec);                                      \
     }
 
 // The first layer's input at one GPU: embedding lookup (embedding.cu's rule for fed ids < 0) and its RMSNorm in

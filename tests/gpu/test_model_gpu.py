@@ -318,7 +318,7 @@ def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_d
     """A GGUF whose projections are all Q4_0: --quantize auto holds them in the Q4_0 layout (d alone, 4.5 bits
     per weight) and runs the symmetric 4-bit kernels, through prefill (dequantize + GEMM) and the decode graphs;
     logits and greedy ids follow the NumPy backend on the same blocks. One sequence decodes through the _x1
-    kernels (every projection; q4_x1_linear), or with MPILLM_QGEMV_X1=0 through m1."""
+    kernels (every projection; gemv_quant.cu x1_linear), or with MPILLM_QGEMV_X1=0 through m1."""
     monkeypatch.setattr(kernels, "qgemv_x1", x1)
     ckpt = tiny_q4_0_checkpoint(tmp_path)
     ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")

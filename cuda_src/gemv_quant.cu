@@ -148,7 +148,7 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t h) { return __half2
 // warp's fp32 sums are multiplied back by 2^-s before the block adds them: power-of-two scalings are exact in
 // fp32, so the result has the bf16 path's bits unless some x was below 2^-33 of its warp's max (then it is
 // rounded on that grid: an error far below fp32 summation's).
-// Returns 2^-s.
+// Returns 2^-s (FOLD below: 2^-s rstd).
 // PRENORM (x1_linear's _x1n kernels: the q/k/v and gate/up projections at one token on one GPU): the pre-norm before
 // them (add_rms_norm: r' = r + delta, rounded; x = rms_norm(r') * weight) computed in the prologue instead of by a
 // kernel of its own, whose launch, wait and drain cost more than its arithmetic (skipping the norms saves 3.5 us
@@ -237,10 +237,21 @@ struct PreNormStage {
 // staged as x 2^s / 16 (u4_pair_x16 feeds their codes 16 times too large), and after the n_sb * 128 fp16 values,
 // each 32-element chunk's bias -sum_k (1024 + 8 s_k) x'_k in fp32 (s_k = 1 or 16, x'_k the staged value), four
 // times (16 bytes: the mma's accumulator input as it is loaded).
-template <int WARPS, bool FROM_SMEM = false, bool Q4 = false>  // FROM_SMEM: x is already in xs as bf16 (PreNormStage)
+// FOLD (Q4_0's _x1n kernels): the pre-norm folded in with its scale left to the end. x is not read: each lane
+// stages r' w (r' = r + delta, rounded to bf16 as add_rms_norm does; block 0 writes r' to resid_out) for its own
+// vectors, and the block's sum of squares of r' gives rstd, by which the returned factor is multiplied: rstd is one
+// number per token, so sum_k W_k (r'_k rstd w_k) = rstd sum_k W_k (r'_k w_k); the warps' sums of squares meet at
+// one block barrier after the staging, in warp order (every block the same rstd). No block-wide reduction stands
+// between the wait and the first step (int8's PreNormStage, replayed for its bits, has one: folded that way, Q4_0
+// ran 2.6% slower than with the norm kernel of its own; docs/PERFORMANCE.md, seventeenth session). Not
+// add_rms_norm's bits: r' w is rounded once to bf16 where that kernel rounds r' rstd w.
+template <int WARPS, bool FROM_SMEM = false, bool Q4 = false, bool FOLD = false>  // FROM_SMEM: x is already in xs as bf16 (PreNormStage)
 __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16* __restrict__ x, int K, int n_sb,
-                                              int warp, int lane) {
-    constexpr int BATCH = 8;               // loads in flight per lane: one round trip for K up to 16,384
+                                              int warp, int lane, const PreNorm& pn = PreNorm{}) {
+    static_assert(!(FOLD && FROM_SMEM), "one source of x");
+    // loads in flight per lane: one round trip for K up to 16,384 (FOLD: 3 loads a vector, so 2 vectors, K up to 4,096
+    // in one trip; at 4 the Q4_0 kernels spilled 100 bytes)
+    constexpr int BATCH = FOLD ? 2 : 8;
     constexpr int SBE = Q4 ? 128 : 64;     // elements per super-block
     constexpr int VPS = SBE / 8;           // 16-byte vectors per super-block
     const int vecs = ((n_sb - warp + WARPS - 1) / WARPS) * VPS;  // 16-byte vectors of this warp's super-blocks
@@ -251,13 +262,44 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
     // Pass 1: x as it is into shared memory (zeros past K), and the max of |x| as bf16 bits (monotone in |x|: NaN
     // above inf above every finite).
     uint32_t mbits = 0;
+    float ss = 0.f;  // FOLD: this lane's sum of squares of r'
     for (int v0 = lane; v0 < vecs; v0 += 32 * BATCH) {
         uint4 q[BATCH];
+        if constexpr (FOLD) {
+            uint4 d[BATCH], r[BATCH], wn[BATCH];
 #pragma unroll
-        for (int i = 0; i < BATCH; ++i) {
-            const int v = v0 + 32 * i, k = at(v);
-            q[i] = v < vecs && k < K ? (FROM_SMEM ? xs[k >> 3] : __ldg(reinterpret_cast<const uint4*>(x + k)))
-                                     : make_uint4(0, 0, 0, 0);
+            for (int i = 0; i < BATCH; ++i) {
+                const int v = v0 + 32 * i, k = at(v);
+                const bool in = v < vecs && k < K;
+                const uint4 zero = make_uint4(0, 0, 0, 0);
+                d[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.delta + k)) : zero;
+                r[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.resid_in + k)) : zero;
+                wn[i] = in ? __ldg(reinterpret_cast<const uint4*>(pn.weight + k)) : zero;
+            }
+#pragma unroll
+            for (int i = 0; i < BATCH; ++i) {
+                const int v = v0 + 32 * i, k = at(v);
+                float a[8], rr[8], ww[8];
+                unpack8<bf16>(d[i], a);
+                unpack8<bf16>(r[i], rr);
+                unpack8<bf16>(wn[i], ww);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    a[e] = to_float(from_float<bf16>(a[e] + rr[e]));
+                    ss = __fmaf_rn(a[e], a[e], ss);
+                }
+                if (blockIdx.x == 0 && v < vecs && k < K) reinterpret_cast<uint4*>(pn.resid_out)[k >> 3] = pack8<bf16>(a);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) a[e] = __fmul_rn(a[e], ww[e]);
+                q[i] = pack8<bf16>(a);  // zeros past K
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < BATCH; ++i) {
+                const int v = v0 + 32 * i, k = at(v);
+                q[i] = v < vecs && k < K ? (FROM_SMEM ? xs[k >> 3] : __ldg(reinterpret_cast<const uint4*>(x + k)))
+                                         : make_uint4(0, 0, 0, 0);
+            }
         }
 #pragma unroll
         for (int i = 0; i < BATCH; ++i) {
@@ -311,7 +353,18 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
         for (int v = lane; v < vecs; v += 32) convert(v);
     }
     __syncwarp();  // lanes read each other's vectors
-    return __int_as_float((127 - s) << 23);
+    float down = __int_as_float((127 - s) << 23);
+    if constexpr (FOLD) {  // rstd from the warps' sums, in warp order (every block the same number)
+        __shared__ float fold_ss[WARPS];
+        ss = warp_sum(ss);
+        if (lane == 0) fold_ss[warp] = ss;
+        __syncthreads();
+        float total = 0.f;
+#pragma unroll
+        for (int i = 0; i < WARPS; ++i) total += fold_ss[i];
+        down *= rsqrtf(__fadd_rn(__fdiv_rn(total, (float)K), pn.eps));
+    }
+    return down;
 }
 
 // BITS = 8: CH = 2 chunks per super-block, scales fp16 [N, n_groups] (group = 32 << gshift elements).
@@ -730,13 +783,16 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         a_sb += STEP_SB;
         if (a_sb >= n_sbp) a_sb = warp, a_tile += gridDim.x, aim();
     };
-    PreNormStage<WARPS * 32> pre;  // PRENORM: r and the norm weight, loaded before the PDL wait
+    // PRENORM: int8 replays add_rms_norm (PreNormStage: r and the norm weight loaded before the PDL wait); Q4_0
+    // stages r' w and applies rstd to the sums (stage_x_half's FOLD), all of it after the wait.
+    constexpr bool REPLAY = PRENORM && !Q4, FOLD = PRENORM && Q4;
+    PreNormStage<WARPS * 32> pre;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s);  // weights and scales: before the PDL wait
-    if constexpr (PRENORM) pre.load(prenorm, K);
+    if constexpr (REPLAY) pre.load(prenorm, K);
     pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait (PreNorm above)
-    if constexpr (PRENORM) pre.finish(qgemv_xs, prenorm, K);
-    const float x_down = stage_x_half<WARPS, PRENORM, Q4>(qgemv_xs, x, K, n_sbp, warp, lane);
+    if constexpr (REPLAY) pre.finish(qgemv_xs, prenorm, K);
+    const float x_down = stage_x_half<WARPS, REPLAY, Q4, FOLD>(qgemv_xs, x, K, n_sbp, warp, lane, prenorm);
 
     // The compute cursor: x (vector sb * VPS + 4 j + t: lane t's 8 elements of chunk j) and, for Q4_0, the chunk
     // biases (float4 sb * 4 + j, after the n_sbp * 16 vectors of x).
@@ -993,10 +1049,11 @@ QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, 3, 3)
 QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, false, 3, 3)
 QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, 3, 3)
 QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3)
-// int8 with the pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are
-// PreNorm's (delta, resid_in, resid_out, weight, eps), and K is the hidden size. Not built for Q4_0: the fold lost
-// 0.7-1.0% at Llama-3-8B b=1 with its earlier kernels and 2.6% on x1_linear, where int8's gained (H100,
-// docs/PERFORMANCE.md, tenth and seventeenth sessions): each of Q4_0's short blocks waits on the norm.
+// The pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are PreNorm's
+// (delta, resid_in, resid_out, weight, eps), and K is the hidden size. int8 replays add_rms_norm (PreNormStage);
+// Q4_0 applies rstd to its sums (stage_x_half's FOLD): Llama-3-8B b=1 436.2-436.3 tok/s against 421.9-423.1 with
+// the norm kernel of its own, where the replay had lost 2.6% (H100, docs/PERFORMANCE.md, nineteenth and
+// seventeenth sessions).
 #define QGEMV_X1N_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
 extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
                                                                                  QGEMV_X1N_ARGS) {
@@ -1006,6 +1063,16 @@ extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n
 extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1n(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,
                                                                           QGEMV_X1N_ARGS) {
     x1_linear<8, bf16, false, true, 4, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE,
+                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
+}
+extern "C" __global__ void __launch_bounds__(256, 3) qgemv4s_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
+                                                                                   QGEMV_X1N_ARGS) {
+    x1_linear<4, bf16, true, false, 3, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
+                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
+}
+extern "C" __global__ void __launch_bounds__(256, 3) qgemv4s_rope_bf16_x1n(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,
+                                                                           QGEMV_X1N_ARGS) {
+    x1_linear<4, bf16, false, true, 3, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE,
                                              PreNorm{delta, resid_in, resid_out, norm_w, eps});
 }
 

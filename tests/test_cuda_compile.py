@@ -61,10 +61,11 @@ def test_every_kernel_file_compiles(tmp_path):
     decode |= {f"attention_decode_cluster_{dt}_hd{hd}_g{g}" for dt in ("bf16", "f16") for hd in ATTN_HEAD_DIMS
                for g in DECODE_CLUSTER_GROUPS}
     assert decode == {k for k in entries if k.startswith("attention_decode_")}
-    # The one-token _x1 kernels (kernels.Kernels._takes_x1: int8 and Q4_0) and int8's pre-norm twins (_x1n), all
+    # The one-token _x1 kernels (kernels.Kernels._takes_x1: int8 and Q4_0) and their pre-norm twins (_x1n), all
     # that the launcher can name and no others.
     x1 = {f"qgemv{fmt}{sw}_bf16_{out}_x1" for fmt in ("8", "4s") for sw in ("", "_swiglu") for out in ("bf16", "f32")}
-    x1 |= {"qgemv8_rope_bf16_x1", "qgemv4s_rope_bf16_x1", "qgemv8_swiglu_bf16_bf16_x1n", "qgemv8_rope_bf16_x1n"}
+    x1 |= {f"qgemv{fmt}_rope_bf16_x1{n}" for fmt in ("8", "4s") for n in ("", "n")}
+    x1 |= {f"qgemv{fmt}_swiglu_bf16_bf16_x1n" for fmt in ("8", "4s")}
     assert x1 == {k for k in entries if re.search(r"_x1n?$", k)}
     missing = sorted(k for k, body in entries.items() if "griddepcontrol.wait;" not in body)
     assert not missing, f"kernels without pdl_wait() (griddepcontrol.wait): {missing}"

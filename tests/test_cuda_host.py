@@ -252,10 +252,17 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert rec.shared == [8192]
     w4 = QuantWeight("q4_0", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"),
                      _tensor(0x200000, (6144, 256), "u8"))
-    rec4 = _Recorder()        # Q4_0: the _x1 kernels, but no pre-norm folded into them
-    assert rec4.k._takes_x1(w4, "bf16", 1) and not rec4.k.prenorm_fusable(w4, "bf16", 1, 4096)
+    rec4 = _Recorder()        # Q4_0: its own _x1n kernel, 3 blocks per SM as its _x1 twin
+    assert rec4.k._takes_x1(w4, "bf16", 1) and rec4.k.prenorm_fusable(w4, "bf16", 1, 4096)
+    rec4.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w4,
+                         _tensor(0x500000, (1, 6144)), prenorm=pn)
+    (fn, grid4, _, args), = rec4.launches
+    assert (fn, grid4) == ("qgemv4s_swiglu_bf16_bf16_x1n", (qgemv_grid(6144, 132, 3), 1))
+    assert rec4.shared == [32 * 320] and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
+    w41 = QuantWeight("q4", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 512), "u8"))
+    assert not rec4.k._takes_x1(w41, "bf16", 1) and not rec4.k.prenorm_fusable(w41, "bf16", 1, 4096)  # Q4_1: m1
     with pytest.raises(ValueError, match="prenorm"):
-        rec4.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w4,
+        rec4.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w41,
                              _tensor(0x500000, (1, 6144)), prenorm=pn)
     rec.k.qgemv_x1 = False          # MPILLM_QGEMV_X1=0: nothing folds
     assert not rec.k.prenorm_fusable(w, "bf16", 1, 4096)

@@ -66,7 +66,7 @@ QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", "
                     ("4s", "rope"): 3}
 # One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu x1_linear) stage x in
 # shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against
-# bf16's 11, and Q4_0's 5 per 8 against 11 (only int8 has the pre-norm folded in, the _x1n kernels:
+# bf16's 11, and Q4_0's 5 per 8 against 11 (with the pre-norm folded in: the _x1n kernels,
 # Kernels.prenorm_fusable). Every projection takes them, also where a block gets one tile (Q4_0 once kept those on
 # m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic shared memory is qgemv_x1_bytes(K,
 # format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 25,600), else the m1 kernel.
@@ -311,7 +311,8 @@ def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
 def prenorm_args(prenorm, hidden: int, dtype: str) -> tuple:
     """The launch arguments of a pre-norm folded into an _x1n kernel, prenorm = (delta, resid_in, resid_out,
     weight, eps): r' = resid_in + delta goes to resid_out (another buffer: every block reads resid_in) and the
-    kernel's x is rms_norm(r') * weight, add_rms_norm's bits. ValueError naming the argument that does not fit."""
+    kernel's x is rms_norm(r') * weight (int8: add_rms_norm's bits; Q4_0 within bf16 rounding of them). ValueError
+    naming the argument that does not fit."""
     delta, resid_in, resid_out, weight, eps = prenorm
     for t, name in ((delta, "delta"), (resid_in, "resid_in"), (resid_out, "resid_out")):
         _check(t, f"prenorm {name}", dtype, (1, hidden))
@@ -657,10 +658,11 @@ class Kernels:
         self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter, int(vec))
 
     def prenorm_fusable(self, w, dtype: str, m: int, hidden: int) -> bool:
-        """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, int8
-        weights (the _x1n kernels), hidden a multiple of 8 up to 8,192 (norm.cu's block of at most 1,024
-        threads, one 8-element vector each, is what the kernel replays)."""
-        return (isinstance(w, QuantWeight) and w.fmt == "8" and m == 1 and self._takes_x1(w, dtype, m)
+        """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, int8 or
+        Q4_0 weights (the _x1n kernels), hidden a multiple of 8 up to 8,192 (int8: norm.cu's block of at most
+        1,024 threads, one 8-element vector each, is what the kernel replays; Q4_0 applies the norm's scale to
+        its sums, gemv_quant.cu stage_x_half's FOLD)."""
+        return (isinstance(w, QuantWeight) and w.fmt in ("8", "4s") and m == 1 and self._takes_x1(w, dtype, m)
                 and hidden % 8 == 0 and hidden <= 8 * 1024 and w.k == hidden)
 
     def _takes_x1(self, w: "QuantWeight", dtype: str, rows: int) -> bool:
@@ -679,12 +681,13 @@ class Kernels:
         silu_mul on the pairs. Both round gate and up to the model dtype before SiLU: the same bits.
 
         prenorm (delta, resid_in, resid_out, weight, eps; where prenorm_fusable): x is not read but made in the
-        kernel as add_rms_norm(x, delta, resid_in, weight) would, the sum r' going to resid_out instead."""
+        kernel as add_rms_norm(x, delta, resid_in, weight) would (int8: its bits; Q4_0: rstd applied to the sums,
+        within bf16 rounding), the sum r' going to resid_out instead."""
         quant = isinstance(w, QuantWeight)
         n, k = w.shape
         m = x.shape[0]
         if prenorm is not None and not self.prenorm_fusable(w, x.dtype, m, k):
-            raise ValueError(f"prenorm: needs one bf16 token and int8 weights with hidden <= 8192 (M={m}, {x.dtype})")
+            raise ValueError(f"prenorm: needs one bf16 token and int8 or Q4_0 weights with hidden <= 8192 (M={m}, {x.dtype})")
         if n % 2:
             raise ValueError(f"w: {n} rows; a merged gate/up weight has an even number")
         _check(act, "act", x.dtype, (m, n // 2))
@@ -722,7 +725,7 @@ class Kernels:
         n, k = w.shape
         m = x.shape[0]
         if prenorm is not None and not self.prenorm_fusable(w, x.dtype, m, k):
-            raise ValueError(f"prenorm: needs one bf16 token and int8 weights with hidden <= 8192 (M={m}, {x.dtype})")
+            raise ValueError(f"prenorm: needs one bf16 token and int8 or Q4_0 weights with hidden <= 8192 (M={m}, {x.dtype})")
         if head_dim % 2 or n != (n_heads + 2 * n_kv_heads) * head_dim:
             raise ValueError(f"w: {n} rows for {n_heads} + 2 x {n_kv_heads} heads of {head_dim} (even)")
         _check(qkv, "qkv", x.dtype, (m, n))

@@ -483,6 +483,65 @@ def test_prenorm_folded_into_x1_kernels_same_bits(kernels, hidden):
                               prenorm=(dev(delta, "bf16"), dev(resid, "bf16"), r_out, weight, eps))
 
 
+@pytest.mark.parametrize("hidden", [576, 4160, 8192])
+def test_prenorm_folded_into_q4_0_x1_kernels(kernels, hidden):
+    """Q4_0's _x1n kernels (the pre-norm folded in, its scale rstd applied to the sums: gemv_quant.cu stage_x_half's
+    FOLD) against the NumPy reference of add_rms_norm then the projections, and against add_rms_norm then the _x1
+    kernels: r' bit for bit (to resid_out; resid_in left as it was); act, q/k/v and the KV caches within bf16
+    rounding (r' w is rounded once to bf16, where add_rms_norm rounds r' rstd w). Residuals of a large scale: the
+    sum is staged unnormalised."""
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.cuda.model import rope_interleave
+    from mpillm.quant import unpack
+    rng = np.random.default_rng(hidden + 1)
+    n_heads, n_kv, head_dim, eps = 9, 3, 64, 1e-5
+    n_qkv, n_gu = (n_heads + 2 * n_kv) * head_dim, 1000
+    p_gu, p_qkv = _packed(rng, "q4_0", n_gu, hidden, 32), _packed(rng, "q4_0", n_qkv, hidden, 32)
+    w_gu = QuantWeight.from_packed(p_gu)
+    w_qkv = QuantWeight.from_packed(p_qkv._replace(data=rope_interleave(p_qkv.data, head_dim),
+                                                   scales=rope_interleave(p_qkv.scales, head_dim)))
+    resid = rounded(300 * rng.normal(size=(1, hidden)), "bf16")
+    delta = rounded(100 * rng.normal(size=(1, hidden)), "bf16")
+    weight = rounded(rng.uniform(0.5, 1.5, hidden), "bf16")
+    positions, slots = dev(np.array([31], np.int32), "i32"), dev(np.array([3], np.int32), "i32")
+    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
+    out = {}
+    for fold in (True, False):
+        r_in, r_out, h = dev(resid, "bf16"), DeviceTensor.empty((1, hidden), "bf16"), DeviceTensor.empty((1, hidden), "bf16")
+        act, qkv = DeviceTensor.empty((1, n_gu // 2), "bf16"), DeviceTensor.empty((1, n_qkv), "bf16")
+        kc, vc = (dev(np.zeros((1, 16, n_kv, head_dim)), "bf16") for _ in range(2))
+        staging = DeviceTensor.empty((1, n_qkv), "bf16")
+        if fold:
+            pn = (dev(delta, "bf16"), r_in, r_out, dev(weight, "bf16"), eps)
+            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"), prenorm=pn)
+            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
+                                staging, prenorm=pn)
+            np.testing.assert_array_equal(r_in.to_numpy(), resid)          # read only
+            r_new = r_out.to_numpy()
+        else:
+            kernels.add_rms_norm(h, dev(delta, "bf16"), r_in, dev(weight, "bf16"), eps)
+            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"))
+            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
+                                staging)
+            r_new = r_in.to_numpy()
+        out[fold] = (r_new, act.to_numpy(), qkv.to_numpy(), kc.to_numpy(), vc.to_numpy())
+    r_want = rounded(resid + delta, "bf16")
+    np.testing.assert_array_equal(out[True][0], r_want)
+    np.testing.assert_array_equal(out[False][0], r_want)
+    for a, b, what in zip(out[True][1:], out[False][1:], ("act", "qkv", "k cache", "v cache")):
+        top = max(np.abs(b).max(), 1e-6)
+        np.testing.assert_allclose(a / top, b / top, rtol=0, atol=2e-2, err_msg=what)
+    # act against NumPy: rms_norm in float64, the dequantized gate/up rows (interleaved: 2i gate, 2i + 1 up)
+    x = r_want.astype(np.float64)
+    x = x / np.sqrt(np.mean(x * x) + eps) * weight
+    gu = x @ unpack(p_gu).astype(np.float64).T
+    want = (gu[:, 0::2] / (1 + np.exp(-gu[:, 0::2]))) * gu[:, 1::2]
+    top = np.abs(want).max()
+    np.testing.assert_allclose(out[True][1] / top, want / top, rtol=0, atol=2e-2)
+    err_fold, err_plain = (np.abs(o[1] - want).max() / top for o in (out[True], out[False]))
+    assert err_fold <= 2 * err_plain + 4e-3, (err_fold, err_plain)
+
+
 def test_linear_quant_checks(kernels):
     from mpillm.cuda.kernels import QuantWeight
     w = QuantWeight.from_packed(_packed(np.random.default_rng(0), "int8", 64, 576, 64))

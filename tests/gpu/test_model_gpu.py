@@ -327,6 +327,8 @@ def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_d
                for key in ("qkv", "o", "gate_up", "down"))
     rng = np.random.default_rng(4)
     prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (3, 60, 70)], 8)  # 133 tokens: dequantize
+    # The decode steps above folded the pre-norms into the _x1n kernels (Q4_0's own fold); m1 folds nothing.
+    assert gpu.prenorm_folds == (2 * ckpt.config.num_layers - 1 if x1 else 0)
 
 
 def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kernels):
@@ -401,6 +403,33 @@ def test_folded_prenorm_gives_the_same_bits(tmp_path, cuda_device, kernels, kind
     assert folds == {"folded": 2 * ckpt.config.num_layers - 1, "plain": 0}
     for a, b in zip(logits["folded"], logits["plain"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_folded_prenorm_q4_0_follows_the_norm_kernel(tmp_path, cuda_device, kernels):
+    """One token on one GPU with a GGUF's Q4_0 projections: the residual add + RMSNorm folded into the q/k/v and
+    gate/up kernels (gemv_quant.cu stage_x_half's FOLD: rstd applied to the sums, so not add_rms_norm's bits)
+    against add_rms_norm as a kernel of its own (bench --no-fuse-prenorm), both fed the same tokens through the
+    decode graphs: logits within bf16 rounding step after step, the same greedy ids where the top two are apart."""
+    ckpt = tiny_q4_0_checkpoint(tmp_path)
+    folded, plain = (build(ckpt, cuda_device, kernels, quantize="auto", fuse_prenorm=f) for f in (True, False))
+    rng = np.random.default_rng(6)
+    prompt, table, spec = rng.integers(0, 300, 11).tolist(), list(range(8)), [SampleSpec(GREEDY, 0, 0, None)]
+    step = StepInput.build([(prompt, 0, table, True)], 16)
+    _, a = folded.forward(step, spec, want_logits=True)
+    _, b = plain.forward(step, spec, want_logits=True)
+    np.testing.assert_array_equal(a, b)              # prefill (11 tokens) folds nothing
+    assert folded.prenorm_folds == plain.prenorm_folds == 0
+    for i in range(8):
+        row = b.reshape(-1, b.shape[-1])[0]
+        tok = int(row.argmax())
+        top2 = np.sort(row)[-2:]
+        if top2[1] - top2[0] > 0.05:
+            assert int(a.reshape(-1, a.shape[-1])[0].argmax()) == tok, f"step {i}"
+        step = StepInput.build([([tok], len(prompt) + i, table, True)], 16)
+        _, a = folded.forward(step, spec, want_logits=True)
+        _, b = plain.forward(step, spec, want_logits=True)
+        assert folded.prenorm_folds == 2 * ckpt.config.num_layers - 1 and plain.prenorm_folds == 0
+        assert rel_err(a, b) < 2e-2, f"step {i}"
 
 
 def test_default_model_fused_rope_matches_unfused(smollm_gguf, cuda_device, kernels):

@@ -207,6 +207,57 @@ def test_tp_int8_greedy_equals_single_gpu_int8(tp_env, smollm_gguf):
 
 
 @mpi
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "int8", "q4_0"])
+def test_tp_tiny_models_equal_single_gpu(tp_env, tmp_path, kind):
+    """Tiny random-weight checkpoints written here (no model to stage): HF Llama (8 heads, 2 kv heads), Qwen2 (q/k/v
+    biases, one kv head replicated on every rank), Llama as int8 W8A16 (group 64), and a GGUF whose projections
+    are Q4_0 (its own bits; one head per rank at TP 4, a row-parallel shard of 64 columns, half a super-block). At
+    TP = world size against TP = 1 on this rank's GPU, both fed the same tokens: every step's logits within bf16
+    rounding (eager), the ids sampled through the decode graphs (the collectives inside) equal wherever the top
+    two logits are apart, and the same on every rank."""
+    from gpu.test_model_gpu import tiny_checkpoint, tiny_q4_0_checkpoint
+
+    from mpillm.batch import StepInput
+    from mpillm.cuda.model import CudaTransformer
+    from mpillm.engine import SampleSpec
+    from mpillm.jobio import SamplingParams
+    from mpillm.parallel import make_shard
+    world, dev, kernels = tp_env
+    r, n = world.Get_rank(), world.Get_size()
+    ck = tiny_q4_0_checkpoint(tmp_path) if kind == "q4_0" else tiny_checkpoint(tmp_path, "qwen2" if kind == "qwen2" else "llama")
+    cfg = ck.config
+    quant = {"int8": dict(quantize="int8", group_size=64), "q4_0": dict(quantize="auto")}.get(kind, {})
+    comm = _group_comm(world, dev, cfg)
+    kw = dict(dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64, **quant)
+    tp = CudaTransformer(ck, cfg, make_shard(cfg, r, n), dev, kernels, comm=comm, **kw)
+    single = CudaTransformer(ck, cfg, make_shard(cfg, 0, 1), dev, kernels, **kw)
+    if kind == "q4_0":
+        assert tp.layers[0].o.kind == single.layers[0].o.kind == "q4_0"
+    spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)]
+    prompt = np.random.default_rng(7).integers(0, cfg.vocab_size, 13).tolist()
+    step = StepInput.build([(prompt, 0, [0, 1, 2], True)], 16)
+    ids_tp, compared = [], 0
+    for i in range(10):                        # a fixed count on every rank: NCCL calls must match
+        _, lt = tp.forward(step, spec, want_logits=True)
+        _, l1 = single.forward(step, spec, want_logits=True)
+        top = np.abs(l1).max()
+        assert np.abs(lt - l1).max() < 3e-2 * top, f"step {i}: logits"
+        a, _ = tp.forward(step, spec)          # the same step again (same KV slots, same values), sampled
+        b, _ = single.forward(step, spec)
+        ids_tp.append(int(a[0]))
+        top2 = np.sort(l1[-1])[-2:]
+        if top2[1] - top2[0] > 6e-2 * top:
+            assert int(a[0]) == int(b[0]), f"step {i}: TP sampled {int(a[0])}, one GPU {int(b[0])}"
+            compared += 1
+        tok = world.bcast(int(b[0]), root=0)   # both models go on from the same token
+        step = StepInput.build([([tok], len(prompt) + i, [0, 1, 2], True)], 16)
+    assert compared >= 5, f"only {compared} of 10 steps had a clear top token"
+    everyone = world.allgather(ids_tp)
+    assert all(e == everyone[0] for e in everyone), "ranks of a TP group sampled different tokens"
+    _close(comm, tp, single)
+
+
+@mpi
 def test_tp_overlapped_micro_batches_equal_one_batch(tp_env, smollm_gguf):
     """A mixed step over OVERLAP_MIN_TOKENS (two prompts, one straddling the cut, and a decode) runs as two
     micro-batches whose all-reduces overlap; its logits and the KV cache it writes equal those of the

@@ -236,22 +236,23 @@ def test_tp_tiny_models_equal_single_gpu(tp_env, tmp_path, kind):
     spec = [SampleSpec(SamplingParams(temperature=0.0), 0, 0, None)]
     prompt = np.random.default_rng(7).integers(0, cfg.vocab_size, 13).tolist()
     step = StepInput.build([(prompt, 0, [0, 1, 2], True)], 16)
-    ids_tp, compared = [], 0
+    ids_tp, gaps, compared = [], [], 0
     for i in range(10):                        # a fixed count on every rank: NCCL calls must match
         _, lt = tp.forward(step, spec, want_logits=True)
         _, l1 = single.forward(step, spec, want_logits=True)
-        top = np.abs(l1).max()
-        assert np.abs(lt - l1).max() < 3e-2 * top, f"step {i}: logits"
+        top, diff = np.abs(l1).max(), np.abs(lt - l1).max()
+        assert diff < 3e-2 * top, f"step {i}: logits"
         a, _ = tp.forward(step, spec)          # the same step again (same KV slots, same values), sampled
         b, _ = single.forward(step, spec)
         ids_tp.append(int(a[0]))
         top2 = np.sort(l1[-1])[-2:]
-        if top2[1] - top2[0] > 6e-2 * top:
+        gaps.append(round(float((top2[1] - top2[0]) / top), 4))
+        if top2[1] - top2[0] > 2 * diff + 2e-3 * top:  # no logit moved by more than diff: the top one stays on top
             assert int(a[0]) == int(b[0]), f"step {i}: TP sampled {int(a[0])}, one GPU {int(b[0])}"
             compared += 1
         tok = world.bcast(int(b[0]), root=0)   # both models go on from the same token
         step = StepInput.build([([tok], len(prompt) + i, [0, 1, 2], True)], 16)
-    assert compared >= 5, f"only {compared} of 10 steps had a clear top token"
+    assert compared >= 3, f"{compared} steps with a clear top token (top-2 gaps / max |logit|: {gaps})"
     everyone = world.allgather(ids_tp)
     assert all(e == everyone[0] for e in everyone), "ranks of a TP group sampled different tokens"
     _close(comm, tp, single)

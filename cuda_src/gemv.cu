@@ -15,12 +15,16 @@
 // Block: WARPS warps on the same 16 weight rows, interleaved over k blocks (enough warps per SM even
 // when N is only 4096); partial tiles are summed through shared memory.
 //
+// PRENORM (gemv_*_m1n, the q/k/v and gate/up projections at one token on one GPU): the add + RMSNorm before the
+// projection folded into it (stage_prenorm below), one kernel fewer per norm.
+//
 // SEND (gemv_send_*, the row-parallel projections at tensor parallelism): each block also sends its finished
 // tile into every peer's all-reduce buffer (ll.cuh), so that the fused all-reduce + norm after it only waits
 // for the peers' parts: they cross NVLink while the rest of this kernel still streams weights, instead of
 // after it, from the all-reduce's few blocks.
 #include "ll.cuh"
 #include "mma.cuh"
+#include "norm.cuh"
 
 // Production shape (the template below also serves benchmark variants).
 #define GEMV_WARPS 8
@@ -83,6 +87,40 @@ __device__ __noinline__ void send_tile(const SendStage<T, NT>& st, int n0, int M
     }
 }
 
+// PRENORM's staging, right after the PDL wait (everything it reads was written by kernels that have finished): each
+// warp stages the k blocks it alone reads (kb = warp mod WARPS, as the main loop), x' = r' w (norm.cuh fold_vec:
+// r' = r + delta, which block 0 writes to resid_out) as bf16 into shared memory, and the block's sum of squares of
+// r' gives rstd, which the caller multiplies into its fp32 sums at the end: sum_k W_k (r'_k rstd w_k) = rstd
+// sum_k W_k x'_k. No reduction stands between the wait and the first weights, as in gemv_quant.cu's Q4_0 fold (which
+// won 3.3% where a fold that normalised first had lost 2.6%). Not add_rms_norm's bits: x' is rounded once to bf16
+// where that kernel rounds r' rstd w. Returns rstd.
+template <int WARPS>
+__device__ __forceinline__ float stage_prenorm(uint4* __restrict__ xs, const PreNorm& pn, int K, int n_kblocks,
+                                               int warp, int lane) {
+    constexpr int VPB = GEMV_KBLOCK / 8;  // 16-byte vectors per k block
+    const int vecs = (n_kblocks - warp + WARPS - 1) / WARPS * VPB;
+    float ss = 0.f;
+    for (int v0 = lane; v0 < vecs; v0 += 64) {  // 2 vectors a lane in flight: 6 loads (K up to 4,096: one trip)
+        uint4 d[2], r[2], wn[2];
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int v = v0 + 32 * i, k = (warp + WARPS * (v / VPB)) * GEMV_KBLOCK + 8 * (v % VPB);
+            const bool in = v < vecs && k < K;
+            d[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.delta + k)) : zero;
+            r[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.resid_in + k)) : zero;
+            wn[i] = in ? __ldg(reinterpret_cast<const uint4*>(pn.weight + k)) : zero;
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int v = v0 + 32 * i, k = (warp + WARPS * (v / VPB)) * GEMV_KBLOCK + 8 * (v % VPB);
+            const uint4 xv = fold_vec(d[i], r[i], wn[i], ss, blockIdx.x == 0 && v < vecs && k < K, pn.resid_out, k);
+            if (v < vecs && k < K) xs[k >> 3] = xv;
+        }
+    }
+    return fold_rstd<WARPS>(ss, K, pn.eps, warp, lane);  // its barrier also orders the stores before the reads
+}
+
 // L2::256B asks L2 to fetch the whole 256-byte segment around each miss: the other half of a row's
 // 128 bytes is requested by the next instruction anyway.
 template <bool L2_PREFETCH>
@@ -108,11 +146,13 @@ struct GemvStage {
 // ROPE: the epilogue of the q/k/v projection with rotary embedding and the KV store (finish_small_m_tile_rope).
 template <typename T, typename OutT, int NT, int WARPS = GEMV_WARPS, int UNROLL = GEMV_UNROLL,
           bool L2_PREFETCH = GEMV_L2_PREFETCH, bool PIPELINE = GEMV_PIPELINE, bool SWIGLU = false, bool ROPE = false,
-          bool SEND = false>
+          bool SEND = false, bool PRENORM = false>
 __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __restrict__ x,
                                                const T* __restrict__ w, const T* __restrict__ bias, int M,
                                                int N, int K, const RopeArgs<T>& rope = RopeArgs<T>{},
-                                               const LlSend& send = LlSend{}) {
+                                               const LlSend& send = LlSend{}, const PreNorm& prenorm = PreNorm{}) {
+    static_assert(!PRENORM || (NT == 1 && PIPELINE && !SEND), "the fold: one token, the pipelined loop, no send");
+    extern __shared__ __align__(16) uint4 gemv_xs[];  // PRENORM: x' (kernels.py sizes it: whole k blocks)
     __shared__ float partial[WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -156,8 +196,12 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     const int tok = j * 8 + g;
-                    st.xv[u][j][h] = ok && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
-                                                   : zero;
+                    if constexpr (PRENORM)
+                        st.xv[u][j][h] = ok && tok < M ? gemv_xs[k >> 3] : zero;
+                    else
+                        st.xv[u][j][h] = ok && tok < M
+                                             ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
+                                             : zero;
                 }
             }
         }
@@ -184,12 +228,14 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
     };
 
     __shared__ __align__(16) SendStage<T, NT> send_st;  // SEND only (unused shared memory is not allocated)
+    float rstd = 1.f;  // PRENORM: the norm's scale, applied to the sums
     if (PIPELINE) {
         GemvStage<UNROLL, NT> front, back;
         load_w(front, warp);  // weights are never written by a kernel: safe before the wait
         if constexpr (SEND) send_stage_bases(send_st, send);
         pdl_begin();
         if constexpr (SEND) send_stage_flags(send_st, send, M);
+        if constexpr (PRENORM) rstd = stage_prenorm<WARPS>(gemv_xs, prenorm, K, n_kblocks, warp, lane);
         load_x(front, warp);
         for (int kb0 = warp; kb0 < n_kblocks; kb0 += 2 * STEP) {
             load(back, kb0 + STEP);
@@ -208,6 +254,9 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
         }
     }
 
+    if constexpr (PRENORM)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[0][i] *= rstd;
     if constexpr (ROPE)
         finish_small_m_tile_rope<T, WARPS, NT>(partial, acc, y, bias, n0, M, N, rope);
     else if constexpr (SEND)
@@ -265,6 +314,25 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
     GEMV_SEND_KERNEL(T, NAME, m2, 2, 8, 2, true, true)  \
     GEMV_SEND_KERNEL(T, NAME, m4, 4, 8, 1, true, true)  \
     GEMV_SEND_KERNEL(T, NAME, m1w, 1, 16, 2, true, true)
+
+// The q/k/v and gate/up projections with the pre-norm folded in (PRENORM, _m1n: one token, bf16, 8 warps): x is not
+// read; the five arguments after the usual ones are PreNorm's, and K is the hidden size. Dynamic shared memory: K
+// rounded up to whole k blocks, as bf16 (kernels.py gemv_prenorm_bytes).
+#define GEMV_PRENORM_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_swiglu_bf16_bf16_m1n(bf16* y, const bf16* x, const bf16* w,
+                                                                         const bf16* bias, int M, int N, int K,
+                                                                         GEMV_PRENORM_ARGS) {
+    small_m_linear<bf16, bf16, 1, 8, 2, true, true, true, false, false, true>(
+        y, x, w, bias, M, N, K, RopeArgs<bf16>{}, LlSend{}, PreNorm{delta, resid_in, resid_out, norm_w, eps});
+}
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_rope_bf16_m1n(
+    bf16* y, const bf16* x, const bf16* w, const bf16* bias, int M, int N, int K, const int* positions,
+    const float* inv_freq, const int* slots, bf16* k_cache, bf16* v_cache, int n_heads, int n_kv, int head_dim,
+    GEMV_PRENORM_ARGS) {
+    small_m_linear<bf16, bf16, 1, 8, 2, true, true, false, true, false, true>(
+        y, x, w, bias, M, N, K, RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim},
+        LlSend{}, PreNorm{delta, resid_in, resid_out, norm_w, eps});
+}
 
 // NAME = <input dtype>_<output dtype>
 GEMV_KERNELS(bf16, bf16, bf16_bf16)

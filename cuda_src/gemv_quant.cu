@@ -25,6 +25,7 @@
 // fewer blocks than tiles and loop over them, the ring streaming on from one tile into the next. One token of bf16 x
 // (the _x1 kernels) runs x1_linear, a loop of its own.
 #include "mma.cuh"
+#include "norm.cuh"
 
 #define QGEMV_ROWS 16
 #define QGEMV_SB_BYTES 64   // bytes per row per super-block (int8: 2 chunks of 32; 4-bit: 4 chunks)
@@ -163,13 +164,7 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t h) { return __half2
 // this kernel runs at all: the kernel just before ours is a quantized projection (the model folds a pre-norm only
 // after one), which lets it start only after its own wait for that one (pdl_begin_late: wait, then
 // launch_dependents; common.cuh). r is read through L2 (__ldcg), never a stale L1 line.
-struct PreNorm {
-    const bf16* delta;
-    const bf16* resid_in;
-    bf16* resid_out;
-    const bf16* weight;
-    float eps;
-};
+// (PreNorm itself: norm.cuh.)
 
 template <int THREADS>
 struct PreNormStage {
@@ -279,19 +274,8 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
 #pragma unroll
             for (int i = 0; i < BATCH; ++i) {
                 const int v = v0 + 32 * i, k = at(v);
-                float a[8], rr[8], ww[8];
-                unpack8<bf16>(d[i], a);
-                unpack8<bf16>(r[i], rr);
-                unpack8<bf16>(wn[i], ww);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    a[e] = to_float(from_float<bf16>(a[e] + rr[e]));
-                    ss = __fmaf_rn(a[e], a[e], ss);
-                }
-                if (blockIdx.x == 0 && v < vecs && k < K) reinterpret_cast<uint4*>(pn.resid_out)[k >> 3] = pack8<bf16>(a);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) a[e] = __fmul_rn(a[e], ww[e]);
-                q[i] = pack8<bf16>(a);  // zeros past K
+                // zeros past K (d, r, w loaded as zeros)
+                q[i] = fold_vec(d[i], r[i], wn[i], ss, blockIdx.x == 0 && v < vecs && k < K, pn.resid_out, k);
             }
         } else {
 #pragma unroll
@@ -354,16 +338,7 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
     }
     __syncwarp();  // lanes read each other's vectors
     float down = __int_as_float((127 - s) << 23);
-    if constexpr (FOLD) {  // rstd from the warps' sums, in warp order (every block the same number)
-        __shared__ float fold_ss[WARPS];
-        ss = warp_sum(ss);
-        if (lane == 0) fold_ss[warp] = ss;
-        __syncthreads();
-        float total = 0.f;
-#pragma unroll
-        for (int i = 0; i < WARPS; ++i) total += fold_ss[i];
-        down *= rsqrtf(__fadd_rn(__fdiv_rn(total, (float)K), pn.eps));
-    }
+    if constexpr (FOLD) down *= fold_rstd<WARPS>(ss, K, pn.eps, warp, lane);
     return down;
 }
 

@@ -118,3 +118,48 @@ __device__ __forceinline__ void rms_norm_row1(T* out, const T* x, T* residual, u
     const float rstd = norm_rstd(sum_sq, hidden, eps);
     if (mine) reinterpret_cast<uint4*>(out + row)[v] = scale_vec<T>(a, wv, rstd);
 }
+
+// A pre-norm folded into the projection that reads its output (one token on one GPU: gemv_quant.cu's _x1n kernels,
+// gemv.cu's _m1n): r' = resid_in + delta goes to resid_out (block 0 writes it; every block reads resid_in), and the
+// projection's x is rms_norm(r') * weight. All bf16.
+struct PreNorm {
+    const bf16* delta;
+    const bf16* resid_in;
+    bf16* resid_out;
+    const bf16* weight;
+    float eps;
+};
+
+// The folds that leave rstd to the end (Q4_0's _x1n, bf16's _m1n): one vector of r' (d + r rounded to bf16, as
+// add_vec; written to out[k..k+7] where `write`), its squares added to sum_sq, and r' * w rounded to bf16 (no
+// rstd: the projection multiplies its sums by it, one number per token).
+__device__ __forceinline__ uint4 fold_vec(const uint4& d, const uint4& r, const uint4& w, float& sum_sq, bool write,
+                                          bf16* out, int k) {
+    float a[8], rr[8], ww[8];
+    unpack8<bf16>(d, a);
+    unpack8<bf16>(r, rr);
+    unpack8<bf16>(w, ww);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        a[e] = to_float(from_float<bf16>(a[e] + rr[e]));
+        sum_sq = __fmaf_rn(a[e], a[e], sum_sq);
+    }
+    if (write) reinterpret_cast<uint4*>(out)[k >> 3] = pack8<bf16>(a);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) a[e] = __fmul_rn(a[e], ww[e]);
+    return pack8<bf16>(a);
+}
+
+// rstd from each warp's sum of squares (lane values, any order within the warp), added in warp order after one block
+// barrier: every block of a launch computes the same number. All threads of the block call it.
+template <int WARPS>
+__device__ __forceinline__ float fold_rstd(float sum_sq, int hidden, float eps, int warp, int lane) {
+    __shared__ float fold_ss[WARPS];
+    sum_sq = warp_sum(sum_sq);
+    if (lane == 0) fold_ss[warp] = sum_sq;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) total += fold_ss[i];
+    return rsqrtf(__fadd_rn(__fdiv_rn(total, (float)hidden), eps));
+}

@@ -67,6 +67,8 @@ def test_every_kernel_file_compiles(tmp_path):
     x1 |= {f"qgemv{fmt}_rope_bf16_x1{n}" for fmt in ("8", "4s") for n in ("", "n")}
     x1 |= {f"qgemv{fmt}_swiglu_bf16_bf16_x1n" for fmt in ("8", "4s")}
     assert x1 == {k for k in entries if re.search(r"_x1n?$", k)}
+    # bf16's pre-norm twins (kernels.Kernels._gemv with prenorm: the 8-warp one-token kernel), and no others.
+    assert {k for k in entries if k.endswith("_m1n")} == {"gemv_swiglu_bf16_bf16_m1n", "gemv_rope_bf16_m1n"}
     missing = sorted(k for k, body in entries.items() if "griddepcontrol.wait;" not in body)
     assert not missing, f"kernels without pdl_wait() (griddepcontrol.wait): {missing}"
     no_trigger = sorted(k for k, body in entries.items() if "griddepcontrol.launch_dependents;" not in body)

@@ -274,6 +274,40 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
         qgemv_x1_setting({"MPILLM_QGEMV_X1": "on"})
 
 
+def test_one_bf16_token_folds_the_pre_norm_into_the_8_warp_gemv():
+    """bf16 weights, one bf16 token: linear_swiglu / linear_rope with prenorm launch the _m1n kernels (gemv.cu
+    PRENORM) with x' in dynamic shared memory (whole k blocks of 64, bf16) and PreNorm's five arguments; not where the
+    wide block would run (its launch keeps the norm kernel), nor fp16, two tokens or hidden past 8,192."""
+    from mpillm.cuda.kernels import gemv_prenorm_bytes
+    assert gemv_prenorm_bytes(4096) == 8192 and gemv_prenorm_bytes(576) == 576 * 2 and gemv_prenorm_bytes(600) == 640 * 2 and gemv_prenorm_bytes(8192) == 16384
+    pn = (_tensor(0x610000, (1, 4096)), _tensor(0x620000, (1, 4096)), _tensor(0x630000, (1, 4096)),
+          _tensor(0x640000, (4096,)), 1e-5)
+    w = _tensor(0x100000, (28672, 4096))
+    rec = _Recorder()
+    assert rec.k.prenorm_fusable(w, "bf16", 1, 4096) and not rec.k.prenorm_fusable(w, "bf16", 2, 4096)
+    assert not rec.k.prenorm_fusable(w, "f16", 1, 4096) and not rec.k.prenorm_fusable(w, "bf16", 1, 2048)
+    assert not rec.k.prenorm_fusable(_tensor(0x100000, (1000, 4096), "f16"), "bf16", 1, 4096)
+    assert not rec.k.prenorm_fusable(_tensor(0x100000, (1000, 16384)), "bf16", 1, 16384)
+    rec.k.linear_swiglu(_tensor(0x400000, (1, 14336)), _tensor(0x300000, (1, 4096)), w, _tensor(0x500000, (1, 28672)),
+                        prenorm=pn)
+    wq = _tensor(0x100000, (6144, 4096))
+    rec.k.linear_rope(_tensor(0x400000, (1, 6144)), _tensor(0x300000, (1, 4096)), wq, None,
+                      _tensor(0x700000, (1,), "i32"), _tensor(0x710000, (64,), "f32"),
+                      _tensor(0x720000, (1, 16, 8, 128)), _tensor(0x730000, (1, 16, 8, 128)),
+                      _tensor(0x740000, (1,), "i32"), 32, 8, 128, _tensor(0x750000, (1, 6144)), prenorm=pn)
+    (f1, g1, b1, a1), (f2, g2, b2, a2) = rec.launches
+    assert (f1, g1, b1) == ("gemv_swiglu_bf16_bf16_m1n", (1792, 1), 256) and (f2, g2, b2) == ("gemv_rope_bf16_m1n", (384, 1), 256)
+    assert a1[-5:] == a2[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5) and rec.shared == [8192, 8192]
+    # 1,000 rows (63 tiles <= 132 SMs) of K 4,096: the wide block's launch, which has no fold
+    narrow = _tensor(0x100000, (1000, 4096))
+    assert not rec.k.prenorm_fusable(narrow, "bf16", 1, 4096)
+    with pytest.raises(ValueError, match="prenorm"):
+        rec.k.linear_swiglu(_tensor(0x400000, (1, 500)), _tensor(0x300000, (1, 4096)), narrow,
+                            _tensor(0x500000, (1, 1000)), prenorm=pn)
+    rec.k.gemv_wide = False           # MPILLM_GEMV_WIDE=0: the 8-warp kernel there too, so it folds
+    assert rec.k.prenorm_fusable(narrow, "bf16", 1, 4096)
+
+
 def test_float_small_m_and_swiglu_launch_one_gemv():
     n, k = 1000, 576
     w, x = _tensor(0x100000, (n, k)), _tensor(0x300000, (9, k))
@@ -666,7 +700,15 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
     users = [p.name for p in CUDA_SRC.iterdir() if p.suffix == ".cu" and "pdl_begin_late()" in p.read_text()]
     assert users == ["gemv_quant.cu"]
     model = (CUDA_SRC.parent / "mpillm" / "cuda" / "model.py").read_text()
-    assert "isinstance(w, QuantWeight)\n              and k.prenorm_fusable(next_w" in model
+    assert "and (isinstance(w, QuantWeight) or not k.prenorm_reads_early(next_w))" in model
+    # int8's replay is the fold that reads early; Q4_0's and bf16's read after their wait (no pdl_begin_late needed)
+    from mpillm.cuda.kernels import QuantWeight
+    k = _Recorder().k
+    w8 = QuantWeight("int8", 6144, 4096, 128, _tensor(0x100000, (6144, 4096), "u8"), _tensor(0x200000, (6144, 64), "u8"))
+    w4 = QuantWeight("q4_0", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 256), "u8"))
+    assert k.prenorm_reads_early(w8) and not k.prenorm_reads_early(w4)
+    assert not k.prenorm_reads_early(_tensor(0x100000, (6144, 4096)))
+    assert "pdl_begin_late" not in (CUDA_SRC / "gemv.cu").read_text()
 
 
 def test_ipc_enable_sizes_the_gather_by_the_widest_vocab_shard_and_keeps_what_is_big_enough(monkeypatch):

@@ -308,10 +308,15 @@ def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
     return _cdiv(_cdiv(k, 64), 8) * 8 * 64 * 2
 
 
+def gemv_prenorm_bytes(k: int) -> int:
+    """Dynamic shared memory of a bf16 _m1n launch over K inputs (gemv.cu PRENORM): x' in whole k blocks of 64."""
+    return _cdiv(k, 64) * 64 * 2
+
+
 def prenorm_args(prenorm, hidden: int, dtype: str) -> tuple:
     """The launch arguments of a pre-norm folded into an _x1n kernel, prenorm = (delta, resid_in, resid_out,
     weight, eps): r' = resid_in + delta goes to resid_out (another buffer: every block reads resid_in) and the
-    kernel's x is rms_norm(r') * weight (int8: add_rms_norm's bits; Q4_0 within bf16 rounding of them). ValueError
+    kernel's x is rms_norm(r') * weight (int8: add_rms_norm's bits; Q4_0 and bf16 within bf16 rounding of them). ValueError
     naming the argument that does not fit."""
     delta, resid_in, resid_out, weight, eps = prenorm
     for t, name in ((delta, "delta"), (resid_in, "resid_in"), (resid_out, "resid_out")):
@@ -658,12 +663,24 @@ class Kernels:
         self._launch(fn, (blocks, 1), SILU_THREADS, out.ptr, gate_up.ptr, n, inter, int(vec))
 
     def prenorm_fusable(self, w, dtype: str, m: int, hidden: int) -> bool:
-        """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, int8 or
-        Q4_0 weights (the _x1n kernels), hidden a multiple of 8 up to 8,192 (int8: norm.cu's block of at most
-        1,024 threads, one 8-element vector each, is what the kernel replays; Q4_0 applies the norm's scale to
-        its sums, gemv_quant.cu stage_x_half's FOLD)."""
-        return (isinstance(w, QuantWeight) and w.fmt in ("8", "4s") and m == 1 and self._takes_x1(w, dtype, m)
-                and hidden % 8 == 0 and hidden <= 8 * 1024 and w.k == hidden)
+        """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, hidden a
+        multiple of 8 up to 8,192, and int8 or Q4_0 weights (the _x1n kernels; int8: norm.cu's block of at most
+        1,024 threads, one 8-element vector each, is what the kernel replays; Q4_0 applies the norm's scale to its
+        sums, gemv_quant.cu stage_x_half's FOLD) or bf16 weights on the 8-warp GEMV (the _m1n kernels, gemv.cu
+        PRENORM: the scale on the sums too; not the wide block)."""
+        if m != 1 or dtype != "bf16" or hidden % 8 or hidden > 8 * 1024:
+            return False
+        if isinstance(w, QuantWeight):
+            return w.fmt in ("8", "4s") and self._takes_x1(w, dtype, m) and w.k == hidden
+        n, k = w.shape
+        return (w.dtype == "bf16" and k == hidden
+                and not (self.gemv_wide and gemv_takes_wide(1, n, k, self.device.sm_count)))
+
+    def prenorm_reads_early(self, w) -> bool:
+        """Whether the folded pre-norm of w's kernel reads the residual before its PDL wait (int8's replay, for its
+        bits: gemv_quant.cu PreNormStage), so that the kernel before it must start it late (pdl_begin_late, as the
+        quantized projections do). The other folds read everything after their wait."""
+        return isinstance(w, QuantWeight) and w.fmt == "8"
 
     def _takes_x1(self, w: "QuantWeight", dtype: str, rows: int) -> bool:
         """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 or Q4_0 weights, x fitting the
@@ -681,13 +698,14 @@ class Kernels:
         silu_mul on the pairs. Both round gate and up to the model dtype before SiLU: the same bits.
 
         prenorm (delta, resid_in, resid_out, weight, eps; where prenorm_fusable): x is not read but made in the
-        kernel as add_rms_norm(x, delta, resid_in, weight) would (int8: its bits; Q4_0: rstd applied to the sums,
-        within bf16 rounding), the sum r' going to resid_out instead."""
+        kernel as add_rms_norm(x, delta, resid_in, weight) would (int8: its bits; Q4_0 and bf16: rstd applied to
+        the sums, within bf16 rounding), the sum r' going to resid_out instead."""
         quant = isinstance(w, QuantWeight)
         n, k = w.shape
         m = x.shape[0]
         if prenorm is not None and not self.prenorm_fusable(w, x.dtype, m, k):
-            raise ValueError(f"prenorm: needs one bf16 token and int8 or Q4_0 weights with hidden <= 8192 (M={m}, {x.dtype})")
+            raise ValueError(f"prenorm: needs one bf16 token, hidden <= 8192 and int8, Q4_0 or bf16 weights on the "
+                             f"8-warp kernel (M={m}, {x.dtype})")
         if n % 2:
             raise ValueError(f"w: {n} rows; a merged gate/up weight has an even number")
         _check(act, "act", x.dtype, (m, n // 2))
@@ -707,7 +725,7 @@ class Kernels:
         if k % 8:
             raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
         _check_aligned(w, "w")
-        self._gemv(act, x, w, 0, swiglu=True)
+        self._gemv(act, x, w, 0, swiglu=True, prenorm=prenorm)
 
     def linear_rope(self, qkv: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None,
                     positions: DeviceTensor, inv_freq: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
@@ -725,7 +743,8 @@ class Kernels:
         n, k = w.shape
         m = x.shape[0]
         if prenorm is not None and not self.prenorm_fusable(w, x.dtype, m, k):
-            raise ValueError(f"prenorm: needs one bf16 token and int8 or Q4_0 weights with hidden <= 8192 (M={m}, {x.dtype})")
+            raise ValueError(f"prenorm: needs one bf16 token, hidden <= 8192 and int8, Q4_0 or bf16 weights on the "
+                             f"8-warp kernel (M={m}, {x.dtype})")
         if head_dim % 2 or n != (n_heads + 2 * n_kv_heads) * head_dim:
             raise ValueError(f"w: {n} rows for {n_heads} + 2 x {n_kv_heads} heads of {head_dim} (even)")
         _check(qkv, "qkv", x.dtype, (m, n))
@@ -757,7 +776,7 @@ class Kernels:
         if k % 8:
             raise ValueError(f"w: K = {k} must be a multiple of 8 (16-byte loads)")
         _check_aligned(w, "w")
-        self._gemv(qkv, x, w, bias_ptr, rope=rope)
+        self._gemv(qkv, x, w, bias_ptr, rope=rope, prenorm=prenorm)
 
     # -- linear -----------------------------------------------------------------------------------
     def linear(self, y: DeviceTensor, x: DeviceTensor, w, bias: DeviceTensor | None = None,
@@ -862,7 +881,8 @@ class Kernels:
                 and w.shape[0] % 8 == 0 and y.ptr % 16 == 0)
 
     def _gemv(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias_ptr: int, swiglu: bool = False,
-              rope=None, send=None) -> None:
+              rope=None, send=None, prenorm=None) -> None:
+        """prenorm (callers checked prenorm_fusable: one bf16 token, not the wide block): the _m1n kernel."""
         m, (n, k) = x.shape[0], w.shape
         tiles = next((nt for nt in GEMV_THREADS if m <= 8 * nt), None)
         if tiles is None:
@@ -879,11 +899,14 @@ class Kernels:
             extra = (table.ptr, slot_bytes, rank, world)
         else:
             name, fmt = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}", "PPPPiii"
-        threads = GEMV_THREADS[tiles]
-        if self.gemv_wide and gemv_takes_wide(tiles, n, k, self.device.sm_count):
+        threads, shared = GEMV_THREADS[tiles], 0
+        if prenorm is not None:
+            name, fmt, shared = name + "n", fmt + "PPPPf", gemv_prenorm_bytes(k)
+            extra += prenorm_args(prenorm, k, x.dtype)
+        elif self.gemv_wide and gemv_takes_wide(tiles, n, k, self.device.sm_count):
             name, threads = name + "w", GEMV_WIDE_THREADS
         self._launch(self._fn("gemv", name, fmt), (_cdiv(n, GEMV_ROWS), 1), threads, y.ptr, x.ptr,
-                     w.ptr, bias_ptr, m, n, k, *extra)
+                     w.ptr, bias_ptr, m, n, k, *extra, shared=shared)
 
     def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False,
                rope=None, prenorm=None) -> None:

@@ -212,8 +212,8 @@ class CudaTransformer:
         # `send`); False: the all-reduce kernel sends them (A/B runs).
         self.presend = presend
         # One GPU, one token: the residual add + RMSNorm before the q/k/v and gate/up projections folded into their
-        # int8 or Q4_0 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, Q4_0 within bf16 rounding of
-        # them), the residual alternating between two buffers;
+        # int8, Q4_0 or bf16 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, the others within bf16
+        # rounding of them), the residual alternating between two buffers;
         # False: add_rms_norm as a kernel of its own (A/B runs).
         self.fuse_prenorm = fuse_prenorm
         self.prenorm_folds = 0             # pre-norms folded in the last forward enqueued (_run)
@@ -679,10 +679,12 @@ class CudaTransformer:
             if fused and self.comm.all_reduce_add_rms_norm(y, resid, rows.h, norm_weight, eps, sent=send is not None):
                 return resid, None
             self.comm.all_reduce_device(y)
-        # The folded kernel reads r before its PDL wait: safe after a quantized projection's kernel, which lets it
-        # start only once the kernels before had finished (cuda_src/common.cuh, pdl_begin_late).
-        elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1 and isinstance(w, QuantWeight)
-              and k.prenorm_fusable(next_w, y.dtype, 1, y.shape[1])):
+        # int8's folded kernel reads r before its PDL wait: safe after a quantized projection's kernel, which lets it
+        # start only once the kernels before had finished (cuda_src/common.cuh, pdl_begin_late); the other folds
+        # read after theirs.
+        elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1
+              and k.prenorm_fusable(next_w, y.dtype, 1, y.shape[1])
+              and (isinstance(w, QuantWeight) or not k.prenorm_reads_early(next_w))):
             out = self.resid_alt if resid.ptr == self.resid.ptr else self.resid.view(0, resid.shape)
             self.prenorm_folds += 1
             return out, (y, resid, out, norm_weight, eps)

@@ -483,23 +483,33 @@ def test_prenorm_folded_into_x1_kernels_same_bits(kernels, hidden):
                               prenorm=(dev(delta, "bf16"), dev(resid, "bf16"), r_out, weight, eps))
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "bf16"])
 @pytest.mark.parametrize("hidden", [576, 4160, 8192])
-def test_prenorm_folded_into_q4_0_x1_kernels(kernels, hidden):
-    """Q4_0's _x1n kernels (the pre-norm folded in, its scale rstd applied to the sums: gemv_quant.cu stage_x_half's
-    FOLD) against the NumPy reference of add_rms_norm then the projections, and against add_rms_norm then the _x1
-    kernels: r' bit for bit (to resid_out; resid_in left as it was); act, q/k/v and the KV caches within bf16
-    rounding (r' w is rounded once to bf16, where add_rms_norm rounds r' rstd w). Residuals of a large scale: the
-    sum is staged unnormalised."""
+def test_prenorm_folded_with_rstd_on_the_sums(kernels, hidden, kind):
+    """Q4_0's _x1n kernels and bf16's _m1n (the pre-norm folded in, its scale rstd applied to the sums:
+    gemv_quant.cu stage_x_half's FOLD, gemv.cu PRENORM) against the NumPy reference of add_rms_norm then the
+    projections, and against add_rms_norm then the plain kernels: r' bit for bit (to resid_out; resid_in left as it
+    was); act, q/k/v and the KV caches within bf16 rounding (r' w is rounded once to bf16, where add_rms_norm rounds
+    r' rstd w). Residuals of a large scale: the sum is staged unnormalised. bf16 takes more rows (over 132 tiles),
+    so that its launches are not the wide block's, which has no fold."""
     from mpillm.cuda.kernels import QuantWeight
     from mpillm.cuda.model import rope_interleave
     from mpillm.quant import unpack
     rng = np.random.default_rng(hidden + 1)
-    n_heads, n_kv, head_dim, eps = 9, 3, 64, 1e-5
-    n_qkv, n_gu = (n_heads + 2 * n_kv) * head_dim, 1000
-    p_gu, p_qkv = _packed(rng, "q4_0", n_gu, hidden, 32), _packed(rng, "q4_0", n_qkv, hidden, 32)
-    w_gu = QuantWeight.from_packed(p_gu)
-    w_qkv = QuantWeight.from_packed(p_qkv._replace(data=rope_interleave(p_qkv.data, head_dim),
-                                                   scales=rope_interleave(p_qkv.scales, head_dim)))
+    n_heads, n_kv, head_dim, eps = (9, 3, 64, 1e-5) if kind == "q4_0" else (32, 8, 64, 1e-5)
+    n_qkv, n_gu = (n_heads + 2 * n_kv) * head_dim, 1000 if kind == "q4_0" else 4000
+    if kind == "q4_0":
+        p_gu, p_qkv = _packed(rng, "q4_0", n_gu, hidden, 32), _packed(rng, "q4_0", n_qkv, hidden, 32)
+        w_gu = QuantWeight.from_packed(p_gu)
+        w_qkv = QuantWeight.from_packed(p_qkv._replace(data=rope_interleave(p_qkv.data, head_dim),
+                                                       scales=rope_interleave(p_qkv.scales, head_dim)))
+        gu_ref = unpack(p_gu)
+    else:
+        gu_ref = rounded(rng.normal(size=(n_gu, hidden)) / math.sqrt(hidden), "bf16")
+        w_gu = dev(gu_ref, "bf16")
+        w_qkv = dev(rope_interleave(rounded(rng.normal(size=(n_qkv, hidden)) / math.sqrt(hidden), "bf16"), head_dim),
+                    "bf16")
+        assert kernels.prenorm_fusable(w_gu, "bf16", 1, hidden) and kernels.prenorm_fusable(w_qkv, "bf16", 1, hidden)
     resid = rounded(300 * rng.normal(size=(1, hidden)), "bf16")
     delta = rounded(100 * rng.normal(size=(1, hidden)), "bf16")
     weight = rounded(rng.uniform(0.5, 1.5, hidden), "bf16")
@@ -534,7 +544,7 @@ def test_prenorm_folded_into_q4_0_x1_kernels(kernels, hidden):
     # act against NumPy: rms_norm in float64, the dequantized gate/up rows (interleaved: 2i gate, 2i + 1 up)
     x = r_want.astype(np.float64)
     x = x / np.sqrt(np.mean(x * x) + eps) * weight
-    gu = x @ unpack(p_gu).astype(np.float64).T
+    gu = x @ gu_ref.astype(np.float64).T
     want = (gu[:, 0::2] / (1 + np.exp(-gu[:, 0::2]))) * gu[:, 1::2]
     top = np.abs(want).max()
     np.testing.assert_allclose(out[True][1] / top, want / top, rtol=0, atol=2e-2)

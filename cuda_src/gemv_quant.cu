@@ -161,9 +161,9 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t h) { return __half2
 // cross-warp sum.
 // Only delta is read after the PDL wait: the weight is never written, and r was written at least two kernels
 // back (by the pre-norm before the previous projection, or the norm kernel), which is complete and visible once
-// this kernel runs at all: the kernel just before ours is a quantized projection (the model folds a pre-norm only
-// after one), which lets it start only after its own wait for that one (pdl_begin_late: wait, then
-// launch_dependents; common.cuh). r is read through L2 (__ldcg), never a stale L1 line.
+// this kernel runs at all: the kernel just before ours is a quantized projection (the model folds int8's pre-norm
+// only after one: Kernels.prenorm_reads_early), which lets it start only after its own wait for that one
+// (pdl_begin_late: wait, then launch_dependents; common.cuh). r is read through L2 (__ldcg), never a stale L1 line.
 // (PreNorm itself: norm.cuh.)
 
 template <int THREADS>

@@ -1030,26 +1030,22 @@ QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3)
 // the norm kernel of its own, where the replay had lost 2.6% (H100, docs/PERFORMANCE.md, nineteenth and
 // seventeenth sessions).
 #define QGEMV_X1N_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
-extern "C" __global__ void __launch_bounds__(256, 2) qgemv8_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
-                                                                                 QGEMV_X1N_ARGS) {
-    x1_linear<8, bf16, true, false, 4, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
-                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
-}
-extern "C" __global__ void __launch_bounds__(256, 3) qgemv8_rope_bf16_x1n(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,
-                                                                          QGEMV_X1N_ARGS) {
-    x1_linear<8, bf16, false, true, 4, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE,
-                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
-}
-extern "C" __global__ void __launch_bounds__(256, 3) qgemv4s_swiglu_bf16_bf16_x1n(bf16* y, QGEMV_X1_ARGS,
-                                                                                   QGEMV_X1N_ARGS) {
-    x1_linear<4, bf16, true, false, 3, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{},
-                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
-}
-extern "C" __global__ void __launch_bounds__(256, 3) qgemv4s_rope_bf16_x1n(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,
-                                                                           QGEMV_X1N_ARGS) {
-    x1_linear<4, bf16, false, true, 3, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE,
-                                             PreNorm{delta, resid_in, resid_out, norm_w, eps});
-}
+#define QGEMV_X1N PreNorm{delta, resid_in, resid_out, norm_w, eps}
+#define QGEMV_X1N_ENTRY(FNAME, BITS, MINB, STAGES)                                                              \
+    extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1N_ARGS) {      \
+        x1_linear<BITS, bf16, true, false, STAGES, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,  \
+                                                         RopeArgs<bf16>{}, QGEMV_X1N);                           \
+    }
+#define QGEMV_X1N_ROPE_ENTRY(FNAME, BITS, MINB, STAGES)                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,    \
+                                                                  QGEMV_X1N_ARGS) {                             \
+        x1_linear<BITS, bf16, false, true, STAGES, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,  \
+                                                         QGEMV_X1_ROPE, QGEMV_X1N);                              \
+    }
+QGEMV_X1N_ENTRY(qgemv8_swiglu_bf16_bf16_x1n, 8, 2, 4)  // the SwiGLU (gate/up) projection
+QGEMV_X1N_ROPE_ENTRY(qgemv8_rope_bf16_x1n, 8, 3, 4)
+QGEMV_X1N_ENTRY(qgemv4s_swiglu_bf16_bf16_x1n, 4, 3, 3)
+QGEMV_X1N_ROPE_ENTRY(qgemv4s_rope_bf16_x1n, 4, 3, 3)
 
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)

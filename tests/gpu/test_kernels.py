@@ -431,6 +431,37 @@ def test_linear_quant_x1_same_bits_as_m1(kernels, kind, group, k, scale):
         assert err_x1 <= err_m1 + 1e-5, (err_x1, err_m1)
 
 
+def _prenorm_folded_and_not(kernels, w_gu, w_qkv, resid, delta, weight, eps, n_heads, n_kv, head_dim):
+    """linear_swiglu and linear_rope (one token at position 31, KV slot 3) with the pre-norm folded in (prenorm;
+    resid_in must stay as it was) and after add_rms_norm: {True: folded, False: not} -> (r', act, qkv, k cache,
+    v cache) as NumPy arrays."""
+    hidden, n_qkv, n_gu = resid.shape[1], w_qkv.shape[0], w_gu.shape[0]
+    positions, slots = dev(np.array([31], np.int32), "i32"), dev(np.array([3], np.int32), "i32")
+    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
+    w_norm = dev(weight, "bf16")
+    out = {}
+    for fold in (True, False):
+        r_in, r_out, h = dev(resid, "bf16"), DeviceTensor.empty((1, hidden), "bf16"), DeviceTensor.empty((1, hidden), "bf16")
+        act, qkv = DeviceTensor.empty((1, n_gu // 2), "bf16"), DeviceTensor.empty((1, n_qkv), "bf16")
+        kc, vc = (dev(np.zeros((1, 16, n_kv, head_dim)), "bf16") for _ in range(2))
+        staging = DeviceTensor.empty((1, n_qkv), "bf16")
+        if fold:
+            pn = (dev(delta, "bf16"), r_in, r_out, w_norm, eps)
+            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"), prenorm=pn)
+            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
+                                staging, prenorm=pn)
+            np.testing.assert_array_equal(r_in.to_numpy(), resid)          # read only
+            r_new = r_out.to_numpy()
+        else:
+            kernels.add_rms_norm(h, dev(delta, "bf16"), r_in, w_norm, eps)
+            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"))
+            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
+                                staging)
+            r_new = r_in.to_numpy()
+        out[fold] = (r_new, act.to_numpy(), qkv.to_numpy(), kc.to_numpy(), vc.to_numpy())
+    return out
+
+
 @pytest.mark.parametrize("hidden", [576, 4160, 8192])
 def test_prenorm_folded_into_x1_kernels_same_bits(kernels, hidden):
     """linear_swiglu and linear_rope with prenorm (the _x1n kernels: r' = r + delta and x = rms_norm(r') * weight
@@ -447,40 +478,21 @@ def test_prenorm_folded_into_x1_kernels_same_bits(kernels, hidden):
                                                    scales=rope_interleave(p_qkv.scales, head_dim)))
     resid = rounded(3 * rng.normal(size=(1, hidden)), "bf16")
     delta = rounded(rng.normal(size=(1, hidden)), "bf16")
-    weight = dev(rounded(rng.uniform(0.5, 1.5, hidden), "bf16"), "bf16")
-    positions, slots = dev(np.array([31], np.int32), "i32"), dev(np.array([3], np.int32), "i32")
-    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
-    out = {}
-    for fold in (True, False):
-        r_in, r_out, h = dev(resid, "bf16"), DeviceTensor.empty((1, hidden), "bf16"), DeviceTensor.empty((1, hidden), "bf16")
-        act, qkv = DeviceTensor.empty((1, n_gu // 2), "bf16"), DeviceTensor.empty((1, n_qkv), "bf16")
-        kc, vc = (dev(np.zeros((1, 16, n_kv, head_dim)), "bf16") for _ in range(2))
-        staging = DeviceTensor.empty((1, n_qkv), "bf16")
-        if fold:
-            pn = (dev(delta, "bf16"), r_in, r_out, weight, eps)
-            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"), prenorm=pn)
-            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
-                                staging, prenorm=pn)
-            np.testing.assert_array_equal(r_in.to_numpy(), resid)          # read only
-            r_new = r_out.to_numpy()
-        else:
-            kernels.add_rms_norm(h, dev(delta, "bf16"), r_in, weight, eps)
-            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"))
-            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
-                                staging)
-            r_new = r_in.to_numpy()
-        out[fold] = (r_new, act.to_numpy(), qkv.to_numpy(), kc.to_numpy(), vc.to_numpy())
+    weight = rounded(rng.uniform(0.5, 1.5, hidden), "bf16")
+    out = _prenorm_folded_and_not(kernels, w_gu, w_qkv, resid, delta, weight, eps, n_heads, n_kv, head_dim)
     for a, b, what in zip(out[True], out[False], ("residual", "act", "qkv", "k cache", "v cache")):
         np.testing.assert_array_equal(a, b, err_msg=what)
     np.testing.assert_array_equal(out[True][0], rounded(resid + delta, "bf16"))
+    act, h, r_out = (DeviceTensor.empty((1, n), "bf16") for n in (n_gu // 2, hidden, hidden))
+    w_norm = dev(weight, "bf16")
     with pytest.raises(ValueError, match="prenorm resid_out"):
         r = dev(resid, "bf16")
         kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"),
-                              prenorm=(dev(delta, "bf16"), r, r, weight, eps))
+                              prenorm=(dev(delta, "bf16"), r, r, w_norm, eps))
     with pytest.raises(ValueError, match="prenorm"):   # two tokens: no _x1n kernel
         kernels.linear_swiglu(DeviceTensor.empty((2, n_gu // 2), "bf16"), DeviceTensor.empty((2, hidden), "bf16"),
                               w_gu, DeviceTensor.empty((2, n_gu), "bf16"),
-                              prenorm=(dev(delta, "bf16"), dev(resid, "bf16"), r_out, weight, eps))
+                              prenorm=(dev(delta, "bf16"), dev(resid, "bf16"), r_out, w_norm, eps))
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "bf16"])
@@ -513,28 +525,7 @@ def test_prenorm_folded_with_rstd_on_the_sums(kernels, hidden, kind):
     resid = rounded(300 * rng.normal(size=(1, hidden)), "bf16")
     delta = rounded(100 * rng.normal(size=(1, hidden)), "bf16")
     weight = rounded(rng.uniform(0.5, 1.5, hidden), "bf16")
-    positions, slots = dev(np.array([31], np.int32), "i32"), dev(np.array([3], np.int32), "i32")
-    inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
-    out = {}
-    for fold in (True, False):
-        r_in, r_out, h = dev(resid, "bf16"), DeviceTensor.empty((1, hidden), "bf16"), DeviceTensor.empty((1, hidden), "bf16")
-        act, qkv = DeviceTensor.empty((1, n_gu // 2), "bf16"), DeviceTensor.empty((1, n_qkv), "bf16")
-        kc, vc = (dev(np.zeros((1, 16, n_kv, head_dim)), "bf16") for _ in range(2))
-        staging = DeviceTensor.empty((1, n_qkv), "bf16")
-        if fold:
-            pn = (dev(delta, "bf16"), r_in, r_out, dev(weight, "bf16"), eps)
-            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"), prenorm=pn)
-            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
-                                staging, prenorm=pn)
-            np.testing.assert_array_equal(r_in.to_numpy(), resid)          # read only
-            r_new = r_out.to_numpy()
-        else:
-            kernels.add_rms_norm(h, dev(delta, "bf16"), r_in, dev(weight, "bf16"), eps)
-            kernels.linear_swiglu(act, h, w_gu, DeviceTensor.empty((1, n_gu), "bf16"))
-            kernels.linear_rope(qkv, h, w_qkv, None, positions, inv_freq, kc, vc, slots, n_heads, n_kv, head_dim,
-                                staging)
-            r_new = r_in.to_numpy()
-        out[fold] = (r_new, act.to_numpy(), qkv.to_numpy(), kc.to_numpy(), vc.to_numpy())
+    out = _prenorm_folded_and_not(kernels, w_gu, w_qkv, resid, delta, weight, eps, n_heads, n_kv, head_dim)
     r_want = rounded(resid + delta, "bf16")
     np.testing.assert_array_equal(out[True][0], r_want)
     np.testing.assert_array_equal(out[False][0], r_want)

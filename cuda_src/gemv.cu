@@ -102,14 +102,10 @@ __device__ __forceinline__ float stage_prenorm(uint4* __restrict__ xs, const Pre
     float ss = 0.f;
     for (int v0 = lane; v0 < vecs; v0 += 64) {  // 2 vectors a lane in flight: 6 loads (K up to 4,096: one trip)
         uint4 d[2], r[2], wn[2];
-        const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int v = v0 + 32 * i, k = (warp + WARPS * (v / VPB)) * GEMV_KBLOCK + 8 * (v % VPB);
-            const bool in = v < vecs && k < K;
-            d[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.delta + k)) : zero;
-            r[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.resid_in + k)) : zero;
-            wn[i] = in ? __ldg(reinterpret_cast<const uint4*>(pn.weight + k)) : zero;
+            fold_load(pn, k, v < vecs && k < K, d[i], r[i], wn[i]);
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {

@@ -240,7 +240,8 @@ struct PreNormStage {
 // between the wait and the first step (int8's PreNormStage, replayed for its bits, has one: folded that way, Q4_0
 // ran 2.6% slower than with the norm kernel of its own; docs/PERFORMANCE.md, seventeenth session). Not
 // add_rms_norm's bits: r' w is rounded once to bf16 where that kernel rounds r' rstd w.
-template <int WARPS, bool FROM_SMEM = false, bool Q4 = false, bool FOLD = false>  // FROM_SMEM: x is already in xs as bf16 (PreNormStage)
+// FROM_SMEM: x is already in xs as bf16 (PreNormStage).
+template <int WARPS, bool FROM_SMEM = false, bool Q4 = false, bool FOLD = false>
 __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16* __restrict__ x, int K, int n_sb,
                                               int warp, int lane, const PreNorm& pn = PreNorm{}) {
     static_assert(!(FOLD && FROM_SMEM), "one source of x");
@@ -265,11 +266,7 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
 #pragma unroll
             for (int i = 0; i < BATCH; ++i) {
                 const int v = v0 + 32 * i, k = at(v);
-                const bool in = v < vecs && k < K;
-                const uint4 zero = make_uint4(0, 0, 0, 0);
-                d[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.delta + k)) : zero;
-                r[i] = in ? __ldcg(reinterpret_cast<const uint4*>(pn.resid_in + k)) : zero;
-                wn[i] = in ? __ldg(reinterpret_cast<const uint4*>(pn.weight + k)) : zero;
+                fold_load(pn, k, v < vecs && k < K, d[i], r[i], wn[i]);
             }
 #pragma unroll
             for (int i = 0; i < BATCH; ++i) {

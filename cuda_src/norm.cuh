@@ -130,6 +130,15 @@ struct PreNorm {
     float eps;
 };
 
+// The fold's three loads for the vector at element k (zeros where !in): delta and r through L2 (written by earlier
+// kernels), the norm weight read-only.
+__device__ __forceinline__ void fold_load(const PreNorm& pn, int k, bool in, uint4& d, uint4& r, uint4& w) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    d = in ? __ldcg(reinterpret_cast<const uint4*>(pn.delta + k)) : zero;
+    r = in ? __ldcg(reinterpret_cast<const uint4*>(pn.resid_in + k)) : zero;
+    w = in ? __ldg(reinterpret_cast<const uint4*>(pn.weight + k)) : zero;
+}
+
 // The folds that leave rstd to the end (Q4_0's _x1n, bf16's _m1n): one vector of r' (d + r rounded to bf16, as
 // add_vec; written to out[k..k+7] where `write`), its squares added to sum_sq, and r' * w rounded to bf16 (no
 // rstd: the projection multiplies its sums by it, one number per token).

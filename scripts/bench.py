@@ -94,8 +94,8 @@ def main():
     ap.add_argument("--no-fuse-rope", action="store_true",
                     help="q/k/v projection and rope/KV store as two kernels (the A side of an A/B with the fused one)")
     ap.add_argument("--no-fuse-prenorm", action="store_true",
-                    help="one GPU, batch 1, int8, Q4_0 or bf16: the residual add + RMSNorm before the q/k/v and gate/up "
-                         "projections as a kernel of its own (the A side of an A/B with it folded into theirs)")
+                    help="one GPU, batch 1, int8, Q4_0 or bf16: the residual add + RMSNorm before the q/k/v and "
+                         "gate/up projections as a kernel of its own (the A side of an A/B with it folded into theirs)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="decode graphs without programmatic dependent launch (the A side of an A/B; sets MPILLM_PDL=0)")
     ap.add_argument("--overlap", action="store_true",

@@ -279,7 +279,8 @@ def test_one_bf16_token_folds_the_pre_norm_into_the_8_warp_gemv():
     PRENORM) with x' in dynamic shared memory (whole k blocks of 64, bf16) and PreNorm's five arguments; not where the
     wide block would run (its launch keeps the norm kernel), nor fp16, two tokens or hidden past 8,192."""
     from mpillm.cuda.kernels import gemv_prenorm_bytes
-    assert gemv_prenorm_bytes(4096) == 8192 and gemv_prenorm_bytes(576) == 576 * 2 and gemv_prenorm_bytes(600) == 640 * 2 and gemv_prenorm_bytes(8192) == 16384
+    assert gemv_prenorm_bytes(4096) == 8192 and gemv_prenorm_bytes(8192) == 16384
+    assert gemv_prenorm_bytes(576) == 576 * 2 and gemv_prenorm_bytes(600) == 640 * 2
     pn = (_tensor(0x610000, (1, 4096)), _tensor(0x620000, (1, 4096)), _tensor(0x630000, (1, 4096)),
           _tensor(0x640000, (4096,)), 1e-5)
     w = _tensor(0x100000, (28672, 4096))
@@ -296,7 +297,8 @@ def test_one_bf16_token_folds_the_pre_norm_into_the_8_warp_gemv():
                       _tensor(0x720000, (1, 16, 8, 128)), _tensor(0x730000, (1, 16, 8, 128)),
                       _tensor(0x740000, (1,), "i32"), 32, 8, 128, _tensor(0x750000, (1, 6144)), prenorm=pn)
     (f1, g1, b1, a1), (f2, g2, b2, a2) = rec.launches
-    assert (f1, g1, b1) == ("gemv_swiglu_bf16_bf16_m1n", (1792, 1), 256) and (f2, g2, b2) == ("gemv_rope_bf16_m1n", (384, 1), 256)
+    assert (f1, g1, b1) == ("gemv_swiglu_bf16_bf16_m1n", (1792, 1), 256)
+    assert (f2, g2, b2) == ("gemv_rope_bf16_m1n", (384, 1), 256)
     assert a1[-5:] == a2[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5) and rec.shared == [8192, 8192]
     # 1,000 rows (63 tiles <= 132 SMs) of K 4,096: the wide block's launch, which has no fold
     narrow = _tensor(0x100000, (1000, 4096))
@@ -704,8 +706,10 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
     # int8's replay is the fold that reads early; Q4_0's and bf16's read after their wait (no pdl_begin_late needed)
     from mpillm.cuda.kernels import QuantWeight
     k = _Recorder().k
-    w8 = QuantWeight("int8", 6144, 4096, 128, _tensor(0x100000, (6144, 4096), "u8"), _tensor(0x200000, (6144, 64), "u8"))
-    w4 = QuantWeight("q4_0", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 256), "u8"))
+    w8 = QuantWeight("int8", 6144, 4096, 128, _tensor(0x100000, (6144, 4096), "u8"),
+                     _tensor(0x200000, (6144, 64), "u8"))
+    w4 = QuantWeight("q4_0", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"),
+                     _tensor(0x200000, (6144, 256), "u8"))
     assert k.prenorm_reads_early(w8) and not k.prenorm_reads_early(w4)
     assert not k.prenorm_reads_early(_tensor(0x100000, (6144, 4096)))
     assert "pdl_begin_late" not in (CUDA_SRC / "gemv.cu").read_text()

@@ -316,8 +316,8 @@ def gemv_prenorm_bytes(k: int) -> int:
 def prenorm_args(prenorm, hidden: int, dtype: str) -> tuple:
     """The launch arguments of a pre-norm folded into an _x1n kernel, prenorm = (delta, resid_in, resid_out,
     weight, eps): r' = resid_in + delta goes to resid_out (another buffer: every block reads resid_in) and the
-    kernel's x is rms_norm(r') * weight (int8: add_rms_norm's bits; Q4_0 and bf16 within bf16 rounding of them). ValueError
-    naming the argument that does not fit."""
+    kernel's x is rms_norm(r') * weight (int8: add_rms_norm's bits; Q4_0 and bf16 within bf16 rounding of them).
+    ValueError naming the argument that does not fit."""
     delta, resid_in, resid_out, weight, eps = prenorm
     for t, name in ((delta, "delta"), (resid_in, "resid_in"), (resid_out, "resid_out")):
         _check(t, f"prenorm {name}", dtype, (1, hidden))

@@ -224,7 +224,10 @@ def test_tp_tiny_models_equal_single_gpu(tp_env, tmp_path, kind):
     from mpillm.parallel import make_shard
     world, dev, kernels = tp_env
     r, n = world.Get_rank(), world.Get_size()
-    ck = tiny_q4_0_checkpoint(tmp_path) if kind == "q4_0" else tiny_checkpoint(tmp_path, "qwen2" if kind == "qwen2" else "llama")
+    if kind == "q4_0":
+        ck = tiny_q4_0_checkpoint(tmp_path)
+    else:
+        ck = tiny_checkpoint(tmp_path, "qwen2" if kind == "qwen2" else "llama")
     cfg = ck.config
     quant = {"int8": dict(quantize="int8", group_size=64), "q4_0": dict(quantize="auto")}.get(kind, {})
     comm = _group_comm(world, dev, cfg)

@@ -762,7 +762,14 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s);  // weights and scales: before the PDL wait
     if constexpr (REPLAY) pre.load(prenorm, K);
-    pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait (PreNorm above)
+    // int8: the next kernel may be a replaying one, which reads r before its wait, so it may start only once this
+    // kernel's wait has returned. Q4_0: the model folds no replay after these kernels (Kernels.starts_dependents_late),
+    // so the next kernel's blocks may be placed, and issue their weights, while the kernel before this one still
+    // runs: Llama-3-8B b=1 +0.6% (H200, docs/PERFORMANCE.md, twentieth session).
+    if constexpr (Q4)
+        pdl_begin();
+    else
+        pdl_begin_late();
     if constexpr (REPLAY) pre.finish(qgemv_xs, prenorm, K);
     const float x_down = stage_x_half<WARPS, REPLAY, Q4, FOLD>(qgemv_xs, x, K, n_sbp, warp, lane, prenorm);
 
@@ -995,6 +1002,13 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 //     stages, 413.3-413.6 with 3 blocks and 4 stages.
 //   - int8: 2 blocks, 4 stages (3 lost 0.8% in the tenth session's shape); rope 3 blocks. At 3 blocks the _x1n
 //     SwiGLU kernel spills: 289.7 tok/s against 308.5 (H100, sixteenth session).
+//   - Q4_0's plain projections whose tiles fit 2 blocks per SM, one tile each (Llama-3-8B's o and down: 256 tiles):
+//     the _x1d kernel, 5 stages at 2 blocks (104 registers). A block then has 4 warp steps of weights in flight
+//     instead of 2, from before its PDL wait: all of an o projection's tile (K = 4,096: 4 steps a warp), issued
+//     while decode attention runs; and twice the bytes in flight for the down projection's 14 steps, which on 2
+//     blocks per SM could not keep HBM busy with 2. Llama-3-8B b=1, H200, one call: 514.6 / 515.0 tok/s against
+//     484.3 / 482.8 (docs/PERFORMANCE.md, twentieth session); 6 and 8 stages no better or worse, 80 registers
+//     (3 blocks' bounds, 4 bytes spilled) 495.
 #define QGEMV_X1_ARGS                                                                                           \
     const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
         int n_groups, int gshift
@@ -1017,6 +1031,7 @@ QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, 2, 4)
 QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, true, 2, 4)
 QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, 3, 4)
 QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, false, 3, 3)
+QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1d, 4, false, 2, 5)
 QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, 3, 3)
 QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, false, 3, 3)
 QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, 3, 3)

@@ -114,6 +114,11 @@ def main():
                     help="--tp > 1: after the other measurements, time the decode batches again with every one-shot "
                          "IPC all-reduce exchanging nothing (each rank sums its own partial: wrong tokens, same kernels "
                          "otherwise); the difference is the share of the step spent communicating")
+    ap.add_argument("--skip-probe", default="", metavar="RE[;RE...]",
+                    help="after the other measurements, time the decode batches again once per regular expression, "
+                         "with the launches of every kernel whose name it finds left out (wrong tokens); the "
+                         "difference is what those kernels cost inside the decode graph, their starts and ends "
+                         "included, e.g. 'attention_decode;_x1n;^gemv_bf16'")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
@@ -317,6 +322,9 @@ def main():
         else:
             say("# --comm-probe: nothing to measure at --tp 1 (no all-reduce)")
 
+    if args.skip_probe:
+        skip_probe(model, kernels, args.skip_probe, batches, decode_s, decode, say, record)
+
     if args.json and rank == 0:
         with open(args.json, "a") as f:
             for r in results:
@@ -329,6 +337,27 @@ def main():
     world.Barrier()
     MPI.Finalize()
     os._exit(0)   # skip interpreter teardown (see mpillm.cli._exit)
+
+
+def skip_probe(model, kernels, patterns, batches, decode_s, decode, say, record):
+    """--skip-probe: the decode batches again once per pattern, every launch of a kernel whose name the pattern
+    finds left out of the captured graph (Kernels.skip). The kernels that remain run on whatever the skipped ones
+    left in memory, so the tokens are wrong and an attention or sampling kernel may see other data; the times
+    are what counts. Each pattern's difference from the normal step is the in-graph cost of those kernels,
+    including the start and end of each, which an isolated timing of the kernel does not show."""
+    import re
+    for pat in [p for p in patterns.split(";") if p]:
+        kernels.skip = re.compile(pat)
+        names = sorted(n for n in kernels._functions if kernels.skip.search(n))
+        model.drop_graphs()
+        for B in batches:
+            dt, without = decode_s[B], decode(B, probe=True)
+            say(f"decode  batch {B:4d}: without /{pat}/ {1e3 * without:7.3f} ms/step, {1e3 * (dt - without):6.3f} ms "
+                f"of {1e3 * dt:6.3f} ({100 * (dt - without) / dt:4.1f}%) in {', '.join(names) or 'no kernel'}")
+            record(kind="skip_probe", batch=B, pattern=pat, kernels=names, ms_step=dt * 1e3,
+                   ms_step_without=without * 1e3)
+    kernels.skip = None
+    model.drop_graphs()
 
 
 def comm_probe(model, comm, batches, decode_s, decode, say, record):

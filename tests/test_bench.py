@@ -135,6 +135,58 @@ def test_comm_probe_times_again_without_the_exchange(bench):
     assert "communication  1.000 ms of  5.000 ms/step (20.0%); without it    8000.0 tok/s" in lines[1]
 
 
+def test_skip_probe_times_again_without_each_patterns_kernels(bench):
+    """--skip-probe: per pattern, Kernels.skip set to it, the graphs dropped (captured again without those launches),
+    every batch timed again; the difference is recorded with the kernels the pattern names; afterwards nothing is
+    skipped and the graphs are dropped once more (the next capture has every kernel)."""
+    from types import SimpleNamespace
+    kernels = SimpleNamespace(skip=None, _functions={"attention_decode_x": 0, "qgemv4s_bf16_bf16_x1d": 1,
+                                                     "qgemv4s_bf16_bf16_x1": 2})
+    events, lines, records = [], [], []
+    model = SimpleNamespace(drop_graphs=lambda: events.append(("drop", kernels.skip and kernels.skip.pattern)))
+
+    def decode(B, probe=False):
+        assert probe
+        events.append(("time", kernels.skip.pattern, B))
+        return {"^attention": 0.0019, "x1$": 0.0015}[kernels.skip.pattern] + (0.001 if B == 8 else 0)
+
+    bench.skip_probe(model, kernels, "^attention;x1$;", [1, 8], {1: 0.002, 8: 0.003}, decode, lines.append,
+                     lambda **kw: records.append(kw))
+    assert events == [("drop", "^attention"), ("time", "^attention", 1), ("time", "^attention", 8),
+                      ("drop", "x1$"), ("time", "x1$", 1), ("time", "x1$", 8), ("drop", None)]
+    assert kernels.skip is None
+    assert [(r["pattern"], r["batch"], r["kernels"]) for r in records] == [
+        ("^attention", 1, ["attention_decode_x"]), ("^attention", 8, ["attention_decode_x"]),
+        ("x1$", 1, ["qgemv4s_bf16_bf16_x1"]), ("x1$", 8, ["qgemv4s_bf16_bf16_x1"])]
+    assert records[2]["ms_step_without"] == pytest.approx(1.5)
+    assert "without /x1$/   1.500 ms/step,  0.500 ms of  2.000 (25.0%) in qgemv4s_bf16_bf16_x1" in lines[2]
+
+
+def test_kernels_skip_leaves_out_only_the_launches_it_names():
+    """Kernels._launch with skip set (the probe): a kernel whose name the regex finds is not launched; others are."""
+    import re
+    from mpillm.cuda.kernels import Kernels
+    calls = []
+
+    class Fn:
+        def __init__(self, name):
+            self.name = name
+
+        def prepared_async_call(self, *a, **kw):
+            calls.append(self.name)
+    k = Kernels.__new__(Kernels)
+    k.stream = None
+    fns = {name: Fn(name) for name in ("attention_decode_cluster", "qgemv4s_bf16_bf16_x1d")}
+    k._names = {id(f): name for name, f in fns.items()}
+    k.skip = None
+    for f in fns.values():
+        k._launch(f, (1, 1), 32)
+    k.skip = re.compile("^attention")
+    for f in fns.values():
+        k._launch(f, (1, 1), 32)
+    assert calls == ["attention_decode_cluster", "qgemv4s_bf16_bf16_x1d", "qgemv4s_bf16_bf16_x1d"]
+
+
 def test_comm_probe_says_why_it_cannot_run_over_nccl(bench):
     from types import SimpleNamespace
     lines = []

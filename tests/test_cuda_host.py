@@ -38,6 +38,7 @@ class _Recorder:
         self.k.blas = None
         self.k.qgemv_persist = True
         self.k.qgemv_x1 = True
+        self.k.qgemv_x1_deep = True
         self.k.gemv_wide = True
         self.launches = []
         self.shared = []     # dynamic shared memory of each launch
@@ -204,6 +205,38 @@ def test_q4_0_tiles_store_each_tiles_super_block_as_one_run():
         QuantWeight("q4_0", n, 384, 32, _tensor(0x100000, (37, 192), "u8"), _tensor(0x200000, (37, 24), "u8"))
 
 
+def test_q4_0_plain_projections_of_one_tile_a_block_take_the_deep_ring():
+    """Q4_0's one-token plain projections with bf16 out over at most 2 tiles per SM (one tile a block, one wave at
+    the _x1d kernel's 2 blocks per SM) take _x1d; more tiles, f32 out, SwiGLU, rope, a folded pre-norm, int8 and
+    MPILLM_QGEMV_X1_DEEP=0 keep their kernels."""
+    from mpillm.cuda.kernels import QuantWeight, qgemv_grid, qgemv_x1_deep, qgemv_x1_deep_setting
+    assert qgemv_x1_deep("4s", "", False, "bf16", 264 * 16, 132)
+    assert not qgemv_x1_deep("4s", "", False, "bf16", 264 * 16 + 1, 132)
+    assert not any(qgemv_x1_deep(*a) for a in (("8", "", False, "bf16", 4096, 132),
+                                               ("4s", "swiglu", False, "bf16", 4096, 132),
+                                               ("4s", "rope", False, "bf16", 4096, 132),
+                                               ("4s", "", True, "bf16", 4096, 132),
+                                               ("4s", "", False, "f32", 4096, 132)))
+    assert qgemv_x1_deep_setting({}) and not qgemv_x1_deep_setting({"MPILLM_QGEMV_X1_DEEP": "0"})
+    with pytest.raises(ValueError, match="MPILLM_QGEMV_X1_DEEP"):
+        qgemv_x1_deep_setting({"MPILLM_QGEMV_X1_DEEP": "yes"})
+
+    def launch(n, k=4096, out="bf16", kind="q4_0", deep=True):
+        rows = -(-n // 16) * 16           # Q4_0 data padded to whole tiles
+        w = QuantWeight(kind, n, k, 32, _tensor(0x100000, (rows, k), "u8"), _tensor(0x200000, (rows, k // 16), "u8"))
+        rec = _Recorder()
+        rec.k.qgemv_x1_deep = deep
+        rec.k.linear(_tensor(0x400000, (1, n), out), _tensor(0x300000, (1, k)), w)
+        return [(fn, g) for fn, g, _, _ in rec.launches]
+
+    assert launch(264 * 16) == [("qgemv4s_bf16_bf16_x1d", (264, 1))]          # every block one tile, one wave
+    assert launch(264 * 16 - 5) == [("qgemv4s_bf16_bf16_x1d", (264, 1))]      # the last tile partly past N
+    assert launch(264 * 16 + 16) == [("qgemv4s_bf16_bf16_x1", (qgemv_grid(264 * 16 + 16, 132, 3), 1))]
+    assert launch(4096, deep=False) == [("qgemv4s_bf16_bf16_x1", (256, 1))]
+    assert launch(4096, out="f32") == [("qgemv4s_bf16_f32_x1", (256, 1))]
+    assert launch(4096, kind="int8") == [("qgemv8_bf16_bf16_x1", (256, 1))]
+
+
 def test_one_token_int8_bf16_takes_the_x1_kernels():
     """One token of bf16 x with int8 or Q4_0 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy
     in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk
@@ -231,8 +264,9 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (grid_x1, 1))], [32 * 320])
     assert launch("q4_0", 1, 4096, x1=False) == ([("qgemv4s_bf16_bf16_m1", (grid, 1))], [0])
     assert launch("q4_0", 1, 200 * 128 + 32)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
-    # 4,096 rows, 256 tiles: one per block, also _x1
-    assert launch("q4_0", 1, 4096, n=4096)[0] == [("qgemv4s_bf16_bf16_x1", (256, 1))]
+    # 4,096 rows, 256 tiles: one per block, also _x1; Q4_0 takes its deep-ring twin there (qgemv_x1_deep)
+    assert launch("q4_0", 1, 4096, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [32 * 320])
+    assert launch("q4_0", 1, 14336, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [112 * 320])
     assert launch("int8", 1, 4096, n=4096)[0] == [("qgemv8_bf16_bf16_x1", (256, 1))]
     assert launch("q4", 1, 4096)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]          # Q4_1: one tile per block
     assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
@@ -688,7 +722,8 @@ def test_row_parallel_projection_sends_only_from_the_float_small_m_kernel():
 def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
     """common.cuh: pdl_begin lets the dependents start before this kernel's wait; pdl_begin_late after it. A kernel
     may read another kernel's output before its wait only where the one before it starts it late: gemv_quant.cu's
-    PreNormStage (r), after a quantized projection, whose prologue is pdl_begin_late; no other kernel uses it."""
+    PreNormStage (r), after a quantized projection whose prologue is pdl_begin_late (int8's x1_linear kernels and
+    every other gemv_quant.cu kernel but Q4_0's x1_linear ones, which start theirs first); no other file uses it."""
     import re
     from mpillm.cuda.kernels import CUDA_SRC
     common = (CUDA_SRC / "common.cuh").read_text()
@@ -699,10 +734,13 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
     start = quant.index("void x1_linear(")   # the one-token kernels' prologue, where the _x1n kernels fold the norm
     assert quant.index("pre.load(prenorm, K);", start) < quant.index("pdl_begin_late();", start) < \
         quant.index("pre.finish(", start)
+    prologue = quant[quant.index("if constexpr (REPLAY) pre.load(prenorm, K);", start):
+                     quant.index("pre.finish(", start)]
+    assert re.search(r"if constexpr \(Q4\)\s+pdl_begin\(\);\s+else\s+pdl_begin_late\(\);", prologue), prologue
     users = [p.name for p in CUDA_SRC.iterdir() if p.suffix == ".cu" and "pdl_begin_late()" in p.read_text()]
     assert users == ["gemv_quant.cu"]
     model = (CUDA_SRC.parent / "mpillm" / "cuda" / "model.py").read_text()
-    assert "and (isinstance(w, QuantWeight) or not k.prenorm_reads_early(next_w))" in model
+    assert "and (k.starts_dependents_late(w, y.dtype, 1) or not k.prenorm_reads_early(next_w))" in model
     # int8's replay is the fold that reads early; Q4_0's and bf16's read after their wait (no pdl_begin_late needed)
     from mpillm.cuda.kernels import QuantWeight
     k = _Recorder().k
@@ -712,6 +750,14 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
                      _tensor(0x200000, (6144, 256), "u8"))
     assert k.prenorm_reads_early(w8) and not k.prenorm_reads_early(w4)
     assert not k.prenorm_reads_early(_tensor(0x100000, (6144, 4096)))
+    # which kernels start the next one late: the quantized ones, but Q4_0's one-token _x1 kernels
+    w41 = QuantWeight("q4", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 512), "u8"))
+    assert k.starts_dependents_late(w8, "bf16", 1) and k.starts_dependents_late(w41, "bf16", 1)
+    assert not k.starts_dependents_late(w4, "bf16", 1)
+    assert k.starts_dependents_late(w4, "bf16", 2) and k.starts_dependents_late(w4, "f16", 1)
+    assert not k.starts_dependents_late(_tensor(0x100000, (6144, 4096)), "bf16", 1)
+    k.qgemv_x1 = False
+    assert k.starts_dependents_late(w4, "bf16", 1)
     assert "pdl_begin_late" not in (CUDA_SRC / "gemv.cu").read_text()
 
 

@@ -64,6 +64,9 @@ QGEMV_BLOCKS_PER_SM = 2
 # and the _x1n kernels' __launch_bounds__), by (format, epilogue): all of them loop over tiles.
 QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 3, ("4s", "swiglu"): 3,
                     ("4s", "rope"): 3}
+# Q4_0's plain one-token projections with at most this many tiles per SM take the _x1d kernel (gemv_quant.cu: a
+# 5-stage ring at 2 blocks per SM, one tile per block), qgemv_x1_deep; MPILLM_QGEMV_X1_DEEP=0: never (an A/B).
+QGEMV_X1_DEEP_PER_SM = 2
 # One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu x1_linear) stage x in
 # shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against
 # bf16's 11, and Q4_0's 5 per 8 against 11 (with the pre-norm folded in: the _x1n kernels,
@@ -287,6 +290,21 @@ def qgemv_x1_setting(env) -> bool:
     return _switch(env, "MPILLM_QGEMV_X1")
 
 
+def qgemv_x1_deep_setting(env) -> bool:
+    """Whether Q4_0 launches that qgemv_x1_deep picks take the deep-ring _x1d kernel (MPILLM_QGEMV_X1_DEEP, default
+    1)."""
+    return _switch(env, "MPILLM_QGEMV_X1_DEEP")
+
+
+def qgemv_x1_deep(fmt: str, epilogue: str, folded: bool, out_dtype: str, n: int, sm_count: int) -> bool:
+    """Whether a one-token _x1 launch takes the _x1d kernel: Q4_0, a plain projection (no SwiGLU, rope or folded
+    pre-norm) with bf16 output, over at most QGEMV_X1_DEEP_PER_SM tiles per SM, so that each of its blocks gets one
+    tile (qgemv_grid at the _x1 kernels' 3 per SM gives one tile a block up to there) and all of them fit one wave
+    at the kernel's 2 blocks per SM: Llama-3-8B's o and down projections (256 tiles), not its q/k/v (384)."""
+    return (fmt == "4s" and epilogue == "" and not folded and out_dtype == "bf16"
+            and _cdiv(n, GEMV_ROWS) <= QGEMV_X1_DEEP_PER_SM * sm_count)
+
+
 def gemv_wide_setting(env) -> bool:
     """Whether float GEMVs take the wide m1w kernels where they apply (GEMV_WIDE_THREADS; MPILLM_GEMV_WIDE, default
     1)."""
@@ -465,6 +483,7 @@ class Kernels:
         self.decode_cluster = decode_cluster_setting(os.environ)
         self.qgemv_persist = qgemv_persist_setting(os.environ)
         self.qgemv_x1 = qgemv_x1_setting(os.environ)
+        self.qgemv_x1_deep = qgemv_x1_deep_setting(os.environ)
         self.gemv_wide = gemv_wide_setting(os.environ)
         sources = kernel_sources()
         workers = workers or min(len(sources), os.cpu_count() or 1)
@@ -481,6 +500,10 @@ class Kernels:
         # Cold: nvcc ran (seconds); warm: PyCUDA's disk cache answered (preprocessing only).
         self.compile_seconds = time.perf_counter() - start
         self._functions: dict[str, object] = {}
+        self._names: dict[int, str] = {}      # id(prepared function) -> kernel name
+        # scripts/bench.py --skip-probe only: launches of kernels whose name this regex finds are left out
+        # (wrong results; what the rest of the step costs without them). None in every real run.
+        self.skip = None
         # cuBLASLt (nvmath-python) for M > GEMV_MAX_M: faster than our mma.sync GEMM on every shape we
         # measured (docs/PERFORMANCE.md). Without nvmath the own GEMM serves.
         self.blas = None
@@ -505,6 +528,7 @@ class Kernels:
                                      f"{self.device.max_shared_per_block_optin}")
                 fn.set_attribute(self._cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
             self._functions[name] = fn
+            self._names[id(fn)] = name
         return fn
 
     def owns(self, name: str) -> bool:
@@ -513,6 +537,8 @@ class Kernels:
         return name in self._functions
 
     def _launch(self, fn, grid, block: int, *args, shared: int = 0) -> None:
+        if self.skip is not None and self.skip.search(self._names[id(fn)]):
+            return
         fn.prepared_async_call(grid, (block, 1, 1), self.stream, *args, shared_size=shared)
 
     # -- embedding --------------------------------------------------------------------------------
@@ -681,6 +707,13 @@ class Kernels:
         bits: gemv_quant.cu PreNormStage), so that the kernel before it must start it late (pdl_begin_late, as the
         quantized projections do). The other folds read everything after their wait."""
         return isinstance(w, QuantWeight) and w.fmt == "8"
+
+    def starts_dependents_late(self, w, dtype: str, m: int) -> bool:
+        """Whether the kernel of w for m tokens of dtype lets the next kernel start only once its own PDL wait has
+        returned (common.cuh pdl_begin_late), as a kernel that reads the residual before its wait needs of the one
+        before it (prenorm_reads_early): every quantized projection's kernel but Q4_0's _x1 ones (gemv_quant.cu
+        x1_linear), which let the next kernel's blocks in first. Float weights' kernels: pdl_begin, not late."""
+        return isinstance(w, QuantWeight) and not (w.fmt == "4s" and self._takes_x1(w, dtype, m))
 
     def _takes_x1(self, w: "QuantWeight", dtype: str, rows: int) -> bool:
         """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 or Q4_0 weights, x fitting the
@@ -919,14 +952,16 @@ class Kernels:
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
             # one token of int8 or Q4_0 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
             x1 = self._takes_x1(w, x.dtype, rows)
-            suffix = ("x1n" if extra else "x1") if x1 else f"m{tiles}"
+            epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
+            deep = (x1 and self.qgemv_x1_deep
+                    and qgemv_x1_deep(w.fmt, epilogue, bool(extra), y.dtype, n, self.device.sm_count))
+            suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}"
             if rope is None:
                 name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_{suffix}", "PPPPPiiiiii"
             else:
                 name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_{suffix}", "PPPPPiiiiiiPPPPPiii"
             if extra:
                 fmt += "PPPPf"
-            epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             per_sm = None
             if self.qgemv_persist:
                 per_sm = QGEMV_X1_PERSIST[w.fmt, epilogue] if x1 else QGEMV_PERSIST.get((w.fmt, tiles, epilogue))

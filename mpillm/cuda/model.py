@@ -679,12 +679,12 @@ class CudaTransformer:
             if fused and self.comm.all_reduce_add_rms_norm(y, resid, rows.h, norm_weight, eps, sent=send is not None):
                 return resid, None
             self.comm.all_reduce_device(y)
-        # int8's folded kernel reads r before its PDL wait: safe after a quantized projection's kernel, which lets it
-        # start only once the kernels before had finished (cuda_src/common.cuh, pdl_begin_late); the other folds
-        # read after theirs.
+        # int8's folded kernel reads r before its PDL wait: safe after a kernel that lets it start only once the
+        # kernels before had finished (cuda_src/common.cuh, pdl_begin_late: the quantized projections' but Q4_0's
+        # one-token ones); the other folds read after theirs.
         elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1
               and k.prenorm_fusable(next_w, y.dtype, 1, y.shape[1])
-              and (isinstance(w, QuantWeight) or not k.prenorm_reads_early(next_w))):
+              and (k.starts_dependents_late(w, y.dtype, 1) or not k.prenorm_reads_early(next_w))):
             out = self.resid_alt if resid.ptr == self.resid.ptr else self.resid.view(0, resid.shape)
             self.prenorm_folds += 1
             return out, (y, resid, out, norm_weight, eps)

@@ -431,6 +431,44 @@ def test_linear_quant_x1_same_bits_as_m1(kernels, kind, group, k, scale):
         assert err_x1 <= err_m1 + 1e-5, (err_x1, err_m1)
 
 
+@pytest.mark.parametrize("k", [608, 4096 + 128, 14336])
+def test_q4_0_x1d_same_bits_as_x1(kernels, monkeypatch, k):
+    """Q4_0's deep-ring _x1d kernel (5 stages, one tile a block) against the _x1 kernel (3 stages): the ring depth
+    only changes how the weights reach the registers, so the same bits; on 60 tiles, and on as many as the rule
+    allows (2 per SM, the last one partly past N), with K of 1, 5 and 14 warp steps (fewer steps than the ring
+    holds, and more), x spread over 10^8 (x's fp16 staging at its scale), and close to the reference."""
+    from mpillm.cuda.kernels import QuantWeight, qgemv_x1_deep
+    from mpillm.quant import unpack
+    names = []
+    launch = kernels._launch
+
+    def named(fn, *a, **kw):
+        names.extend(name for name, f in kernels._functions.items() if f is fn)
+        launch(fn, *a, **kw)
+    monkeypatch.setattr(kernels, "_launch", named)
+    rng = np.random.default_rng(k)
+    for n in (960, 2 * 16 * kernels.device.sm_count - 5):
+        assert qgemv_x1_deep("4s", "", False, "bf16", n, kernels.device.sm_count)
+        p = _packed(rng, "q4_0", n, k, 32)
+        w = QuantWeight.from_packed(p)
+        x_h = rng.normal(size=(1, k)) * np.exp(rng.uniform(-9, 9, size=(1, k)))
+        x = dev(rounded(x_h, "bf16"), "bf16")
+        out = {}
+        for deep in (True, False):
+            kernels.qgemv_x1_deep = deep
+            try:
+                names.clear()
+                y = dev(np.full((1, n), np.nan), "bf16")
+                kernels.linear(y, x, w)
+                assert names == [f"qgemv4s_bf16_bf16_{'x1d' if deep else 'x1'}"], names
+                out[deep] = y.to_numpy()
+            finally:
+                kernels.qgemv_x1_deep = True
+        np.testing.assert_array_equal(out[True], out[False], err_msg=f"N={n} K={k}")
+        want = x.to_numpy().astype(np.float64) @ unpack(p).astype(np.float64).T
+        np.testing.assert_allclose(out[True], want, rtol=1e-2, atol=1e-2 * float(np.abs(want).max()))
+
+
 def _prenorm_folded_and_not(kernels, w_gu, w_qkv, resid, delta, weight, eps, n_heads, n_kv, head_dim):
     """linear_swiglu and linear_rope (one token at position 31, KV slot 3) with the pre-norm folded in (prenorm;
     resid_in must stay as it was) and after add_rms_norm: {True: folded, False: not} -> (r', act, qkv, k cache,

@@ -436,7 +436,7 @@ def test_q4_0_x1d_same_bits_as_x1(kernels, monkeypatch, k):
     """Q4_0's deep-ring _x1d kernel (5 stages, one tile a block) against the _x1 kernel (3 stages): the ring depth
     only changes how the weights reach the registers, so the same bits; on 60 tiles, and on as many as the rule
     allows (2 per SM, the last one partly past N), with K of 1, 5 and 14 warp steps (fewer steps than the ring
-    holds, and more), x spread over 10^8 (x's fp16 staging at its scale), and close to the reference."""
+    holds, and more), x's magnitudes spread over e^18 (x's fp16 staging at its scale), and close to the reference."""
     from mpillm.cuda.kernels import QuantWeight, qgemv_x1_deep
     from mpillm.quant import unpack
     names = []

@@ -124,6 +124,7 @@ def main():
     args = ap.parse_args()
     if args.throughput and not args.engine_only:
         parse_modes(args.modes)       # a typo exits here, not after minutes of loading weights
+    skip_patterns(args.skip_probe, ap.error)      # so does a bad --skip-probe pattern
 
     if args.engine_only:
         return engine_overhead(args)
@@ -339,16 +340,29 @@ def main():
     os._exit(0)   # skip interpreter teardown (see mpillm.cli._exit)
 
 
+def skip_patterns(text: str, fail) -> list:
+    """--skip-probe's patterns (';'-separated, empty ones dropped) compiled; fail(message) on one that does not
+    compile, naming it."""
+    import re
+    out = []
+    for pat in [p for p in text.split(";") if p]:
+        try:
+            out.append(re.compile(pat))
+        except re.error as e:
+            fail(f"--skip-probe: pattern {pat!r}: {e}")
+    return out
+
+
 def skip_probe(model, kernels, patterns, batches, decode_s, decode, say, record):
     """--skip-probe: the decode batches again once per pattern, every launch of a kernel whose name the pattern
     finds left out of the captured graph (Kernels.skip). The kernels that remain run on whatever the skipped ones
     left in memory, so the tokens are wrong and an attention or sampling kernel may see other data; the times
     are what counts. Each pattern's difference from the normal step is the in-graph cost of those kernels,
     including the start and end of each, which an isolated timing of the kernel does not show."""
-    import re
-    for pat in [p for p in patterns.split(";") if p]:
-        kernels.skip = re.compile(pat)
-        names = sorted(n for n in kernels._functions if kernels.skip.search(n))
+    for rx in skip_patterns(patterns, sys.exit):
+        pat = rx.pattern
+        kernels.skip = rx
+        names = sorted(n for n in kernels._functions if rx.search(n))
         model.drop_graphs()
         for B in batches:
             dt, without = decode_s[B], decode(B, probe=True)

@@ -162,6 +162,14 @@ def test_skip_probe_times_again_without_each_patterns_kernels(bench):
     assert "without /x1$/   1.500 ms/step,  0.500 ms of  2.000 (25.0%) in qgemv4s_bf16_bf16_x1" in lines[2]
 
 
+def test_skip_probe_patterns_are_checked_before_any_gpu_work(bench):
+    """A pattern that does not compile stops the run at once, naming itself; empty ones are dropped."""
+    assert [rx.pattern for rx in bench.skip_patterns("^a;;b$;", pytest.fail)] == ["^a", "b$"]
+    errors = []
+    bench.skip_patterns("ok;x1d[", errors.append)
+    assert len(errors) == 1 and "--skip-probe" in errors[0] and "'x1d['" in errors[0]
+
+
 def test_kernels_skip_leaves_out_only_the_launches_it_names():
     """Kernels._launch with skip set (the probe): a kernel whose name the regex finds is not launched; others are."""
     import re

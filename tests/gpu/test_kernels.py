@@ -431,6 +431,18 @@ def test_linear_quant_x1_same_bits_as_m1(kernels, kind, group, k, scale):
         assert err_x1 <= err_m1 + 1e-5, (err_x1, err_m1)
 
 
+def _launched_names(kernels, monkeypatch) -> list:
+    """A list that collects the name of every kernel `kernels` launches from now on (the launches still run)."""
+    names = []
+    launch = kernels._launch
+
+    def named(fn, *a, **kw):
+        names.extend(name for name, f in kernels._functions.items() if f is fn)
+        launch(fn, *a, **kw)
+    monkeypatch.setattr(kernels, "_launch", named)
+    return names
+
+
 @pytest.mark.parametrize("k", [608, 4096 + 128, 14336])
 def test_q4_0_x1d_same_bits_as_x1(kernels, monkeypatch, k):
     """Q4_0's deep-ring _x1d kernel (5 stages, one tile a block) against the _x1 kernel (3 stages): the ring depth
@@ -439,13 +451,7 @@ def test_q4_0_x1d_same_bits_as_x1(kernels, monkeypatch, k):
     holds, and more), x's magnitudes spread over e^18 (x's fp16 staging at its scale), and close to the reference."""
     from mpillm.cuda.kernels import QuantWeight, qgemv_x1_deep
     from mpillm.quant import unpack
-    names = []
-    launch = kernels._launch
-
-    def named(fn, *a, **kw):
-        names.extend(name for name, f in kernels._functions.items() if f is fn)
-        launch(fn, *a, **kw)
-    monkeypatch.setattr(kernels, "_launch", named)
+    names = _launched_names(kernels, monkeypatch)
     rng = np.random.default_rng(k)
     for n in (960, 2 * 16 * kernels.device.sm_count - 5):
         assert qgemv_x1_deep("4s", "", False, "bf16", n, kernels.device.sm_count)
@@ -682,13 +688,7 @@ def test_wide_gemv_blocks(kernels, monkeypatch, dtype, m):
     positions = dev(rng.integers(0, 5000, m).astype(np.int32), "i32")
     slots = dev(np.arange(m, dtype=np.int32), "i32")
     inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
-    names = []
-    launch = kernels._launch
-
-    def named(fn, *a, **kw):
-        names.extend(name for name, f in kernels._functions.items() if f is fn)
-        launch(fn, *a, **kw)
-    monkeypatch.setattr(kernels, "_launch", named)
+    names = _launched_names(kernels, monkeypatch)
     yy = x.astype(np.float64) @ wf.astype(np.float64).T
     out = {}
     for wide in (True, False):

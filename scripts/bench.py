@@ -119,12 +119,19 @@ def main():
                          "with the launches of every kernel whose name it finds left out (wrong tokens); the "
                          "difference is what those kernels cost inside the decode graph, their starts and ends "
                          "included, e.g. 'attention_decode;_x1n;^gemv_bf16'")
+    ap.add_argument("--summarize", default=None, metavar="JSONL",
+                    help="instead (no GPU): issue 5's and 6's ratios from the decode records that --json appended to "
+                         "JSONL (scripts/targets.sh), per card: TP 2 and TP 4 over TP 1 (bf16, Llama-3-8B, b=1) and "
+                         "Q4_0 over int8 (b=1; both LM heads bf16, and both quantized), medians over the rounds")
     ap.add_argument("--nccl-only", action="store_true",
                     help="--tp > 1: every all-reduce through NCCL (no one-shot IPC kernel for small messages)")
     args = ap.parse_args()
     if args.throughput and not args.engine_only:
         parse_modes(args.modes)       # a typo exits here, not after minutes of loading weights
     skip_patterns(args.skip_probe, ap.error)      # so does a bad --skip-probe pattern
+    if args.summarize:
+        print(summarize_targets(args.summarize))
+        return
 
     if args.engine_only:
         return engine_overhead(args)
@@ -218,7 +225,7 @@ def main():
                   pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
                   decode_cluster=kernels.decode_cluster,
                   fuse_ar_norm=model.fuse_allreduce_norm, presend=model.presend, fuse_rope=model.fuse_rope,
-                  fuse_prenorm=model.fuse_prenorm)
+                  fuse_prenorm=model.fuse_prenorm, quantize_lm_head=bool(args.quantize_lm_head))
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -338,6 +345,44 @@ def main():
     world.Barrier()
     MPI.Finalize()
     os._exit(0)   # skip interpreter teardown (see mpillm.cli._exit)
+
+
+def summarize_targets(path: str) -> str:
+    """--summarize: issue 5's and 6's ratios from bench --json records (one JSON object a line; other kinds,
+    batches and models are passed over), per card name (one file per machine: records of two cards of one name
+    count together). Each configuration's tok/s is the median of its rounds; a ratio whose two sides are not both
+    there says so. SystemExit naming the file and line of a record that is not JSON."""
+    import statistics
+    runs: dict[tuple, list[float]] = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"{path}:{n}: not a JSON record: {e}")
+            if r.get("kind") != "decode" or r.get("batch") != 1 or r.get("model") != "dummy:llama3-8b":
+                continue
+            key = (r.get("gpu"), r.get("tp"), r.get("quantize"), bool(r.get("quantize_lm_head")))
+            runs.setdefault(key, []).append(float(r["tok_s"]))
+    lines = [f"# {path}: Llama-3-8B shape, batch 1, median tok/s of each configuration's rounds"]
+    for gpu in sorted({k[0] for k in runs}, key=str):
+        med = {k[1:]: (statistics.median(v), len(v)) for k, v in runs.items() if k[0] == gpu}
+        lines.append(f"{gpu}:")
+        for (tp, q, head), (tok, n) in sorted(med.items(), key=str):
+            lines.append(f"  tp {tp} {q}{' (LM head quantized)' if head else ''}: {tok:.1f} tok/s ({n} rounds)")
+
+        def ratio(what, num, den, target):
+            if num in med and den in med:
+                lines.append(f"  {what}: {med[num][0] / med[den][0]:.3f}x (target {target})")
+            else:
+                lines.append(f"  {what}: not measured here")
+        ratio("issue 5, bf16 TP 2 / TP 1", (2, "none", False), (1, "none", False), ">= 1.75x on H100")
+        ratio("issue 5, bf16 TP 4 / TP 1", (4, "none", False), (1, "none", False), ">= 2.8x on H100")
+        ratio("issue 6, Q4_0 / int8", (1, "q4", False), (1, "int8", False), ">= 1.6x on H100")
+        ratio("issue 6, Q4_0 / int8, LM heads quantized", (1, "q4", True), (1, "int8", True), "-")
+    return "\n".join(lines)
 
 
 def skip_patterns(text: str, fail) -> list:

@@ -1,5 +1,8 @@
 """The benchmark's workload is part of the contract of its numbers: fixed, seeded, in the stated ranges."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -193,6 +196,89 @@ def test_kernels_skip_leaves_out_only_the_launches_it_names():
     for f in fns.values():
         k._launch(f, (1, 1), 32)
     assert calls == ["attention_decode_cluster", "qgemv4s_bf16_bf16_x1d", "qgemv4s_bf16_bf16_x1d"]
+
+
+def test_summarize_gives_the_targets_ratios_from_the_json_records(bench, tmp_path):
+    """--summarize: per card, medians over the rounds, TP 2 / TP 4 over TP 1 (bf16) and Q4_0 over int8 (LM heads
+    bf16, and quantized); other kinds, batches and models passed over; a missing side said; a bad line named."""
+    import json
+    rec = lambda gpu, tp, q, tok, head=False, **kw: json.dumps(   # noqa: E731
+        dict(dict(kind="decode", batch=1, model="dummy:llama3-8b", gpu=gpu, tp=tp, quantize=q, tok_s=tok,
+                  quantize_lm_head=head), **kw))
+    lines = [rec("H100", 1, "none", 180.0), rec("H100", 1, "none", 190.0), rec("H100", 1, "none", 185.0),
+             rec("H100", 2, "none", 333.0), rec("H100", 4, "none", 518.0),
+             rec("H100", 1, "int8", 300.0), rec("H100", 1, "q4", 480.0),
+             rec("H100", 1, "int8", 320.0, True), rec("H100", 1, "q4", 560.0, True),
+             rec("H100", 1, "q4", 9999.0, batch=8), rec("H100", 1, "q4", 9999.0, model="dummy:llama3-70b"),
+             rec("H100", 1, "q4", 9999.0, kind="prefill"), "",
+             rec("H200", 1, "int8", 385.0)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = bench.summarize_targets(str(path))
+    h100, h200 = out.split("H200:")
+    assert "tp 1 none: 185.0 tok/s (3 rounds)" in h100
+    assert "bf16 TP 2 / TP 1: 1.800x" in h100 and "bf16 TP 4 / TP 1: 2.800x" in h100
+    assert "Q4_0 / int8: 1.600x" in h100 and "LM heads quantized: 1.750x" in h100
+    assert "9999" not in out
+    assert "tp 1 int8: 385.0 tok/s (1 rounds)" in h200 and "Q4_0 / int8: not measured here" in h200
+    path.write_text(lines[0] + "\n{oops\n")
+    with pytest.raises(SystemExit, match="t.jsonl:2: not a JSON record"):
+        bench.summarize_targets(str(path))
+
+
+_FAKE_BENCH = r"""
+import json, sys
+a = sys.argv[2:]
+if "--summarize" in a:
+    sys.path.insert(0, "scripts")
+    sys.argv = ["bench.py"] + a
+    import bench
+    bench.main()
+    sys.exit()
+val = lambda flag, d: a[a.index(flag) + 1] if flag in a else d
+tp, q, head = int(val("--tp", "1")), val("--quantize", "none"), "--quantize-lm-head" in a
+tok = {("none", 1): 185.0, ("none", 2): 330.0, ("none", 4): 520.0, ("int8", 1): 300.0, ("q4", 1): 450.0}[q, tp]
+with open(val("--json", None), "a") as f:
+    f.write(json.dumps(dict(kind="decode", batch=1, model=val("--model", ""), gpu="FAKE", tp=tp, quantize=q,
+                            quantize_lm_head=head, tok_s=tok * (1.1 if head else 1.0))) + "\n")
+print("ran", " ".join(a))
+"""
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_path, gpus):
+    """scripts/targets.sh with stand-ins for nvidia-smi, python and mpiexec: per round int8 and Q4_0 (LM heads bf16,
+    then quantized); with 2+ GPUs bf16 TP 1 and TP 2 (under MPIRUN -n 2), with 4 TP 4 and then the 70B run; then
+    the summary of the records, written to OUTDIR/summary.txt."""
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: FAKE'\n" for i in range(gpus)))
+    (tmp_path / "fake_bench.py").write_text(_FAKE_BENCH)
+    (bin_dir / "py").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'fake_bench.py'} \"$@\"\n")
+    (bin_dir / "mpirun").write_text("#!/bin/sh\nshift 2\nexec \"$@\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(bin_dir / "py"),
+               MPIRUN=str(bin_dir / "mpirun"))
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", "scripts/targets.sh", str(out), "3"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ran = [line[4:] for line in (out / "targets.log").read_text().splitlines() if line.startswith("ran ")]
+    per_round = 4 + (3 if gpus >= 4 else 0)
+    assert len(ran) == 3 * per_round + (1 if gpus >= 4 else 0)
+    assert sum("--quantize q4 --quantize-lm-head" in c for c in ran) == 3
+    assert sum("--tp 4" in c and "llama3-8b" in c for c in ran) == (3 if gpus >= 4 else 0)
+    summary = (out / "summary.txt").read_text()
+    assert "Q4_0 / int8: 1.500x" in summary and "LM heads quantized: 1.500x" in summary
+    if gpus >= 4:
+        assert "TP 2 / TP 1: 1.784x" in summary and "TP 4 / TP 1: 2.811x" in summary
+        assert "llama3-70b" in ran[-1] and "--batch 1,32" in ran[-1]
+    else:
+        assert "TP 2 / TP 1: not measured here" in summary
 
 
 def test_comm_probe_says_why_it_cannot_run_over_nccl(bench):

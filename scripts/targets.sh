@@ -1,0 +1,35 @@
+#!/bin/bash
+# Issue 5's and 6's target measurements in one call on the GPU machine this runs on, then their ratios
+# (bench.py --summarize). Random weights with real shapes (no checkpoint), decode at batch 1, in ROUNDS rounds
+# whose configurations alternate, so that every ratio is of runs on one machine in one call:
+#   1 GPU:  Llama-3-8B int8 and Q4_0 (LM heads bf16, then both quantized): issue 6's W4A16 / int8;
+#   2 GPUs: + bf16 TP 1 and TP 2;   4 GPUs: + TP 4 (issue 5's ratios), then Llama-3-70B bf16 at TP 4 (b=1, 32).
+# Usage, from the project root:  scripts/targets.sh OUTDIR [ROUNDS]
+#   (PY and MPIRUN from the environment, as .device/env.sh sets them on the lent machines; defaults python3 and
+#   mpiexec). Writes OUTDIR/targets.log, OUTDIR/targets.jsonl, OUTDIR/summary.txt and OUTDIR/gpus.txt.
+set -uo pipefail
+out=${1:?usage: scripts/targets.sh OUTDIR [ROUNDS]}
+rounds=${2:-2}
+PY=${PY:-python3}
+MPIRUN=${MPIRUN:-mpiexec}
+gpus=$(nvidia-smi -L | wc -l)
+mkdir -p "$out"
+{ nvidia-smi -L; date -u; } > "$out/gpus.txt"
+B="scripts/bench.py --prefill= --model dummy:llama3-8b --steps 64 --batch 1 --json $out/targets.jsonl"
+for r in $(seq "$rounds"); do
+    echo "== round $r"
+    for q in int8 q4; do $PY $B --quantize $q; done
+    for q in int8 q4; do $PY $B --quantize $q --quantize-lm-head; done
+    if [ "$gpus" -ge 2 ]; then
+        $PY $B
+        $MPIRUN -n 2 $PY $B --tp 2
+    fi
+    if [ "$gpus" -ge 4 ]; then
+        $MPIRUN -n 4 $PY $B --tp 4
+    fi
+done 2>&1 | tee "$out/targets.log"
+if [ "$gpus" -ge 4 ]; then
+    $MPIRUN -n 4 $PY scripts/bench.py --prefill= --model dummy:llama3-70b --steps 32 --batch 1,32 --tp 4 \
+        --json "$out/targets-70b.jsonl" 2>&1 | tee -a "$out/targets.log"
+fi
+$PY scripts/bench.py --summarize "$out/targets.jsonl" | tee "$out/summary.txt"

@@ -1003,10 +1003,10 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 //   - int8: 2 blocks, 4 stages (3 lost 0.8% in the tenth session's shape); rope 3 blocks. At 3 blocks the _x1n
 //     SwiGLU kernel spills: 289.7 tok/s against 308.5 (H100, sixteenth session).
 //   - Q4_0's plain projections whose tiles fit 2 blocks per SM, one tile each (Llama-3-8B's o and down: 256 tiles):
-//     the _x1d kernel, 5 stages at 2 blocks (104 registers). A block then has 4 warp steps of weights in flight
+//     the _x1d kernel, 5 stages at 2 blocks (104 registers). Each warp then has 4 steps of weights in flight
 //     instead of 2, from before its PDL wait: all of an o projection's tile (K = 4,096: 4 steps a warp), issued
-//     while decode attention runs; and twice the bytes in flight for the down projection's 14 steps, which on 2
-//     blocks per SM could not keep HBM busy with 2. Llama-3-8B b=1, H200, one call: 514.6 / 515.0 tok/s against
+//     while decode attention runs; and twice the bytes in flight for the down projection's 14 steps (with 2 a
+//     warp at 2 blocks per SM, HBM was not kept busy). Llama-3-8B b=1, H200, one call: 514.6 / 515.0 tok/s against
 //     484.3 / 482.8 (docs/PERFORMANCE.md, twentieth session); 6 and 8 stages no better or worse, 80 registers
 //     (3 blocks' bounds, 4 bytes spilled) 495.
 #define QGEMV_X1_ARGS                                                                                           \

@@ -7,6 +7,7 @@
 # Usage, from the project root:  scripts/targets.sh OUTDIR [ROUNDS]
 #   (PY and MPIRUN from the environment, as .device/env.sh sets them on the lent machines; defaults python3 and
 #   mpiexec). Writes OUTDIR/targets.log, OUTDIR/targets.jsonl, OUTDIR/summary.txt and OUTDIR/gpus.txt.
+# (scripts/gpu_check.sh is the broad check: every GPU test and benchmark with its A/Bs, once each.)
 set -uo pipefail
 out=${1:?usage: scripts/targets.sh OUTDIR [ROUNDS]}
 rounds=${2:-2}

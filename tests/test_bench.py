@@ -143,15 +143,21 @@ def test_skip_probe_times_again_without_each_patterns_kernels(bench):
     every batch timed again; the difference is recorded with the kernels the pattern names; afterwards nothing is
     skipped and the graphs are dropped once more (the next capture has every kernel)."""
     from types import SimpleNamespace
-    kernels = SimpleNamespace(skip=None, _functions={"attention_decode_x": 0, "qgemv4s_bf16_bf16_x1d": 1,
-                                                     "qgemv4s_bf16_bf16_x1": 2})
+    fns = {"attention_decode_x": object(), "qgemv4s_bf16_bf16_x1d": object(), "qgemv4s_bf16_bf16_x1": object()}
+    kernels = SimpleNamespace(skip=None, _functions=fns)
+
+    def skipped():      # which pattern the skipped set stands for
+        if kernels.skip is None:
+            return None
+        return "^attention" if id(fns["attention_decode_x"]) in kernels.skip else "x1$"
     events, lines, records = [], [], []
-    model = SimpleNamespace(drop_graphs=lambda: events.append(("drop", kernels.skip and kernels.skip.pattern)))
+    model = SimpleNamespace(drop_graphs=lambda: events.append(("drop", skipped())))
 
     def decode(B, probe=False):
         assert probe
-        events.append(("time", kernels.skip.pattern, B))
-        return {"^attention": 0.0019, "x1$": 0.0015}[kernels.skip.pattern] + (0.001 if B == 8 else 0)
+        assert len(kernels.skip) == 1          # each pattern names one of the three
+        events.append(("time", skipped(), B))
+        return {"^attention": 0.0019, "x1$": 0.0015}[skipped()] + (0.001 if B == 8 else 0)
 
     bench.skip_probe(model, kernels, "^attention;x1$;", [1, 8], {1: 0.002, 8: 0.003}, decode, lines.append,
                      lambda **kw: records.append(kw))
@@ -174,8 +180,7 @@ def test_skip_probe_patterns_are_checked_before_any_gpu_work(bench):
 
 
 def test_kernels_skip_leaves_out_only_the_launches_it_names():
-    """Kernels._launch with skip set (the probe): a kernel whose name the regex finds is not launched; others are."""
-    import re
+    """Kernels._launch with skip set (the probe): a kernel in the set is not launched; others are."""
     from mpillm.cuda.kernels import Kernels
     calls = []
 
@@ -188,11 +193,10 @@ def test_kernels_skip_leaves_out_only_the_launches_it_names():
     k = Kernels.__new__(Kernels)
     k.stream = None
     fns = {name: Fn(name) for name in ("attention_decode_cluster", "qgemv4s_bf16_bf16_x1d")}
-    k._names = {id(f): name for name, f in fns.items()}
     k.skip = None
     for f in fns.values():
         k._launch(f, (1, 1), 32)
-    k.skip = re.compile("^attention")
+    k.skip = frozenset({id(fns["attention_decode_cluster"])})
     for f in fns.values():
         k._launch(f, (1, 1), 32)
     assert calls == ["attention_decode_cluster", "qgemv4s_bf16_bf16_x1d", "qgemv4s_bf16_bf16_x1d"]

@@ -500,10 +500,9 @@ class Kernels:
         # Cold: nvcc ran (seconds); warm: PyCUDA's disk cache answered (preprocessing only).
         self.compile_seconds = time.perf_counter() - start
         self._functions: dict[str, object] = {}
-        self._names: dict[int, str] = {}      # id(prepared function) -> kernel name
-        # scripts/bench.py --skip-probe only: launches of kernels whose name this regex finds are left out
-        # (wrong results; what the rest of the step costs without them). None in every real run.
-        self.skip = None
+        # scripts/bench.py --skip-probe only: the ids of prepared functions whose launches are left out (wrong
+        # results; what the rest of the step costs without them). None in every real run.
+        self.skip: frozenset[int] | None = None
         # cuBLASLt (nvmath-python) for M > GEMV_MAX_M: faster than our mma.sync GEMM on every shape we
         # measured (docs/PERFORMANCE.md). Without nvmath the own GEMM serves.
         self.blas = None
@@ -528,7 +527,6 @@ class Kernels:
                                      f"{self.device.max_shared_per_block_optin}")
                 fn.set_attribute(self._cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
             self._functions[name] = fn
-            self._names[id(fn)] = name
         return fn
 
     def owns(self, name: str) -> bool:
@@ -537,7 +535,7 @@ class Kernels:
         return name in self._functions
 
     def _launch(self, fn, grid, block: int, *args, shared: int = 0) -> None:
-        if self.skip is not None and self.skip.search(self._names[id(fn)]):
+        if self.skip is not None and id(fn) in self.skip:
             return
         fn.prepared_async_call(grid, (block, 1, 1), self.stream, *args, shared_size=shared)
 

@@ -18,11 +18,22 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// cp_async16 with L2::256B: L2 fetches the whole 256-byte segment around a miss, for weight streams whose
-// neighbouring pieces other warps ask for next (as gemv.cu's ld_weight16<true>).
+// The L2 policy of the weight streams below: evict first. A decode step reads every weight once, gigabytes
+// through an L2 of tens of megabytes, so a weight line is never read from L2 again; kept at the normal priority it
+// pushes out what is read again: the activations, the KV cache, the scales' lines that the next warps share, and
+// the kernels' code, which each layer's launches fetch anew. Llama-3-8B b=1, H200, one call (docs/PERFORMANCE.md,
+// twenty-first session): Q4_0 521.8 / 520.2 tok/s against 517.6 / 516.6, int8 386.9 against 381.8; Q4_0's scale
+// loads evict-first too gave back half of it (519.0 / 518.2).
+__device__ __forceinline__ uint64_t l2_evict_first() {
+    uint64_t policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+// cp_async16 for weights: L2::256B (L2 fetches the whole 256-byte segment around a miss, for weight streams whose
+// neighbouring pieces other warps ask for next, as gemv.cu's ld_weight16<true>), and evict first.
 __device__ __forceinline__ void cp_async16_l2_256(void* smem, const void* gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-                 "r"(valid ? 16 : 0)
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(smem_addr(smem)),
+                 "l"(gmem), "r"(valid ? 16 : 0), "l"(l2_evict_first())
                  : "memory");
 }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -73,12 +84,12 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     return v;
 }
 
-// ld_stream16 with the L2::256B segment prefetch (cp_async16_l2_256).
+// ld_stream16 with the L2::256B segment prefetch and the weights' evict-first policy (cp_async16_l2_256).
 __device__ __forceinline__ uint4 ld_stream16_l2_256(const void* p) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
+        : "l"(p), "l"(l2_evict_first()));
     return v;
 }
 

@@ -312,3 +312,43 @@ def test_rank_of_runs_rank_zeros_share_as_a_whole_model(bench):
         bench.rank_share(dummy_config("dummy:smollm2-135m"), 2)        # 5 query heads over 2 kv heads
     with pytest.raises(ShardingError, match="attention heads"):
         bench.rank_share(dummy_config("dummy:smollm2-135m"), 16)
+
+
+def test_code_size_reads_elf_text_sections_and_names_bad_input(tmp_path, capsys):
+    """scripts/code_size.py on a hand-made ELF64 with two .text sections and one other: their sizes, the report's
+    total, and clear errors for a file that is not a cubin, a pattern that is not a regex and one that matches
+    nothing. (On real cubins: tests/test_cuda_compile.py.)"""
+    import importlib.util
+    import struct
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("code_size", Path(__file__).parents[1] / "scripts" / "code_size.py")
+    cs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cs)
+    names = b"\0.shstrtab\0.text.kern_a\0.nv.info\0.text._Z6helperv\0"
+    at = {n: names.index(n.encode() + b"\0") for n in (".shstrtab", ".text.kern_a", ".nv.info", ".text._Z6helperv")}
+    body = names + bytes(-len(names) % 8)
+    sections = [(0, 0, 0), (at[".shstrtab"], 64, len(names)), (at[".text.kern_a"], 0, 320), (at[".nv.info"], 0, 24),
+                (at[".text._Z6helperv"], 0, 48)]
+    shoff = 64 + len(body)
+    head = bytearray(64)
+    head[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", head, 0x28, shoff)
+    struct.pack_into("<HHH", head, 0x3A, 64, len(sections), 1)
+    table = b"".join(struct.pack("<IIQQQQIIQQ", n, 0, 0, 0, off, size, 0, 0, 0, 0) for n, off, size in sections)
+    cubin = bytes(head) + body + table
+    assert cs.text_sizes(cubin) == {"kern_a": 320, "_Z6helperv": 48}
+    report = cs.report({"m": cubin}, ["kern", "helper"]).splitlines()
+    assert report[0].split()[:3] == ["320", "B", "20"] and report[-1].split()[:3] == ["368", "B", "23"]
+    f = tmp_path / "m.cubin"
+    f.write_bytes(cubin)
+    cs.main(["--cubin", str(f), "kern_a"])
+    assert "kern_a  (m)" in capsys.readouterr().out
+    bad = tmp_path / "bad.cubin"
+    bad.write_bytes(b"not an elf")
+    with pytest.raises(SystemExit, match="bad.cubin: not a little-endian ELF64 cubin"):
+        cs.main(["--cubin", str(bad)])
+    with pytest.raises(SystemExit, match="no function matches"):
+        cs.main(["--cubin", str(f), "nothing_here"])
+    with pytest.raises(SystemExit):
+        cs.main(["--cubin", str(f), "(unclosed"])
+    assert "pattern '(unclosed'" in capsys.readouterr().err

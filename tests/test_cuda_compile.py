@@ -73,3 +73,18 @@ def test_every_kernel_file_compiles(tmp_path):
     assert not missing, f"kernels without pdl_wait() (griddepcontrol.wait): {missing}"
     no_trigger = sorted(k for k, body in entries.items() if "griddepcontrol.launch_dependents;" not in body)
     assert not no_trigger, f"kernels without pdl_launch_dependents(): {no_trigger}"
+
+    # scripts/code_size.py reads each kernel's machine code size from the cubins' sections: every entry point has a
+    # .text section there, of whole 16-byte instructions, and the report sums what it lists.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("code_size", CUDA_SRC.parent / "scripts" / "code_size.py")
+    code_size = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code_size)
+    cubins = {name: (tmp_path / f"{name}_sm_90.cubin").read_bytes() for name in sources}
+    sizes = {fn: size for cubin in cubins.values() for fn, size in code_size.text_sizes(cubin).items()}
+    assert set(entries) <= set(sizes), sorted(set(entries) - set(sizes))
+    assert all(size > 0 and size % 16 == 0 for fn, size in sizes.items() if fn in entries)
+    layer = ["^qgemv4s_bf16_bf16_x1d$", "^qgemv4s_swiglu_bf16_bf16_x1n$"]
+    lines = code_size.report(cubins, layer).splitlines()
+    want = sizes["qgemv4s_bf16_bf16_x1d"] + sizes["qgemv4s_swiglu_bf16_bf16_x1n"]
+    assert len(lines) == 3 and lines[-1].split()[0] == f"{want:,d}", lines

@@ -35,7 +35,7 @@ INSTRUCTION_BYTES = 16
 
 def text_sizes(cubin: bytes) -> dict[str, int]:
     """{function name: bytes of its .text section} of a cubin (ELF64, little-endian). ValueError on anything else."""
-    if cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
+    if len(cubin) < 64 or cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
         raise ValueError("not a little-endian ELF64 cubin")
     shoff, = struct.unpack_from("<Q", cubin, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)

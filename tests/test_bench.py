@@ -347,6 +347,12 @@ def test_code_size_reads_elf_text_sections_and_names_bad_input(tmp_path, capsys)
     bad.write_bytes(b"not an elf")
     with pytest.raises(SystemExit, match="bad.cubin: not a little-endian ELF64 cubin"):
         cs.main(["--cubin", str(bad)])
+    bad.write_bytes(cubin[:40])                    # the magic, cut short
+    with pytest.raises(SystemExit, match="bad.cubin: not a little-endian ELF64 cubin"):
+        cs.main(["--cubin", str(bad)])
+    bad.write_bytes(cubin[:shoff + 100])           # the section table cut short
+    with pytest.raises(SystemExit, match="bad.cubin: cubin: section header table out of bounds"):
+        cs.main(["--cubin", str(bad)])
     with pytest.raises(SystemExit, match="no function matches"):
         cs.main(["--cubin", str(f), "nothing_here"])
     with pytest.raises(SystemExit):

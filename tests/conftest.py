@@ -30,12 +30,23 @@ def smollm_gguf() -> Path:
         pytest.skip(f"default model unavailable: {e}")
 
 
-@pytest.fixture(scope="session")
-def bench():
-    """scripts/bench.py as a module (it is a script, not part of the package)."""
+def _script(name: str):
+    """scripts/<name>.py as a module (the scripts are not part of the package)."""
     import importlib.util
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """scripts/bench.py as a module."""
+    return _script("bench")
+
+
+@pytest.fixture(scope="session")
+def code_size():
+    """scripts/code_size.py as a module."""
+    return _script("code_size")

@@ -314,16 +314,12 @@ def test_rank_of_runs_rank_zeros_share_as_a_whole_model(bench):
         bench.rank_share(dummy_config("dummy:smollm2-135m"), 16)
 
 
-def test_code_size_reads_elf_text_sections_and_names_bad_input(tmp_path, capsys):
+def test_code_size_reads_elf_text_sections_and_names_bad_input(tmp_path, capsys, code_size):
     """scripts/code_size.py on a hand-made ELF64 with two .text sections and one other: their sizes, the report's
     total, and clear errors for a file that is not a cubin, a pattern that is not a regex and one that matches
     nothing. (On real cubins: tests/test_cuda_compile.py.)"""
-    import importlib.util
     import struct
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("code_size", Path(__file__).parents[1] / "scripts" / "code_size.py")
-    cs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cs)
+    cs = code_size
     names = b"\0.shstrtab\0.text.kern_a\0.nv.info\0.text._Z6helperv\0"
     at = {n: names.index(n.encode() + b"\0") for n in (".shstrtab", ".text.kern_a", ".nv.info", ".text._Z6helperv")}
     body = names + bytes(-len(names) % 8)

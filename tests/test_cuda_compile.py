@@ -15,7 +15,7 @@ ARCHS = ("sm_80", "sm_90")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-def test_every_kernel_file_compiles(tmp_path):
+def test_every_kernel_file_compiles(tmp_path, code_size):
     sources = kernel_sources()
     assert {"embedding", "norm", "rope_kv", "activation", "gemv", "gemm", "attention_prefill",
             "attention_decode", "sampling", "gemv_quant", "allreduce"} <= set(sources)
@@ -76,10 +76,6 @@ def test_every_kernel_file_compiles(tmp_path):
 
     # scripts/code_size.py reads each kernel's machine code size from the cubins' sections: every entry point has a
     # .text section there, of whole 16-byte instructions, and the report sums what it lists.
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("code_size", CUDA_SRC.parent / "scripts" / "code_size.py")
-    code_size = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(code_size)
     cubins = {name: (tmp_path / f"{name}_sm_90.cubin").read_bytes() for name in sources}
     sizes = {fn: size for cubin in cubins.values() for fn, size in code_size.text_sizes(cubin).items()}
     assert set(entries) <= set(sizes), sorted(set(entries) - set(sizes))

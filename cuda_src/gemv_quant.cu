@@ -16,7 +16,8 @@
 //     scales are 8 bytes per row per super-block instead of 16 (4.5 bits per weight instead of 5).
 // The byte order that makes a lane's 16-byte load hold 8 elements of each chunk of a super-block is
 // mpillm/quant.py's PackedLinear (packed on the host at load time; no value is re-quantized).
-// Q4_0's codes are stored in tiles of rows (Q4_0_TILES below; kernels.py q4_0_tiles): a warp step reads one 1 KB run.
+// Q4_0's codes and scales are stored in tiles of rows (Q4_0_TILES below; kernels.py q4_0_tiles): a warp step reads
+// one 1 KB run of codes and one 128-byte run of scales.
 //
 // Block: WARPS warps on the same 16 weight rows, interleaved over super-blocks, two register
 // stages so the next loads are in flight during this step's mma work; partials summed in shared memory.
@@ -33,14 +34,13 @@
 // Q4_0_TILES (the "4s" format, SYM): the codes in tiles of QGEMV_ROWS rows (N padded to whole tiles), each tile's
 // super-block sb one contiguous run of its 16 rows' 64 bytes (1 KB) in row order: row r's super-block sb at byte
 // ((r / 16) n_sb + sb) 1024 + (r % 16) 64. A warp step (one super-block of 16 rows) reads one 1 KB run instead of 16
-// runs of 64 bytes a row apart. The scales stay row-major (row r's super-block sb at byte (r n_sb + sb) 8; N padded
-// likewise): with them in tiles too, one token ran 1.5% faster still, but a 32-token step 18% slower (the 32-token
-// register-stage kernel, whose scale loads likely stopped hitting L1). Llama-3-8B, H100, docs/PERFORMANCE.md,
-// seventeenth session. int8 and Q4_1 are row-major.
+// runs of 64 bytes a row apart. The scales likewise, 8 bytes a row: row r's super-block sb at byte
+// ((r / 16) n_sb + sb) 128 + (r % 16) 8, so that the one-token kernels copy a step's scales into their ring with
+// the codes (x1_linear). int8 and Q4_1 are row-major.
 __device__ __forceinline__ size_t q4_0_tile_offset(int row, int n_sb) {  // row's super-block 0, in 64-byte units
     return (size_t)(row / QGEMV_ROWS) * n_sb * QGEMV_ROWS + row % QGEMV_ROWS;
 }
-#define Q4_0_SB_STRIDE QGEMV_ROWS  // from one super-block of a row to the next, in 64-byte units
+#define Q4_0_SB_STRIDE QGEMV_ROWS  // from one super-block of a row to the next, in 64-byte units (codes and scales)
 
 // 4-bit scale loads (read-only, through L1: the 4 lanes of a quad and the warps on neighbouring super-blocks share
 // their sectors) with L2::256B: L2 fetches the whole 256-byte segment around a miss, as for the weights, instead of
@@ -56,6 +56,18 @@ __device__ __forceinline__ uint4 ld_scales16(const void* p) {
     asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+
+// Q4_0's scales into the one-token kernels' ring (x1_linear): L2::256B as for the weights, without their
+// evict-first policy (the scales' lines are read by the next warps too; evict-first on Q4_0's scale loads lost
+// half of the weights' gain, twenty-first session). Zero-filled when !valid.
+__device__ __forceinline__ void cp_async16_scales(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+// The deepest Q4_0 ring among the _x1 kernels (the _x1d kernel's), which sizes the scale ring that the launcher
+// reserves for every Q4_0 _x1 launch (kernels.py Q4_0_X1_SCALE_RING = this x 8 warps x 128 bytes).
+#define Q4_0_X1_MAX_STAGES 5
 
 __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -406,9 +418,12 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     st.sb[u][j] = in ? __ldg(s + (size_t)row_b * n_groups + (chunk >> gshift)) : 0u;
                 }
             } else if (SYM) {
+                // in tiles (Q4_0_TILES): 8-byte units at q4_0_tile_offset, Q4_0_SB_STRIDE apart
                 const uint2* s = reinterpret_cast<const uint2*>(scales);
-                const uint2 a = ok ? ld_scales8(s + (size_t)row_a * n_sb + sb) : make_uint2(0, 0);
-                const uint2 b = ok ? ld_scales8(s + (size_t)row_b * n_sb + sb) : make_uint2(0, 0);
+                const uint2 a = ok ? ld_scales8(s + q4_0_tile_offset(row_a, n_sb) + (size_t)sb * Q4_0_SB_STRIDE)
+                                   : make_uint2(0, 0);
+                const uint2 b = ok ? ld_scales8(s + q4_0_tile_offset(row_b, n_sb) + (size_t)sb * Q4_0_SB_STRIDE)
+                                   : make_uint2(0, 0);
                 st.sa[u][0] = a.x, st.sa[u][1] = a.y;  // chunks (0, 1) and (2, 3), unpacked at use
                 st.sb[u][0] = b.x, st.sb[u][1] = b.y;
             } else {
@@ -668,14 +683,15 @@ __device__ __forceinline__ void x1_finish(float (*partial)[4][32], float acc_a, 
 
 // One token of bf16 x against int8 or Q4_0 weights (the _x1 and _x1n kernels): x staged as fp16 in shared memory
 // (stage_x_half; Q4_0 through u4_pair_x16, each chunk's mma started from its bias) and a loop of its own, with about
-// 110 instructions per 1 KB warp step where quant_linear's general shape took about 180, and 80 registers: Q4_0
-// runs 3 blocks per SM (24 warps) to cover the weight stream's latency, which quant_linear's 103 registers did not
-// allow. (The fewer instructions alone gained 0.2% at 2 blocks per SM: the loop waits on memory, not on issue.)
+// 110 instructions per 1 KB warp step where quant_linear's general shape took about 180, and at most 80 registers:
+// Q4_0 runs 3 blocks per SM (24 warps) to cover the weight stream's latency, which quant_linear's 103 registers did
+// not allow. (The fewer instructions alone gained 0.2% at 2 blocks per SM: the loop waits on memory, not on issue.)
 //   - The block's tiles are one flat run of steps, unrolled by STAGES so that every ring slot is a constant; the
 //     ahead cursor and the compute cursor each move on to their next tile in a branch taken once per tile.
-//   - The scales go into registers (reg_s[slot]) when the ahead cursor issues the slot's copy, STAGES - 1 steps
-//     before their use (Q4_0 with L2::256B, ld_scales8). Through the ring instead (cp.async of 8 bytes, which has
-//     to go through L1) the Q4_0 kernel ran 8% slower.
+//   - The scales: Q4_0's through the ring with the codes (a step's 128 bytes, in tiles); in registers loaded
+//     STAGES - 1 steps ahead (ld_scales8, row-major) the kernels ran 6% slower, and an earlier ring of 8-byte copies
+//     of row-major scales, which go through L1, 8% slower. int8's go into registers (reg_s[slot]) when the ahead
+//     cursor issues the slot's copy.
 //   - x is staged as zeros up to a whole number of steps per warp (n_sb rounded up to WARPS), so no step tests K
 //     or n_sb on the compute side; the ring zero-fills a step past n_sb (scale 0: d * finite = 0).
 //   - Every lane reads x (lanes g != 0 feed the mma's columns 1..7, whose results are never read); Q4_0's chunk
@@ -703,26 +719,36 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     const int total = my_tiles * steps;
     const size_t row_bytes = (size_t)n_sb * QGEMV_SB_BYTES;
 
+    static_assert(!Q4 || STAGES <= Q4_0_X1_MAX_STAGES, "Q4_0's scale ring: kernels.py Q4_0_X1_SCALE_RING");
     // Slot [warp][s][row a / b][lane]: each lane copies and reads back only its own pieces (no barrier).
     __shared__ __align__(16) uint4 ring_w[WARPS][STAGES][2][32];
-    // Their scales, in registers (slot s is a constant in the unrolled loop below), rows g and g + 8: Q4_0 the 4
-    // chunks' fp16 d (8 bytes); int8 each of the 2 chunks' group scale (fp16 bits).
-    uint2 reg_s[STAGES][2];
+    // Their scales. int8: in registers (slot s is a constant in the unrolled loop below), rows g and g + 8, each of
+    // the 2 chunks' group scale (fp16 bits). Q4_0: the step's 128 bytes (16 rows' 4 fp16 d, Q4_0_TILES) through the
+    // ring with the codes, lanes 0-7 copying 16 bytes each: ring_s (dynamic shared memory, after x). Llama-3-8B b=1
+    // 552.8 tok/s against 518.2 / 521.1 with them in registers as int8's (H200, docs/PERFORMANCE.md, twenty-second
+    // session).
+    uint2 reg_s[Q4 ? 1 : STAGES][2];
     __shared__ float partial[WARPS][4][32];
     extern __shared__ __align__(16) uint4 qgemv_xs[];
+    uint4 (*const ring_s)[STAGES][8] = reinterpret_cast<uint4 (*)[STAGES][8]>(qgemv_xs + n_sbp * (VPS + 4));
+    if constexpr (Q4) {  // x, its chunk biases (stage_x_half checks those) and ring_s: qgemv_x1_bytes
+        uint32_t dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < (uint32_t)n_sbp * (VPS + 4) * 16u + Q4_0_X1_MAX_STAGES * WARPS * 128u) __trap();
+    }
 
     // The cursor STAGES - 1 steps ahead: its tile's row pointers move only when it crosses into the next tile.
     // Each format's code below is the one measured (docs/PERFORMANCE.md, sixteenth session): the Q4_0 and int8
     // branches differ in form where a common form compiled to a slower Q4_0 kernel (405.9 against 414.9 tok/s).
     int a_tile = blockIdx.x, a_sb = warp;
     const uint8_t *a_wa, *a_wb;           // rows g and g + 8: codes
-    const uint8_t *a_sa, *a_sbp;          // Q4_0: their scales, 8 bytes per super-block
+    const uint8_t* a_s = nullptr;         // Q4_0: the tile's scales, lane (lanes 0-7) 16 bytes of each step's 128
     const unsigned short *a_ga, *a_gb;    // int8: their group scales
     auto aim = [&]() {
         if constexpr (Q4) {  // codes in tiles (Q4_0_TILES): the tile's rows g and g + 8, the last tile past the end
             const size_t r0 = (size_t)min(a_tile, n_tiles - 1) * QGEMV_ROWS;
             a_wa = w + r0 * row_bytes + g * QGEMV_SB_BYTES + 16 * t, a_wb = a_wa + 8 * QGEMV_SB_BYTES;
-            a_sa = static_cast<const uint8_t*>(scales) + (r0 + g) * n_sb * 8, a_sbp = a_sa + 8 * n_sb * 8;
+            a_s = static_cast<const uint8_t*>(scales) + r0 * n_sb * 8 + 16 * (lane & 7);
         } else {
             const size_t ra = min(a_tile * QGEMV_ROWS + g, N - 1), rb = min(a_tile * QGEMV_ROWS + g + 8, N - 1);
             a_wa = w + ra * row_bytes + 16 * t, a_wb = w + rb * row_bytes + 16 * t;
@@ -734,12 +760,11 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     // Addresses stay in bounds where nothing is read (super-block 0): the loads may be issued either way.
     auto issue = [&](int slot) {
         const bool ok = a_tile < n_tiles && a_sb < n_sb;
-        if constexpr (Q4) {  // the tile's super-block: 1 KB of codes; each row's 8 bytes of scales
+        if constexpr (Q4) {  // the tile's super-block: 1 KB of codes and 128 bytes of scales (zeros past n_sb)
             const uint32_t off = ok ? (uint32_t)a_sb * Q4_0_SB_STRIDE * QGEMV_SB_BYTES : 0u;
             cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
             cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
-            reg_s[slot][0] = ok ? ld_scales8(a_sa + (off >> 7)) : make_uint2(0, 0);
-            reg_s[slot][1] = ok ? ld_scales8(a_sbp + (off >> 7)) : make_uint2(0, 0);
+            if (lane < 8) cp_async16_scales(&ring_s[warp][slot][lane], a_s + (off >> 3), ok);
         } else {  // chunks 2 sb and 2 sb + 1; a chunk past K (K % 64 == 32) has scale 0
             const int sbi = ok ? a_sb : 0;
             const uint32_t off = (uint32_t)sbi * QGEMV_SB_BYTES;
@@ -784,7 +809,13 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     auto step = [&](int slot) {
         cp_async_wait<STAGES - 2>();
         const uint4 wa = ring_w[warp][slot][0][lane], wb = ring_w[warp][slot][1][lane];
-        const uint2 sa = reg_s[slot][0], sb = reg_s[slot][1];
+        uint2 sa, sb;  // rows g and g + 8
+        if constexpr (Q4) {
+            sa = reinterpret_cast<const uint2*>(ring_s[warp][slot])[g];
+            sb = reinterpret_cast<const uint2*>(ring_s[warp][slot])[g + 8];
+        } else {
+            sa = reg_s[slot][0], sb = reg_s[slot][1];
+        }
         issue(slot == 0 ? STAGES - 1 : slot - 1);  // the slot read one step ago
         // Chunk j: pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8 as fp16 in a0 / a1, the fp32 sum from the
         // mma, times the chunk's scale (fp16 bits da / db).
@@ -863,7 +894,8 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
                 // q4_0_tile_offset(row, n_sb) + sb Q4_0_SB_STRIDE, from the tile and r at hand
                 const uint4 v =
                     ld_stream16(w + (((size_t)tile * n_sb + sb) * QGEMV_ROWS + r) * QGEMV_SB_BYTES + 16 * t);
-                const unsigned short* d4 = static_cast<const unsigned short*>(scales) + ((size_t)row * n_sb + sb) * 4;
+                const unsigned short* d4 =  // the scales in the same order, 8 bytes a row
+                    static_cast<const unsigned short*>(scales) + (((size_t)tile * n_sb + sb) * QGEMV_ROWS + r) * 4;
 #pragma unroll
                 for (int j = 0; j < CH; ++j) {
                     if (sb * SB_ELEMS + 32 * j + 8 * t >= K) continue;

@@ -180,7 +180,8 @@ def test_float_gemv_takes_the_wide_block_where_a_block_per_sm_is_all_there_is():
 
 def test_q4_0_tiles_store_each_tiles_super_block_as_one_run():
     """The device's Q4_0 order (gemv_quant.cu Q4_0_TILES): row r's super-block sb at byte ((r // 16) n_sb + sb)
-    1024 + (r % 16) 64 of the codes; the scales row-major; N padded with zero rows to whole tiles."""
+    1024 + (r % 16) 64 of the codes and ((r // 16) n_sb + sb) 128 + (r % 16) 8 of the scales; N padded with zero
+    rows to whole tiles."""
     from mpillm.cuda.kernels import q4_0_tiles
     rng = np.random.default_rng(0)
     n, n_sb = 37, 3
@@ -189,14 +190,15 @@ def test_q4_0_tiles_store_each_tiles_super_block_as_one_run():
     codes, sc = q4_0_tiles(data, scales)
     assert codes.shape == (48, n_sb * 64) and sc.shape == (48, n_sb * 8)
     assert codes.dtype == sc.dtype == np.uint8 and codes.flags.c_contiguous and sc.flags.c_contiguous
-    np.testing.assert_array_equal(sc[:n], scales)
-    assert not sc[n:].any()
-    codes = codes.reshape(-1)
+    codes, sc = codes.reshape(-1), sc.reshape(-1)
     for r in range(48):
         for sb in range(n_sb):
             at = ((r // 16) * n_sb + sb) * 1024 + (r % 16) * 64
             want = data[r, sb * 64:(sb + 1) * 64] if r < n else np.zeros(64, np.uint8)
             np.testing.assert_array_equal(codes[at:at + 64], want, err_msg=f"row {r}, super-block {sb}")
+            at = ((r // 16) * n_sb + sb) * 128 + (r % 16) * 8
+            want = scales[r, sb * 8:(sb + 1) * 8] if r < n else np.zeros(8, np.uint8)
+            np.testing.assert_array_equal(sc[at:at + 8], want, err_msg=f"scales of row {r}, super-block {sb}")
     whole, whole_sc = q4_0_tiles(data[:32], scales[:32])      # whole tiles: no padding
     assert whole.shape == (32, n_sb * 64) and whole_sc.shape == (32, n_sb * 8)
     from mpillm.cuda.kernels import QuantWeight               # the kernels read whole tiles: padding is required
@@ -240,14 +242,15 @@ def test_q4_0_plain_projections_of_one_tile_a_block_take_the_deep_ring():
 def test_one_token_int8_bf16_takes_the_x1_kernels():
     """One token of bf16 x with int8 or Q4_0 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy
     in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk
-    biases stored 4 times, 320 bytes, in whole steps of 8 super-blocks); fp16 activations, Q4_1 weights, more tokens,
-    K past the shared memory and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
+    biases stored 4 times, 320 bytes, in whole steps of 8 super-blocks, then a ring for its scales); fp16
+    activations, Q4_1 weights, more tokens, K past the shared memory and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
     from mpillm.cuda.kernels import QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid, qgemv_x1_bytes, qgemv_x1_setting
     assert qgemv_x1_bytes(4096) == 64 * 128 and qgemv_x1_bytes(14336) == 224 * 128
     assert qgemv_x1_bytes(576) == 16 * 128 and qgemv_x1_bytes(608) == 16 * 128 and qgemv_x1_bytes(2080) == 40 * 128
     assert qgemv_x1_bytes(32768) == QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(32768 + 32)
-    assert qgemv_x1_bytes(4096, "4s") == 32 * 320 and qgemv_x1_bytes(608, "4s") == 8 * 320
-    assert qgemv_x1_bytes(200 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(200 * 128 + 32, "4s")
+    ring = 5 * 8 * 128  # Q4_0: then the scale ring, 5 stages of 8 warps' 128 bytes
+    assert qgemv_x1_bytes(4096, "4s") == 32 * 320 + ring and qgemv_x1_bytes(608, "4s") == 8 * 320 + ring
+    assert qgemv_x1_bytes(184 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(184 * 128 + 32, "4s")
 
     def launch(kind, rows, k, dtype="bf16", x1=True, n=6144):
         w = QuantWeight(kind, n, k, 32, _tensor(0x100000, (n, k), "u8"), _tensor(0x200000, (n, k // 16), "u8"))
@@ -261,12 +264,12 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert launch("int8", 1, 4096, x1=False) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     assert launch("int8", 1, 4096, dtype="f16") == ([("qgemv8_f16_f16_m1", (grid, 1))], [0])
     assert launch("int8", 2, 4096)[0] == [("qgemv8_bf16_bf16_m1", (grid, 1))]
-    assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (grid_x1, 1))], [32 * 320])
+    assert launch("q4_0", 1, 4096) == ([("qgemv4s_bf16_bf16_x1", (grid_x1, 1))], [32 * 320 + ring])
     assert launch("q4_0", 1, 4096, x1=False) == ([("qgemv4s_bf16_bf16_m1", (grid, 1))], [0])
-    assert launch("q4_0", 1, 200 * 128 + 32)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
+    assert launch("q4_0", 1, 184 * 128 + 32)[0] == [("qgemv4s_bf16_bf16_m1", (grid, 1))]
     # 4,096 rows, 256 tiles: one per block, also _x1; Q4_0 takes its deep-ring twin there (qgemv_x1_deep)
-    assert launch("q4_0", 1, 4096, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [32 * 320])
-    assert launch("q4_0", 1, 14336, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [112 * 320])
+    assert launch("q4_0", 1, 4096, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [32 * 320 + ring])
+    assert launch("q4_0", 1, 14336, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [112 * 320 + ring])
     assert launch("int8", 1, 4096, n=4096)[0] == [("qgemv8_bf16_bf16_x1", (256, 1))]
     assert launch("q4", 1, 4096)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]          # Q4_1: one tile per block
     assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
@@ -292,7 +295,7 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
                          _tensor(0x500000, (1, 6144)), prenorm=pn)
     (fn, grid4, _, args), = rec4.launches
     assert (fn, grid4) == ("qgemv4s_swiglu_bf16_bf16_x1n", (qgemv_grid(6144, 132, 3), 1))
-    assert rec4.shared == [32 * 320] and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
+    assert rec4.shared == [32 * 320 + 5 * 8 * 128] and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
     w41 = QuantWeight("q4", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 512), "u8"))
     assert not rec4.k._takes_x1(w41, "bf16", 1) and not rec4.k.prenorm_fusable(w41, "bf16", 1, 4096)  # Q4_1: m1
     with pytest.raises(ValueError, match="prenorm"):

@@ -72,9 +72,12 @@ QGEMV_X1_DEEP_PER_SM = 2
 # bf16's 11, and Q4_0's 5 per 8 against 11 (with the pre-norm folded in: the _x1n kernels,
 # Kernels.prenorm_fusable). Every projection takes them, also where a block gets one tile (Q4_0 once kept those on
 # m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic shared memory is qgemv_x1_bytes(K,
-# format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 25,600), else the m1 kernel.
+# format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 23,552), else the m1 kernel.
 # MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
+# Q4_0's _x1 kernels copy each warp step's 128 bytes of scales into a ring after x (gemv_quant.cu x1_linear,
+# ring_s), sized for the deepest of them (Q4_0_X1_MAX_STAGES = 5 stages, 8 warps).
+Q4_0_X1_SCALE_RING = 5 * 8 * 128
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
@@ -320,9 +323,9 @@ def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
     """Dynamic shared memory of an _x1 launch over K inputs (gemv_quant.cu x1_linear, which traps on less): x as
     fp16 in whole super-blocks, as many as make a whole number of steps for the block's 8 warps: of 64 elements for
     int8 (format "8"); of 128 for Q4_0 ("4s"), each with its 4 chunk biases (fp32, each stored 4 times) after all
-    of x."""
+    of x, then the ring of scales (Q4_0_X1_SCALE_RING)."""
     if fmt == "4s":
-        return _cdiv(_cdiv(k, 128), 8) * 8 * (128 * 2 + 4 * 16)
+        return _cdiv(_cdiv(k, 128), 8) * 8 * (128 * 2 + 4 * 16) + Q4_0_X1_SCALE_RING
     return _cdiv(_cdiv(k, 64), 8) * 8 * 64 * 2
 
 
@@ -401,15 +404,17 @@ def q4_0_tiles(data: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.nda
     """Q4_0 codes [N, n_sb * 64] and scale bytes [N, n_sb * 8] (row-major, as mpillm.quant packs them) in the
     device's order ("4s", gemv_quant.cu Q4_0_TILES): N padded with zero rows to whole tiles of 16, and the codes
     tile-major, each tile's super-block sb one contiguous 1 KB (its 16 rows' 64 bytes in row order), so that a
-    kernel's warp step streams one run, not 16 runs of 64 bytes a row apart. The scales stay row-major."""
+    kernel's warp step streams one run, not 16 runs of 64 bytes a row apart; the scales in the same order, each
+    tile's super-block one run of 128 bytes (its 16 rows' 8)."""
     n, n_sb = data.shape[0], data.shape[1] // 64
     n_pad = _cdiv(n, GEMV_ROWS) * GEMV_ROWS
     codes = np.zeros((n_pad, n_sb, 64), np.uint8)
     codes[:n] = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, n_sb, 64)
     codes = codes.reshape(n_pad // GEMV_ROWS, GEMV_ROWS, n_sb, 64).transpose(0, 2, 1, 3).reshape(n_pad, n_sb * 64)
-    padded = np.zeros((n_pad, n_sb * 8), np.uint8)
-    padded[:n] = scales
-    return codes, padded
+    tiled = np.zeros((n_pad, n_sb, 8), np.uint8)
+    tiled[:n] = np.ascontiguousarray(scales, dtype=np.uint8).reshape(n, n_sb, 8)
+    tiled = tiled.reshape(n_pad // GEMV_ROWS, GEMV_ROWS, n_sb, 8).transpose(0, 2, 1, 3).reshape(n_pad, n_sb * 8)
+    return codes, tiled
 
 
 class QuantWeight:

@@ -34,22 +34,28 @@
 // Q4_0_TILES (the "4s" format, SYM): the codes in tiles of QGEMV_ROWS rows (N padded to whole tiles), each tile's
 // super-block sb one contiguous run of its 16 rows' 64 bytes (1 KB) in row order: row r's super-block sb at byte
 // ((r / 16) n_sb + sb) 1024 + (r % 16) 64. A warp step (one super-block of 16 rows) reads one 1 KB run instead of 16
-// runs of 64 bytes a row apart. The scales likewise, 8 bytes a row: row r's super-block sb at byte
-// ((r / 16) n_sb + sb) 128 + (r % 16) 8, so that the one-token kernels copy a step's scales into their ring with
-// the codes (x1_linear). int8 and Q4_1 are row-major.
+// runs of 64 bytes a row apart. The scales likewise, 8 bytes a row, each tile's super-block one 128-byte run with
+// rows r and r + 8 side by side (a lane's two rows: one 16-byte load): row r's super-block sb at byte
+// ((r / 16) n_sb + sb) 128 + (r % 8) 16 + (r % 16 / 8) 8 (q4_0_scales_at). The ring kernels copy a step's scales
+// into shared memory with its codes (x1_linear, quant_linear's ring). int8 and Q4_1 are row-major.
 __device__ __forceinline__ size_t q4_0_tile_offset(int row, int n_sb) {  // row's super-block 0, in 64-byte units
     return (size_t)(row / QGEMV_ROWS) * n_sb * QGEMV_ROWS + row % QGEMV_ROWS;
 }
-#define Q4_0_SB_STRIDE QGEMV_ROWS  // from one super-block of a row to the next, in 64-byte units (codes and scales)
+#define Q4_0_SB_STRIDE QGEMV_ROWS  // from one super-block of a row to the next, in 64-byte units
+// Rows g and g + 8 of a tile's super-block sb: their 16 bytes of scales (Q4_0_TILES), in 16-byte units.
+__device__ __forceinline__ size_t q4_0_scales_at(int tile, int sb, int n_sb, int g) {
+    return ((size_t)tile * n_sb + sb) * (QGEMV_ROWS / 2) + g;
+}
 
-// 4-bit scale loads (read-only, through L1: the 4 lanes of a quad and the warps on neighbouring super-blocks share
-// their sectors) with L2::256B: L2 fetches the whole 256-byte segment around a miss, as for the weights, instead of
-// each 32-byte sector of a row's scales on its own (Q4_0 b=1 +2.5%, Llama-3-8B, H100, docs/PERFORMANCE.md,
-// sixteenth session; int8's scales, 2 bytes per 128 weights, showed nothing).
-__device__ __forceinline__ uint2 ld_scales8(const void* p) {
-    uint2 v;
-    asm("ld.global.nc.L2::256B.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-    return v;
+// 4-bit scale loads (read-only, through L1: the 4 lanes of a quad and, for Q4_1, the warps on neighbouring
+// super-blocks share their sectors) with L2::256B: L2 fetches the whole 256-byte segment around a miss, as for the
+// weights, instead of each 32-byte sector of a row's scales on its own (Q4_0 b=1 +2.5%, Llama-3-8B, H100,
+// docs/PERFORMANCE.md, sixteenth session; int8's scales, 2 bytes per 128 weights, showed nothing).
+// The scale slots of quant_linear's ring (Q4_0 only: the other formats' kernels never instantiate it, so their
+// shared memory is as it was).
+template <int N> __device__ __forceinline__ uint4* q4_0_scale_ring() {
+    __shared__ __align__(16) uint4 slots[N];
+    return slots;
 }
 __device__ __forceinline__ uint4 ld_scales16(const void* p) {
     uint4 v;
@@ -418,14 +424,17 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                     st.sb[u][j] = in ? __ldg(s + (size_t)row_b * n_groups + (chunk >> gshift)) : 0u;
                 }
             } else if (SYM) {
-                // in tiles (Q4_0_TILES): 8-byte units at q4_0_tile_offset, Q4_0_SB_STRIDE apart
-                const uint2* s = reinterpret_cast<const uint2*>(scales);
-                const uint2 a = ok ? ld_scales8(s + q4_0_tile_offset(row_a, n_sb) + (size_t)sb * Q4_0_SB_STRIDE)
-                                   : make_uint2(0, 0);
-                const uint2 b = ok ? ld_scales8(s + q4_0_tile_offset(row_b, n_sb) + (size_t)sb * Q4_0_SB_STRIDE)
-                                   : make_uint2(0, 0);
-                st.sa[u][0] = a.x, st.sa[u][1] = a.y;  // chunks (0, 1) and (2, 3), unpacked at use
-                st.sb[u][0] = b.x, st.sb[u][1] = b.y;
+                // rows g and g + 8 in one load (Q4_0_TILES; row_a and row_b, clamped or not, are in one tile,
+                // whose rows past N hold zeros); the ring kernels take them from the ring instead (ring_copy).
+                // Llama-3-8B b=32 (this path) 5,815.9 tok/s against 5,261.4 with the two rows' 8-byte loads, and
+                // b=8 (the ring's) 3,074.9 against 2,971.7 (H200, docs/PERFORMANCE.md, twenty-second session).
+                if constexpr (STAGES == 0) {
+                    const uint4 v = ok ? ld_scales16(reinterpret_cast<const uint4*>(scales) +
+                                                     q4_0_scales_at(row_a / QGEMV_ROWS, sb, n_sb, g))
+                                       : zero;
+                    st.sa[u][0] = v.x, st.sa[u][1] = v.y;  // chunks (0, 1) and (2, 3), unpacked at use
+                    st.sb[u][0] = v.z, st.sb[u][1] = v.w;
+                }
             } else {
                 const uint4* s = reinterpret_cast<const uint4*>(scales);
                 const uint4 a = ok ? ld_scales16(s + (size_t)row_a * n_sb + sb) : zero;
@@ -515,9 +524,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     };
 
     // The ring's copy of one step into `slot` (rows w_a / w_b from super-block sb0; nothing real past n_sb or
-    // when !live: zero-filled), then its commit group.
-    auto ring_copy = [&](uint4 (*slots)[UNROLL][2][32], int slot, const uint8_t* w_a, const uint8_t* w_b, int sb0,
-                         bool live) {
+    // when !live: zero-filled), then its commit group. SYM: the step's scales too, 128 bytes a super-block from the
+    // tile's (s_t, in 16-byte units; lanes 0-7) into sslots, as x1_linear does.
+    auto ring_copy = [&](uint4 (*slots)[UNROLL][2][32], uint4 (*sslots)[UNROLL][8], int slot, const uint8_t* w_a,
+                         const uint8_t* w_b, const uint4* s_t, int sb0, bool live) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int sb = sb0 + u * WARPS;
@@ -530,8 +540,31 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 cp_async16(&slots[slot][u][0][lane], w_a + off, ok);
                 cp_async16(&slots[slot][u][1][lane], w_b + off, ok);
             }
+            if constexpr (SYM)
+                if (lane < 8) cp_async16_scales(&sslots[slot][u][lane], s_t + (ok ? sb : 0) * 8 + lane, ok);
         }
         cp_async_commit();
+    };
+    // SYM: the ring's scale slots, [STAGES][UNROLL][8] a warp (shared memory only where SYM: q4_0_scale_ring)
+    auto scale_ring = [&](int wp) -> uint4(*)[UNROLL][8] {
+        if constexpr (SYM && STAGES > 0)
+            return reinterpret_cast<uint4(*)[UNROLL][8]>(q4_0_scale_ring<WARPS * STAGES * UNROLL * 8>()) + wp * STAGES;
+        else
+            return nullptr;
+    };
+    // The tile's scales (SYM) for ring_copy, from a row of it (row_of's rows are in bounds)
+    auto tile_scales = [&](int row) {
+        return reinterpret_cast<const uint4*>(scales) + q4_0_scales_at(row / QGEMV_ROWS, 0, n_sb, 0);
+    };
+    // The step's scales from the ring into a stage (SYM), rows g and g + 8 in one 16-byte read
+    auto ring_scales = [&](QStage<BITS, UNROLL, NT>& st, uint4 (*sslots)[UNROLL][8], int slot) {
+        if constexpr (SYM) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const uint4 v = sslots[slot][u][g];
+                st.sa[u][0] = v.x, st.sa[u][1] = v.y, st.sb[u][0] = v.z, st.sb[u][1] = v.w;
+            }
+        }
     };
 
     auto finish = [&](float(*partial)[NT * 4][32], int n0) {
@@ -570,18 +603,22 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         // thread's own copies visible to it: no barrier inside the loop.
         __shared__ __align__(16) uint4 ring[WARPS][STAGES][UNROLL][2][32];
         uint4(*slots)[UNROLL][2][32] = ring[warp];
+        uint4(*sslots)[UNROLL][8] = scale_ring(warp);
         const int row_a = row_of(blockIdx.x, g), row_b = row_of(blockIdx.x, g + 8);
         const uint8_t* w_a = row_codes(row_a);
         const uint8_t* w_b = row_codes(row_b);
+        const uint4* s_t = tile_scales(row_a);
         // One commit group per step, also for steps past the end (zero-filled), so that the group of the
         // step being read is always the (STAGES - 1)-th most recent.
-        auto issue = [&](int slot, int sb0) { ring_copy(slots, slot, w_a, w_b, sb0, true); };
+        auto issue = [&](int slot, int sb0) { ring_copy(slots, sslots, slot, w_a, w_b, s_t, sb0, true); };
         int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
-        // Scales and x (small, cache-resident) stay in registers, loaded one step ahead.
+        // Scales (but SYM's, through the ring) and x (small, cache-resident) stay in registers, loaded one step
+        // ahead.
         auto step = [&](QStage<BITS, UNROLL, NT>& cur, QStage<BITS, UNROLL, NT>& next, int sb0) {
             cp_async_wait<STAGES - 2>();
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) cur.wa[u] = slots[slot][u][0][lane], cur.wb[u] = slots[slot][u][1][lane];
+            ring_scales(cur, sslots, slot);
             issue(slot == 0 ? STAGES - 1 : slot - 1, sb0 + (STAGES - 1) * STEP);
             slot = slot + 1 == STAGES ? 0 : slot + 1;
             load_w(next, sb0 + STEP, row_a, row_b);
@@ -605,6 +642,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         __shared__ __align__(16) uint4 ring[WARPS][STAGES][UNROLL][2][32];
         __shared__ float partial[WARPS][NT * 4][32];
         uint4(*slots)[UNROLL][2][32] = ring[warp];
+        uint4(*sslots)[UNROLL][8] = scale_ring(warp);
         // PERSIST: block b takes the 16-row tiles b, b + gridDim.x, ... (the launcher sizes the grid so that every
         // block gets the same count where it can), and the ring runs on through them: while a tile's last steps are
         // computed and its sums stored, the first super-blocks of the block's next tile are already in flight.
@@ -618,10 +656,11 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         bool a_live = a_tile < n_tiles;
         const uint8_t* a_wa = row_codes(row_of(a_tile, g));
         const uint8_t* a_wb = row_codes(row_of(a_tile, g + 8));
+        const uint4* a_st = tile_scales(row_of(a_tile, g));
         // One commit group per step, also for steps past the end (zero-filled), so that the group of the
         // step being read is always the (STAGES - 1)-th most recent.
         auto issue = [&](int slot) {
-            ring_copy(slots, slot, a_wa, a_wb, a_sb, a_live);
+            ring_copy(slots, sslots, slot, a_wa, a_wb, a_st, a_sb, a_live);
             a_sb += STEP;
             if (a_sb >= sb_end) {
                 a_sb = warp;
@@ -629,16 +668,19 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 a_live = a_tile < n_tiles;
                 a_wa = row_codes(row_of(a_tile, g));
                 a_wb = row_codes(row_of(a_tile, g + 8));
+                a_st = tile_scales(row_of(a_tile, g));
             }
         };
         int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
-        // Scales and x (small, cache-resident) stay in registers, loaded one step ahead: next_sb0 and the rows
-        // of the step after this one (the next tile's first step at a tile's end; n_sb past the last tile).
+        // Scales (but SYM's, through the ring) and x (small, cache-resident) stay in registers, loaded one step
+        // ahead: next_sb0 and the rows of the step after this one (the next tile's first step at a tile's end; n_sb
+        // past the last tile).
         auto step = [&](QStage<BITS, UNROLL, NT>& cur, QStage<BITS, UNROLL, NT>& next, int next_sb0, int next_a,
                         int next_b) {
             cp_async_wait<STAGES - 2>();
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) cur.wa[u] = slots[slot][u][0][lane], cur.wb[u] = slots[slot][u][1][lane];
+            ring_scales(cur, sslots, slot);
             issue(slot == 0 ? STAGES - 1 : slot - 1);
             slot = slot + 1 == STAGES ? 0 : slot + 1;
             load_w(next, next_sb0, next_a, next_b);
@@ -811,8 +853,8 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         const uint4 wa = ring_w[warp][slot][0][lane], wb = ring_w[warp][slot][1][lane];
         uint2 sa, sb;  // rows g and g + 8
         if constexpr (Q4) {
-            sa = reinterpret_cast<const uint2*>(ring_s[warp][slot])[g];
-            sb = reinterpret_cast<const uint2*>(ring_s[warp][slot])[g + 8];
+            const uint4 v = ring_s[warp][slot][g];
+            sa = make_uint2(v.x, v.y), sb = make_uint2(v.z, v.w);
         } else {
             sa = reg_s[slot][0], sb = reg_s[slot][1];
         }
@@ -894,8 +936,8 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
                 // q4_0_tile_offset(row, n_sb) + sb Q4_0_SB_STRIDE, from the tile and r at hand
                 const uint4 v =
                     ld_stream16(w + (((size_t)tile * n_sb + sb) * QGEMV_ROWS + r) * QGEMV_SB_BYTES + 16 * t);
-                const unsigned short* d4 =  // the scales in the same order, 8 bytes a row
-                    static_cast<const unsigned short*>(scales) + (((size_t)tile * n_sb + sb) * QGEMV_ROWS + r) * 4;
+                const unsigned short* d4 = static_cast<const unsigned short*>(scales) +  // 8 bytes a row
+                                           q4_0_scales_at(tile, sb, n_sb, r % 8) * 8 + r / 8 * 4;
 #pragma unroll
                 for (int j = 0; j < CH; ++j) {
                     if (sb * SB_ELEMS + 32 * j + 8 * t >= K) continue;

@@ -180,8 +180,8 @@ def test_float_gemv_takes_the_wide_block_where_a_block_per_sm_is_all_there_is():
 
 def test_q4_0_tiles_store_each_tiles_super_block_as_one_run():
     """The device's Q4_0 order (gemv_quant.cu Q4_0_TILES): row r's super-block sb at byte ((r // 16) n_sb + sb)
-    1024 + (r % 16) 64 of the codes and ((r // 16) n_sb + sb) 128 + (r % 16) 8 of the scales; N padded with zero
-    rows to whole tiles."""
+    1024 + (r % 16) 64 of the codes and ((r // 16) n_sb + sb) 128 + (r % 8) 16 + (r % 16 // 8) 8 of the scales (rows
+    r and r + 8 side by side); N padded with zero rows to whole tiles."""
     from mpillm.cuda.kernels import q4_0_tiles
     rng = np.random.default_rng(0)
     n, n_sb = 37, 3
@@ -196,7 +196,7 @@ def test_q4_0_tiles_store_each_tiles_super_block_as_one_run():
             at = ((r // 16) * n_sb + sb) * 1024 + (r % 16) * 64
             want = data[r, sb * 64:(sb + 1) * 64] if r < n else np.zeros(64, np.uint8)
             np.testing.assert_array_equal(codes[at:at + 64], want, err_msg=f"row {r}, super-block {sb}")
-            at = ((r // 16) * n_sb + sb) * 128 + (r % 16) * 8
+            at = ((r // 16) * n_sb + sb) * 128 + (r % 8) * 16 + (r % 16 // 8) * 8
             want = scales[r, sb * 8:(sb + 1) * 8] if r < n else np.zeros(8, np.uint8)
             np.testing.assert_array_equal(sc[at:at + 8], want, err_msg=f"scales of row {r}, super-block {sb}")
     whole, whole_sc = q4_0_tiles(data[:32], scales[:32])      # whole tiles: no padding

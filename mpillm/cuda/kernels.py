@@ -404,8 +404,9 @@ def q4_0_tiles(data: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.nda
     """Q4_0 codes [N, n_sb * 64] and scale bytes [N, n_sb * 8] (row-major, as mpillm.quant packs them) in the
     device's order ("4s", gemv_quant.cu Q4_0_TILES): N padded with zero rows to whole tiles of 16, and the codes
     tile-major, each tile's super-block sb one contiguous 1 KB (its 16 rows' 64 bytes in row order), so that a
-    kernel's warp step streams one run, not 16 runs of 64 bytes a row apart; the scales in the same order, each
-    tile's super-block one run of 128 bytes (its 16 rows' 8)."""
+    kernel's warp step streams one run, not 16 runs of 64 bytes a row apart; the scales in tiles too, each tile's
+    super-block one run of 128 bytes: its rows' 8 in the order 0, 8, 1, 9, ..., 7, 15 (a lane's rows g and g + 8
+    side by side)."""
     n, n_sb = data.shape[0], data.shape[1] // 64
     n_pad = _cdiv(n, GEMV_ROWS) * GEMV_ROWS
     codes = np.zeros((n_pad, n_sb, 64), np.uint8)
@@ -413,8 +414,8 @@ def q4_0_tiles(data: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.nda
     codes = codes.reshape(n_pad // GEMV_ROWS, GEMV_ROWS, n_sb, 64).transpose(0, 2, 1, 3).reshape(n_pad, n_sb * 64)
     tiled = np.zeros((n_pad, n_sb, 8), np.uint8)
     tiled[:n] = np.ascontiguousarray(scales, dtype=np.uint8).reshape(n, n_sb, 8)
-    tiled = tiled.reshape(n_pad // GEMV_ROWS, GEMV_ROWS, n_sb, 8).transpose(0, 2, 1, 3).reshape(n_pad, n_sb * 8)
-    return codes, tiled
+    tiled = tiled.reshape(n_pad // GEMV_ROWS, 2, GEMV_ROWS // 2, n_sb, 8).transpose(0, 3, 2, 1, 4)
+    return codes, tiled.reshape(n_pad, n_sb * 8)
 
 
 class QuantWeight:

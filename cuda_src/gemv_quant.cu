@@ -731,7 +731,7 @@ __device__ __forceinline__ void x1_finish(float (*partial)[4][32], float acc_a, 
 //   - The block's tiles are one flat run of steps, unrolled by STAGES so that every ring slot is a constant; the
 //     ahead cursor and the compute cursor each move on to their next tile in a branch taken once per tile.
 //   - The scales: Q4_0's through the ring with the codes (a step's 128 bytes, in tiles); in registers loaded
-//     STAGES - 1 steps ahead (ld_scales8, row-major) the kernels ran 6% slower, and an earlier ring of 8-byte copies
+//     STAGES - 1 steps ahead (8-byte loads, row-major) the kernels ran 6% slower, and an earlier ring of 8-byte copies
 //     of row-major scales, which go through L1, 8% slower. int8's go into registers (reg_s[slot]) when the ahead
 //     cursor issues the slot's copy.
 //   - x is staged as zeros up to a whole number of steps per warp (n_sb rounded up to WARPS), so no step tests K

@@ -244,11 +244,16 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk
     biases stored 4 times, 320 bytes, in whole steps of 8 super-blocks, then a ring for its scales); fp16
     activations, Q4_1 weights, more tokens, K past the shared memory and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
-    from mpillm.cuda.kernels import QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid, qgemv_x1_bytes, qgemv_x1_setting
+    import re
+    from mpillm.cuda.kernels import (CUDA_SRC, Q4_0_X1_SCALE_RING, QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid,
+                                     qgemv_x1_bytes, qgemv_x1_setting)
     assert qgemv_x1_bytes(4096) == 64 * 128 and qgemv_x1_bytes(14336) == 224 * 128
     assert qgemv_x1_bytes(576) == 16 * 128 and qgemv_x1_bytes(608) == 16 * 128 and qgemv_x1_bytes(2080) == 40 * 128
     assert qgemv_x1_bytes(32768) == QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(32768 + 32)
-    ring = 5 * 8 * 128  # Q4_0: then the scale ring, 5 stages of 8 warps' 128 bytes
+    # Q4_0: then the scale ring, for the deepest _x1 ring (the kernel traps on less): 8 warps' 128 bytes a stage
+    stages = re.search(r"^#define Q4_0_X1_MAX_STAGES (\d+)", (CUDA_SRC / "gemv_quant.cu").read_text(), re.M)
+    ring = int(stages[1]) * 8 * 128
+    assert ring == Q4_0_X1_SCALE_RING == 5 * 8 * 128
     assert qgemv_x1_bytes(4096, "4s") == 32 * 320 + ring and qgemv_x1_bytes(608, "4s") == 8 * 320 + ring
     assert qgemv_x1_bytes(184 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(184 * 128 + 32, "4s")
 
@@ -295,7 +300,7 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
                          _tensor(0x500000, (1, 6144)), prenorm=pn)
     (fn, grid4, _, args), = rec4.launches
     assert (fn, grid4) == ("qgemv4s_swiglu_bf16_bf16_x1n", (qgemv_grid(6144, 132, 3), 1))
-    assert rec4.shared == [32 * 320 + 5 * 8 * 128] and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
+    assert rec4.shared == [32 * 320 + ring] and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
     w41 = QuantWeight("q4", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 512), "u8"))
     assert not rec4.k._takes_x1(w41, "bf16", 1) and not rec4.k.prenorm_fusable(w41, "bf16", 1, 4096)  # Q4_1: m1
     with pytest.raises(ValueError, match="prenorm"):

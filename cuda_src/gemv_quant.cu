@@ -51,7 +51,7 @@ __device__ __forceinline__ size_t q4_0_scales_at(int tile, int sb, int n_sb, int
 // super-blocks share their sectors) with L2::256B: L2 fetches the whole 256-byte segment around a miss, as for the
 // weights, instead of each 32-byte sector of a row's scales on its own (Q4_0 b=1 +2.5%, Llama-3-8B, H100,
 // docs/PERFORMANCE.md, sixteenth session; int8's scales, 2 bytes per 128 weights, showed nothing).
-// The scale slots of quant_linear's ring (Q4_0 only: the other formats' kernels never instantiate it, so their
+// The scale slots of quant_linear's ring (SCALE_RING, Q4_0 only: the other kernels never instantiate it, so their
 // shared memory is as it was).
 template <int N> __device__ __forceinline__ uint4* q4_0_scale_ring() {
     __shared__ __align__(16) uint4 slots[N];
@@ -387,6 +387,9 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     const size_t row_bytes = (size_t)n_sb * QGEMV_SB_BYTES;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     constexpr int STEP = WARPS * UNROLL;
+    // Q4_0's scales through the ring (ring_copy) where it has one, but for 4 token tiles (bench.py --qgemv's ring
+    // variants only), whose ring and partial sums already fill the 48 KB of static shared memory: registers there.
+    constexpr bool SCALE_RING = SYM && STAGES > 0 && NT <= 2;
     // Row r's codes (its super-block 0, lane t's 16 bytes), and the distance from one super-block to the next:
     // SYM (Q4_0) in tiles (Q4_0_TILES), the others row-major.
     auto row_codes = [&](int r) {
@@ -425,10 +428,10 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 }
             } else if (SYM) {
                 // rows g and g + 8 in one load (Q4_0_TILES; row_a and row_b, clamped or not, are in one tile,
-                // whose rows past N hold zeros); the ring kernels take them from the ring instead (ring_copy).
+                // whose rows past N hold zeros); SCALE_RING kernels take them from the ring instead (ring_copy).
                 // Llama-3-8B b=32 (this path) 5,815.9 tok/s against 5,261.4 with the two rows' 8-byte loads, and
                 // b=8 (the ring's) 3,074.9 against 2,971.7 (H200, docs/PERFORMANCE.md, twenty-second session).
-                if constexpr (STAGES == 0) {
+                if constexpr (!SCALE_RING) {
                     const uint4 v = ok ? ld_scales16(reinterpret_cast<const uint4*>(scales) +
                                                      q4_0_scales_at(row_a / QGEMV_ROWS, sb, n_sb, g))
                                        : zero;
@@ -524,8 +527,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     };
 
     // The ring's copy of one step into `slot` (rows w_a / w_b from super-block sb0; nothing real past n_sb or
-    // when !live: zero-filled), then its commit group. SYM: the step's scales too, 128 bytes a super-block from the
-    // tile's (s_t, in 16-byte units; lanes 0-7) into sslots, as x1_linear does.
+    // when !live: zero-filled), then its commit group. SCALE_RING: the step's scales too, 128 bytes a super-block
+    // from the tile's (s_t, in 16-byte units; lanes 0-7) into sslots, as x1_linear does.
     auto ring_copy = [&](uint4 (*slots)[UNROLL][2][32], uint4 (*sslots)[UNROLL][8], int slot, const uint8_t* w_a,
                          const uint8_t* w_b, const uint4* s_t, int sb0, bool live) {
 #pragma unroll
@@ -540,25 +543,25 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
                 cp_async16(&slots[slot][u][0][lane], w_a + off, ok);
                 cp_async16(&slots[slot][u][1][lane], w_b + off, ok);
             }
-            if constexpr (SYM)
+            if constexpr (SCALE_RING)
                 if (lane < 8) cp_async16_scales(&sslots[slot][u][lane], s_t + (ok ? sb : 0) * 8 + lane, ok);
         }
         cp_async_commit();
     };
-    // SYM: the ring's scale slots, [STAGES][UNROLL][8] a warp (shared memory only where SYM: q4_0_scale_ring)
+    // SCALE_RING: the ring's scale slots, [STAGES][UNROLL][8] a warp (q4_0_scale_ring: shared memory only there)
     auto scale_ring = [&](int wp) -> uint4(*)[UNROLL][8] {
-        if constexpr (SYM && STAGES > 0)
+        if constexpr (SCALE_RING)
             return reinterpret_cast<uint4(*)[UNROLL][8]>(q4_0_scale_ring<WARPS * STAGES * UNROLL * 8>()) + wp * STAGES;
         else
             return nullptr;
     };
-    // The tile's scales (SYM) for ring_copy, from a row of it (row_of's rows are in bounds)
+    // The tile's scales (SCALE_RING) for ring_copy, from a row of it (row_of's rows are in bounds)
     auto tile_scales = [&](int row) {
         return reinterpret_cast<const uint4*>(scales) + q4_0_scales_at(row / QGEMV_ROWS, 0, n_sb, 0);
     };
-    // The step's scales from the ring into a stage (SYM), rows g and g + 8 in one 16-byte read
+    // The step's scales from the ring into a stage (SCALE_RING), rows g and g + 8 in one 16-byte read
     auto ring_scales = [&](QStage<BITS, UNROLL, NT>& st, uint4 (*sslots)[UNROLL][8], int slot) {
-        if constexpr (SYM) {
+        if constexpr (SCALE_RING) {
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const uint4 v = sslots[slot][u][g];

@@ -615,7 +615,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         // step being read is always the (STAGES - 1)-th most recent.
         auto issue = [&](int slot, int sb0) { ring_copy(slots, sslots, slot, w_a, w_b, s_t, sb0, true); };
         int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
-        // Scales (but SYM's, through the ring) and x (small, cache-resident) stay in registers, loaded one step
+        // Scales (but SCALE_RING's, through the ring) and x (small, cache-resident) stay in registers, loaded one step
         // ahead.
         auto step = [&](QStage<BITS, UNROLL, NT>& cur, QStage<BITS, UNROLL, NT>& next, int sb0) {
             cp_async_wait<STAGES - 2>();
@@ -675,7 +675,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
             }
         };
         int slot = 0;  // the step being computed; the one STAGES - 1 ahead goes into the slot freed before it
-        // Scales (but SYM's, through the ring) and x (small, cache-resident) stay in registers, loaded one step
+        // Scales (but SCALE_RING's, through the ring) and x (small, cache-resident) stay in registers, loaded one step
         // ahead: next_sb0 and the rows of the step after this one (the next tile's first step at a tile's end; n_sb
         // past the last tile).
         auto step = [&](QStage<BITS, UNROLL, NT>& cur, QStage<BITS, UNROLL, NT>& next, int next_sb0, int next_a,

@@ -731,8 +731,9 @@ __device__ __forceinline__ void x1_finish(float (*partial)[4][32], float acc_a, 
 // 110 instructions per 1 KB warp step where quant_linear's general shape took about 180, and at most 80 registers:
 // Q4_0 runs 3 blocks per SM (24 warps) to cover the weight stream's latency, which quant_linear's 103 registers did
 // not allow. (The fewer instructions alone gained 0.2% at 2 blocks per SM: the loop waits on memory, not on issue.)
-//   - The block's tiles are one flat run of steps, unrolled by STAGES so that every ring slot is a constant; the
-//     ahead cursor and the compute cursor each move on to their next tile in a branch taken once per tile.
+//   - The block's tiles are one flat run of steps (int8: unrolled by STAGES so that every ring slot is a constant;
+//     Q4_0: rolled, smaller code); the ahead cursor and the compute cursor each move on to their next tile in a
+//     branch taken once per tile.
 //   - The scales: Q4_0's through the ring with the codes (a step's 128 bytes, in tiles); in registers loaded
 //     STAGES - 1 steps ahead (8-byte loads, row-major) the kernels ran 6% slower, and an earlier ring of 8-byte copies
 //     of row-major scales, which go through L1, 8% slower. int8's go into registers (reg_s[slot]) when the ahead
@@ -906,10 +907,24 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
             acc_a = acc_b = 0.f, c_step = 0, tile += gridDim.x, xp = x0, bp = b0;
         }
     };
-    for (int i = 0; i < total; i += STAGES) {
+    if constexpr (Q4) {
+        // Q4_0: one copy of the step (and of x1_finish) in a rolled loop, the ring slot a runtime index (nothing of
+        // the step is in registers per slot). Unrolled by STAGES as int8's, a layer's three kernels held 96 KB of
+        // code against 56 KB rolled: Llama-3-8B b=1 563.1 tok/s against 555.9 (H200, docs/PERFORMANCE.md,
+        // twenty-third session): the loop's few more instructions cost less than the code, which a layer's
+        // kernels fetch again at each launch (twenty-first session).
+        int slot = 0;
+#pragma unroll 1
+        for (int i = 0; i < total; ++i) {
+            step(slot);
+            slot = slot + 1 == STAGES ? 0 : slot + 1;
+        }
+    } else {  // int8: reg_s[slot] needs a constant slot
+        for (int i = 0; i < total; i += STAGES) {
 #pragma unroll
-        for (int s = 0; s < STAGES; ++s)
-            if (i + s < total) step(s);
+            for (int s = 0; s < STAGES; ++s)
+                if (i + s < total) step(s);
+        }
     }
     cp_async_wait<0>();  // the trailing zero-fill copies land before the block exits
 }

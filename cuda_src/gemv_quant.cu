@@ -911,15 +911,16 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         // Q4_0: one copy of the step (and of x1_finish) in a rolled loop, the ring slot a runtime index (nothing of
         // the step is in registers per slot). Unrolled by STAGES as int8's, a layer's three kernels held 96 KB of
         // code against 56 KB rolled: Llama-3-8B b=1 563.1 tok/s against 555.9 (H200, docs/PERFORMANCE.md,
-        // twenty-third session): the loop's few more instructions cost less than the code, which a layer's
-        // kernels fetch again at each launch (twenty-first session).
+        // twenty-third session). The likely reason is the code itself: a layer's kernels seem to fetch theirs again
+        // at each launch (twenty-first session).
         int slot = 0;
 #pragma unroll 1
         for (int i = 0; i < total; ++i) {
             step(slot);
             slot = slot + 1 == STAGES ? 0 : slot + 1;
         }
-    } else {  // int8: reg_s[slot] needs a constant slot
+    } else {  // int8: reg_s[slot] needs a constant slot (rolled, with reg_s a queue shifted each step, int8 ran 3%
+              // slower: its rope kernel spilled more)
         for (int i = 0; i < total; i += STAGES) {
 #pragma unroll
             for (int s = 0; s < STAGES; ++s)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from mpillm.config import ConfigError, ModelConfig, config_from_gguf, load_hf_config
-from mpillm.formats import (GGML_TYPE_IDS, GGML_TYPES, FormatError, GGUFFile, SafetensorsFile, dequantize,
-                            no_duplicate_keys, to_f32)
+from mpillm.formats import (GGML_TYPE_IDS, GGML_TYPES, GGUF_DECODED, FormatError, GGUFFile, SafetensorsFile,
+                            dequantize, no_duplicate_keys, to_f32)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -216,9 +216,13 @@ class GGUFCheckpoint(Checkpoint):
         info = self.file.tensors[g]
         raw = self.file.raw(g)
         if raw.ndim == 1:
-            return dequantize(np.array(raw[rows] if rows is not None else raw), info.dtype)
-        w = dequantize(self._raw_slice(name, info, raw, rows, cols), info.dtype)
-        return self._unpermute(name, info, rows, w)
+            w = dequantize(np.array(raw[rows] if rows is not None else raw), info.dtype)
+        else:
+            w = dequantize(self._raw_slice(name, info, raw, rows, cols), info.dtype)
+        if info.dtype in GGUF_DECODED and not np.isfinite(w).all():
+            raise CheckpointError(f"{self.path}: tensor {g!r} ({info.dtype}): a block decodes to inf or NaN "
+                                  f"(a non-finite scale): the file is damaged")
+        return w if raw.ndim == 1 else self._unpermute(name, info, rows, w)
 
     def load_blocks(self, name, rows=None, cols=None):
         g = self._gguf(name)

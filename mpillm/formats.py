@@ -134,7 +134,14 @@ GGUF_MAGIC = b"GGUF"
 GGML_TYPES = {  # type id -> (name, elements per block, bytes per block) for the types we can load
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
     8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2),
+    # The types of llama.cpp's usual quantizations (Q4_K_M, Q5_K_S, Q6_K, IQ4_XS, ...) that are not Q8_0/Q4_0/Q4_1:
+    # no kernel of ours reads their blocks, so they load as float, decoded by the `gguf` package (GGUF_DECODED).
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 20: ("IQ4_NL", 32, 18),
+    23: ("IQ4_XS", 256, 136),
 }
+GGUF_DECODED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+DECODE_CHUNK_ELEMS = 1 << 24  # GGUF_DECODED tensors decode this many weights at a time (dequantize)
 GGML_TYPE_IDS = {v[0]: k for k, v in GGML_TYPES.items()}
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
@@ -286,4 +293,19 @@ def dequantize(raw: np.ndarray, dtype: str) -> np.ndarray:
             m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
             out = d * q + m
         return out.reshape(*raw.shape[:-1], -1)
+    if dtype in GGUF_DECODED:
+        # The gguf package's decoder, a run of rows at a time: its intermediates take several times the output's
+        # bytes (about 3x: a Q6_K LM head of 128,256 x 4,096 would peak near 6 GB decoded whole). About 75-100 M
+        # weights a second on one core.
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+        qtype = GGMLQuantizationType[dtype]
+        _, block, bsize = GGML_TYPES[GGML_TYPE_IDS[dtype]]
+        rows = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1])
+        out = np.empty((rows.shape[0], raw.shape[-1] // bsize * block), np.float32)
+        step = max(1, DECODE_CHUNK_ELEMS // max(1, out.shape[1]))
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite scale: inf / NaN (the caller refuses)
+            for r in range(0, rows.shape[0], step):
+                out[r:r + step] = gguf_dequantize(rows[r:r + step], qtype)
+        return out.reshape(*raw.shape[:-1], out.shape[1])
     raise FormatError(f"cannot dequantize GGML type {dtype}")

@@ -1,6 +1,6 @@
 """Checkpoint loading: GGUF tensor types (F32/F16/BF16/Q8_0/Q4_0/Q4_1) against the `gguf` package and against
-their quantization error bounds, row/column slices, a tiny llama GGUF with llama.cpp's Q/K permutation against
-HF, and the config / pickle refusals."""
+their quantization error bounds, and the types decoded through it (K-quants and others) against its reader; row /
+column slices, tiny llama GGUFs with llama.cpp's Q/K permutation against HF, and the config / pickle refusals."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from mpillm.batch import StepInput
 from mpillm.checkpoint import CheckpointError, GGUFCheckpoint, open_checkpoint
 from mpillm.config import ConfigError, load_hf_config
-from mpillm.formats import GGUFFile, dequantize
+from mpillm.formats import GGML_TYPES, GGUF_DECODED, GGUFFile, dequantize
 from mpillm.model import Transformer
 
 torch.set_num_threads(2)
@@ -30,7 +30,8 @@ def assert_close(ours, ref, rel=1e-4, what=""):
 
 
 def write_gguf(path, tensors, arch="llama", meta=None):
-    """tensors: name -> (float32 array in numpy/HF orientation, GGML type). meta: {key: value} added as kv."""
+    """tensors: name -> (float32 array in numpy/HF orientation, GGML type), or (uint8 raw blocks [..., bytes], GGML
+    type) for a quantized type written as it is. meta: {key: value} added as kv."""
     w = gguf.GGUFWriter(str(path), arch)
     for k, v in (meta or {}).items():
         if k == "general.alignment":
@@ -46,6 +47,9 @@ def write_gguf(path, tensors, arch="llama", meta=None):
         else:
             raise TypeError(k)
     for name, (arr, qtype) in tensors.items():
+        if arr.dtype == np.uint8 and qtype not in (Q.F32, Q.F16):   # raw blocks [..., bytes], written as they are
+            w.add_tensor(name, np.ascontiguousarray(arr), raw_dtype=qtype)
+            continue
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if qtype == Q.F32:
             w.add_tensor(name, arr)
@@ -188,6 +192,69 @@ def test_our_reader_agrees_with_gguf_reader(typed_gguf):
     assert f.metadata["general.alignment"] == 64
 
 
+
+# The types that load as float through the `gguf` package's decoder (formats.GGUF_DECODED): llama.cpp's K-quants and
+# the others of its usual quantizations. The gguf package cannot quantize most of them, so the tests write random
+# blocks whose fp16 scale fields are set finite (offsets from ggml's block structs).
+DECODED = [getattr(Q, n) for n in GGUF_DECODED]
+F16_FIELDS = {"Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+              "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+
+
+def random_blocks(qtype, shape, seed, std=0.05):
+    """Random raw blocks [..., bytes] of a tensor of `shape` (elements) whose decoded values have about `std`."""
+    block, bsize = gguf.GGML_QUANT_SIZES[qtype]
+    *lead, cols = shape
+    raw = np.random.RandomState(seed).randint(0, 256, size=(*lead, cols // block, bsize)).astype(np.uint8)
+
+    def set_scales(v):
+        for off in F16_FIELDS[qtype.name]:
+            raw[..., off:off + 2] = np.frombuffer(np.float16(v).tobytes(), np.uint8)
+    set_scales(1.0)
+    set_scales(std / float(gguf.quants.dequantize(raw.reshape(*lead, -1), qtype).std()))
+    return raw.reshape(*lead, -1)
+
+
+@pytest.fixture(scope="module")
+def decoded_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("decoded") / "decoded.gguf"
+    tensors = {}
+    for i, t in enumerate(DECODED):
+        tensors[f"t.{t.name}"] = (random_blocks(t, (5, 512), 100 + i), t)
+        tensors[f"v.{t.name}"] = (random_blocks(t, (256,), 200 + i), t)                    # 1-D
+    write_gguf(path, tensors, meta={"general.alignment": 64})
+    return path, tensors
+
+
+def test_decoded_types_cover_our_table():
+    assert set(F16_FIELDS) == set(GGUF_DECODED)
+    for tid, (name, block, bsize) in GGML_TYPES.items():                  # ids and block sizes are ggml's
+        assert Q(tid).name == name and gguf.GGML_QUANT_SIZES[Q(tid)] == (block, bsize), name
+
+
+@pytest.mark.parametrize("qtype", DECODED, ids=lambda t: t.name)
+def test_gguf_decoded_types_load_as_the_gguf_package_reads_them(decoded_gguf, qtype, monkeypatch):
+    import mpillm.formats
+    path, tensors = decoded_gguf
+    f = GGUFFile(str(path))
+    theirs = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for prefix, shape in (("t", (5, 512)), ("v", (256,))):
+        name = f"{prefix}.{qtype.name}"
+        info = f.tensors[name]
+        assert info.dtype == qtype.name and info.shape == shape
+        assert info.offset == theirs[name].data_offset and info.nbytes == theirs[name].n_bytes
+        raw = f.raw(name)
+        np.testing.assert_array_equal(raw, tensors[name][0])                # the bytes written, [..., bytes]
+        ours = dequantize(raw, info.dtype)
+        want = gguf.quants.dequantize(np.asarray(theirs[name].data), qtype).reshape(shape)
+        assert ours.dtype == np.float32 and ours.shape == shape
+        np.testing.assert_array_equal(ours, want, err_msg=name)
+        assert np.isfinite(ours).all() and 0.03 < float(ours.std()) < 0.08
+        for chunk in (300, 1024):                          # decoded a run of rows at a time: one row, two rows
+            monkeypatch.setattr(mpillm.formats, "DECODE_CHUNK_ELEMS", chunk)
+            np.testing.assert_array_equal(dequantize(raw, info.dtype), want, err_msg=f"{name}, chunk {chunk}")
+        monkeypatch.undo()
+
 # ------------------------------------------------------------------------------------- tiny llama as GGUF
 
 HD, NH, NKV = 16, 4, 2
@@ -199,10 +266,10 @@ def permute_llama_cpp(w, n_head):
     return w.reshape(n_head, 2, out // n_head // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def _tiny_hf(tied, seed):
+def _tiny_hf(tied, seed, hidden=64, intermediate=128):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=NH,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=NH,
                       num_key_value_heads=NKV, vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-5,
                       rope_theta=10000.0, tie_word_embeddings=tied)
     hf = LlamaForCausalLM(cfg).eval()
@@ -219,10 +286,12 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def hf_to_gguf(hf, path, types=None):
+def hf_to_gguf(hf, path, types=None, raw=None):
     """Write `hf` as a llama GGUF the way llama.cpp's converter does; `types`: gguf name -> GGML type for
-    2-D weights (default F32). Replaces `hf`'s weights by what the GGUF decodes to, so HF stays the reference."""
-    types = types or {}
+    2-D weights (default F32). Replaces `hf`'s weights by what the GGUF decodes to, so HF stays the reference.
+    `raw`: gguf name -> raw blocks in HF orientation, written instead of quantizing (`hf` must already hold what
+    they decode to)."""
+    types, raw = types or {}, raw or {}
     cfg = hf.config
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     tensors = {}
@@ -240,6 +309,8 @@ def hf_to_gguf(hf, path, types=None):
             mod = ".".join(rest[:-1])
             g = f"blk.{i}.{GGUF_NAMES[mod]}.{rest[-1]}"
         qtype = types.get(g, Q.F32) if w.ndim == 2 else Q.F32
+        if g in raw:
+            w = raw[g]                            # rows of blocks: the Q/K permutation moves them like rows
         if ".attn_q." in g:
             w = permute_llama_cpp(w, cfg.num_attention_heads)
         elif ".attn_k." in g:
@@ -257,7 +328,7 @@ def hf_to_gguf(hf, path, types=None):
     with torch.no_grad():
         for k, p in hf.state_dict().items():
             g = next((gn for gn, (w, t) in tensors.items() if _matches(k, gn)), None)
-            if g is not None and tensors[g][1] != Q.F32:
+            if g is not None and tensors[g][1] != Q.F32 and g not in raw:
                 p.copy_(torch.from_numpy(gguf_roundtrip(sd[k], tensors[g][1])))
     return tensors
 
@@ -342,6 +413,83 @@ def test_tiny_gguf_quantized_tied_matches_hf(tiny_quant):
     for ids in PROMPTS:
         assert_close(_ours(model, ids), _hf_logits(hf, ids), what=f"len {len(ids)}")
 
+
+
+# Llama.cpp's K-quants and the other decoded types in one model (dimensions in whole 256-element blocks, also for
+# TP 2's row-parallel shards), with a native Q4_0 among them and a Q6_K LM head, as in a Q4_K_M file.
+KQTYPES = [{"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output": Q.Q3_K, "ffn_gate": Q.Q2_K,
+            "ffn_up": Q.IQ4_XS, "ffn_down": Q.Q6_K},
+           {"attn_q": Q.Q5_0, "attn_k": Q.Q5_1, "attn_v": Q.IQ4_NL, "attn_output": Q.Q4_K, "ffn_gate": Q.Q4_K,
+            "ffn_up": Q.Q5_K, "ffn_down": Q.Q4_0}]
+
+
+@pytest.fixture(scope="module")
+def tiny_kquant(tmp_path_factory):
+    from mpillm.checkpoint import _gguf_name
+    hf = _tiny_hf(tied=False, seed=13, hidden=512, intermediate=1024)
+    types = {f"blk.{i}.{k}.weight": v for i in range(2) for k, v in KQTYPES[i].items()}
+    types["output.weight"], types["token_embd.weight"] = Q.Q6_K, Q.Q4_K
+    raw = {}
+    with torch.no_grad():
+        for j, (k, p) in enumerate(hf.named_parameters()):
+            g = _gguf_name(k)
+            if types.get(g) in DECODED:
+                raw[g] = random_blocks(types[g], tuple(p.shape), 300 + j)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(raw[g], types[g])))
+    path = tmp_path_factory.mktemp("tinyk") / "tiny-k.gguf"
+    hf_to_gguf(hf, path, types, raw)
+    return hf, path
+
+
+def test_tiny_gguf_decoded_types_match_hf(tiny_kquant):
+    from mpillm.layers import load_packed, projection_sources
+    from mpillm.parallel import make_shard
+    hf, path = tiny_kquant
+    ck = open_checkpoint(path)
+    assert ck.quantized("model.layers.0.self_attn.v_proj.weight")[0] == "Q6_K"
+    assert ck.quantized("lm_head.weight")[0] == "Q6_K"
+    for k, v in hf.state_dict().items():                # Q/K rows of blocks un-permuted, every type decoded
+        np.testing.assert_array_equal(ck.load(k), v.numpy(), err_msg=k)
+    model = Transformer(ck)
+    for ids in PROMPTS:
+        assert_close(_ours(model, ids), _hf_logits(hf, ids), what=f"len {len(ids)}")
+    # --quantize auto keeps them float (no kernel reads their blocks), but for the native Q4_0 down projection
+    src = projection_sources(ck.config, make_shard(ck.config, 0, 1), 1)
+    assert load_packed(ck, src["qkv"], "auto") is None and load_packed(ck, src["o"], "auto") is None
+    assert load_packed(ck, src["down"], "auto").kind == "q4_0"
+    # a row-parallel shard's columns fall on the 256-element blocks; a cut inside one is refused
+    name = "model.layers.0.mlp.down_proj.weight"
+    full = ck.load(name)
+    np.testing.assert_array_equal(ck.load(name, rows=slice(3, 40), cols=slice(512, 1024)), full[3:40, 512:1024])
+    with pytest.raises(CheckpointError, match="Q6_K block boundaries"):
+        ck.load(name, cols=slice(0, 128))
+
+
+def test_tiny_gguf_decoded_types_tensor_parallel(tiny_kquant):
+    """TP 2 on the NumPy backend (threads as ranks): the same logits as one rank, to the all-reduce's order."""
+    from threadcomm import ThreadGroup  # tests/threadcomm.py
+    _, path = tiny_kquant
+    ck = open_checkpoint(path)
+    ids = PROMPTS[2]
+    group = ThreadGroup(2)
+    models = [Transformer(ck, comm=group.comm(r)) for r in range(2)]
+    assert models[0].shard.ffn_hi == 512                 # down_proj cut at column 512: two Q6_K blocks a row
+    out = group.run(lambda r: _ours(models[r], ids))
+    np.testing.assert_array_equal(out[0], out[1])
+    assert_close(out[0], _ours(Transformer(ck), ids), rel=1e-5, what="TP 2 against TP 1")
+
+
+def test_decoded_block_with_a_non_finite_scale_is_refused(tmp_path):
+    hf = _tiny_hf(tied=True, seed=14, hidden=256, intermediate=512)
+    raw = random_blocks(Q.Q6_K, (256, 512), 7)
+    raw[2, 208:210] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)    # row 2's first block: d = inf
+    hf_to_gguf(hf, tmp_path / "bad.gguf", {"blk.0.ffn_down.weight": Q.Q6_K}, {"blk.0.ffn_down.weight": raw})
+    ck = open_checkpoint(tmp_path / "bad.gguf")
+    name = "model.layers.0.mlp.down_proj.weight"
+    np.testing.assert_array_equal(ck.load(name, rows=slice(0, 2)), gguf.quants.dequantize(raw[:2], Q.Q6_K))
+    for load in (lambda: ck.load(name), lambda: Transformer(ck)):
+        with pytest.raises(CheckpointError, match=r"bad\.gguf: tensor 'blk\.0\.ffn_down\.weight' \(Q6_K\).*inf or NaN"):
+            load()
 
 # ------------------------------------------------------------------------------------------------ slices
 

@@ -10,7 +10,6 @@ communicator. The real default model (SmolLM2-135M Q4_1 GGUF) is checked by gree
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -251,24 +250,12 @@ def run_tp(ckpt, size, steps, num_blocks, block_size):
     """Run `steps` (list of (StepInput, all_logits)) on `size` ranks; returns per rank the list of logits."""
     group = ThreadGroup(size)
     models = [Transformer(ckpt, comm=group.comm(r)) for r in range(size)]
-    results, errors = [None] * size, []
 
     def work(r):
-        try:
-            cache = models[r].new_cache(num_blocks, block_size)
-            results[r] = [models[r].forward(s, cache, all_logits=al) for s, al in steps]
-        except BaseException as e:          # noqa: surface in the main thread
-            errors.append(e)
-            group.barrier.abort()
+        cache = models[r].new_cache(num_blocks, block_size)
+        return [models[r].forward(s, cache, all_logits=al) for s, al in steps]
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "tensor-parallel ranks hung"
-    if errors:
-        raise errors[0]
+    results = group.run(work)
     assert group.calls > 0
     return results, models
 
@@ -344,13 +331,7 @@ def test_fake_comm_detects_a_wrong_shard(tmp_path):
 
     group = G(2)
     models = [Transformer(ck, comm=group.comm(r)) for r in range(2)]
-    out = [None, None]
-
-    def work(r):
-        out[r] = models[r].forward(steps[0][0], models[r].new_cache(4, 8), all_logits=True)
-    ts = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    [t.start() for t in ts]
-    [t.join(60) for t in ts]
+    out = group.run(lambda r: models[r].forward(steps[0][0], models[r].new_cache(4, 8), all_logits=True), 60)
     with pytest.raises(AssertionError):
         assert_close(out[0], base[0])
 

@@ -7,7 +7,6 @@ needs --group-size 64: 128 does not divide it).
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -310,18 +309,7 @@ def test_tensor_parallel_int8_equals_single_rank(smol):
     group = ThreadGroup(2)
     models = [Transformer(ck, comm=group.comm(r), quantize="int8", group_size=GROUP) for r in range(2)]
     assert models[0].shard.q_hi * ck.config.head_dim == 320         # o_proj cut at column 320 = 5 groups
-    out, errors = [None, None], []
-
-    def work(r):
-        try:
-            out[r] = _logits(models[r], ids)
-        except BaseException as e:     # noqa: surface in the main thread
-            errors.append(e)
-            group.barrier.abort()
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    [t.start() for t in threads]
-    [t.join(120) for t in threads]
-    assert not errors, errors
+    out = group.run(lambda r: _logits(models[r], ids))
     single, fp = _logits(model, ids), _logits(ref_model, ids)
     np.testing.assert_array_equal(out[0], out[1])
     tol = 2e-5 * np.abs(single).max()

@@ -17,6 +17,28 @@ class ThreadGroup:
     def comm(self, rank):
         return FakeComm(self, rank)
 
+    def run(self, work, timeout=120):
+        """work(rank) on every rank's thread; the results in rank order. An exception on one rank aborts the
+        others' collectives and is raised here; a rank still running after `timeout` seconds fails the test."""
+        out, errors = [None] * self.size, []
+
+        def one(r):
+            try:
+                out[r] = work(r)
+            except BaseException as e:          # noqa: surface in the main thread
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+        assert not any(t.is_alive() for t in threads), "tensor-parallel ranks hung"
+        if errors:
+            raise errors[0]
+        return out
+
 
 class FakeComm:
     def __init__(self, group, rank):

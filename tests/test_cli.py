@@ -301,3 +301,43 @@ def test_run_int8_on_cpu_picks_a_group_size_and_records_it(model, tmp_path):
                "--device", "cpu", check=2)
     assert "apply to --quantize int8 (got --quantize auto)" in p.stderr
     assert not (tmp_path / "o3.jsonl").exists()
+
+
+def _reencode(src, dst, qtype):
+    """A copy of the GGUF `src` with every Q4_1 tensor decoded and re-encoded as `qtype` by the gguf package."""
+    import gguf
+    import numpy as np
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = {"sub_type": f.types[-1]} if f.types[0] == gguf.GGUFValueType.ARRAY else {}
+        w.add_key_value(name, f.contents(), f.types[0], **sub)
+    n = 0
+    for t in r.tensors:
+        data, kind = np.asarray(t.data), t.tensor_type
+        if kind == gguf.GGMLQuantizationType.Q4_1:
+            x = gguf.quants.dequantize(data, kind).reshape([int(d) for d in reversed(t.shape)])
+            data, kind, n = gguf.quants.quantize(x, qtype), qtype, n + 1
+        w.add_tensor(t.name, data, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return n
+
+
+@needs_mpi
+def test_run_a_decoded_gguf_type_at_tp2(model, single_run, tmp_path):
+    """A GGUF type that loads decoded (formats.GGUF_DECODED), end to end: the default model's 210 Q4_1 projections
+    re-encoded as Q5_0, at TP 2. Its greedy answers are the Q4_1 model's where those are not near a tie."""
+    from gguf import GGMLQuantizationType as Q
+    q5 = tmp_path / "smol-q5_0.gguf"
+    assert _reencode(model, q5, Q.Q5_0) == 210
+    out = tmp_path / "out.jsonl"
+    mpillm("run", "--model", q5, "--prompts", EXAMPLES, "--output", out, ranks=2, check=0)
+    ours, base = {rid(r): r for r in records(out)}, {rid(r): r for r in records(single_run[0])}
+    assert set(ours) == set(base) and not any("error" in r and r["error"] for r in ours.values())
+    assert ids_of(ours["count"]) == ids_of(base["count"])            # " 6, 7, 8, 9, 10,"
+    assert "Paris" in ours["capital"]["text"]

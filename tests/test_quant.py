@@ -7,7 +7,6 @@ needs --group-size 64: 128 does not divide it).
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType

@@ -423,8 +423,8 @@ KQTYPES = [{"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output":
             "ffn_up": Q.Q5_K, "ffn_down": Q.Q4_0}]
 
 
-@pytest.fixture(scope="module")
-def tiny_kquant(tmp_path_factory):
+def write_tiny_kquant(path):
+    """The K-quant tiny llama (KQTYPES) written to `path`; returns the HF model holding what it decodes to."""
     from mpillm.checkpoint import _gguf_name
     hf = _tiny_hf(tied=False, seed=13, hidden=512, intermediate=1024)
     types = {f"blk.{i}.{k}.weight": v for i in range(2) for k, v in KQTYPES[i].items()}
@@ -436,9 +436,14 @@ def tiny_kquant(tmp_path_factory):
             if types.get(g) in DECODED:
                 raw[g] = random_blocks(types[g], tuple(p.shape), 300 + j)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(raw[g], types[g])))
-    path = tmp_path_factory.mktemp("tinyk") / "tiny-k.gguf"
     hf_to_gguf(hf, path, types, raw)
-    return hf, path
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tiny_kquant(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tinyk") / "tiny-k.gguf"
+    return write_tiny_kquant(path), path
 
 
 def test_tiny_gguf_decoded_types_match_hf(tiny_kquant):

@@ -331,6 +331,21 @@ def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_d
     assert gpu.prenorm_folds == (2 * ckpt.config.num_layers - 1 if x1 else 0)
 
 
+def test_decoded_gguf_types_match_numpy(tmp_path, cuda_device, kernels):
+    """A GGUF of llama.cpp's K-quants and the other decoded types (test_checkpoint's tiny Q4_K_M-like llama, a Q6_K
+    LM head): --quantize auto holds them as bf16 (no kernel reads their blocks) but for the native Q4_0 down
+    projection of layer 1; logits and greedy ids follow the NumPy backend."""
+    pytest.importorskip("transformers")
+    from test_checkpoint import write_tiny_kquant
+    write_tiny_kquant(tmp_path / "tiny-k.gguf")
+    ckpt = open_checkpoint(tmp_path / "tiny-k.gguf")
+    ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
+    kinds = [getattr(gpu.layers[i], key) for i in range(2) for key in ("qkv", "o", "gate_up", "down")]
+    assert [getattr(w, "kind", None) for w in kinds] == [None] * 7 + ["q4_0"]
+    rng = np.random.default_rng(5)
+    prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (4, 50, 81)], 8)
+
+
 def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kernels):
     """fuse_swiglu=False (gate/up GEMV, then silu_mul on the pairs: the A side of bench --no-fuse-swiglu) and
     the fused epilogue round the same values the same way."""

@@ -794,6 +794,8 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         if constexpr (Q4) {  // codes in tiles (Q4_0_TILES): the tile's rows g and g + 8, the last tile past the end
             const size_t r0 = (size_t)min(a_tile, n_tiles - 1) * QGEMV_ROWS;
             a_wa = w + r0 * row_bytes + g * QGEMV_SB_BYTES + 16 * t, a_wb = a_wa + 8 * QGEMV_SB_BYTES;
+            // q4_0_scales_at(r0 / 16, 0, n_sb, lane & 7) in bytes, written out: through the helper (other address
+            // arithmetic, once per tile) b=1 ran 552 tok/s against 564 (H200, docs/PERFORMANCE.md, 23rd session)
             a_s = static_cast<const uint8_t*>(scales) + r0 * n_sb * 8 + 16 * (lane & 7);
         } else {
             const size_t ra = min(a_tile * QGEMV_ROWS + g, N - 1), rb = min(a_tile * QGEMV_ROWS + g + 8, N - 1);

@@ -402,8 +402,9 @@ def skip_probe(model, kernels, patterns, batches, decode_s, decode, say, record)
     """--skip-probe: the decode batches again once per pattern, every launch of a kernel whose name the pattern
     finds (among those looked up by the normal measurement) left out of the captured graph (Kernels.skip). The
     kernels that remain run on whatever the skipped ones left in memory, so the tokens are wrong and an attention
-    or sampling kernel may see other data; the times are what counts. Each pattern's difference from the normal step is the in-graph cost of those kernels,
-    including the start and end of each, which an isolated timing of the kernel does not show."""
+    or sampling kernel may see other data; the times are what counts. Each pattern's difference from the normal
+    step is the in-graph cost of those kernels, including the start and end of each, which an isolated timing of
+    the kernel does not show."""
     for rx in skip_patterns(patterns, sys.exit):
         pat = rx.pattern
         names = sorted(n for n in kernels._functions if rx.search(n))

@@ -260,6 +260,7 @@ __device__ __forceinline__ void small_m_linear(OutT* __restrict__ y, const T* __
     else
         finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc, y, bias, n0, M, N);
     if constexpr (SEND) send_tile<T, NT>(send_st, n0, M, N, send);
+    trace_end();
 }
 
 // Per token-tile shape: WARPS, UNROLL, L2 prefetch, pipelining; kernels.py GEMV_THREADS and GEMV_WIDE_THREADS

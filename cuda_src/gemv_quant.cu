@@ -711,6 +711,7 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
         }
         cp_async_wait<0>();  // the trailing zero-fill copies land before the block exits
     }
+    trace_end();
 }
 
 // A tile's end in x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
@@ -930,6 +931,7 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         }
     }
     cp_async_wait<0>();  // the trailing zero-fill copies land before the block exits
+    trace_end();
 }
 
 // Dequantize the whole packed weight into out[N, K] (model dtype) for the prefill GEMM; one thread per

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -119,6 +119,12 @@ def main():
                          "with the launches of every kernel whose name it finds left out (wrong tokens); the "
                          "difference is what those kernels cost inside the decode graph, their starts and ends "
                          "included, e.g. 'attention_decode;_x1n;^gemv_bf16'")
+    ap.add_argument("--timeline", action="store_true",
+                    help="the decode batches again with every block stamping its wait and end (kernels built with "
+                         "MPILLM_TRACE=1, mpillm/cuda/trace.py): per kernel, its share of the step from release to "
+                         "release, how early its blocks were placed, its last block's lag and the next kernel's start "
+                         "after it. The normal measurement runs on the trace build too (stamps off): not an A/B with "
+                         "a normal build")
     ap.add_argument("--summarize", default=None, metavar="JSONL",
                     help="instead (no GPU): issue 5's and 6's ratios from the decode records that --json appended to "
                          "JSONL (scripts/targets.sh), per card: TP 2 and TP 4 over TP 1 (bf16, Llama-3-8B, b=1) and "
@@ -153,6 +159,8 @@ def main():
         os.environ["MPILLM_IPC_ALLREDUCE"] = "0"
     if args.no_pdl:
         os.environ["MPILLM_PDL"] = "0"
+    if args.timeline:
+        os.environ["MPILLM_TRACE"] = "1"
     if size != args.tp:
         sys.exit(f"run with {args.tp} ranks for --tp {args.tp} (got {size})")
     if args.quantize is None:
@@ -231,8 +239,9 @@ def main():
     greedy = SamplingParams(temperature=0.0)
     kv_per_token = 2 * cfg.num_layers * shard.n_kv_heads * cfg.head_dim * 2
 
-    def decode(B: int, probe: bool = False) -> float:
-        """Times args.steps decode steps of B sequences; returns seconds per step."""
+    def decode(B: int, probe: bool = False, around_timed=None) -> float:
+        """Times args.steps decode steps of B sequences; returns seconds per step. around_timed: a context manager
+        entered just before the timed steps (after the warm-up ones, which capture the graph) and left after them."""
         tables = [list(range(i * decode_blocks, (i + 1) * decode_blocks)) for i in range(B)]
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, cfg.vocab_size, args.context).tolist() for _ in range(B)]
@@ -274,12 +283,13 @@ def main():
         drain()
         device.synchronize()
         world.Barrier()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        drain()
-        device.synchronize()
-        dt = (time.perf_counter() - t) / args.steps
+        with around_timed() if around_timed else nullcontext():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            drain()
+            device.synchronize()
+            dt = (time.perf_counter() - t) / args.steps
         ctx = pos - args.steps // 2
         step_bytes = weight_bytes + B * ctx * kv_per_token
         gbs = step_bytes / dt / 1e9
@@ -332,6 +342,9 @@ def main():
 
     if args.skip_probe:
         skip_probe(model, kernels, args.skip_probe, batches, decode_s, decode, say, record)
+
+    if args.timeline:
+        timeline_probe(model, kernels, batches, decode_s, decode, say, record)
 
     if args.json and rank == 0:
         with open(args.json, "a") as f:
@@ -417,6 +430,37 @@ def skip_probe(model, kernels, patterns, batches, decode_s, decode, say, record)
             record(kind="skip_probe", batch=B, pattern=pat, kernels=names, ms_step=dt * 1e3,
                    ms_step_without=without * 1e3)
     kernels.skip = None
+    model.drop_graphs()
+
+
+def timeline_probe(model, kernels, batches, decode_s, decode, say, record):
+    """--timeline: the decode batches again with the trace stamps on (mpillm/cuda/trace.py): the first steps' records
+    read back and laid out per node of the graph. Each block's thread 0 takes its slots with an atomic before its
+    wait: the traced step time, against the untraced one of the same build, says how much that disturbs."""
+    from mpillm.cuda import trace
+    tracer = trace.Tracer(kernels)
+    for B in batches:
+        model.drop_graphs()                   # the warm-up steps capture B's graph again: model.graph_kernels is B's
+        got = {}
+
+        @contextmanager
+        def traced():
+            tracer.start(model.graph_kernels)
+            try:
+                yield
+            finally:
+                got["records"] = tracer.stop()
+        dt = decode(B, probe=True, around_timed=traced)
+        try:
+            steps = trace.timeline(got["records"], model.graph_kernels)
+        except trace.TimelineError as e:
+            say(f"# timeline batch {B}: {e}")
+            continue
+        rows = trace.summarize(steps, model.graph_kernels)
+        say(trace.report(rows, f"batch {B} ({len(steps)} steps of {len(model.graph_kernels)} kernels; "
+                               f"{1e3 * dt:.3f} ms/step traced, {1e3 * decode_s[B]:.3f} untraced)"))
+        record(kind="timeline", batch=B, ms_step=dt * 1e3, ms_step_untraced=decode_s[B] * 1e3, steps=len(steps),
+               rows=rows)
     model.drop_graphs()
 
 

@@ -84,3 +84,36 @@ def test_every_kernel_file_compiles(tmp_path, code_size):
     lines = code_size.report(cubins, layer).splitlines()
     want = sizes["qgemv4s_bf16_bf16_x1d"] + sizes["qgemv4s_swiglu_bf16_bf16_x1n"]
     assert len(lines) == 3 and lines[-1].split()[0] == f"{want:,d}", lines
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_the_trace_build_compiles_and_stamps_every_kernel(tmp_path):
+    """bench.py --timeline's build (-DMPILLM_TRACE, mpillm/cuda/trace.py): every file compiles for sm_90, every
+    entry point stamps its wait (%globaltimer), the projection kernels their ends too, and each module has the
+    buffer the host points (mpillm_trace, 24 bytes, as Tracer writes it)."""
+    sources = kernel_sources()
+
+    def compile_one(name):
+        src = tmp_path / f"{name}.cu"
+        src.write_text(sources[name])
+        keep = tmp_path / f"keep_{name}"
+        keep.mkdir()
+        cmd = nvcc_command(NVCC, str(src), "sm_90", str(tmp_path / f"{name}.cubin")) + ["-DMPILLM_TRACE", "-keep",
+                                                                                         "-keep-dir", str(keep)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        return name, proc.returncode, proc.stdout + proc.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(compile_one, sources))
+    failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0 or log.strip()]
+    assert not failures, "\n\n".join(failures)
+    entries = {}
+    for name in sources:
+        ptx = (tmp_path / f"keep_{name}" / f"{name}.ptx").read_text()
+        assert re.search(r"^\.global \.align 8 \.b8 mpillm_trace\[24\];", ptx, flags=re.M), name
+        for part in re.split(r"^\.visible \.entry ", ptx, flags=re.M)[1:]:
+            entries[part.split("(", 1)[0]] = part
+    unstamped = sorted(k for k, body in entries.items() if body.count("%globaltimer") < 2)
+    assert not unstamped, f"kernels without the wait's two stamps: {unstamped}"
+    ends = [k for k, body in entries.items() if body.count("%globaltimer") >= 3]
+    assert "qgemv4s_bf16_bf16_x1d" in ends and "gemv_bf16_f32_m1" in ends, sorted(ends)[:5]

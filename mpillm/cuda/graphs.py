@@ -76,3 +76,35 @@ def link_programmatic(graph, is_ours: Callable[[str], bool]) -> int:
         edges.append(e)
     check_cu(cu.cuGraphAddDependencies(graph, frm, to, edges, len(pick)), "cuGraphAddDependencies")
     return len(pick)
+
+
+def kernel_sequence(graph) -> list[tuple[str, int]]:
+    """(name, blocks) of the graph's kernel nodes in dependency order (a decode graph is one chain), the other
+    nodes left out: what mpillm/cuda/trace.py lines a step's launches up against."""
+    from cuda.bindings import driver as cu
+    nodes = check_cu(cu.cuGraphGetNodes(graph, 0), "cuGraphGetNodes")[-1]
+    nodes = check_cu(cu.cuGraphGetNodes(graph, nodes), "cuGraphGetNodes")[0] if nodes else []
+    n_edges = check_cu(cu.cuGraphGetEdges(graph, 0), "cuGraphGetEdges")[-1]
+    src, dst = check_cu(cu.cuGraphGetEdges(graph, n_edges), "cuGraphGetEdges")[:2] if n_edges else ([], [])
+    key = {int(nd): i for i, nd in enumerate(nodes)}
+    succ: list[list[int]] = [[] for _ in nodes]
+    indeg = [0] * len(nodes)
+    for a, b in zip(src, dst):
+        succ[key[int(a)]].append(key[int(b)])
+        indeg[key[int(b)]] += 1
+    order, ready = [], [i for i in range(len(nodes)) if indeg[i] == 0]
+    while ready:                                  # Kahn's order: the chain's, for a chain
+        i = ready.pop()
+        order.append(i)
+        for j in succ[i]:
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                ready.append(j)
+    out = []
+    for i in order:
+        name = _kernel_name(nodes[i])
+        if name is None:
+            continue
+        p = check_cu(cu.cuGraphKernelNodeGetParams(nodes[i]), "cuGraphKernelNodeGetParams")
+        out.append((name, int(p.gridDimX) * int(p.gridDimY) * int(p.gridDimZ)))
+    return out

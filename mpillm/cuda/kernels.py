@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime import CudaDevice, DeviceTensor
+from .trace import trace_setting
 
 CUDA_SRC = Path(__file__).resolve().parents[2] / "cuda_src"
 
@@ -491,11 +492,14 @@ class Kernels:
         self.qgemv_x1 = qgemv_x1_setting(os.environ)
         self.qgemv_x1_deep = qgemv_x1_deep_setting(os.environ)
         self.gemv_wide = gemv_wide_setting(os.environ)
+        # scripts/bench.py --timeline only: every block stamps its wait and end (mpillm/cuda/trace.py).
+        self.trace = trace_setting(os.environ)
+        options = list(NVCC_OPTIONS) + (["-DMPILLM_TRACE"] if self.trace else [])
         sources = kernel_sources()
         workers = workers or min(len(sources), os.cpu_count() or 1)
 
         def build(source: str) -> bytes:
-            return nvcc_compile(source, options=list(NVCC_OPTIONS), no_extern_c=True, arch=device.arch,
+            return nvcc_compile(source, options=options, no_extern_c=True, arch=device.arch,
                                 include_dirs=[str(CUDA_SRC)], cache_dir=cache_dir)
 
         # nvcc runs out of process, so modules compile in parallel; loading needs the context (this thread).

@@ -27,7 +27,7 @@ from mpillm.batch import StepInput, split_step
 from mpillm.checkpoint import Checkpoint
 from mpillm.comm import SingleComm
 from mpillm.config import ModelConfig
-from mpillm.cuda.graphs import link_programmatic, pdl_enabled
+from mpillm.cuda.graphs import kernel_sequence, link_programmatic, pdl_enabled
 from mpillm.cuda.kernels import DECODE_PARTITION, QGEMV_MAX_M, AttentionScratch, QuantWeight, seed_words
 from mpillm.cuda.runtime import DeviceTensor, check_cu, device_alloc
 from mpillm.layers import bias_sources, load_merged, load_packed, projection_sources
@@ -226,6 +226,7 @@ class CudaTransformer:
         # the GPU has them (sm_90) unless MPILLM_PDL=0.
         self.pdl = pdl_enabled(device.compute_capability) if pdl is None else bool(pdl)
         self.pdl_edges = 0                 # programmatic edges in the last captured graph
+        self.graph_kernels: list[tuple[str, int]] = []   # its kernels, (name, blocks), where the kernels trace
         self.cuda, self.cfg, self.shard, self.dev, self.k = cuda, cfg, shard, device, kernels
         self.comm = comm or SingleComm()
         # Tensor parallelism, overlap=True: eager steps of at least OVERLAP_MIN_TOKENS run as two micro-batches
@@ -827,6 +828,8 @@ class CudaTransformer:
             graph = check_cu(cu.cuStreamEndCapture(stream), "cuStreamEndCapture")
         try:
             self.pdl_edges = link_programmatic(graph, self.k.owns) if self.pdl else 0
+            if self.k.trace:              # scripts/bench.py --timeline lines the records up against it
+                self.graph_kernels = kernel_sequence(graph)
             exe = check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         finally:
             check_cu(cu.cuGraphDestroy(graph), "cuGraphDestroy")     # the executable graph is independent

@@ -66,6 +66,7 @@ __device__ __forceinline__ void attention_decode_partition(
     const int* __restrict__ block_tables, const int* __restrict__ query_start, const int* __restrict__ context_lens,
     int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int min_part, int group_size,
     int head_offset) {
+    const TraceEndAtExit trace_at_exit;  // bench.py --timeline
     constexpr int VECS = HD / 8;                                      // 16-byte vectors per head row
     constexpr int VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY;
     constexpr int N_WARPS = DECODE_THREADS / 32;
@@ -353,6 +354,7 @@ __device__ __forceinline__ void attention_decode_cluster_body(
     T* __restrict__ out, const T* __restrict__ qkv, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int* __restrict__ block_tables, const int* __restrict__ query_start, const int* __restrict__ context_lens,
     int max_blocks, int n_heads, int n_kv, int block_size, float scale_log2, int group_size, int head_offset) {
+    const TraceEndAtExit trace_at_exit;  // bench.py --timeline
     namespace cg = cooperative_groups;
     constexpr int VECS = HD / 8;                        // 16-byte vectors per head row
     constexpr int VECS_PER_LANE = (VECS + DECODE_LANES_PER_KEY - 1) / DECODE_LANES_PER_KEY;

@@ -36,65 +36,79 @@ typedef __half f16;
 // graph's timeline can be read back (the lent machines have no nsys). Without the define none of it is compiled.
 #ifdef MPILLM_TRACE
 // Records of 4 u64: %gridid, kind << 63 | %smid << 32 | block, two %globaltimer ns (kind 0: wait entered, returned;
-// kind 1: the block's end, twice). Thread 0 claims two slots from the counter as it reaches the wait, before the
-// wait, so the atomic's round trip hides there for blocks that wait; the end record (trace_end: the projection
-// kernels) takes the second. Past cap nothing is written. recs null: off. The host sets it (one copy per module).
-// (%gridid names a graph node, the same on every replay, so it cannot place records by itself.)
+// kind 1: the block's end, twice). Thread 0 claims a pair of slots from the counter as it reaches the wait
+// (pdl_wait); the end record (trace_end: the projection kernels) takes the second. Past cap nothing is written.
+// recs null: off. In constant memory (one copy per module; the host sets it between graph launches), so that
+// reading it before the wait is no trip to memory. (%gridid names a graph node, the same on every replay, so it
+// cannot place records by itself.)
 struct TraceBuf {
     unsigned long long* recs;
     unsigned int* count;
     unsigned int cap, pad;
 };
 extern "C" {
-__device__ TraceBuf mpillm_trace;
+__constant__ TraceBuf mpillm_trace;
 }
 __device__ __forceinline__ unsigned long long trace_now() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-__device__ __forceinline__ unsigned int& trace_slot() {
-    __shared__ unsigned int slot;  // thread 0's: claimed at the wait, its second half used by trace_end
-    return slot;
+__device__ __forceinline__ unsigned int& trace_pair() {
+    __shared__ unsigned int pair;  // thread 0's: claimed at the wait, its second slot used by trace_end
+    return pair;
 }
-__device__ __forceinline__ void trace_claim() {
-    if (threadIdx.x != 0) return;
-    const TraceBuf tb = mpillm_trace;
-    trace_slot() = tb.recs != nullptr ? atomicAdd(tb.count, 2u) : 0xffffffffu;
+// The slot pair's index, or ~0 (off). atom.inc (wrapping at 2^31, past any cap), not an add: ptxas turns an add
+// (and an inc that cannot wrap) into a warp-aggregated add whose result is shuffled at once, before the wait.
+__device__ __forceinline__ unsigned int trace_claim() {
+    if (threadIdx.x != 0 || mpillm_trace.recs == nullptr) return 0xffffffffu;
+    unsigned int pair;
+    asm volatile("atom.global.inc.u32 %0, [%1], 0x7fffffff;" : "=r"(pair) : "l"(mpillm_trace.count));
+    return pair;
 }
-__device__ __forceinline__ void trace_put(unsigned int slot, unsigned long long kind, unsigned long long a,
+__device__ __forceinline__ void trace_put(unsigned int pair, unsigned int second, unsigned long long a,
                                           unsigned long long b) {
     const TraceBuf tb = mpillm_trace;
-    if (tb.recs == nullptr || slot >= tb.cap) return;
+    const unsigned long long slot = 2ull * pair + second;
+    if (tb.recs == nullptr || pair == 0xffffffffu || slot >= tb.cap) return;
     unsigned long long grid;
     unsigned int smid;
     asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
     const unsigned int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-    ulonglong2* r = reinterpret_cast<ulonglong2*>(tb.recs + 4ull * slot);
-    r[0] = make_ulonglong2(grid, kind << 63 | (unsigned long long)smid << 32 | block);
+    ulonglong2* r = reinterpret_cast<ulonglong2*>(tb.recs + 4 * slot);
+    r[0] = make_ulonglong2(grid, (unsigned long long)second << 63 | (unsigned long long)smid << 32 | block);
     r[1] = make_ulonglong2(a, b);
 }
 __device__ __forceinline__ void trace_end() {
     if (threadIdx.x != 0) return;
     const unsigned long long t = trace_now();
-    const unsigned int slot = trace_slot();
-    if (slot != 0xffffffffu) trace_put(slot + 1, 1, t, t);
+    trace_put(trace_pair(), 1, t, t);
 }
 #else
 __device__ __forceinline__ void trace_end() {}
 #endif
+// Declared first in a kernel's body: stamps the block's end at whichever return it leaves by (trace builds only).
+struct TraceEndAtExit {
+    __device__ __forceinline__ ~TraceEndAtExit() { trace_end(); }
+};
 
 __device__ __forceinline__ void pdl_wait() {
 #ifdef MPILLM_TRACE
+    // The slot's atomic goes out before the wait, its result is needed only after the second stamp: the wait and
+    // its stamps never queue behind the counter (hundreds of blocks placed at once serialise on it).
     const unsigned long long t0 = trace_now();
-    trace_claim();
+    const unsigned int pair = trace_claim();
 #endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 #ifdef MPILLM_TRACE
-    if (threadIdx.x == 0) trace_put(trace_slot(), 0, t0, trace_now());
+    if (threadIdx.x == 0) {
+        const unsigned long long t1 = trace_now();
+        trace_pair() = pair;
+        trace_put(pair, 0, t0, t1);
+    }
 #endif
 }
 __device__ __forceinline__ void pdl_launch_dependents() {

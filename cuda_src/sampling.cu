@@ -260,6 +260,7 @@ __device__ __forceinline__ unsigned long long block_sum_u64(unsigned long long v
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) argmax_f32(int* out_ids, const float* logits,
                                                                           int vocab) {
+    const TraceEndAtExit trace_at_exit;  // bench.py --timeline
     pdl_begin();
     const bool vec = (vocab & 3) == 0;  // rows 16-byte aligned (the launcher checks the base)
     const Best b = row_argmax(logits + (size_t)blockIdx.x * vocab, vocab, vec);
@@ -281,6 +282,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_f32(
     __shared__ uint32_t s_band_count[16];
     __shared__ float s_scratch_f[32];
     __shared__ int s_n_cand;
+    const TraceEndAtExit trace_at_exit;  // bench.py --timeline
     pdl_begin();
 
     const int row = blockIdx.x;

@@ -435,8 +435,9 @@ def skip_probe(model, kernels, patterns, batches, decode_s, decode, say, record)
 
 def timeline_probe(model, kernels, batches, decode_s, decode, say, record):
     """--timeline: the decode batches again with the trace stamps on (mpillm/cuda/trace.py): the first steps' records
-    read back and laid out per node of the graph. Each block's thread 0 takes its slots with an atomic before its
-    wait: the traced step time, against the untraced one of the same build, says how much that disturbs."""
+    read back and laid out per node of the graph. Each block's thread 0 takes its slots with an atomic at its wait
+    and stores two records: the traced step time, against the untraced one of the same build, says how much that
+    disturbs."""
     from mpillm.cuda import trace
     tracer = trace.Tracer(kernels)
     for B in batches:

@@ -4,8 +4,8 @@ The lent GPU machines have no nsys, and ncu runs a graph's kernels one at a time
 of a few hundred kernels linked by programmatic edges (mpillm/cuda/graphs.py) does at its joints: when the next
 kernel's blocks are placed, when its wait returns, how long the last block of a kernel trails the others. A
 build with `-DMPILLM_TRACE` (MPILLM_TRACE=1; cuda_src/common.cuh) has thread 0 of every block stamp %globaltimer
-when it reaches pdl_wait() and when the wait returns, and the projection kernels (gemv.cu, gemv_quant.cu) stamp
-each block's end. Tracer points every module at a record buffer; `timeline` lays the records out per node of
+when it reaches pdl_wait() and when the wait returns, and the projection, decode attention and sampling kernels
+stamp each block's end. Tracer points every module at a record buffer; `timeline` lays the records out per node of
 the graph, step by step; `summarize` and `report` reduce them to a table per kernel.
 
 The stamps are what the blocks saw, to the timer's resolution (tens of ns): a wait's return lags the end of the

@@ -25,10 +25,12 @@
 // stages, which keeps more bytes in flight without holding them in registers; some of those (PERSIST) launch
 // fewer blocks than tiles and loop over them, the ring streaming on from one tile into the next. One token of bf16 x
 // (the _x1 kernels) runs x1_linear, a loop of its own.
+#include "ll.cuh"
 #include "mma.cuh"
 #include "norm.cuh"
 
 #define QGEMV_ROWS 16
+static_assert(QGEMV_ROWS == LL_SEND_ROWS, "SEND stages whole tiles");
 #define QGEMV_SB_BYTES 64   // bytes per row per super-block (int8: 2 chunks of 32; 4-bit: 4 chunks)
 
 // Q4_0_TILES (the "4s" format, SYM): the codes in tiles of QGEMV_ROWS rows (N padded to whole tiles), each tile's
@@ -715,15 +717,16 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 }
 
 // A tile's end in x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
+// stage (SEND): the tile's outputs also into shared memory, for send_tile.
 template <typename OutT, bool SWIGLU, bool ROPE>
 __device__ __forceinline__ void x1_finish(float (*partial)[4][32], float acc_a, float acc_b, OutT* __restrict__ y,
                                              const bf16* __restrict__ bias, int n0, int M, int N,
-                                             const RopeArgs<bf16>& rope) {
+                                             const RopeArgs<bf16>& rope, OutT* stage = nullptr) {
     const float acc[1][4] = {{acc_a, 0.f, acc_b, 0.f}};
     if constexpr (ROPE)
         finish_small_m_tile_rope<bf16, 8, 1>(partial, acc, y, bias, n0, M, N, rope);
     else
-        finish_small_m_tile<bf16, OutT, 8, 1, SWIGLU>(partial, acc, y, bias, n0, M, N);
+        finish_small_m_tile<bf16, OutT, 8, 1, SWIGLU>(partial, acc, y, bias, n0, M, N, stage);
     __syncthreads();  // every thread has read `partial` before the next tile writes it
 }
 
@@ -746,13 +749,14 @@ __device__ __forceinline__ void x1_finish(float (*partial)[4][32], float acc_a, 
 //   - PRENORM (int8): the pre-norm folded into the prologue (PreNormStage above).
 // The arithmetic is quant_linear's one-token path's, step for step: the same fp32 sums in the same order (Q4_0:
 // the same bits, checked on an H100 against that kernel on six shapes; int8: the m1 kernels' bits, the GPU tests).
-template <int BITS, typename OutT, bool SWIGLU, bool ROPE, int STAGES, bool PRENORM = false>
+template <int BITS, typename OutT, bool SWIGLU, bool ROPE, int STAGES, bool PRENORM = false, bool SEND = false>
 __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __restrict__ x,
                                           const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                           const bf16* __restrict__ bias, int M, int N, int K, int n_sb, int n_groups,
                                           int gshift, const RopeArgs<bf16>& rope = RopeArgs<bf16>{},
-                                          const PreNorm& prenorm = PreNorm{}) {
+                                          const PreNorm& prenorm = PreNorm{}, const LlSend& send = LlSend{}) {
     static_assert(STAGES >= 2, "a ring of at least 2 stages");
+    static_assert(!SEND || (!SWIGLU && !ROPE && !PRENORM && sizeof(OutT) == 2), "SEND: a plain projection into bf16");
     static_assert(BITS == 8 || BITS == 4, "int8, or Q4_0 (the 4s layout)");
     constexpr bool Q4 = BITS == 4;
     constexpr int WARPS = 8, STEP_SB = WARPS;  // a warp step: one super-block (1 KB of 16 rows), sb = warp + 8 i
@@ -776,6 +780,7 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     // session).
     uint2 reg_s[Q4 ? 1 : STAGES][2];
     __shared__ float partial[WARPS][4][32];
+    __shared__ __align__(16) SendStage<bf16, 1> send_st;  // SEND only (unused shared memory is not allocated)
     extern __shared__ __align__(16) uint4 qgemv_xs[];
     uint4 (*const ring_s)[STAGES][8] = reinterpret_cast<uint4 (*)[STAGES][8]>(qgemv_xs + n_sbp * (VPS + 4));
     if constexpr (Q4) {  // x, its chunk biases (stage_x_half checks those) and ring_s: qgemv_x1_bytes
@@ -836,6 +841,7 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s);  // weights and scales: before the PDL wait
     if constexpr (REPLAY) pre.load(prenorm, K);
+    if constexpr (SEND) send_stage_bases(send_st, send);
     // int8: the next kernel may be a replaying one, which reads r before its wait, so it may start only once this
     // kernel's wait has returned. Q4_0: the model folds no replay after these kernels (Kernels.starts_dependents_late),
     // so the next kernel's blocks may be placed, and issue their weights, while the kernel before this one still
@@ -844,6 +850,7 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         pdl_begin();
     else
         pdl_begin_late();
+    if constexpr (SEND) send_stage_flags(send_st, send, M);
     if constexpr (REPLAY) pre.finish(qgemv_xs, prenorm, K);
     const float x_down = stage_x_half<WARPS, REPLAY, Q4, FOLD>(qgemv_xs, x, K, n_sbp, warp, lane, prenorm);
 
@@ -906,7 +913,8 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         if constexpr (Q4) bp += WARPS * 4;
         if (++c_step == steps) {  // the tile's last step: its sums, then the next tile from its first super-block
             x1_finish<OutT, SWIGLU, ROPE>(partial, acc_a * x_down, acc_b * x_down, y, bias, tile * QGEMV_ROWS, M, N,
-                                          rope);
+                                          rope, SEND ? reinterpret_cast<OutT*>(&send_st.out[0][0]) : nullptr);
+            if constexpr (SEND) send_tile<bf16, 1>(send_st, tile * QGEMV_ROWS, M, N, send);
             acc_a = acc_b = 0.f, c_step = 0, tile += gridDim.x, xp = x0, bp = b0;
         }
     };
@@ -1133,6 +1141,20 @@ QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, 3, 3)
 QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, false, 3, 3)
 QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, 3, 3)
 QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3)
+// SEND (_send_): the row-parallel o and down projections of a TP group, which also send their output tiles into the
+// fused all-reduce's buffers (ll.cuh send_tile, as gemv.cu's SEND GEMV), so that the all-reduce + norm kernel only
+// receives. The same shapes as the plain kernels above.
+#define QGEMV_X1_SEND_ENTRY(FNAME, BITS, MINB, STAGES)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                                     \
+        FNAME(bf16* y, QGEMV_X1_ARGS, const unsigned long long* table, unsigned long long slot_bytes, int rank,  \
+              int world) {                                                                                      \
+        x1_linear<BITS, bf16, false, false, STAGES, false, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups,  \
+                                                                 gshift, RopeArgs<bf16>{}, PreNorm{},            \
+                                                                 LlSend{table, slot_bytes, rank, world});        \
+    }
+QGEMV_X1_SEND_ENTRY(qgemv8_send_bf16_x1, 8, 2, 4)
+QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1, 4, 3, 3)
+QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1d, 4, 2, 5)
 // The pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are PreNorm's
 // (delta, resid_in, resid_out, weight, eps), and K is the hidden size. int8 replays add_rms_norm (PreNormStage);
 // Q4_0 applies rstd to its sums (stage_x_half's FOLD): Llama-3-8B b=1 436.2-436.3 tok/s against 421.9-423.1 with

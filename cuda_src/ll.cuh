@@ -81,3 +81,50 @@ __device__ __forceinline__ void ar_send_line(const unsigned long long* __restric
 
 // Whether a line read back carries this call's flag in both its pairs.
 __device__ __forceinline__ bool ar_arrived(const uint4& v, ArCall c) { return v.y == c.flag && v.w == c.flag; }
+
+// A decode projection that sends its own output tiles (gemv.cu's SEND GEMV, gemv_quant.cu's one-token kernels): the
+// fused all-reduce's buffers it writes into (mpillm/cuda/ipc_allreduce.py), and what it stages for that.
+struct LlSend {
+    const unsigned long long* table;
+    unsigned long long slot_bytes;
+    int rank, world;
+};
+#define LL_SEND_ROWS 16  // output rows of a tile: the projections' (GEMV_ROWS, QGEMV_ROWS)
+
+// SEND's state, in shared memory, gathered early so that the tile's end makes no trip to memory: the peers' buffer
+// bases (the table's pointers, which the host writes once: read before the PDL wait), the call number of each
+// token's all-reduce block (token m's row is all-reduce block m % AR_BLOCKS's, whose counter numbers the call: read
+// right after the wait, long before the end), and the tile's outputs as stored in y, sent from here. (It used to
+// read y and the counters back at the end: a trip to L2 and a chain of two loads on every block's last step.)
+// The counters were last written by the previous all-reduce, which finished before this kernel passed its PDL
+// wait; the all-reduce this tile is for writes them only after its own wait, once this kernel has finished.
+template <typename T, int NT>
+struct SendStage {
+    unsigned long long base[AR_MAX_RANKS];
+    uint32_t flag[NT * 8];
+    T out[NT * 8][LL_SEND_ROWS];  // [token][row - n0]
+    static_assert(LL_SEND_ROWS == 16, "finish_small_m_tile stages a tile's outputs as [token][16 rows]");
+};
+
+template <typename T, int NT>
+__device__ __forceinline__ void send_stage_bases(SendStage<T, NT>& st, const LlSend& s) {
+    if (threadIdx.x < s.world) st.base[threadIdx.x] = s.table[threadIdx.x];
+}
+template <typename T, int NT>
+__device__ __forceinline__ void send_stage_flags(SendStage<T, NT>& st, const LlSend& s, int M) {
+    if (threadIdx.x < M) st.flag[threadIdx.x] = ar_counters(s.table)[threadIdx.x % AR_BLOCKS] + 1;
+}
+
+// y's columns n0..n0+15 of every token (st.out) into every peer's slot for this rank, as the fused all-reduce would
+// have sent them: 4 elements (N % 8 == 0) per line of the slot.
+template <typename T, int NT>
+__device__ __noinline__ void send_tile(const SendStage<T, NT>& st, int n0, int M, int N, const LlSend& s) {
+    __syncthreads();  // the stage's outputs, bases and flags are visible to the whole block
+    for (int idx = threadIdx.x; idx < M * 4; idx += blockDim.x) {
+        const int tok = idx >> 2, c4 = 4 * (idx & 3);
+        if (n0 + c4 >= N) continue;
+        const uint2 v = *reinterpret_cast<const uint2*>(&st.out[tok][c4]);
+        const ArCall c = ar_call_numbered(st.flag[tok], s.world, s.slot_bytes);
+        ar_send_line(st.base, c, s.slot_bytes, s.rank, s.world, ((size_t)tok * N + n0 + c4) / 4, v.x, v.y);
+    }
+}

@@ -66,6 +66,7 @@ def test_every_kernel_file_compiles(tmp_path, code_size):
     x1 = {f"qgemv{fmt}{sw}_bf16_{out}_x1" for fmt in ("8", "4s") for sw in ("", "_swiglu") for out in ("bf16", "f32")}
     x1 |= {f"qgemv{fmt}_rope_bf16_x1{n}" for fmt in ("8", "4s") for n in ("", "n")}
     x1 |= {f"qgemv{fmt}_swiglu_bf16_bf16_x1n" for fmt in ("8", "4s")}
+    x1 |= {"qgemv8_send_bf16_x1", "qgemv4s_send_bf16_x1"}            # the row-parallel projections' send twins
     assert x1 == {k for k in entries if re.search(r"_x1n?$", k)}
     # bf16's pre-norm twins (kernels.Kernels._gemv with prenorm: the 8-warp one-token kernel), and no others.
     assert {k for k in entries if k.endswith("_m1n")} == {"gemv_swiglu_bf16_bf16_m1n", "gemv_rope_bf16_m1n"}

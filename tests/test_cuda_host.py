@@ -701,29 +701,51 @@ def test_embedding_zeroes_the_residual_in_the_same_kernel():
         rec.k.embedding(_tensor(0x300000, (5, 64)), ids, table, 500, zero=_tensor(0x400000, (4, 64)))
 
 
-def test_row_parallel_projection_sends_only_from_the_float_small_m_kernel():
-    """linear's `send`: the small-M kernel's send twin with the all-reduce's table, slot size, rank and world after
-    the usual arguments; refused (ValueError, nothing launched) for a quantized weight, an f32 output, more rows
-    than the small-M kernel takes, a path that is not it, or y larger than the slots."""
+def test_row_parallel_projection_sends_from_the_small_m_and_one_token_kernels():
+    """linear's `send`: the float small-M kernel's send twin, and the one-token int8 / Q4_0 kernel's (_x1, _x1d: the
+    quantized o and down projections of a decode step), with the all-reduce's table, slot size, rank and world after
+    the usual arguments; refused (ValueError, nothing launched) for a quantized weight at more than one token or
+    with int8 x1 turned off, an f32 output, more rows than the small-M kernel takes, a path that is not it, or y
+    larger than the slots."""
     from mpillm.cuda.kernels import QuantWeight
     n, k = 576, 200
     w, table = _tensor(0x100000, (n, k)), _tensor(0x200000, (9,), "u8")
+    send = (table, 1 << 20, 1, 4)
     rec = _Recorder()
-    rec.k.linear(_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, send=(table, 1 << 20, 1, 4))
+    rec.k.linear(_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, send=send)
     assert rec.launches == [("gemv_send_bf16_m2", (36, 1), 256,
                              (0x400000, 0x300000, 0x100000, 0, 9, n, k, 0x200000, 1 << 20, 1, 4))]
     assert rec.k.gemv_sends(w, _tensor(0x400000, (9, n)), 9)
     rec.launches.clear()
-    q = QuantWeight("int8", n, k, 40, _tensor(0x100000, (n, 5 * 40), "u8"), _tensor(0x200000, (n, 10), "u8"))
-    bad = [(_tensor(0x400000, (1, n)), _tensor(0x300000, (1, k)), q, {}),
+    qk = 224                                      # int8 groups of 32: 7 groups, 4 super-blocks of 64
+    q = QuantWeight("int8", n, qk, 32, _tensor(0x100000, (n, 4 * 64), "u8"), _tensor(0x200000, (n, 14), "u8"))
+    q4 = QuantWeight("q4_0", 4096, 4096, 32, _tensor(0x500000, (4096, 32 * 64), "u8"),
+                     _tensor(0x600000, (4096, 32 * 8), "u8"))
+    rec.k.linear(_tensor(0x400000, (1, n)), _tensor(0x300000, (1, qk)), q, send=send)
+    rec.k.linear(_tensor(0x400000, (1, 4096)), _tensor(0x300000, (1, 4096)), q4, send=send)
+    assert [(fn, grid) for fn, grid, _, _ in rec.launches] == [("qgemv8_send_bf16_x1", (36, 1)),
+                                                              ("qgemv4s_send_bf16_x1d", (256, 1))]
+    assert rec.launches[0][3] == (0x400000, 0x300000, 0x100000, 0x200000, 0, 1, n, qk, 4, 7, 0, 0x200000, 1 << 20, 1,
+                                  4)
+    assert rec.launches[1][2] == 256 and rec.shared[-1] > 0          # x staged in dynamic shared memory
+    rec.launches.clear()
+    bad = [(_tensor(0x400000, (2, n)), _tensor(0x300000, (2, qk)), q, {}),
+           (_tensor(0x400000, (1, n), "f32"), _tensor(0x300000, (1, qk)), q, {}),
            (_tensor(0x400000, (1, n), "f32"), _tensor(0x300000, (1, k)), w, {}),
            (_tensor(0x400000, (33, n)), _tensor(0x300000, (33, k)), w, {}),
-           (_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, {"path": "gemm"})]
+           (_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, {"path": "gemm"}),
+           (_tensor(0x400000, (1, n)), _tensor(0x300000, (1, qk)), q, {"path": "dequant"})]
     for y, x, weight, kw in bad:
         with pytest.raises(ValueError, match="send"):
-            rec.k.linear(y, x, weight, send=(table, 1 << 20, 1, 4), **kw)
-    with pytest.raises(ValueError, match="slots"):
-        rec.k.linear(_tensor(0x400000, (9, n)), _tensor(0x300000, (9, k)), w, send=(table, 9 * n * 2, 1, 4))
+            rec.k.linear(y, x, weight, send=send, **kw)
+    rec.k.qgemv_x1 = False                        # MPILLM_QGEMV_X1=0: no one-token kernel, nothing sends
+    with pytest.raises(ValueError, match="send"):
+        rec.k.linear(_tensor(0x400000, (1, n)), _tensor(0x300000, (1, qk)), q, send=send)
+    rec.k.qgemv_x1 = True
+    for weight, m in ((w, 9), (q, 1)):
+        with pytest.raises(ValueError, match="slots"):
+            rec.k.linear(_tensor(0x400000, (m, n)), _tensor(0x300000, (m, weight.shape[1])), weight,
+                         send=(table, m * n * 2, 1, 4))
     assert rec.launches == []
 
 

@@ -832,9 +832,10 @@ class Kernels:
         then be told `sent`.
         """
         if send is not None and not self.gemv_sends(w, y, x.shape[0]):
-            raise ValueError("send: only the small-M kernel of a float weight, into y of its dtype, sends its output")
+            raise ValueError("send: only the small-M kernel of a float weight into y of its dtype, or the one-token "
+                             "kernel of an int8 or Q4_0 weight into bf16, sends its output")
         if isinstance(w, QuantWeight):
-            self.linear_quant(y, x, w, bias, path, scratch)
+            self.linear_quant(y, x, w, bias, path, scratch, send=send)
             return
         _check(w, "w", MODEL_DTYPES, (None, None))
         n, k = w.shape
@@ -873,12 +874,13 @@ class Kernels:
             raise ValueError(f"path: {path!r}, expected 'gemv', 'gemm', 'cublaslt' or None")
 
     def linear_quant(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias: DeviceTensor | None = None,
-                     path: str | None = None, scratch: DeviceTensor | None = None) -> None:
+                     path: str | None = None, scratch: DeviceTensor | None = None, send: tuple | None = None) -> None:
         """y[M, N] = x[M, K] @ deq(w)^T (+ bias) for a W8A16 / W4A16 weight.
 
         path "qgemv" (default up to QGEMV_MAX_M rows): the fused kernel of gemv_quant.cu, exact dequantized
         weights, in tiles of 32 rows. path "dequant" (default beyond): dequantize w into `scratch` (model
-        dtype, >= N * K elements; each weight rounded once to it) and run the float GEMM."""
+        dtype, >= N * K elements; each weight rounded once to it) and run the float GEMM. send: as linear's (the
+        one-token kernels only, gemv_sends)."""
         _check(x, "x", MODEL_DTYPES, (None, w.k))
         m, n, k = x.shape[0], w.n, w.k
         _check(y, "y", (x.dtype, "f32"), (m, n))
@@ -891,6 +893,8 @@ class Kernels:
             return
         if path is None:
             path = "qgemv" if m <= QGEMV_MAX_M else "dequant"
+        if send is not None and (path != "qgemv" or not self.gemv_sends(w, y, m) or x.dtype != "bf16"):
+            raise ValueError(f"send: path {path!r} with {m} rows of {x.dtype} x cannot send its output")
         if path == "dequant":
             if scratch is None or scratch.dtype != x.dtype or scratch.numel < n * k:
                 raise ValueError(f"scratch: a {x.dtype} buffer of at least {n * k} elements is needed to dequantize "
@@ -901,7 +905,7 @@ class Kernels:
             return
         if path != "qgemv":
             raise ValueError(f"path: {path!r}, expected 'qgemv', 'dequant' or None")
-        self._qgemv(y, x, w, 0 if bias is None else bias.ptr)
+        self._qgemv(y, x, w, 0 if bias is None else bias.ptr, send=send)
 
     # The small-M kernels, shapes already checked. y has N columns, or N / 2 with swiglu (linear_swiglu).
     # rope (linear_rope): (positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim), the epilogue's
@@ -914,12 +918,15 @@ class Kernels:
         return (positions.ptr + 4 * lo, inv_freq.ptr, slots.ptr + 4 * lo, k_cache.ptr, v_cache.ptr, n_heads, n_kv,
                 head_dim)
 
-    @staticmethod
-    def gemv_sends(w, y: DeviceTensor, m: int) -> bool:
-        """Whether linear(y, x, w) with M = m rows can send y itself (`send`): the small-M kernel of a float
-        weight with y in its dtype, whole 16-byte vectors per row."""
-        return (not isinstance(w, QuantWeight) and 0 < m <= GEMV_MAX_M and y.dtype == w.dtype
-                and w.shape[0] % 8 == 0 and y.ptr % 16 == 0)
+    def gemv_sends(self, w, y: DeviceTensor, m: int) -> bool:
+        """Whether linear(y, x, w) with M = m rows can send y itself (`send`), in whole 16-byte vectors per row: the
+        small-M kernel of a float weight with y in its dtype, or the one-token kernel (_x1, _x1d) of an int8 or
+        Q4_0 weight with bf16 x and y."""
+        if y.ptr % 16 or w.shape[0] % 8:
+            return False
+        if isinstance(w, QuantWeight):
+            return y.dtype == "bf16" and self._takes_x1(w, "bf16", m)
+        return 0 < m <= GEMV_MAX_M and y.dtype == w.dtype
 
     def _gemv(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias_ptr: int, swiglu: bool = False,
               rope=None, send=None, prenorm=None) -> None:
@@ -950,11 +957,18 @@ class Kernels:
                      w.ptr, bias_ptr, m, n, k, *extra, shared=shared)
 
     def _qgemv(self, y: DeviceTensor, x: DeviceTensor, w: QuantWeight, bias_ptr: int, swiglu: bool = False,
-               rope=None, prenorm=None) -> None:
+               rope=None, prenorm=None, send=None) -> None:
         """In tiles of 32 rows of x (the kernel's largest token tiling), each pointing at its rows of x and y.
-        prenorm (callers checked prenorm_fusable: one token): the _x1n kernel."""
+        prenorm (callers checked prenorm_fusable: one token): the _x1n kernel. send (callers checked gemv_sends:
+        one token, a plain projection): the _x1 / _x1d kernel's send twin."""
         m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
         extra = () if prenorm is None else prenorm_args(prenorm, k, x.dtype)
+        sending = ()
+        if send is not None:
+            table, slot_bytes, rank, world = send
+            if 2 * y.nbytes > slot_bytes:
+                raise ValueError(f"send: y is {y.nbytes} bytes; the all-reduce's slots take {slot_bytes // 2}")
+            sending = (table.ptr, slot_bytes, rank, world)
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
@@ -964,7 +978,9 @@ class Kernels:
             deep = (x1 and self.qgemv_x1_deep
                     and qgemv_x1_deep(w.fmt, epilogue, bool(extra), y.dtype, n, self.device.sm_count))
             suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}"
-            if rope is None:
+            if sending:
+                name, fmt = f"qgemv{w.fmt}_send_{x.dtype}_{suffix}", "PPPPPiiiiiiPQii"
+            elif rope is None:
                 name, fmt = f"qgemv{w.fmt}{'_swiglu' if swiglu else ''}_{x.dtype}_{y.dtype}_{suffix}", "PPPPPiiiiii"
             else:
                 name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_{suffix}", "PPPPPiiiiiiPPPPPiii"
@@ -979,7 +995,7 @@ class Kernels:
             self._launch(fn, (grid, 1),
                          QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
-                         *self._rope_args(rope, lo), *extra, shared=qgemv_x1_bytes(k, w.fmt) if x1 else 0)
+                         *self._rope_args(rope, lo), *extra, *sending, shared=qgemv_x1_bytes(k, w.fmt) if x1 else 0)
 
     def dequantize(self, out: DeviceTensor, w: QuantWeight) -> None:
         """out[N, K] (model dtype) = the quantized weight, each value d q (int8), d q + m (Q4_1) or d (q - 8)

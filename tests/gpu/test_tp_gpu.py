@@ -379,11 +379,12 @@ def test_fused_all_reduce_add_rms_norm_equals_the_two_kernels(tp_env):
 
 @mpi
 def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
-    """The row-parallel bf16 GEMV sending its output tiles itself (linear's `send`) and the fused all-reduce + norm
-    only receiving (`sent`): the same bits as the all-reduce kernel sending them, for token counts of each GEMV
-    tiling (1, 9, 32 rows; and the wide m1w kernel, few tiles with a long K), hidden sizes whose last tile is half
-    full, the two ways alternating call by call (the call counters and parities stay in step), and the pair
-    captured in a graph with programmatic edges and replayed back to back."""
+    """The row-parallel projection sending its output tiles itself (linear's `send`) and the fused all-reduce + norm
+    only receiving (`sent`): the same bits as the all-reduce kernel sending them, for the bf16 GEMV at token counts
+    of each tiling (1, 9, 32 rows; and the wide m1w kernel, few tiles with a long K) and the one-token int8 and
+    Q4_0 kernels (_x1, _x1d), hidden sizes whose last tile is half full, the two ways alternating call by call (the
+    call counters and parities stay in step), and the pair captured in a graph with programmatic edges and
+    replayed back to back."""
     from cuda.bindings import driver as cu
 
     from mpillm.cuda.graphs import link_programmatic
@@ -397,12 +398,23 @@ def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
         comm.destroy()
         pytest.skip("no IPC all-reduce on this machine")
     shared = np.random.default_rng(11)                       # the same residual and norm weight on every rank
-    for m, hidden, k in [(1, 4096, 1024), (9, 576, 200), (32, 4104, 64), (2, 2056, 512), (1, 2056, 4096),
-                         (5, 1032, 2048)]:
+    from mpillm.cuda.kernels import QuantWeight
+    from mpillm.quant import pack_int8, pack_q4, quantize_int8
+    for kind, m, hidden, k in [("bf16", 1, 4096, 1024), ("bf16", 9, 576, 200), ("bf16", 32, 4104, 64),
+                               ("bf16", 2, 2056, 512), ("bf16", 1, 2056, 4096), ("bf16", 5, 1032, 2048),
+                               ("int8", 1, 4096, 1024), ("int8", 1, 2056, 512), ("q4_0", 1, 4096, 2048),
+                               ("q4_0", 1, 2056, 1024)]:
         resid0 = shared.normal(size=(m, hidden)).astype(np.float32)
         norm_w = DeviceTensor.from_numpy(shared.normal(1, 0.1, hidden).astype(np.float32), "bf16")
-        own = np.random.default_rng(1000 * r + m)
-        w = DeviceTensor.from_numpy(own.normal(size=(hidden, k)).astype(np.float32) / np.sqrt(k), "bf16")
+        own = np.random.default_rng(1000 * r + m + k)
+        w_float = own.normal(size=(hidden, k)) / np.sqrt(k)
+        if kind == "bf16":
+            w = DeviceTensor.from_numpy(w_float.astype(np.float32), "bf16")
+        elif kind == "int8":
+            w = QuantWeight.from_packed(pack_int8(*quantize_int8(w_float, 128), 128))
+        else:
+            d = (own.uniform(0.5, 1.5, (hidden, k // 32)) / (8 * np.sqrt(k))).astype(np.float16)
+            w = QuantWeight.from_packed(pack_q4(own.integers(0, 16, (hidden, k)).astype(np.uint8), d, None))
         x = DeviceTensor.from_numpy(own.normal(size=(m, k)).astype(np.float32), "bf16")
         y = DeviceTensor.empty((m, hidden), "bf16")
         resid, h = DeviceTensor.from_numpy(resid0, "bf16"), DeviceTensor.empty((m, hidden), "bf16")
@@ -422,9 +434,9 @@ def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
             got.append((h.to_numpy(), resid.to_numpy(), y.to_numpy()))
         for i, g in enumerate(got[1:], 1):
             for a, b, what in zip(g, got[0], ("out", "residual", "sum")):
-                np.testing.assert_array_equal(a, b, err_msg=f"{what}, call {i}, {m} x {hidden}")
+                np.testing.assert_array_equal(a, b, err_msg=f"{what}, call {i}, {kind} {m} x {hidden}")
         everyone = world.allgather(got[1][0])
-        assert all(np.array_equal(e, everyone[0]) for e in everyone), f"ranks differ at {m} x {hidden}"
+        assert all(np.array_equal(e, everyone[0]) for e in everyone), f"ranks differ at {kind} {m} x {hidden}"
         # Replays: each adds the same sum to the residual again; the eager twin gives the bits to expect.
         resid.copy_from_numpy(resid0)
         want = []
@@ -443,7 +455,7 @@ def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
         for i in range(3):
             check_cu(cu.cuGraphLaunch(exe, stream), "launch")
             dev.synchronize()
-            np.testing.assert_array_equal(resid.to_numpy(), want[i], err_msg=f"replay {i}, {m} x {hidden}")
+            np.testing.assert_array_equal(resid.to_numpy(), want[i], err_msg=f"replay {i}, {kind} {m} x {hidden}")
         cu.cuGraphExecDestroy(exe)
         cu.cuGraphDestroy(graph)
     with pytest.raises(ValueError, match="sent"):
@@ -452,10 +464,12 @@ def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
 
 
 @mpi
-def test_tp_fused_all_reduce_norm_model_equals_unfused(tp_env, smollm_gguf):
-    """The model with the fused all-reduce + norm (default; its bf16 o and down projections send their own tiles)
-    and without: the same logits bit for bit on a prompt, and the same greedy ids through the decode graphs."""
-    comm, fused, single = _tp_and_single(tp_env, smollm_gguf)
+@pytest.mark.parametrize("quant", [{}, dict(quantize="int8", group_size=64)], ids=["bf16", "int8"])
+def test_tp_fused_all_reduce_norm_model_equals_unfused(tp_env, smollm_gguf, quant):
+    """The model with the fused all-reduce + norm (default; its o and down projections send their own tiles: the
+    bf16 GEMV, and int8's one-token kernel in the decode graphs) and without: the same logits bit for bit on a
+    prompt, and the same greedy ids through the decode graphs."""
+    comm, fused, single = _tp_and_single(tp_env, smollm_gguf, **quant)
     single.close()
     from mpillm.checkpoint import open_checkpoint
     from mpillm.cuda.model import CudaTransformer
@@ -464,7 +478,7 @@ def test_tp_fused_all_reduce_norm_model_equals_unfused(tp_env, smollm_gguf):
     ck = open_checkpoint(smollm_gguf)
     plain = CudaTransformer(ck, ck.config, make_shard(ck.config, world.Get_rank(), world.Get_size()), dev, kernels,
                             comm=comm, dtype="bf16", max_tokens=256, max_seqs=8, max_model_len=512, num_blocks=64,
-                            fuse_allreduce_norm=False)
+                            fuse_allreduce_norm=False, **quant)
     assert fused.presend and kernels.gemv_sends(fused.layers[0].o, fused.delta.view(0, (1, ck.config.hidden_size)), 1)
     from mpillm.batch import StepInput
     from mpillm.engine import SampleSpec

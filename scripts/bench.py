@@ -105,8 +105,8 @@ def main():
                     help="--tp > 1: the IPC all-reduce and the next residual add + RMSNorm as two kernels (the A side of an "
                          "A/B with the fused kernel)")
     ap.add_argument("--no-presend", action="store_true",
-                    help="--tp > 1: the fused all-reduce kernel sends this rank's part itself, instead of the bf16 projection "
-                         "that computes it (the A side of an A/B)")
+                    help="--tp > 1: the fused all-reduce kernel sends this rank's part itself, instead of the projection "
+                         "that computes it (bf16 GEMV, int8 / Q4_0 one-token kernels; the A side of an A/B)")
     ap.add_argument("--profile", action="store_true",
                     help="after each decode batch and prefill: one eager step with a CUDA event pair around every kernel, "
                          "summed per kernel (events serialise the launches; the ratios are what matter)")

@@ -208,8 +208,8 @@ class CudaTransformer:
         # Tensor parallelism: decode-sized all-reduces fused with the next residual add + RMSNorm (allreduce.cu);
         # False: the IPC all-reduce and add_rms_norm as two kernels (A/B runs).
         self.fuse_allreduce_norm = fuse_allreduce_norm
-        # ... and the row-parallel projection's bf16 kernel sends its tiles to the peers itself (Kernels.linear's
-        # `send`); False: the all-reduce kernel sends them (A/B runs).
+        # ... and the row-parallel projection's kernel sends its tiles to the peers itself (Kernels.linear's `send`:
+        # the bf16 GEMV, int8 / Q4_0 at one token); False: the all-reduce kernel sends them (A/B runs).
         self.presend = presend
         # One GPU, one token: the residual add + RMSNorm before the q/k/v and gate/up projections folded into their
         # int8, Q4_0 or bf16 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, the others within bf16

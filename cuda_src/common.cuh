@@ -37,7 +37,8 @@ typedef __half f16;
 #ifdef MPILLM_TRACE
 // Records of 4 u64: %gridid, kind << 63 | %smid << 32 | block, two %globaltimer ns (kind 0: wait entered, returned;
 // kind 1: the block's end, twice). Thread 0 claims a pair of slots from the counter as it reaches the wait
-// (pdl_wait); the end record (trace_end: the projection kernels) takes the second. Past cap nothing is written.
+// (pdl_wait); the end record (trace_end, or TraceEndAtExit: the projection, decode attention and sampling kernels)
+// takes the second. Past cap nothing is written.
 // recs null: off. In constant memory (one copy per module; the host sets it between graph launches), so that
 // reading it before the wait is no trip to memory. (%gridid names a graph node, the same on every replay, so it
 // cannot place records by itself.)

@@ -382,7 +382,8 @@ def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
     """The row-parallel projection sending its output tiles itself (linear's `send`) and the fused all-reduce + norm
     only receiving (`sent`): the same bits as the all-reduce kernel sending them, for the bf16 GEMV at token counts
     of each tiling (1, 9, 32 rows; and the wide m1w kernel, few tiles with a long K) and the one-token int8 and
-    Q4_0 kernels (_x1, _x1d), hidden sizes whose last tile is half full, the two ways alternating call by call (the
+    Q4_0 kernels (_x1d at one tile a block; _x1 at two, hidden 8,200: a block sends each of its tiles in turn),
+    hidden sizes whose last tile is half full, the two ways alternating call by call (the
     call counters and parities stay in step), and the pair captured in a graph with programmatic edges and
     replayed back to back."""
     from cuda.bindings import driver as cu
@@ -403,7 +404,7 @@ def test_projection_sending_its_tiles_equals_the_all_reduce_sending(tp_env):
     for kind, m, hidden, k in [("bf16", 1, 4096, 1024), ("bf16", 9, 576, 200), ("bf16", 32, 4104, 64),
                                ("bf16", 2, 2056, 512), ("bf16", 1, 2056, 4096), ("bf16", 5, 1032, 2048),
                                ("int8", 1, 4096, 1024), ("int8", 1, 2056, 512), ("q4_0", 1, 4096, 2048),
-                               ("q4_0", 1, 2056, 1024)]:
+                               ("q4_0", 1, 2056, 1024), ("int8", 1, 8200, 256), ("q4_0", 1, 8200, 512)]:
         resid0 = shared.normal(size=(m, hidden)).astype(np.float32)
         norm_w = DeviceTensor.from_numpy(shared.normal(1, 0.1, hidden).astype(np.float32), "bf16")
         own = np.random.default_rng(1000 * r + m + k)

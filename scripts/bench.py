@@ -135,6 +135,8 @@ def main():
     if args.throughput and not args.engine_only:
         parse_modes(args.modes)       # a typo exits here, not after minutes of loading weights
     skip_patterns(args.skip_probe, ap.error)      # so does a bad --skip-probe pattern
+    if args.timeline and args.no_graph:
+        ap.error("--timeline lays out the decode graph's kernels: not with --no-graph")
     if args.summarize:
         print(summarize_targets(args.summarize))
         return

@@ -106,6 +106,15 @@ def test_bad_modes_exit_before_any_gpu_work_naming_the_schedules(bench, monkeypa
     assert bench.parse_modes("continuous,static-hf,") == ["continuous", "static-hf"]
 
 
+def test_timeline_without_graphs_exits_before_any_gpu_work(bench, monkeypatch, capsys):
+    """--timeline lays out the captured decode graph: with --no-graph there is none, said before anything loads."""
+    import sys
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", "dummy:llama3-8b", "--timeline", "--no-graph"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--timeline lays out the decode graph's kernels: not with --no-graph" in capsys.readouterr().err
+
+
 class _FakeIpc:
     def __init__(self):
         self.emptied = False

@@ -78,9 +78,10 @@ def link_programmatic(graph, is_ours: Callable[[str], bool]) -> int:
     return len(pick)
 
 
-def kernel_sequence(graph) -> list[tuple[str, int]]:
-    """(name, blocks) of the graph's kernel nodes in dependency order (a decode graph is one chain), the other
-    nodes left out: what mpillm/cuda/trace.py lines a step's launches up against."""
+def kernel_sequence(graph, is_ours: Callable[[str], bool]) -> list[tuple[str, int]]:
+    """(name, blocks) of the graph's kernel nodes that `is_ours` names, in dependency order (a decode graph is one
+    chain); other nodes (NCCL's kernels, copies) left out, as they stamp nothing: what mpillm/cuda/trace.py lines a
+    step's launches up against."""
     from cuda.bindings import driver as cu
     nodes = check_cu(cu.cuGraphGetNodes(graph, 0), "cuGraphGetNodes")[-1]
     nodes = check_cu(cu.cuGraphGetNodes(graph, nodes), "cuGraphGetNodes")[0] if nodes else []
@@ -103,7 +104,7 @@ def kernel_sequence(graph) -> list[tuple[str, int]]:
     out = []
     for i in order:
         name = _kernel_name(nodes[i])
-        if name is None:
+        if name is None or not is_ours(name):
             continue
         p = check_cu(cu.cuGraphKernelNodeGetParams(nodes[i]), "cuGraphKernelNodeGetParams")
         out.append((name, int(p.gridDimX) * int(p.gridDimY) * int(p.gridDimZ)))

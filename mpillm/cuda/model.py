@@ -829,7 +829,7 @@ class CudaTransformer:
         try:
             self.pdl_edges = link_programmatic(graph, self.k.owns) if self.pdl else 0
             if self.k.trace:              # scripts/bench.py --timeline lines the records up against it
-                self.graph_kernels = kernel_sequence(graph)
+                self.graph_kernels = kernel_sequence(graph, self.k.owns)
             exe = check_cu(cu.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         finally:
             check_cu(cu.cuGraphDestroy(graph), "cuGraphDestroy")     # the executable graph is independent

@@ -928,6 +928,15 @@ class Kernels:
             return y.dtype == "bf16" and self._takes_x1(w, "bf16", m)
         return 0 < m <= GEMV_MAX_M and y.dtype == w.dtype
 
+    @staticmethod
+    def _send_args(send, y: DeviceTensor) -> tuple:
+        """A send kernel's trailing arguments (table, slot_bytes, rank, world) from linear's `send`; ValueError when
+        y does not fit the all-reduce's slots (each byte of a message takes two there)."""
+        table, slot_bytes, rank, world = send
+        if 2 * y.nbytes > slot_bytes:
+            raise ValueError(f"send: y is {y.nbytes} bytes; the all-reduce's slots take {slot_bytes // 2}")
+        return (table.ptr, slot_bytes, rank, world)
+
     def _gemv(self, y: DeviceTensor, x: DeviceTensor, w: DeviceTensor, bias_ptr: int, swiglu: bool = False,
               rope=None, send=None, prenorm=None) -> None:
         """prenorm (callers checked prenorm_fusable: one bf16 token, not the wide block): the _m1n kernel."""
@@ -940,11 +949,8 @@ class Kernels:
             name, fmt = f"gemv_rope_{w.dtype}_m{tiles}", "PPPPiiiPPPPPiii"
             extra = self._rope_args(rope, 0)
         elif send is not None:
-            table, slot_bytes, rank, world = send
-            if 2 * y.nbytes > slot_bytes:
-                raise ValueError(f"send: y is {y.nbytes} bytes; the all-reduce's slots take {slot_bytes // 2}")
             name, fmt = f"gemv_send_{w.dtype}_m{tiles}", "PPPPiiiPQii"
-            extra = (table.ptr, slot_bytes, rank, world)
+            extra = self._send_args(send, y)
         else:
             name, fmt = f"gemv{'_swiglu' if swiglu else ''}_{w.dtype}_{y.dtype}_m{tiles}", "PPPPiii"
         threads, shared = GEMV_THREADS[tiles], 0
@@ -963,12 +969,7 @@ class Kernels:
         one token, a plain projection): the _x1 / _x1d kernel's send twin."""
         m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
         extra = () if prenorm is None else prenorm_args(prenorm, k, x.dtype)
-        sending = ()
-        if send is not None:
-            table, slot_bytes, rank, world = send
-            if 2 * y.nbytes > slot_bytes:
-                raise ValueError(f"send: y is {y.nbytes} bytes; the all-reduce's slots take {slot_bytes // 2}")
-            sending = (table.ptr, slot_bytes, rank, world)
+        sending = () if send is None else self._send_args(send, y)
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)

@@ -168,12 +168,12 @@ def summarize(steps: list[list[Grid]], sequence: list[tuple[str, int]]) -> list[
              release minus that end (nan where the kernel stamps no ends)"""
     rows = []
     n = len(sequence)
-    nxt = [[s[i + 1] if i + 1 < n else (steps[k + 1][0] if k + 1 < len(steps) else None)
-            for i in range(n)] for k, s in enumerate(steps)]
     for i, (name, blocks) in enumerate(sequence):
         vals = {key: [] for key in ("span", "lead", "early", "late", "end", "tail", "gap")}
         for k, s in enumerate(steps):
-            g, after = s[i], nxt[k][i]
+            # The node after this one: the next in the step, or the next step's first (none after the last step).
+            g = s[i]
+            after = s[i + 1] if i + 1 < n else (steps[k + 1][0] if k + 1 < len(steps) else None)
             rel = int(g.released.min())
             if after is not None:
                 vals["span"].append(int(after.released.min()) - rel)
@@ -221,8 +221,8 @@ def report(rows: list[dict], title: str) -> str:
     lines = [f"# timeline {title}: {total:.1f} µs from the first kernel's release to the next step's",
              "#   µs/step   share  launches blocks  µs/launch   lead  early   late    end   tail    gap  kernel"]
 
-    def f(x, spec="6.2f"):
-        return f"{x:{spec}}" if not np.isnan(x) else " " * (int(spec.split(".")[0]) - 1) + "-"
+    def f(x):
+        return f"{x:6.2f}" if not np.isnan(x) else f"{'-':>6}"
     for o in table:
         lines.append(f"#  {o['span']:8.1f} {100 * o['span'] / total:6.1f}%  {o['launches']:8d} {o['blocks']:6d} "
                      f"{o['span'] / o['launches']:10.2f} {f(o['lead'])} {o['early']:6.2f} {f(o['late'])} "

@@ -716,6 +716,155 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
     trace_end();
 }
 
+// Small M with RT row tiles per block (quant_linear_rt; int8 and Q4_0, 9 to 32 tokens). quant_linear's one tile
+// per block reads all of x (M K 2 bytes) for 16 rows' weights: at 32 tokens that is 8 bytes of x per byte of Q4_0
+// weight, and its two register stages of x (64 registers each) held the kernel at 255 registers, spilling, at 2
+// blocks of 4 warps per SM (ncu, H200: 871 GB/s on Llama-3-8B's gate/up at M = 32; docs/PERFORMANCE.md,
+// twenty-fifth session). Here a warp's x of a step (one super-block, NT token tiles) serves RT tiles of 16 rows,
+// whose codes (and Q4_0's scales) arrive through a cp.async ring as in quant_linear, and x is loaded once per step
+// at its start, not a step ahead. Per tile the sums run in quant_linear's order (warp w: super-blocks w, w +
+// WARPS, ...), so with quant_linear's WARPS (and UNROLL 1, or 2 with WARPS halved) the outputs have its bits.
+template <typename T, typename OutT, int BITS, int NT, int WARPS, int RT, int STAGES, bool SWIGLU = false,
+          bool ROPE = false>
+__device__ __forceinline__ void quant_linear_rt(OutT* __restrict__ y, const T* __restrict__ x,
+                                                const uint8_t* __restrict__ w, const void* __restrict__ scales,
+                                                const T* __restrict__ bias, int M, int N, int K, int n_sb,
+                                                int n_groups, int gshift, const RopeArgs<T>& rope = RopeArgs<T>{}) {
+    static_assert(STAGES >= 2 && (BITS == 8 || BITS == 4), "int8 or Q4_0 (the 4s layout), a ring of 2+ stages");
+    constexpr bool Q4 = BITS == 4;
+    constexpr int CH = Q4 ? 4 : 2, SB_ELEMS = CH * 32;
+    constexpr int SB_STRIDE = (Q4 ? Q4_0_SB_STRIDE : 1) * QGEMV_SB_BYTES;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int tile0 = blockIdx.x * RT;
+    const size_t row_bytes = (size_t)n_sb * QGEMV_SB_BYTES;
+    // Slot [warp][s][tile][row a / b][lane], as quant_linear's ring; Q4_0's scales: [warp][s][tile][lanes 0-7].
+    __shared__ __align__(16) uint4 ring_w[WARPS][STAGES][RT][2][32];
+    __shared__ __align__(16) uint4 ring_s[WARPS][Q4 ? STAGES : 1][RT][8];
+    static_assert(STAGES * RT * 1024 >= NT * 4 * 32 * 4, "the ring becomes `partial`");
+    const uint8_t* wa[RT];
+    const uint8_t* wb[RT];
+    int ra[RT], rb[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {  // rows past N clamped onto N - 1: loads stay in bounds, never stored
+        ra[r] = min((tile0 + r) * QGEMV_ROWS + g, N - 1), rb[r] = min((tile0 + r) * QGEMV_ROWS + g + 8, N - 1);
+        wa[r] = w + (Q4 ? q4_0_tile_offset(ra[r], n_sb) * QGEMV_SB_BYTES : ra[r] * row_bytes) + 16 * t;
+        wb[r] = w + (Q4 ? q4_0_tile_offset(rb[r], n_sb) * QGEMV_SB_BYTES : rb[r] * row_bytes) + 16 * t;
+    }
+    // One commit group per step, also past the end (zero-filled): the step read is always STAGES - 2 back.
+    auto issue = [&](int slot, int sb) {
+        const bool ok = sb < n_sb;
+        const uint32_t off = ok ? (uint32_t)sb * SB_STRIDE : 0u;
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+            cp_async16_l2_256(&ring_w[warp][slot][r][0][lane], wa[r] + off, ok);
+            cp_async16_l2_256(&ring_w[warp][slot][r][1][lane], wb[r] + off, ok);
+            if constexpr (Q4)
+                if (lane < 8)
+                    cp_async16_scales(&ring_s[warp][slot][r][lane],
+                                      reinterpret_cast<const uint4*>(scales) +
+                                          q4_0_scales_at(ra[r] / QGEMV_ROWS, ok ? sb : 0, n_sb, lane),
+                                      ok);
+        }
+        cp_async_commit();
+    };
+    float acc[RT][NT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.f;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * WARPS);  // weights: before the PDL wait
+    pdl_begin_late();  // the next kernel may be a PRENORM one: it reads r before its wait
+    int slot = 0;
+    for (int sb = warp; sb < n_sb; sb += WARPS) {
+        // x and int8's scales of this step first: their latency runs under the ring's wait
+        uint4 xv[NT][CH];
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+            const int k = sb * SB_ELEMS + 32 * j + 8 * t;
+            const bool in = k < K;  // K % 32 == 0: a chunk is all in or all out
+#pragma unroll
+            for (int jt = 0; jt < NT; ++jt) {
+                const int tok = jt * 8 + g;
+                xv[jt][j] = in && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + k))
+                                          : make_uint4(0, 0, 0, 0);
+            }
+        }
+        uint32_t s8a[Q4 ? 1 : RT][CH], s8b[Q4 ? 1 : RT][CH];
+        if constexpr (!Q4) {
+            const unsigned short* s = reinterpret_cast<const unsigned short*>(scales);
+#pragma unroll
+            for (int r = 0; r < RT; ++r)
+#pragma unroll
+                for (int j = 0; j < CH; ++j) {
+                    const int chunk = sb * CH + j;
+                    const bool in = chunk * 32 < K;  // padded chunks: scale 0
+                    s8a[r][j] = in ? __ldg(s + (size_t)ra[r] * n_groups + (chunk >> gshift)) : 0u;
+                    s8b[r][j] = in ? __ldg(s + (size_t)rb[r] * n_groups + (chunk >> gshift)) : 0u;
+                }
+        }
+        cp_async_wait<STAGES - 2>();
+        uint4 cw[RT][2], cs[RT];
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+            cw[r][0] = ring_w[warp][slot][r][0][lane], cw[r][1] = ring_w[warp][slot][r][1][lane];
+            if constexpr (Q4) cs[r] = ring_s[warp][slot][r][g];
+        }
+        issue(slot == 0 ? STAGES - 1 : slot - 1, sb + (STAGES - 1) * WARPS);  // the slot read one step ago
+        slot = slot + 1 == STAGES ? 0 : slot + 1;
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+#pragma unroll
+            for (int r = 0; r < RT; ++r) {
+                uint32_t pa[4], pb[4];  // pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8
+                float da, db;
+                if constexpr (Q4) {
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        pa[p] = u4_pair_signed<T>(word_at(cw[r][0], j), p);
+                        pb[p] = u4_pair_signed<T>(word_at(cw[r][1], j), p);
+                    }
+                    // rows g and g + 8's fp16 d: chunks (0, 1) in .x / .z, (2, 3) in .y / .w
+                    da = half_bits_to_float((j < 2 ? cs[r].x : cs[r].y) >> (16 * (j & 1)));
+                    db = half_bits_to_float((j < 2 ? cs[r].z : cs[r].w) >> (16 * (j & 1)));
+                } else {
+                    s8x4_pairs<T>(word_at(cw[r][0], 2 * j), pa[0], pa[1]);
+                    s8x4_pairs<T>(word_at(cw[r][0], 2 * j + 1), pa[2], pa[3]);
+                    s8x4_pairs<T>(word_at(cw[r][1], 2 * j), pb[0], pb[1]);
+                    s8x4_pairs<T>(word_at(cw[r][1], 2 * j + 1), pb[2], pb[3]);
+                    da = half_bits_to_float(s8a[r][j]);
+                    db = half_bits_to_float(s8b[r][j]);
+                }
+                const uint32_t a0[4] = {pa[0], pb[0], pa[1], pb[1]};
+                const uint32_t a1[4] = {pa[2], pb[2], pa[3], pb[3]};
+#pragma unroll
+                for (int jt = 0; jt < NT; ++jt) {
+                    float c[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma_16816<T>(c, a0, xv[jt][j].x, xv[jt][j].y);
+                    mma_16816<T>(c, a1, xv[jt][j].z, xv[jt][j].w);
+                    add_scaled(acc[r][jt], da, db, c);
+                }
+            }
+        }
+    }
+    // The ring becomes `partial`: the trailing zero-fill copies must have landed and every warp must be done
+    // reading its slots first.
+    cp_async_wait<0>();
+    __syncthreads();
+    float(*partial)[NT * 4][32] = reinterpret_cast<float(*)[NT * 4][32]>(&ring_w[0][0][0][0][0]);
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+        if constexpr (ROPE)
+            finish_small_m_tile_rope<T, WARPS, NT>(partial, acc[r], y, bias, (tile0 + r) * QGEMV_ROWS, M, N, rope);
+        else
+            finish_small_m_tile<T, OutT, WARPS, NT, SWIGLU>(partial, acc[r], y, bias, (tile0 + r) * QGEMV_ROWS, M,
+                                                            N);
+        if (r + 1 < RT) __syncthreads();  // every thread has read `partial` before the next tile writes it
+    }
+    trace_end();
+}
+
 // A tile's end in x1_linear (8 warps, one token tile): the warps' sums through `partial`, then the epilogue.
 // stage (SEND): the tile's outputs also into shared memory, for send_tile.
 template <typename OutT, bool SWIGLU, bool ROPE>
@@ -1042,6 +1191,14 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
         quant_linear<T, OUT_T, BITS, NT, WARPS, UNROLL, SWIGLU, L2, STAGES, false, SYM, PERSIST>(               \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                            \
     }
+// quant_linear_rt's entry point (int8: BITS 8; Q4_0: BITS 4, the 4s layout).
+#define QGEMV_RT_ENTRY(T, OUT_T, FNAME, BITS, NT, WARPS, RT, STAGES, MINB, SWIGLU)                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) FNAME(                                        \
+        OUT_T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K,          \
+        int n_sb, int n_groups, int gshift) {                                                                   \
+        quant_linear_rt<T, OUT_T, BITS, NT, WARPS, RT, STAGES, SWIGLU>(y, x, w, scales, bias, M, N, K, n_sb,     \
+                                                                      n_groups, gshift);                        \
+    }
 #define QGEMV_KERNEL_EX(T, OUT_T, NAME, FMT, BITS, SYM, NT, WARPS, UNROLL, MINB, L2, STAGES, PERSIST)             \
     QGEMV_ENTRY(T, OUT_T, qgemv##FMT##_##NAME##_m##NT, BITS, NT, WARPS, UNROLL, MINB, L2, STAGES, false, SYM,     \
                 PERSIST)                                                                                        \
@@ -1071,6 +1228,22 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 // beat the tile loop by 6% at b=1, so they stay one tile per block. Q4_0's SwiGLU twin at M <= 8 (the gate/up
 // projection alone) takes the register stages instead: the sweep had them 4.8% faster on Llama-3-8B's 28,672
 // gate/up rows (and 10% slower on down, so the plain kernel keeps the ring).
+// The small-M kernels with row tiles (quant_linear_rt): 8 warps, 2 tiles a block, a 2-stage ring, 2 blocks per SM.
+// kernels.py takes them where a launch has at least QGEMV_RT_TILES_PER_SM tiles per SM (there each SM still gets a
+// block): on Llama-3-8B's gate/up (28,672 rows) and q/k/v (6,144), not its o and down (4,096), where the halved
+// grid lost (H200, docs/PERFORMANCE.md, twenty-fifth session).
+#define QGEMV_RT_KERNEL(T, OUT_T, NAME, FMT, BITS, NT)                                                           \
+    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_##NAME##_m##NT##r, BITS, NT, 8, 2, 2, 2, false)                      \
+    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_swiglu_##NAME##_m##NT##r, BITS, NT, 8, 2, 2, 2, true)
+#define QGEMV_RT_ROPE_KERNEL(T, NAME, FMT, BITS, NT)                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 2) qgemv##FMT##_rope_##NAME##_m##NT##r(                   \
+        T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K, int n_sb,   \
+        int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, T* k_cache,    \
+        T* v_cache, int n_heads, int n_kv, int head_dim) {                                                      \
+        quant_linear_rt<T, T, BITS, NT, 8, 2, 2, false, true>(                                                  \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,                                             \
+            RopeArgs<T>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});                \
+    }
 #define QGEMV_KERNELS(T, OUT_T, NAME)                                            \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 8, false, 1, 8, 1, 2, true, 4, true)      \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 8, 8, false, 2, 8, 1, 2, true, 4, true)      \
@@ -1081,7 +1254,11 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ENTRY(T, OUT_T, qgemv4s_##NAME##_m1, 4, 1, 8, 1, 2, true, 4, false, true, true)                      \
     QGEMV_ENTRY(T, OUT_T, qgemv4s_swiglu_##NAME##_m1, 4, 1, 8, 2, 2, false, 0, true, true, false)             \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)      \
-    QGEMV_KERNEL(T, OUT_T, NAME, 4s, 4, true, 4, 4, 2, 2)
+    QGEMV_KERNEL(T, OUT_T, NAME, 4s, 4, true, 4, 4, 2, 2)                        \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, 8, 2)                                     \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, 8, 4)                                     \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, 4, 2)                                    \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, 4, 4)
 
 // The same shapes, for the q/k/v projection with rotary embedding (kernels.py QGEMV_THREADS serves both), but
 // int8 at M <= 8 with 3 blocks per SM (80 registers, no spills): on Llama-3-8B's 6,144 q/k/v rows the sweep's
@@ -1096,7 +1273,11 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ROPE_KERNEL(T, NAME, 4, 4, false, 4, 4, 2, 2, false, 0, false)         \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 1, 8, 2, 2, false, 0, false)         \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
-    QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)
+    QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)         \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, 8, 2)                                       \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, 8, 4)                                       \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, 4, 2)                                      \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, 4, 4)
 
 // One token, bf16 activations (the _x1 kernels): x1_linear's loop, x staged in shared memory as fp16 (stage_x_half;
 // dynamic shared memory: kernels.py qgemv_x1_bytes(K, format)). Blocks per SM (kernels.py QGEMV_X1_PERSIST) and

@@ -37,6 +37,7 @@ class _Recorder:
         self.k.device = SimpleNamespace(sm_count=132)
         self.k.blas = None
         self.k.qgemv_persist = True
+        self.k.qgemv_rt_tiles = 2 * 132
         self.k.qgemv_x1 = True
         self.k.qgemv_x1_deep = True
         self.k.gemv_wide = True
@@ -75,10 +76,52 @@ def test_quantized_small_m_launches_tile_rows_by_32():
         ("qgemv8_swiglu_bf16_bf16_m2", 0x500000 + 32 * (n // 2) * 2, 0x300000 + 32 * k * 2, 0, 13)]
 
 
+def test_quantized_row_tile_kernels_where_the_tiles_allow():
+    """9-32 rows of int8 or Q4_0 weights over at least 2 tiles per SM take the row-tile kernels (two 16-row tiles a
+    block, 256 threads), plain, with SwiGLU and with rope; fewer tiles, Q4_1, up to 8 rows and MPILLM_QGEMV_RT=0
+    keep the one-tile kernels."""
+    from mpillm.cuda.kernels import QuantWeight, qgemv_rt_setting
+    assert qgemv_rt_setting({}, 132) == 264 and qgemv_rt_setting({"MPILLM_QGEMV_RT": "0"}, 132) is None
+    with pytest.raises(ValueError, match="MPILLM_QGEMV_RT"):
+        qgemv_rt_setting({"MPILLM_QGEMV_RT": "yes"}, 132)
+    k = 4096
+
+    def launch(kind, rows, n, op="linear", rt=264):
+        w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
+                        _tensor(0x200000, (n, 256), "u8"))
+        rec = _Recorder()
+        rec.k.qgemv_rt_tiles = rt
+        x = _tensor(0x300000, (rows, k))
+        if op == "swiglu":
+            rec.k.linear_swiglu(_tensor(0x400000, (rows, n // 2)), x, w, _tensor(0x500000, (rows, n)))
+        elif op == "rope":
+            rec.k.linear_rope(_tensor(0x400000, (rows, n)), x, w, None, _tensor(0x500000, (rows,), "i32"),
+                              _tensor(0x600000, (64,), "f32"), _tensor(0x700000, (8, 16, 8, 128)),
+                              _tensor(0x800000, (8, 16, 8, 128)), _tensor(0x900000, (rows,), "i32"), 32, 8, 128,
+                              _tensor(0xA00000, (rows, n)))
+        else:
+            rec.k.linear(_tensor(0x400000, (rows, n)), x, w)
+        return [(fn, g[0], block) for fn, g, block, _ in rec.launches]
+
+    assert launch("q4_0", 20, 28672) == [("qgemv4s_bf16_bf16_m4r", 896, 256)]
+    assert launch("int8", 12, 6144) == [("qgemv8_bf16_bf16_m2r", 192, 256)]
+    assert launch("int8", 32, 28672 + 16) == [("qgemv8_bf16_bf16_m4r", 897, 256)]   # an odd tile count
+    assert launch("q4_0", 32, 264 * 16) == [("qgemv4s_bf16_bf16_m4r", 132, 256)]   # the threshold: 2 tiles per SM
+    assert launch("q4_0", 32, 263 * 16) == [("qgemv4s_bf16_bf16_m4", 263, 128)]
+    assert launch("int8", 16, 4096) == [("qgemv8_bf16_bf16_m2", 256, 256)]         # o and down: 256 tiles
+    assert launch("q4", 20, 28672) == [("qgemv4_bf16_bf16_m4", 1792, 128)]         # Q4_1
+    assert launch("int8", 8, 28672)[0][0] == "qgemv8_bf16_bf16_m1"
+    assert launch("int8", 20, 28672, rt=None) == [("qgemv8_bf16_bf16_m4", 1792, 256)]
+    assert launch("q4_0", 45, 28672) == [("qgemv4s_bf16_bf16_m4r", 896, 256), ("qgemv4s_bf16_bf16_m2r", 896, 256)]
+    assert launch("int8", 20, 28672, "swiglu") == [("qgemv8_swiglu_bf16_bf16_m4r", 896, 256)]
+    assert launch("q4_0", 9, 6144, "rope") == [("qgemv4s_rope_bf16_m2r", 192, 256)]
+    assert launch("q4_0", 9, 6144, "rope", rt=None)[0][0] == "qgemv4s_rope_bf16_m2"
+
+
 def test_quantized_ring_kernels_loop_over_tiles_evenly():
     """The tile-looping kernels (int8 and Q4_0 up to 16 rows) get at most 2 blocks per SM, each the same number of
     16-row tiles where the count allows; the others (Q4_1, 17-32 rows) and MPILLM_QGEMV_PERSIST=0 one tile per
-    block."""
+    block. (The row-tile kernels, which would take 9-32 rows on this many tiles, are off here.)"""
     from mpillm.cuda.kernels import QGEMV_PERSIST, QGEMV_X1_PERSIST, QuantWeight, qgemv_grid, qgemv_persist_setting
     assert qgemv_grid(6144, 132) == 192            # 384 tiles: 2 each, not 264 blocks in two waves
     assert qgemv_grid(28672, 132) == 256           # 1,792 tiles: 7 each
@@ -106,6 +149,7 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
         for persist, want in ((True, grid), (False, 384)):
             rec = _Recorder()
             rec.k.qgemv_persist = persist
+            rec.k.qgemv_rt_tiles = None
             rec.k.linear(_tensor(0x400000, (rows, n)), _tensor(0x300000, (rows, k)), w)
             assert [(fn, g) for fn, g, _, _ in rec.launches] == [(name, (want, 1))], (kind, rows, persist)
     # SwiGLU twins: int8 loops; Q4_0 at 2-8 rows runs the register stages, one tile per block, and one token the
@@ -280,7 +324,7 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     # 33 rows: a 32-row tile, then one row on its own, which takes the _x1 kernel
     names, shared = launch("int8", 33, 576)
-    assert [fn for fn, _ in names] == ["qgemv8_bf16_bf16_m4", "qgemv8_bf16_bf16_x1"] and shared == [0, 16 * 128]
+    assert [fn for fn, _ in names] == ["qgemv8_bf16_bf16_m4r", "qgemv8_bf16_bf16_x1"] and shared == [0, 16 * 128]
     # a pre-norm folded in: the _x1n kernel, its five arguments after the usual ones
     w = QuantWeight("int8", 6144, 4096, 128, _tensor(0x100000, (6144, 4096), "u8"), _tensor(0x200000, (6144, 64), "u8"))
     pn = (_tensor(0x610000, (1, 4096)), _tensor(0x620000, (1, 4096)), _tensor(0x630000, (1, 4096)),

@@ -79,6 +79,15 @@ QGEMV_X1_MAX_BYTES = 64 * 1024
 # Q4_0's _x1 kernels copy each warp step's 128 bytes of scales into a ring after x (gemv_quant.cu x1_linear,
 # ring_s), sized for the deepest of them (Q4_0_X1_MAX_STAGES = 5 stages, 8 warps).
 Q4_0_X1_SCALE_RING = 5 * 8 * 128
+# 9 to 32 tokens of int8 or Q4_0 weights over at least QGEMV_RT_TILES_PER_SM 16-row tiles per SM: the row-tile
+# kernels (gemv_quant.cu quant_linear_rt, the "_m2r" / "_m4r" kernels: 8 warps, QGEMV_RT_TILES tiles a block, each
+# warp's x of a step serving both). There the one-tile kernels read x from L2 once per 16 rows, 8 bytes per byte
+# of Q4_0 weight at M = 32, and held 255 registers; Llama-3-8B's gate/up at M = 32 streamed 871 GB/s (H200). The
+# halved grid lost on 256-tile launches (its o and down projections). MPILLM_QGEMV_RT=0: never (an A/B);
+# Kernels.qgemv_rt_tiles is the threshold in tiles (tests set 0: always).
+QGEMV_RT_TILES = 2
+QGEMV_RT_TILES_PER_SM = 2
+QGEMV_RT_FORMATS = ("8", "4s")
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
 QGEMV_MAX_M = 128
@@ -288,6 +297,12 @@ def qgemv_persist_setting(env) -> bool:
     return _switch(env, "MPILLM_QGEMV_PERSIST")
 
 
+def qgemv_rt_setting(env, sm_count: int) -> int | None:
+    """The fewest 16-row tiles for which a 9-32 token int8 / Q4_0 launch takes the row-tile kernels
+    (QGEMV_RT_TILES_PER_SM per SM), or None: never (MPILLM_QGEMV_RT=0; default 1)."""
+    return QGEMV_RT_TILES_PER_SM * sm_count if _switch(env, "MPILLM_QGEMV_RT") else None
+
+
 def qgemv_x1_setting(env) -> bool:
     """Whether one-token int8 / Q4_0 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default
     1)."""
@@ -489,6 +504,7 @@ class Kernels:
         self.decode_split, self.decode_min_part = decode_split_settings(os.environ)
         self.decode_cluster = decode_cluster_setting(os.environ)
         self.qgemv_persist = qgemv_persist_setting(os.environ)
+        self.qgemv_rt_tiles = qgemv_rt_setting(os.environ, device.sm_count)
         self.qgemv_x1 = qgemv_x1_setting(os.environ)
         self.qgemv_x1_deep = qgemv_x1_deep_setting(os.environ)
         self.gemv_wide = gemv_wide_setting(os.environ)
@@ -978,7 +994,10 @@ class Kernels:
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             deep = (x1 and self.qgemv_x1_deep
                     and qgemv_x1_deep(w.fmt, epilogue, bool(extra), y.dtype, n, self.device.sm_count))
-            suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}"
+            # 9-32 tokens over enough tiles: the row-tile kernel, QGEMV_RT_TILES tiles a block
+            rt = (not x1 and tiles > 1 and w.fmt in QGEMV_RT_FORMATS and self.qgemv_rt_tiles is not None
+                  and _cdiv(n, GEMV_ROWS) >= self.qgemv_rt_tiles)
+            suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}{'r' if rt else ''}"
             if sending:
                 name, fmt = f"qgemv{w.fmt}_send_{x.dtype}_{suffix}", "PPPPPiiiiiiPQii"
             elif rope is None:
@@ -988,13 +1007,17 @@ class Kernels:
             if extra:
                 fmt += "PPPPf"
             per_sm = None
-            if self.qgemv_persist:
+            if self.qgemv_persist and not rt:
                 per_sm = QGEMV_X1_PERSIST[w.fmt, epilogue] if x1 else QGEMV_PERSIST.get((w.fmt, tiles, epilogue))
-            grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
+            if rt:
+                grid = _cdiv(_cdiv(n, GEMV_ROWS), QGEMV_RT_TILES)
+            else:
+                grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
             # _x1: the function allows QGEMV_X1_MAX_BYTES of dynamic shared memory once; each launch asks its own
             fn = self._fn("gemv_quant", name, fmt, QGEMV_X1_MAX_BYTES if x1 else 0)
             self._launch(fn, (grid, 1),
-                         QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
+                         256 if rt else QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize,
+                         x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
                          *self._rope_args(rope, lo), *extra, *sending, shared=qgemv_x1_bytes(k, w.fmt) if x1 else 0)
 

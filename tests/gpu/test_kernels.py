@@ -353,6 +353,7 @@ def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
     w = QuantWeight.from_packed(p)
     x = dev(rounded(rng.normal(size=(m, k)), "bf16"), "bf16")
     out = {}
+    saved_rt, kernels.qgemv_rt_tiles = kernels.qgemv_rt_tiles, None   # 13 and 20 rows: not the row-tile kernels
     for persist in (True, False):
         kernels.qgemv_persist = persist
         try:
@@ -362,6 +363,7 @@ def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
             out[persist] = (y.to_numpy(), act.to_numpy())
         finally:
             kernels.qgemv_persist = True
+    kernels.qgemv_rt_tiles = saved_rt
     np.testing.assert_array_equal(out[True][0], out[False][0])
     np.testing.assert_array_equal(out[True][1], out[False][1])
     want = x.to_numpy().astype(np.float64) @ unpack(p).astype(np.float64).T
@@ -717,6 +719,55 @@ def test_wide_gemv_blocks(kernels, monkeypatch, dtype, m):
 
 
 # ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def row_tiles(kernels):
+    """Kernels with every 9-32 token int8 / Q4_0 launch on the row-tile kernels (quant_linear_rt), whatever its
+    tile count (by default only launches with at least 2 tiles per SM take them)."""
+    saved = kernels.qgemv_rt_tiles
+    kernels.qgemv_rt_tiles = 0
+    yield kernels
+    kernels.qgemv_rt_tiles = saved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,group", [("int8", 32), ("int8", 128), ("q4_0", 32)])
+@pytest.mark.parametrize("m", [9, 16, 17, 32, 45])
+@pytest.mark.parametrize("n,k", [(192, 576), (1000, 1536), (50, 4096), (1000, 96), (1040, 4096 + 128)])
+def test_linear_quant_row_tiles(row_tiles, dtype, kind, group, m, n, k):
+    """The row-tile kernels (two 16-row tiles a block: 1,000 rows leave the last block's second tile past N, 50
+    rows a tile partly past it; K of 96 half a Q4_0 super-block) against NumPy, and at 9-16 tokens bit for bit the
+    one-tile kernel, whose 8 warps sum in the same order."""
+    from mpillm.cuda.kernels import QuantWeight
+    if k % group:
+        pytest.skip("group does not divide K")
+    _quant_case(row_tiles, dtype, kind, m, n, k, group, with_bias=m % 2 == 1, path="qgemv")
+    _quant_case(row_tiles, dtype, kind, m, n, k, group, out_dtype="f32", path="qgemv")
+    if m > 16:
+        return
+    rng = np.random.default_rng(m + n + k)
+    w = QuantWeight.from_packed(_packed(rng, kind, n, k, group))
+    x = dev(rounded(rng.normal(size=(m, k)), dtype), dtype)
+    out = []
+    for tiles in (0, None):
+        row_tiles.qgemv_rt_tiles = tiles
+        y = DeviceTensor.empty((m, n), dtype)
+        row_tiles.linear(y, x, w)
+        out.append(y.to_numpy())
+    row_tiles.qgemv_rt_tiles = 0
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["int8", "q4_0"])
+@pytest.mark.parametrize("m", [9, 17, 32])
+def test_row_tiles_swiglu_and_rope(row_tiles, dtype, kind, m):
+    """The row-tile kernels' SwiGLU and rope epilogues: fused bit for bit as unfused, and against NumPy (the
+    fused-epilogue tests below, on row tiles; 400 and 1,024 rows: 25 and 64 tiles)."""
+    test_linear_swiglu_fused_equals_unfused(row_tiles, dtype, kind, m)
+    test_linear_rope_equals_linear_then_rope(row_tiles, dtype, kind, m, 80, 3, 1)
+    test_linear_rope_equals_linear_then_rope(row_tiles, dtype, kind, m, 128, 4, 2)
+
+
 # SwiGLU fused into the gate/up projection
 
 

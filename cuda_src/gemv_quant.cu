@@ -1228,19 +1228,22 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 // beat the tile loop by 6% at b=1, so they stay one tile per block. Q4_0's SwiGLU twin at M <= 8 (the gate/up
 // projection alone) takes the register stages instead: the sweep had them 4.8% faster on Llama-3-8B's 28,672
 // gate/up rows (and 10% slower on down, so the plain kernel keeps the ring).
-// The small-M kernels with row tiles (quant_linear_rt): 8 warps, 2 tiles a block, a 2-stage ring, 2 blocks per SM.
-// kernels.py takes them where a launch has at least QGEMV_RT_TILES_PER_SM tiles per SM (there each SM still gets a
-// block): on Llama-3-8B's gate/up (28,672 rows) and q/k/v (6,144), not its o and down (4,096), where the halved
-// grid lost (H200, docs/PERFORMANCE.md, twenty-fifth session).
-#define QGEMV_RT_KERNEL(T, OUT_T, NAME, FMT, BITS, NT)                                                           \
-    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_##NAME##_m##NT##r, BITS, NT, 8, 2, 2, 2, false)                      \
-    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_swiglu_##NAME##_m##NT##r, BITS, NT, 8, 2, 2, 2, true)
-#define QGEMV_RT_ROPE_KERNEL(T, NAME, FMT, BITS, NT)                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 2) qgemv##FMT##_rope_##NAME##_m##NT##r(                   \
+// The small-M kernels with row tiles (quant_linear_rt): 8 warps, 2 tiles a block, a 2-stage ring, 2 blocks per SM
+// (the "_m2r" / "_m4r" kernels). kernels.py takes them where a launch has at least QGEMV_RT_TILES_PER_SM tiles per SM
+// (there each SM still gets a block): on Llama-3-8B's gate/up (28,672 rows) and q/k/v (6,144), not its o and down
+// (4,096), where the halved grid lost. Q4_0 over at least QGEMV_RT_WIDE_TILES_PER_SM tiles per SM (gate/up) takes
+// 4 warps on a 3-stage ring at 4 blocks per SM instead (the "_m2rw" / "_m4rw" kernels, rope too, so that the
+// fused q/k/v projection keeps the plain one's sums): 1,458 GB/s against 1,212 at M = 32, where on q/k/v (384
+// tiles) it had 786 against 993 (H200, docs/PERFORMANCE.md, twenty-fifth session).
+#define QGEMV_RT_KERNEL(T, OUT_T, NAME, FMT, SUFFIX, BITS, NT, WARPS, STAGES, MINB)                              \
+    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_##NAME##_m##NT##SUFFIX, BITS, NT, WARPS, 2, STAGES, MINB, false)     \
+    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_swiglu_##NAME##_m##NT##SUFFIX, BITS, NT, WARPS, 2, STAGES, MINB, true)
+#define QGEMV_RT_ROPE_KERNEL(T, NAME, FMT, SUFFIX, BITS, NT, WARPS, STAGES, MINB)                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##FMT##_rope_##NAME##_m##NT##SUFFIX(    \
         T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K, int n_sb,   \
         int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, T* k_cache,    \
         T* v_cache, int n_heads, int n_kv, int head_dim) {                                                      \
-        quant_linear_rt<T, T, BITS, NT, 8, 2, 2, false, true>(                                                  \
+        quant_linear_rt<T, T, BITS, NT, WARPS, 2, STAGES, false, true>(                                         \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,                                             \
             RopeArgs<T>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});                \
     }
@@ -1255,10 +1258,12 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ENTRY(T, OUT_T, qgemv4s_swiglu_##NAME##_m1, 4, 1, 8, 2, 2, false, 0, true, true, false)             \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)      \
     QGEMV_KERNEL(T, OUT_T, NAME, 4s, 4, true, 4, 4, 2, 2)                        \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, 8, 2)                                     \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, 8, 4)                                     \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, 4, 2)                                    \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, 4, 4)
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, r, 8, 2, 8, 2, 2)                         \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, r, 8, 4, 8, 2, 2)                         \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r, 4, 2, 8, 2, 2)                        \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r, 4, 4, 8, 2, 2)                        \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, rw, 4, 2, 4, 3, 4)                       \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, rw, 4, 4, 4, 3, 4)
 
 // The same shapes, for the q/k/v projection with rotary embedding (kernels.py QGEMV_THREADS serves both), but
 // int8 at M <= 8 with 3 blocks per SM (80 registers, no spills): on Llama-3-8B's 6,144 q/k/v rows the sweep's
@@ -1274,10 +1279,12 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 1, 8, 2, 2, false, 0, false)         \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)         \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, 8, 2)                                       \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, 8, 4)                                       \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, 4, 2)                                      \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, 4, 4)
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, r, 8, 2, 8, 2, 2)                           \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, r, 8, 4, 8, 2, 2)                           \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r, 4, 2, 8, 2, 2)                          \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r, 4, 4, 8, 2, 2)                          \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, rw, 4, 2, 4, 3, 4)                         \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, rw, 4, 4, 4, 3, 4)
 
 // One token, bf16 activations (the _x1 kernels): x1_linear's loop, x staged in shared memory as fp16 (stage_x_half;
 // dynamic shared memory: kernels.py qgemv_x1_bytes(K, format)). Blocks per SM (kernels.py QGEMV_X1_PERSIST) and

@@ -38,6 +38,7 @@ class _Recorder:
         self.k.blas = None
         self.k.qgemv_persist = True
         self.k.qgemv_rt_tiles = 2 * 132
+        self.k.qgemv_rt_wide_tiles = 6 * 132
         self.k.qgemv_x1 = True
         self.k.qgemv_x1_deep = True
         self.k.gemv_wide = True
@@ -78,19 +79,19 @@ def test_quantized_small_m_launches_tile_rows_by_32():
 
 def test_quantized_row_tile_kernels_where_the_tiles_allow():
     """9-32 rows of int8 or Q4_0 weights over at least 2 tiles per SM take the row-tile kernels (two 16-row tiles a
-    block, 256 threads), plain, with SwiGLU and with rope; fewer tiles, Q4_1, up to 8 rows and MPILLM_QGEMV_RT=0
-    keep the one-tile kernels."""
+    block, 256 threads; Q4_0 over at least 6 tiles per SM 128), plain, with SwiGLU and with rope; fewer
+    tiles, Q4_1, up to 8 rows and MPILLM_QGEMV_RT=0 keep the one-tile kernels."""
     from mpillm.cuda.kernels import QuantWeight, qgemv_rt_setting
     assert qgemv_rt_setting({}, 132) == 264 and qgemv_rt_setting({"MPILLM_QGEMV_RT": "0"}, 132) is None
     with pytest.raises(ValueError, match="MPILLM_QGEMV_RT"):
         qgemv_rt_setting({"MPILLM_QGEMV_RT": "yes"}, 132)
     k = 4096
 
-    def launch(kind, rows, n, op="linear", rt=264):
+    def launch(kind, rows, n, op="linear", rt=264, wide=792):
         w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
                         _tensor(0x200000, (n, 256), "u8"))
         rec = _Recorder()
-        rec.k.qgemv_rt_tiles = rt
+        rec.k.qgemv_rt_tiles, rec.k.qgemv_rt_wide_tiles = rt, wide
         x = _tensor(0x300000, (rows, k))
         if op == "swiglu":
             rec.k.linear_swiglu(_tensor(0x400000, (rows, n // 2)), x, w, _tensor(0x500000, (rows, n)))
@@ -103,7 +104,11 @@ def test_quantized_row_tile_kernels_where_the_tiles_allow():
             rec.k.linear(_tensor(0x400000, (rows, n)), x, w)
         return [(fn, g[0], block) for fn, g, block, _ in rec.launches]
 
-    assert launch("q4_0", 20, 28672) == [("qgemv4s_bf16_bf16_m4r", 896, 256)]
+    # Q4_0 over at least 6 tiles per SM (gate/up): the 4-warp twins
+    assert launch("q4_0", 20, 28672) == [("qgemv4s_bf16_bf16_m4rw", 896, 128)]
+    assert launch("q4_0", 12, 792 * 16) == [("qgemv4s_bf16_bf16_m2rw", 396, 128)]
+    assert launch("q4_0", 12, 791 * 16) == [("qgemv4s_bf16_bf16_m2r", 396, 256)]
+    assert launch("q4_0", 20, 6144) == [("qgemv4s_bf16_bf16_m4r", 192, 256)]
     assert launch("int8", 12, 6144) == [("qgemv8_bf16_bf16_m2r", 192, 256)]
     assert launch("int8", 32, 28672 + 16) == [("qgemv8_bf16_bf16_m4r", 897, 256)]   # an odd tile count
     assert launch("q4_0", 32, 264 * 16) == [("qgemv4s_bf16_bf16_m4r", 132, 256)]   # the threshold: 2 tiles per SM
@@ -112,9 +117,11 @@ def test_quantized_row_tile_kernels_where_the_tiles_allow():
     assert launch("q4", 20, 28672) == [("qgemv4_bf16_bf16_m4", 1792, 128)]         # Q4_1
     assert launch("int8", 8, 28672)[0][0] == "qgemv8_bf16_bf16_m1"
     assert launch("int8", 20, 28672, rt=None) == [("qgemv8_bf16_bf16_m4", 1792, 256)]
-    assert launch("q4_0", 45, 28672) == [("qgemv4s_bf16_bf16_m4r", 896, 256), ("qgemv4s_bf16_bf16_m2r", 896, 256)]
+    assert launch("q4_0", 45, 28672) == [("qgemv4s_bf16_bf16_m4rw", 896, 128), ("qgemv4s_bf16_bf16_m2rw", 896, 128)]
     assert launch("int8", 20, 28672, "swiglu") == [("qgemv8_swiglu_bf16_bf16_m4r", 896, 256)]
+    assert launch("q4_0", 20, 28672, "swiglu") == [("qgemv4s_swiglu_bf16_bf16_m4rw", 896, 128)]
     assert launch("q4_0", 9, 6144, "rope") == [("qgemv4s_rope_bf16_m2r", 192, 256)]
+    assert launch("q4_0", 9, 6144, "rope", rt=1, wide=1) == [("qgemv4s_rope_bf16_m2rw", 192, 128)]
     assert launch("q4_0", 9, 6144, "rope", rt=None)[0][0] == "qgemv4s_rope_bf16_m2"
 
 

@@ -83,10 +83,12 @@ Q4_0_X1_SCALE_RING = 5 * 8 * 128
 # kernels (gemv_quant.cu quant_linear_rt, the "_m2r" / "_m4r" kernels: 8 warps, QGEMV_RT_TILES tiles a block, each
 # warp's x of a step serving both). There the one-tile kernels read x from L2 once per 16 rows, 8 bytes per byte
 # of Q4_0 weight at M = 32, and held 255 registers; Llama-3-8B's gate/up at M = 32 streamed 871 GB/s (H200). The
-# halved grid lost on 256-tile launches (its o and down projections). MPILLM_QGEMV_RT=0: never (an A/B);
-# Kernels.qgemv_rt_tiles is the threshold in tiles (tests set 0: always).
+# halved grid lost on 256-tile launches (its o and down projections). Q4_0 over at least QGEMV_RT_WIDE_TILES_PER_SM
+# tiles per SM (gate/up) takes the "_rw" twins: 4 warps, 4 blocks per SM. MPILLM_QGEMV_RT=0:
+# never (an A/B). Kernels.qgemv_rt_tiles and qgemv_rt_wide_tiles are the thresholds in tiles (tests set them).
 QGEMV_RT_TILES = 2
 QGEMV_RT_TILES_PER_SM = 2
+QGEMV_RT_WIDE_TILES_PER_SM = 6
 QGEMV_RT_FORMATS = ("8", "4s")
 # Quantized weights: up to this many rows the small-M kernel runs in tiles of 32 rows (each tile re-reads
 # the int8/4-bit weight, still fewer bytes than dequantize-to-bf16 + GEMM); beyond, dequantize + GEMM.
@@ -505,6 +507,7 @@ class Kernels:
         self.decode_cluster = decode_cluster_setting(os.environ)
         self.qgemv_persist = qgemv_persist_setting(os.environ)
         self.qgemv_rt_tiles = qgemv_rt_setting(os.environ, device.sm_count)
+        self.qgemv_rt_wide_tiles = QGEMV_RT_WIDE_TILES_PER_SM * device.sm_count
         self.qgemv_x1 = qgemv_x1_setting(os.environ)
         self.qgemv_x1_deep = qgemv_x1_deep_setting(os.environ)
         self.gemv_wide = gemv_wide_setting(os.environ)
@@ -994,10 +997,12 @@ class Kernels:
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             deep = (x1 and self.qgemv_x1_deep
                     and qgemv_x1_deep(w.fmt, epilogue, bool(extra), y.dtype, n, self.device.sm_count))
-            # 9-32 tokens over enough tiles: the row-tile kernel, QGEMV_RT_TILES tiles a block
+            # 9-32 tokens over enough tiles: the row-tile kernel, QGEMV_RT_TILES tiles a block (Q4_0 on many: _rw)
             rt = (not x1 and tiles > 1 and w.fmt in QGEMV_RT_FORMATS and self.qgemv_rt_tiles is not None
                   and _cdiv(n, GEMV_ROWS) >= self.qgemv_rt_tiles)
-            suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}{'r' if rt else ''}"
+            wide = rt and w.fmt == "4s" and _cdiv(n, GEMV_ROWS) >= self.qgemv_rt_wide_tiles
+            rows_in = "rw" if wide else "r" if rt else ""
+            suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}{rows_in}"
             if sending:
                 name, fmt = f"qgemv{w.fmt}_send_{x.dtype}_{suffix}", "PPPPPiiiiiiPQii"
             elif rope is None:
@@ -1016,7 +1021,8 @@ class Kernels:
             # _x1: the function allows QGEMV_X1_MAX_BYTES of dynamic shared memory once; each launch asks its own
             fn = self._fn("gemv_quant", name, fmt, QGEMV_X1_MAX_BYTES if x1 else 0)
             self._launch(fn, (grid, 1),
-                         256 if rt else QGEMV_THREADS[(w.bits, tiles)], y.ptr + lo * width * y.itemsize,
+                         (128 if wide else 256) if rt else QGEMV_THREADS[(w.bits, tiles)],
+                         y.ptr + lo * width * y.itemsize,
                          x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
                          *self._rope_args(rope, lo), *extra, *sending, shared=qgemv_x1_bytes(k, w.fmt) if x1 else 0)

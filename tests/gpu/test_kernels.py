@@ -719,14 +719,15 @@ def test_wide_gemv_blocks(kernels, monkeypatch, dtype, m):
 
 
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture
-def row_tiles(kernels):
+@pytest.fixture(params=["r", "rw"])
+def row_tiles(request, kernels):
     """Kernels with every 9-32 token int8 / Q4_0 launch on the row-tile kernels (quant_linear_rt), whatever its
-    tile count (by default only launches with at least 2 tiles per SM take them)."""
-    saved = kernels.qgemv_rt_tiles
-    kernels.qgemv_rt_tiles = 0
+    tile count (by default only launches with at least 2 tiles per SM take them): Q4_0's without rope on the
+    8-warp ("r") or the 4-warp twins ("rw")."""
+    saved = kernels.qgemv_rt_tiles, kernels.qgemv_rt_wide_tiles
+    kernels.qgemv_rt_tiles, kernels.qgemv_rt_wide_tiles = 0, (0 if request.param == "rw" else 1 << 30)
     yield kernels
-    kernels.qgemv_rt_tiles = saved
+    kernels.qgemv_rt_tiles, kernels.qgemv_rt_wide_tiles = saved
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -735,14 +736,16 @@ def row_tiles(kernels):
 @pytest.mark.parametrize("n,k", [(192, 576), (1000, 1536), (50, 4096), (1000, 96), (1040, 4096 + 128)])
 def test_linear_quant_row_tiles(row_tiles, dtype, kind, group, m, n, k):
     """The row-tile kernels (two 16-row tiles a block: 1,000 rows leave the last block's second tile past N, 50
-    rows a tile partly past it; K of 96 half a Q4_0 super-block) against NumPy, and at 9-16 tokens bit for bit the
-    one-tile kernel, whose 8 warps sum in the same order."""
+    rows a tile partly past it; K of 96 half a Q4_0 super-block) against NumPy, and at 9-16 tokens (8 warps) bit
+    for bit the one-tile kernel, whose 8 warps sum in the same order."""
     from mpillm.cuda.kernels import QuantWeight
     if k % group:
         pytest.skip("group does not divide K")
+    if kind == "int8" and row_tiles.qgemv_rt_wide_tiles == 0:
+        pytest.skip("int8 has no 4-warp twin")
     _quant_case(row_tiles, dtype, kind, m, n, k, group, with_bias=m % 2 == 1, path="qgemv")
     _quant_case(row_tiles, dtype, kind, m, n, k, group, out_dtype="f32", path="qgemv")
-    if m > 16:
+    if m > 16 or (kind == "q4_0" and row_tiles.qgemv_rt_wide_tiles == 0):
         return
     rng = np.random.default_rng(m + n + k)
     w = QuantWeight.from_packed(_packed(rng, kind, n, k, group))

@@ -805,6 +805,9 @@ __device__ __forceinline__ void quant_linear_rt(OutT* __restrict__ y, const T* _
                 }
         }
         cp_async_wait<STAGES - 2>();
+        // Q4_0: each lane reads the scales lane g copied (the wait covers only a lane's own copies), and lanes 0-7
+        // refill the slot read one step ago below: a warp barrier orders both.
+        if constexpr (Q4) __syncwarp();
         uint4 cw[RT][2], cs[RT];
 #pragma unroll
         for (int r = 0; r < RT; ++r) {

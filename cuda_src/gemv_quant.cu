@@ -723,7 +723,8 @@ __device__ __forceinline__ void quant_linear(OutT* __restrict__ y, const T* __re
 // twenty-fifth session). Here a warp's x of a step (one super-block, NT token tiles) serves RT tiles of 16 rows,
 // whose codes (and Q4_0's scales) arrive through a cp.async ring as in quant_linear, and x is loaded once per step
 // at its start, not a step ahead. Per tile the sums run in quant_linear's order (warp w: super-blocks w, w +
-// WARPS, ...), so with quant_linear's WARPS (and UNROLL 1, or 2 with WARPS halved) the outputs have its bits.
+// WARPS, ..., whatever quant_linear's UNROLL), so with as many warps as a quant_linear kernel the outputs have its
+// bits.
 template <typename T, typename OutT, int BITS, int NT, int WARPS, int RT, int STAGES, bool SWIGLU = false,
           bool ROPE = false>
 __device__ __forceinline__ void quant_linear_rt(OutT* __restrict__ y, const T* __restrict__ x,

@@ -1238,16 +1238,19 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 // (4,096), where the halved grid lost. Q4_0 over at least QGEMV_RT_WIDE_TILES_PER_SM tiles per SM (gate/up) takes
 // 4 warps on a 3-stage ring at 4 blocks per SM instead (the "_m2rw" / "_m4rw" kernels, rope too, so that the
 // fused q/k/v projection keeps the plain one's sums): 1,458 GB/s against 1,212 at M = 32, where on q/k/v (384
-// tiles) it had 786 against 993 (H200, docs/PERFORMANCE.md, twenty-fifth session).
-#define QGEMV_RT_KERNEL(T, OUT_T, NAME, FMT, SUFFIX, BITS, NT, WARPS, STAGES, MINB)                              \
-    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_##NAME##_m##NT##SUFFIX, BITS, NT, WARPS, 2, STAGES, MINB, false)     \
-    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_swiglu_##NAME##_m##NT##SUFFIX, BITS, NT, WARPS, 2, STAGES, MINB, true)
-#define QGEMV_RT_ROPE_KERNEL(T, NAME, FMT, SUFFIX, BITS, NT, WARPS, STAGES, MINB)                               \
+// tiles) it had 786 against 993. Q4_0 below QGEMV_RT_TILES_PER_SM (o and down: 256 tiles) takes one tile a block
+// on 8 warps and a 4-stage ring (the "_m2r1" / "_m4r1" kernels) instead of quant_linear: 931 against 811 GB/s on o
+// and 1,154 against 1,051 on down at M = 32, 1,387 against 1,209 and 1,890 against 1,734 at M = 16 (H200,
+// docs/PERFORMANCE.md, twenty-fifth session).
+#define QGEMV_RT_KERNEL(T, OUT_T, NAME, FMT, SUFFIX, BITS, NT, WARPS, RT, STAGES, MINB)                          \
+    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_##NAME##_m##NT##SUFFIX, BITS, NT, WARPS, RT, STAGES, MINB, false)    \
+    QGEMV_RT_ENTRY(T, OUT_T, qgemv##FMT##_swiglu_##NAME##_m##NT##SUFFIX, BITS, NT, WARPS, RT, STAGES, MINB, true)
+#define QGEMV_RT_ROPE_KERNEL(T, NAME, FMT, SUFFIX, BITS, NT, WARPS, RT, STAGES, MINB)                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) qgemv##FMT##_rope_##NAME##_m##NT##SUFFIX(    \
         T* y, const T* x, const uint8_t* w, const void* scales, const T* bias, int M, int N, int K, int n_sb,   \
         int n_groups, int gshift, const int* positions, const float* inv_freq, const int* slots, T* k_cache,    \
         T* v_cache, int n_heads, int n_kv, int head_dim) {                                                      \
-        quant_linear_rt<T, T, BITS, NT, WARPS, 2, STAGES, false, true>(                                         \
+        quant_linear_rt<T, T, BITS, NT, WARPS, RT, STAGES, false, true>(                                        \
             y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,                                             \
             RopeArgs<T>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim});                \
     }
@@ -1262,12 +1265,14 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ENTRY(T, OUT_T, qgemv4s_swiglu_##NAME##_m1, 4, 1, 8, 2, 2, false, 0, true, true, false)             \
     QGEMV_KERNEL_EX(T, OUT_T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)      \
     QGEMV_KERNEL(T, OUT_T, NAME, 4s, 4, true, 4, 4, 2, 2)                        \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, r, 8, 2, 8, 2, 2)                         \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, r, 8, 4, 8, 2, 2)                         \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r, 4, 2, 8, 2, 2)                        \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r, 4, 4, 8, 2, 2)                        \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, rw, 4, 2, 4, 3, 4)                       \
-    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, rw, 4, 4, 4, 3, 4)
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, r, 8, 2, 8, 2, 2, 2)                      \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 8, r, 8, 4, 8, 2, 2, 2)                      \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r, 4, 2, 8, 2, 2, 2)                     \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r, 4, 4, 8, 2, 2, 2)                     \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, rw, 4, 2, 4, 2, 3, 4)                    \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, rw, 4, 4, 4, 2, 3, 4)                    \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r1, 4, 2, 8, 1, 4, 2)                    \
+    QGEMV_RT_KERNEL(T, OUT_T, NAME, 4s, r1, 4, 4, 8, 1, 4, 2)
 
 // The same shapes, for the q/k/v projection with rotary embedding (kernels.py QGEMV_THREADS serves both), but
 // int8 at M <= 8 with 3 blocks per SM (80 registers, no spills): on Llama-3-8B's 6,144 q/k/v rows the sweep's
@@ -1283,12 +1288,14 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 1, 8, 2, 2, false, 0, false)         \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 2, 8, 1, 2, true, 4, true)           \
     QGEMV_ROPE_KERNEL(T, NAME, 4s, 4, true, 4, 4, 2, 2, false, 0, false)         \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, r, 8, 2, 8, 2, 2)                           \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, r, 8, 4, 8, 2, 2)                           \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r, 4, 2, 8, 2, 2)                          \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r, 4, 4, 8, 2, 2)                          \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, rw, 4, 2, 4, 3, 4)                         \
-    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, rw, 4, 4, 4, 3, 4)
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, r, 8, 2, 8, 2, 2, 2)                        \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 8, r, 8, 4, 8, 2, 2, 2)                        \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r, 4, 2, 8, 2, 2, 2)                       \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r, 4, 4, 8, 2, 2, 2)                       \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, rw, 4, 2, 4, 2, 3, 4)                      \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, rw, 4, 4, 4, 2, 3, 4)                      \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r1, 4, 2, 8, 1, 4, 2)                      \
+    QGEMV_RT_ROPE_KERNEL(T, NAME, 4s, r1, 4, 4, 8, 1, 4, 2)
 
 // One token, bf16 activations (the _x1 kernels): x1_linear's loop, x staged in shared memory as fp16 (stage_x_half;
 // dynamic shared memory: kernels.py qgemv_x1_bytes(K, format)). Blocks per SM (kernels.py QGEMV_X1_PERSIST) and

@@ -79,8 +79,9 @@ def test_quantized_small_m_launches_tile_rows_by_32():
 
 def test_quantized_row_tile_kernels_where_the_tiles_allow():
     """9-32 rows of int8 or Q4_0 weights over at least 2 tiles per SM take the row-tile kernels (two 16-row tiles a
-    block, 256 threads; Q4_0 over at least 6 tiles per SM 128), plain, with SwiGLU and with rope; fewer
-    tiles, Q4_1, up to 8 rows and MPILLM_QGEMV_RT=0 keep the one-tile kernels."""
+    block, 256 threads; Q4_0 over at least 6 tiles per SM 128), plain, with SwiGLU and with rope; on fewer tiles
+    Q4_0 takes their one-tile twins (8 warps) and int8 keeps quant_linear; Q4_1, up to 8 rows and MPILLM_QGEMV_RT=0
+    keep quant_linear."""
     from mpillm.cuda.kernels import QuantWeight, qgemv_rt_setting
     assert qgemv_rt_setting({}, 132) == 264 and qgemv_rt_setting({"MPILLM_QGEMV_RT": "0"}, 132) is None
     with pytest.raises(ValueError, match="MPILLM_QGEMV_RT"):
@@ -112,8 +113,11 @@ def test_quantized_row_tile_kernels_where_the_tiles_allow():
     assert launch("int8", 12, 6144) == [("qgemv8_bf16_bf16_m2r", 192, 256)]
     assert launch("int8", 32, 28672 + 16) == [("qgemv8_bf16_bf16_m4r", 897, 256)]   # an odd tile count
     assert launch("q4_0", 32, 264 * 16) == [("qgemv4s_bf16_bf16_m4r", 132, 256)]   # the threshold: 2 tiles per SM
-    assert launch("q4_0", 32, 263 * 16) == [("qgemv4s_bf16_bf16_m4", 263, 128)]
-    assert launch("int8", 16, 4096) == [("qgemv8_bf16_bf16_m2", 256, 256)]         # o and down: 256 tiles
+    # below it Q4_0 takes the one-tile twins (one block a tile, 8 warps), int8 quant_linear (o and down: 256 tiles)
+    assert launch("q4_0", 32, 263 * 16) == [("qgemv4s_bf16_bf16_m4r1", 263, 256)]
+    assert launch("q4_0", 16, 4096, "swiglu") == [("qgemv4s_swiglu_bf16_bf16_m2r1", 256, 256)]
+    assert launch("q4_0", 20, 4096, rt=None) == [("qgemv4s_bf16_bf16_m4", 256, 128)]
+    assert launch("int8", 16, 4096) == [("qgemv8_bf16_bf16_m2", 256, 256)]
     assert launch("q4", 20, 28672) == [("qgemv4_bf16_bf16_m4", 1792, 128)]         # Q4_1
     assert launch("int8", 8, 28672)[0][0] == "qgemv8_bf16_bf16_m1"
     assert launch("int8", 20, 28672, rt=None) == [("qgemv8_bf16_bf16_m4", 1792, 256)]
@@ -122,6 +126,7 @@ def test_quantized_row_tile_kernels_where_the_tiles_allow():
     assert launch("q4_0", 20, 28672, "swiglu") == [("qgemv4s_swiglu_bf16_bf16_m4rw", 896, 128)]
     assert launch("q4_0", 9, 6144, "rope") == [("qgemv4s_rope_bf16_m2r", 192, 256)]
     assert launch("q4_0", 9, 6144, "rope", rt=1, wide=1) == [("qgemv4s_rope_bf16_m2rw", 192, 128)]
+    assert launch("q4_0", 32, 6144, "rope", rt=10 ** 6) == [("qgemv4s_rope_bf16_m4r1", 384, 256)]
     assert launch("q4_0", 9, 6144, "rope", rt=None)[0][0] == "qgemv4s_rope_bf16_m2"
 
 

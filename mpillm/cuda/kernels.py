@@ -84,8 +84,10 @@ Q4_0_X1_SCALE_RING = 5 * 8 * 128
 # warp's x of a step serving both). There the one-tile kernels read x from L2 once per 16 rows, 8 bytes per byte
 # of Q4_0 weight at M = 32, and held 255 registers; Llama-3-8B's gate/up at M = 32 streamed 871 GB/s (H200). The
 # halved grid lost on 256-tile launches (its o and down projections). Q4_0 over at least QGEMV_RT_WIDE_TILES_PER_SM
-# tiles per SM (gate/up) takes the "_rw" twins: 4 warps, 4 blocks per SM. MPILLM_QGEMV_RT=0:
-# never (an A/B). Kernels.qgemv_rt_tiles and qgemv_rt_wide_tiles are the thresholds in tiles (tests set them).
+# tiles per SM (gate/up) takes the "_rw" twins: 4 warps, 4 blocks per SM; below QGEMV_RT_TILES_PER_SM (o and down)
+# the "_r1" ones: one tile a block, 8 warps on a 4-stage ring, where quant_linear at 4 token tiles spilled. int8 on
+# fewer tiles keeps quant_linear, which won there. MPILLM_QGEMV_RT=0: none of them (an A/B). Kernels.qgemv_rt_tiles
+# and qgemv_rt_wide_tiles are the thresholds in tiles (tests set them).
 QGEMV_RT_TILES = 2
 QGEMV_RT_TILES_PER_SM = 2
 QGEMV_RT_WIDE_TILES_PER_SM = 6
@@ -997,11 +999,13 @@ class Kernels:
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             deep = (x1 and self.qgemv_x1_deep
                     and qgemv_x1_deep(w.fmt, epilogue, bool(extra), y.dtype, n, self.device.sm_count))
-            # 9-32 tokens over enough tiles: the row-tile kernel, QGEMV_RT_TILES tiles a block (Q4_0 on many: _rw)
-            rt = (not x1 and tiles > 1 and w.fmt in QGEMV_RT_FORMATS and self.qgemv_rt_tiles is not None
-                  and _cdiv(n, GEMV_ROWS) >= self.qgemv_rt_tiles)
-            wide = rt and w.fmt == "4s" and _cdiv(n, GEMV_ROWS) >= self.qgemv_rt_wide_tiles
-            rows_in = "rw" if wide else "r" if rt else ""
+            # 9-32 tokens: over enough tiles the row-tile kernel, QGEMV_RT_TILES tiles a block (Q4_0 on many: _rw);
+            # Q4_0 on fewer its one-tile twin (_r1)
+            n_tiles, rt_on = _cdiv(n, GEMV_ROWS), not x1 and tiles > 1 and self.qgemv_rt_tiles is not None
+            rt = rt_on and w.fmt in QGEMV_RT_FORMATS and n_tiles >= self.qgemv_rt_tiles
+            wide = rt and w.fmt == "4s" and n_tiles >= self.qgemv_rt_wide_tiles
+            one = rt_on and not rt and w.fmt == "4s"
+            rows_in = "rw" if wide else "r" if rt else "r1" if one else ""
             suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}{rows_in}"
             if sending:
                 name, fmt = f"qgemv{w.fmt}_send_{x.dtype}_{suffix}", "PPPPPiiiiiiPQii"
@@ -1012,16 +1016,16 @@ class Kernels:
             if extra:
                 fmt += "PPPPf"
             per_sm = None
-            if self.qgemv_persist and not rt:
+            if self.qgemv_persist and not (rt or one):
                 per_sm = QGEMV_X1_PERSIST[w.fmt, epilogue] if x1 else QGEMV_PERSIST.get((w.fmt, tiles, epilogue))
-            if rt:
-                grid = _cdiv(_cdiv(n, GEMV_ROWS), QGEMV_RT_TILES)
+            if rt or one:
+                grid = _cdiv(n_tiles, QGEMV_RT_TILES if rt else 1)
             else:
                 grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
             # _x1: the function allows QGEMV_X1_MAX_BYTES of dynamic shared memory once; each launch asks its own
             fn = self._fn("gemv_quant", name, fmt, QGEMV_X1_MAX_BYTES if x1 else 0)
             self._launch(fn, (grid, 1),
-                         (128 if wide else 256) if rt else QGEMV_THREADS[(w.bits, tiles)],
+                         (128 if wide else 256) if rt or one else QGEMV_THREADS[(w.bits, tiles)],
                          y.ptr + lo * width * y.itemsize,
                          x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,

@@ -719,13 +719,14 @@ def test_wide_gemv_blocks(kernels, monkeypatch, dtype, m):
 
 
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(params=["r", "rw"])
+@pytest.fixture(params=["r", "rw", "r1"])
 def row_tiles(request, kernels):
     """Kernels with every 9-32 token int8 / Q4_0 launch on the row-tile kernels (quant_linear_rt), whatever its
-    tile count (by default only launches with at least 2 tiles per SM take them): Q4_0's without rope on the
-    8-warp ("r") or the 4-warp twins ("rw")."""
+    tile count (by default only launches with at least 2 tiles per SM take them): Q4_0's on the 8-warp ("r") or
+    the 4-warp twins ("rw"); or ("r1") none of them, so that Q4_0 takes the one-tile twins (int8: quant_linear)."""
     saved = kernels.qgemv_rt_tiles, kernels.qgemv_rt_wide_tiles
-    kernels.qgemv_rt_tiles, kernels.qgemv_rt_wide_tiles = 0, (0 if request.param == "rw" else 1 << 30)
+    kernels.qgemv_rt_tiles = 1 << 30 if request.param == "r1" else 0
+    kernels.qgemv_rt_wide_tiles = 0 if request.param == "rw" else 1 << 30
     yield kernels
     kernels.qgemv_rt_tiles, kernels.qgemv_rt_wide_tiles = saved
 
@@ -736,13 +737,13 @@ def row_tiles(request, kernels):
 @pytest.mark.parametrize("n,k", [(192, 576), (1000, 1536), (50, 4096), (1000, 96), (1040, 4096 + 128)])
 def test_linear_quant_row_tiles(row_tiles, dtype, kind, group, m, n, k):
     """The row-tile kernels (two 16-row tiles a block: 1,000 rows leave the last block's second tile past N, 50
-    rows a tile partly past it; K of 96 half a Q4_0 super-block) against NumPy, and at 9-16 tokens (8 warps) bit
-    for bit the one-tile kernel, whose 8 warps sum in the same order."""
+    rows a tile partly past it; K of 96 half a Q4_0 super-block) and Q4_0's one-tile twins against NumPy, and at
+    9-16 tokens (8 warps) bit for bit quant_linear, whose 8 warps sum in the same order."""
     from mpillm.cuda.kernels import QuantWeight
     if k % group:
         pytest.skip("group does not divide K")
-    if kind == "int8" and row_tiles.qgemv_rt_wide_tiles == 0:
-        pytest.skip("int8 has no 4-warp twin")
+    if kind == "int8" and (row_tiles.qgemv_rt_wide_tiles == 0 or row_tiles.qgemv_rt_tiles):
+        pytest.skip("int8 has no 4-warp or one-tile twin")
     _quant_case(row_tiles, dtype, kind, m, n, k, group, with_bias=m % 2 == 1, path="qgemv")
     _quant_case(row_tiles, dtype, kind, m, n, k, group, out_dtype="f32", path="qgemv")
     if m > 16 or (kind == "q4_0" and row_tiles.qgemv_rt_wide_tiles == 0):
@@ -751,12 +752,13 @@ def test_linear_quant_row_tiles(row_tiles, dtype, kind, group, m, n, k):
     w = QuantWeight.from_packed(_packed(rng, kind, n, k, group))
     x = dev(rounded(rng.normal(size=(m, k)), dtype), dtype)
     out = []
-    for tiles in (0, None):
+    shape = row_tiles.qgemv_rt_tiles
+    for tiles in (shape, None):
         row_tiles.qgemv_rt_tiles = tiles
         y = DeviceTensor.empty((m, n), dtype)
         row_tiles.linear(y, x, w)
         out.append(y.to_numpy())
-    row_tiles.qgemv_rt_tiles = 0
+    row_tiles.qgemv_rt_tiles = shape
     np.testing.assert_array_equal(out[0], out[1])
 
 

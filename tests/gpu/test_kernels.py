@@ -354,16 +354,15 @@ def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
     x = dev(rounded(rng.normal(size=(m, k)), "bf16"), "bf16")
     out = {}
     saved_rt, kernels.qgemv_rt_tiles = kernels.qgemv_rt_tiles, None   # 13 and 20 rows: not the row-tile kernels
-    for persist in (True, False):
-        kernels.qgemv_persist = persist
-        try:
+    try:
+        for persist in (True, False):
+            kernels.qgemv_persist = persist
             y, act = DeviceTensor.empty((m, n), "bf16"), DeviceTensor.empty((m, n // 2), "bf16")
             kernels.linear(y, x, w)
             kernels.linear_swiglu(act, x, w, DeviceTensor.empty((m, n), "bf16"))
             out[persist] = (y.to_numpy(), act.to_numpy())
-        finally:
-            kernels.qgemv_persist = True
-    kernels.qgemv_rt_tiles = saved_rt
+    finally:
+        kernels.qgemv_persist, kernels.qgemv_rt_tiles = True, saved_rt
     np.testing.assert_array_equal(out[True][0], out[False][0])
     np.testing.assert_array_equal(out[True][1], out[False][1])
     want = x.to_numpy().astype(np.float64) @ unpack(p).astype(np.float64).T
@@ -718,7 +717,6 @@ def test_wide_gemv_blocks(kernels, monkeypatch, dtype, m):
     assert out[True] <= 2 * out[False] + 1e-6, out      # the same rounding of y, summed in another order
 
 
-# ---------------------------------------------------------------------------------------------------
 @pytest.fixture(params=["r", "rw", "r1"])
 def row_tiles(request, kernels):
     """Kernels with every 9-32 token int8 / Q4_0 launch on the row-tile kernels (quant_linear_rt), whatever its
@@ -773,6 +771,7 @@ def test_row_tiles_swiglu_and_rope(row_tiles, dtype, kind, m):
     test_linear_rope_equals_linear_then_rope(row_tiles, dtype, kind, m, 128, 4, 2)
 
 
+# ---------------------------------------------------------------------------------------------------
 # SwiGLU fused into the gate/up projection
 
 

@@ -307,6 +307,17 @@ def qgemv_rt_setting(env, sm_count: int) -> int | None:
     return QGEMV_RT_TILES_PER_SM * sm_count if _switch(env, "MPILLM_QGEMV_RT") else None
 
 
+def qgemv_row_tiles(fmt: str, n_tiles: int, rt_tiles: int | None, wide_tiles: int) -> tuple[str, int, int] | None:
+    """The quant_linear_rt kernel of a 9-32 token launch over n_tiles 16-row tiles, as (name suffix after m{NT},
+    tiles a block, threads), or None for quant_linear: at least rt_tiles tiles take two a block (Q4_0 at least
+    wide_tiles on the 4-warp _rw kernels); Q4_0 below that one a block (_r1). rt_tiles None: never."""
+    if rt_tiles is None or fmt not in QGEMV_RT_FORMATS:
+        return None
+    if n_tiles >= rt_tiles:
+        return ("rw", QGEMV_RT_TILES, 128) if fmt == "4s" and n_tiles >= wide_tiles else ("r", QGEMV_RT_TILES, 256)
+    return ("r1", 1, 256) if fmt == "4s" else None
+
+
 def qgemv_x1_setting(env) -> bool:
     """Whether one-token int8 / Q4_0 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default
     1)."""
@@ -991,6 +1002,7 @@ class Kernels:
         m, n, k, width = x.shape[0], w.n, w.k, y.shape[1]
         extra = () if prenorm is None else prenorm_args(prenorm, k, x.dtype)
         sending = () if send is None else self._send_args(send, y)
+        n_tiles = _cdiv(n, GEMV_ROWS)
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
@@ -999,14 +1011,10 @@ class Kernels:
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             deep = (x1 and self.qgemv_x1_deep
                     and qgemv_x1_deep(w.fmt, epilogue, bool(extra), y.dtype, n, self.device.sm_count))
-            # 9-32 tokens: over enough tiles the row-tile kernel, QGEMV_RT_TILES tiles a block (Q4_0 on many: _rw);
-            # Q4_0 on fewer its one-tile twin (_r1)
-            n_tiles, rt_on = _cdiv(n, GEMV_ROWS), not x1 and tiles > 1 and self.qgemv_rt_tiles is not None
-            rt = rt_on and w.fmt in QGEMV_RT_FORMATS and n_tiles >= self.qgemv_rt_tiles
-            wide = rt and w.fmt == "4s" and n_tiles >= self.qgemv_rt_wide_tiles
-            one = rt_on and not rt and w.fmt == "4s"
-            rows_in = "rw" if wide else "r" if rt else "r1" if one else ""
-            suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}{rows_in}"
+            # 9-32 tokens: the row-tile kernels where qgemv_row_tiles picks one
+            rt = (None if x1 or tiles == 1
+                  else qgemv_row_tiles(w.fmt, n_tiles, self.qgemv_rt_tiles, self.qgemv_rt_wide_tiles))
+            suffix = ("x1n" if extra else "x1d" if deep else "x1") if x1 else f"m{tiles}{rt[0] if rt else ''}"
             if sending:
                 name, fmt = f"qgemv{w.fmt}_send_{x.dtype}_{suffix}", "PPPPPiiiiiiPQii"
             elif rope is None:
@@ -1015,19 +1023,17 @@ class Kernels:
                 name, fmt = f"qgemv{w.fmt}_rope_{x.dtype}_{suffix}", "PPPPPiiiiiiPPPPPiii"
             if extra:
                 fmt += "PPPPf"
-            per_sm = None
-            if self.qgemv_persist and not (rt or one):
-                per_sm = QGEMV_X1_PERSIST[w.fmt, epilogue] if x1 else QGEMV_PERSIST.get((w.fmt, tiles, epilogue))
-            if rt or one:
-                grid = _cdiv(n_tiles, QGEMV_RT_TILES if rt else 1)
+            if rt:
+                grid, threads = _cdiv(n_tiles, rt[1]), rt[2]
             else:
-                grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else _cdiv(n, GEMV_ROWS)
+                per_sm = None
+                if self.qgemv_persist:
+                    per_sm = QGEMV_X1_PERSIST[w.fmt, epilogue] if x1 else QGEMV_PERSIST.get((w.fmt, tiles, epilogue))
+                grid = qgemv_grid(n, self.device.sm_count, per_sm) if per_sm else n_tiles
+                threads = QGEMV_THREADS[(w.bits, tiles)]
             # _x1: the function allows QGEMV_X1_MAX_BYTES of dynamic shared memory once; each launch asks its own
             fn = self._fn("gemv_quant", name, fmt, QGEMV_X1_MAX_BYTES if x1 else 0)
-            self._launch(fn, (grid, 1),
-                         (128 if wide else 256) if rt or one else QGEMV_THREADS[(w.bits, tiles)],
-                         y.ptr + lo * width * y.itemsize,
-                         x.ptr + lo * k * x.itemsize,
+            self._launch(fn, (grid, 1), threads, y.ptr + lo * width * y.itemsize, x.ptr + lo * k * x.itemsize,
                          w.data.ptr, w.scales.ptr, bias_ptr, rows, n, k, w.super_blocks, w.n_groups, w.gshift,
                          *self._rope_args(rope, lo), *extra, *sending, shared=qgemv_x1_bytes(k, w.fmt) if x1 else 0)
 

@@ -52,7 +52,8 @@ __device__ __forceinline__ size_t q4_0_scales_at(int tile, int sb, int n_sb, int
 // 4-bit scale loads (read-only, through L1: the 4 lanes of a quad and, for Q4_1, the warps on neighbouring
 // super-blocks share their sectors) with L2::256B: L2 fetches the whole 256-byte segment around a miss, as for the
 // weights, instead of each 32-byte sector of a row's scales on its own (Q4_0 b=1 +2.5%, Llama-3-8B, H100,
-// docs/PERFORMANCE.md, sixteenth session; int8's scales, 2 bytes per 128 weights, showed nothing).
+// docs/PERFORMANCE.md, sixteenth session; int8's scales, 2 bytes per 128 weights, showed nothing then: see
+// ld_scale8 below for groups of 32).
 // The scale slots of quant_linear's ring (SCALE_RING, Q4_0 only: the other kernels never instantiate it, so their
 // shared memory is as it was).
 template <int N> __device__ __forceinline__ uint4* q4_0_scale_ring() {
@@ -62,6 +63,16 @@ template <int N> __device__ __forceinline__ uint4* q4_0_scale_ring() {
 __device__ __forceinline__ uint4 ld_scales16(const void* p) {
     uint4 v;
     asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// int8's group scales in the one-token kernels (x1_linear): L2::256B, so that a miss brings the 256-byte segment
+// around it (a row's 256 bytes of scales at K = 4,096 in groups of 32, GGUF Q8_0's) instead of one 32-byte sector,
+// which a warp's next steps and the neighbouring rows then find in L2. Llama-3-8B b=1, H200: groups of 32 352.5 /
+// 353.0 tok/s against 346.4 / 346.1, groups of 128 407.1 against 406.3 (docs/PERFORMANCE.md, twenty-sixth session).
+__device__ __forceinline__ unsigned short ld_scale8(const unsigned short* p) {
+    unsigned short v;
+    asm("ld.global.nc.L2::256B.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
     return v;
 }
 
@@ -980,8 +991,8 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
             const int c0 = 2 * sbi;
             const bool in1 = ok && (c0 + 1) * 32 < K;
             const int g0 = c0 >> gshift, g1 = in1 ? (c0 + 1) >> gshift : g0;
-            reg_s[slot][0] = make_uint2(ok ? __ldg(a_ga + g0) : 0u, in1 ? __ldg(a_ga + g1) : 0u);
-            reg_s[slot][1] = make_uint2(ok ? __ldg(a_gb + g0) : 0u, in1 ? __ldg(a_gb + g1) : 0u);
+            reg_s[slot][0] = make_uint2(ok ? ld_scale8(a_ga + g0) : 0u, in1 ? ld_scale8(a_ga + g1) : 0u);
+            reg_s[slot][1] = make_uint2(ok ? ld_scale8(a_gb + g0) : 0u, in1 ? ld_scale8(a_gb + g1) : 0u);
         }
         cp_async_commit();  // one group per step, also past the end: the step read is always STAGES - 2 back
         a_sb += STEP_SB;

@@ -235,7 +235,8 @@ def main():
                   pdl=model.pdl, overlap=model.overlap, decode_split=kernels.decode_split,
                   decode_cluster=kernels.decode_cluster,
                   fuse_ar_norm=model.fuse_allreduce_norm, presend=model.presend, fuse_rope=model.fuse_rope,
-                  fuse_prenorm=model.fuse_prenorm, quantize_lm_head=bool(args.quantize_lm_head))
+                  fuse_prenorm=model.fuse_prenorm, quantize_lm_head=bool(args.quantize_lm_head),
+                  group_size=args.group_size if args.quantize == "int8" else None)
         results.append(kw)
 
     greedy = SamplingParams(temperature=0.0)
@@ -362,13 +363,36 @@ def main():
     os._exit(0)   # skip interpreter teardown (see mpillm.cli._exit)
 
 
+# Peers in --summarize's records (scripts/peers/README.md) and the configuration of ours each one is set against:
+# (tp, quantize, LM head quantized, int8 group size). gpt-fast quantizes its LM head; the llama.cpp files are the
+# ones scripts/targets.sh writes with scripts/peers/random_gguf.py, by file name.
+GPTFAST_AGAINST = {"bf16": ("none", False, None), "int8": ("int8", True, 128), "int4": ("q4", True, None)}
+LLAMACPP_AGAINST = {"q4_0-f16head": ("q4", False, None), "q4_0": ("q4", True, None), "q8_0": ("int8", True, 32)}
+
+
+def _peer_run(r: dict):
+    """(gpu, peer label, ours key) of a peer's record, or None: gptfast_bench.py's lines (kind "peer") and
+    llama-bench's `-o jsonl` lines (text generation only, flash attention on, a file named in LLAMACPP_AGAINST)."""
+    if r.get("kind") == "peer" and r.get("peer") == "gpt-fast" and r.get("mode") in GPTFAST_AGAINST:
+        tp, mode = int(r.get("tp", 1)), r["mode"]
+        label = f"gpt-fast {mode}" + (f" groups of {r.get('groupsize')}" if mode == "int4" else "") + f" tp {tp}"
+        return r.get("gpu"), label, (tp,) + GPTFAST_AGAINST[mode]
+    if "avg_ts" in r and "model_filename" in r:
+        name = Path(str(r["model_filename"])).name.removesuffix(".gguf")
+        if name in LLAMACPP_AGAINST and r.get("n_prompt") == 0 and r.get("n_gen", 0) > 0 and r.get("flash_attn"):
+            return r.get("gpu_info"), f"llama.cpp {name}", (1,) + LLAMACPP_AGAINST[name]
+    return None
+
+
 def summarize_targets(path: str) -> str:
     """--summarize: issue 5's and 6's ratios from bench --json records (one JSON object a line; other kinds,
     batches and models are passed over), per card name (one file per machine: records of two cards of one name
-    count together). Each configuration's tok/s is the median of its rounds; a ratio whose two sides are not both
-    there says so. SystemExit naming the file and line of a record that is not JSON."""
+    count together), then ours against each peer whose records are there (_peer_run). Each configuration's tok/s
+    is the median of its rounds; a ratio whose two sides are not both there says so. SystemExit naming the file
+    and line of a record that is not JSON."""
     import statistics
     runs: dict[tuple, list[float]] = {}
+    peers: dict[tuple, list[float]] = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -377,26 +401,39 @@ def summarize_targets(path: str) -> str:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 sys.exit(f"{path}:{n}: not a JSON record: {e}")
+            peer = _peer_run(r)
+            if peer:
+                peers.setdefault(peer, []).append(float(r.get("tok_s", r.get("avg_ts"))))
+                continue
             if r.get("kind") != "decode" or r.get("batch") != 1 or r.get("model") != "dummy:llama3-8b":
                 continue
-            key = (r.get("gpu"), r.get("tp"), r.get("quantize"), bool(r.get("quantize_lm_head")))
+            q = r.get("quantize")
+            key = (r.get("gpu"), r.get("tp"), q, bool(r.get("quantize_lm_head")),
+                   (r.get("group_size") or 128) if q == "int8" else None)   # records before group_size: 128
             runs.setdefault(key, []).append(float(r["tok_s"]))
     lines = [f"# {path}: Llama-3-8B shape, batch 1, median tok/s of each configuration's rounds"]
-    for gpu in sorted({k[0] for k in runs}, key=str):
+    for gpu in sorted({k[0] for k in runs} | {k[0] for k in peers}, key=str):
         med = {k[1:]: (statistics.median(v), len(v)) for k, v in runs.items() if k[0] == gpu}
         lines.append(f"{gpu}:")
-        for (tp, q, head), (tok, n) in sorted(med.items(), key=str):
-            lines.append(f"  tp {tp} {q}{' (LM head quantized)' if head else ''}: {tok:.1f} tok/s ({n} rounds)")
+        for (tp, q, head, group), (tok, n) in sorted(med.items(), key=str):
+            lines.append(f"  tp {tp} {q}{f' groups of {group}' if group and group != 128 else ''}"
+                         f"{' (LM head quantized)' if head else ''}: {tok:.1f} tok/s ({n} rounds)")
 
         def ratio(what, num, den, target):
             if num in med and den in med:
                 lines.append(f"  {what}: {med[num][0] / med[den][0]:.3f}x (target {target})")
             else:
                 lines.append(f"  {what}: not measured here")
-        ratio("issue 5, bf16 TP 2 / TP 1", (2, "none", False), (1, "none", False), ">= 1.75x on H100")
-        ratio("issue 5, bf16 TP 4 / TP 1", (4, "none", False), (1, "none", False), ">= 2.8x on H100")
-        ratio("issue 6, Q4_0 / int8", (1, "q4", False), (1, "int8", False), ">= 1.6x on H100")
-        ratio("issue 6, Q4_0 / int8, LM heads quantized", (1, "q4", True), (1, "int8", True), "-")
+        ratio("issue 5, bf16 TP 2 / TP 1", (2, "none", False, None), (1, "none", False, None), ">= 1.75x on H100")
+        ratio("issue 5, bf16 TP 4 / TP 1", (4, "none", False, None), (1, "none", False, None), ">= 2.8x on H100")
+        ratio("issue 6, Q4_0 / int8", (1, "q4", False, None), (1, "int8", False, 128), ">= 1.6x on H100")
+        ratio("issue 6, Q4_0 / int8, LM heads quantized", (1, "q4", True, None), (1, "int8", True, 128), "-")
+        for (pgpu, label, ours), toks in sorted(peers.items(), key=str):
+            if pgpu != gpu:
+                continue
+            tok = statistics.median(toks)
+            vs = f"ours {med[ours][0] / tok:.3f}x" if ours in med else "ours not measured here"
+            lines.append(f"  peer {label}: {tok:.1f} tok/s ({len(toks)} runs); {vs}")
     return "\n".join(lines)
 
 

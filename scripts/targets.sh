@@ -7,6 +7,11 @@
 # Usage, from the project root:  scripts/targets.sh OUTDIR [ROUNDS]
 #   (PY and MPIRUN from the environment, as .device/env.sh sets them on the lent machines; defaults python3 and
 #   mpiexec). Writes OUTDIR/targets.log, OUTDIR/targets.jsonl, OUTDIR/summary.txt and OUTDIR/gpus.txt.
+# Peers (scripts/peers/README.md), after the rounds, when their code is there: GPTFAST (a folder with gpt-fast's
+# model.py, quantize.py and tp.py; default .peers/gpt-fast) runs bf16, int8 and int4 on one GPU and bf16 at TP 2 /
+# TP 4 where the GPUs allow (torchrun); LLAMA_BENCH (a llama-bench binary; default .peers/llama.cpp/llama-bench)
+# runs on the random GGUFs that scripts/peers/random_gguf.py writes to GGUF_DIR (default $OUTDIR/gguf), with
+# ours in groups of 32 for its Q8_0. Each peer command is bounded by PEER_TIMEOUT seconds (default 600).
 # (scripts/gpu_check.sh is the broad check: every GPU test and benchmark with its A/Bs, once each.)
 set -uo pipefail
 out=${1:?usage: scripts/targets.sh OUTDIR [ROUNDS]}
@@ -33,4 +38,33 @@ if [ "$gpus" -ge 4 ]; then
     $MPIRUN -n 4 $PY scripts/bench.py --prefill= --model dummy:llama3-70b --steps 32 --batch 1,32 --tp 4 \
         --json "$out/targets-70b.jsonl" 2>&1 | tee -a "$out/targets.log"
 fi
+GPTFAST=${GPTFAST:-.peers/gpt-fast}
+LLAMA_BENCH=${LLAMA_BENCH:-.peers/llama.cpp/llama-bench}
+peer_timeout=${PEER_TIMEOUT:-600}
+if [ -f "$GPTFAST/model.py" ] || [ -x "$LLAMA_BENCH" ]; then
+    echo "== peers"
+    # Ours at the configurations the peers are set against that the rounds did not run.
+    [ "$gpus" -ge 2 ] || $PY $B
+    [ -x "$LLAMA_BENCH" ] && $PY $B --quantize int8 --group-size 32 --quantize-lm-head
+    if [ -f "$GPTFAST/model.py" ]; then
+        G="scripts/peers/gptfast_bench.py --gptfast $GPTFAST --steps 64 --json $out/targets.jsonl"
+        for m in bf16 int8 int4; do timeout "$peer_timeout" $PY $G --mode $m; done
+        for n in 2 4; do
+            if [ "$gpus" -ge $n ]; then
+                timeout "$peer_timeout" $PY -m torch.distributed.run --standalone --nproc-per-node $n $G
+            fi
+        done
+    fi
+    if [ -x "$LLAMA_BENCH" ]; then
+        gg=${GGUF_DIR:-$out/gguf}
+        mkdir -p "$gg"
+        $PY scripts/peers/random_gguf.py --type q4_0 --lm-head f16 "$gg/q4_0-f16head.gguf"
+        $PY scripts/peers/random_gguf.py --type q4_0 "$gg/q4_0.gguf"
+        $PY scripts/peers/random_gguf.py --type q8_0 "$gg/q8_0.gguf"
+        for f in q4_0-f16head q4_0 q8_0; do
+            timeout "$peer_timeout" "$LLAMA_BENCH" -m "$gg/$f.gguf" -p 0 -n 64 -d 128 -ngl 99 -fa 1 -r 3 -o jsonl \
+                >> "$out/targets.jsonl"
+        done
+    fi
+fi 2>&1 | tee -a "$out/targets.log"
 $PY scripts/bench.py --summarize "$out/targets.jsonl" | tee "$out/summary.txt"

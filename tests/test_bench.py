@@ -241,28 +241,53 @@ def test_summarize_gives_the_targets_ratios_from_the_json_records(bench, tmp_pat
 
 _FAKE_BENCH = r"""
 import json, sys
-a = sys.argv[2:]
-if "--summarize" in a:
+argv = sys.argv[1:]
+ranks = 1
+if argv[:2] == ["-m", "torch.distributed.run"]:
+    at = argv.index("--nproc-per-node")
+    ranks, argv = int(argv[at + 1]), argv[at + 2:]
+script, a = argv[0], argv[1:]
+val = lambda flag, d: a[a.index(flag) + 1] if flag in a else d
+if script.endswith("random_gguf.py"):
+    open(a[-1], "w").close()
+elif script.endswith("gptfast_bench.py"):
+    mode = val("--mode", "bf16")
+    with open(val("--json", None), "a") as f:
+        tok = {"bf16": 150.0, "int8": 160.0, "int4": 200.0}[mode] * (1.5 if ranks > 1 else 1)
+        f.write(json.dumps(dict(kind="peer", peer="gpt-fast", mode=mode, tp=ranks, gpu="FAKE", groupsize=32,
+                                tok_s=tok)) + "\n")
+elif "--summarize" in a:
     sys.path.insert(0, "scripts")
     sys.argv = ["bench.py"] + a
     import bench
     bench.main()
     sys.exit()
-val = lambda flag, d: a[a.index(flag) + 1] if flag in a else d
-tp, q, head = int(val("--tp", "1")), val("--quantize", "none"), "--quantize-lm-head" in a
-tok = {("none", 1): 185.0, ("none", 2): 330.0, ("none", 4): 520.0, ("int8", 1): 300.0, ("q4", 1): 450.0}[q, tp]
-with open(val("--json", None), "a") as f:
-    f.write(json.dumps(dict(kind="decode", batch=1, model=val("--model", ""), gpu="FAKE", tp=tp, quantize=q,
-                            quantize_lm_head=head, tok_s=tok * (1.1 if head else 1.0))) + "\n")
-print("ran", " ".join(a))
+else:
+    tp, q, head = int(val("--tp", "1")), val("--quantize", "none"), "--quantize-lm-head" in a
+    tok = {("none", 1): 185.0, ("none", 2): 330.0, ("none", 4): 520.0, ("int8", 1): 300.0, ("q4", 1): 450.0}[q, tp]
+    group = int(val("--group-size", "128")) if q == "int8" else None
+    with open(val("--json", None), "a") as f:
+        f.write(json.dumps(dict(kind="decode", batch=1, model=val("--model", ""), gpu="FAKE", tp=tp, quantize=q,
+                                quantize_lm_head=head, group_size=group,
+                                tok_s=tok * (1.1 if head else 1.0) * (0.9 if group == 32 else 1.0))) + "\n")
+print("ran", script, " ".join(a), "ranks", ranks)
+"""
+
+# A stand-in llama-bench: one `-o jsonl` line, tok/s by file.
+_FAKE_LLAMA_BENCH = r"""#!/bin/sh
+m=$2
+case "$m" in *q4_0-f16head.gguf) ts=300;; *q4_0.gguf) ts=330;; *q8_0.gguf) ts=250;; esac
+echo "{\"model_filename\": \"$m\", \"n_prompt\": 0, \"n_gen\": 64, \"flash_attn\": true, \"avg_ts\": $ts, \"gpu_info\": \"FAKE\"}"
 """
 
 
-@pytest.mark.parametrize("gpus", [1, 4])
-def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_path, gpus):
+@pytest.mark.parametrize("gpus,peers", [(1, False), (4, False), (1, True), (4, True)])
+def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_path, gpus, peers):
     """scripts/targets.sh with stand-ins for nvidia-smi, python and mpiexec: per round int8 and Q4_0 (LM heads bf16,
     then quantized); with 2+ GPUs bf16 TP 1 and TP 2 (under MPIRUN -n 2), with 4 TP 4 and then the 70B run; then
-    the summary of the records, written to OUTDIR/summary.txt."""
+    the summary of the records, written to OUTDIR/summary.txt. With the peers there (GPTFAST, LLAMA_BENCH): gpt-fast
+    bf16 / int8 / int4 and, with 4 GPUs, bf16 under torchrun at TP 2 and 4; llama-bench on the three random GGUFs;
+    ours at the configurations they are set against; each peer's line in the summary with ours over it."""
     import os
     import subprocess
     root = Path(__file__).resolve().parents[1]
@@ -272,26 +297,51 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
     (tmp_path / "fake_bench.py").write_text(_FAKE_BENCH)
     (bin_dir / "py").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'fake_bench.py'} \"$@\"\n")
     (bin_dir / "mpirun").write_text("#!/bin/sh\nshift 2\nexec \"$@\"\n")
+    (bin_dir / "llama-bench").write_text(_FAKE_LLAMA_BENCH)
     for f in bin_dir.iterdir():
         f.chmod(0o755)
+    gptfast = tmp_path / "gpt-fast"
+    gptfast.mkdir()
+    if peers:
+        (gptfast / "model.py").write_text("")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(bin_dir / "py"),
-               MPIRUN=str(bin_dir / "mpirun"))
+               MPIRUN=str(bin_dir / "mpirun"), GPTFAST=str(gptfast),
+               LLAMA_BENCH=str(bin_dir / "llama-bench") if peers else str(tmp_path / "none"))
     out = tmp_path / "out"
     r = subprocess.run(["bash", "scripts/targets.sh", str(out), "3"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     ran = [line[4:] for line in (out / "targets.log").read_text().splitlines() if line.startswith("ran ")]
-    per_round = 4 + (3 if gpus >= 4 else 0)
-    assert len(ran) == 3 * per_round + (1 if gpus >= 4 else 0)
-    assert sum("--quantize q4 --quantize-lm-head" in c for c in ran) == 3
-    assert sum("--tp 4" in c and "llama3-8b" in c for c in ran) == (3 if gpus >= 4 else 0)
     summary = (out / "summary.txt").read_text()
     assert "Q4_0 / int8: 1.500x" in summary and "LM heads quantized: 1.500x" in summary
     if gpus >= 4:
         assert "TP 2 / TP 1: 1.784x" in summary and "TP 4 / TP 1: 2.811x" in summary
-        assert "llama3-70b" in ran[-1] and "--batch 1,32" in ran[-1]
     else:
         assert "TP 2 / TP 1: not measured here" in summary
+    if not peers:
+        per_round = 4 + (3 if gpus >= 4 else 0)
+        assert len(ran) == 3 * per_round + (1 if gpus >= 4 else 0)
+        assert sum("--quantize q4 --quantize-lm-head" in c for c in ran) == 3
+        assert sum("--tp 4" in c and "llama3-8b" in c for c in ran) == (3 if gpus >= 4 else 0)
+        if gpus >= 4:
+            assert "llama3-70b" in ran[-1] and "--batch 1,32" in ran[-1]
+        assert "peer" not in summary and not (out / "gguf").exists()
+        return
+    assert "peer gpt-fast bf16 tp 1: 150.0 tok/s (1 runs); ours 1.233x" in summary
+    assert "peer gpt-fast int8 tp 1: 160.0 tok/s (1 runs); ours 2.062x" in summary       # 330 (LM head quantized)
+    assert "peer gpt-fast int4 groups of 32 tp 1: 200.0 tok/s (1 runs); ours 2.475x" in summary
+    assert "peer llama.cpp q4_0-f16head: 300.0 tok/s (1 runs); ours 1.500x" in summary
+    assert "peer llama.cpp q4_0: 330.0 tok/s (1 runs); ours 1.500x" in summary
+    assert "peer llama.cpp q8_0: 250.0 tok/s (1 runs); ours 1.188x" in summary          # 300 x 1.1 x 0.9
+    assert "tp 1 int8 groups of 32 (LM head quantized): 297.0 tok/s" in summary
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["q4_0-f16head.gguf", "q4_0.gguf", "q8_0.gguf"]
+    if gpus >= 4:
+        assert "peer gpt-fast bf16 tp 2: 225.0 tok/s (1 runs); ours 1.467x" in summary
+        assert "peer gpt-fast bf16 tp 4: 225.0 tok/s (1 runs); ours 2.311x" in summary
+        assert sum("ranks 4" in c for c in ran) == 1 and sum("ranks 2" in c for c in ran) == 1
+    else:
+        assert "tp 2" not in summary.split("peer", 1)[1]
+        assert sum(c.startswith("scripts/bench.py") and "--tp" not in c and "--quantize" not in c for c in ran) == 1
 
 
 def test_comm_probe_says_why_it_cannot_run_over_nccl(bench):

@@ -10,7 +10,8 @@
 # Peers (scripts/peers/README.md), after the rounds, when their code is there: GPTFAST (a folder with gpt-fast's
 # model.py, quantize.py and tp.py; default .peers/gpt-fast) runs bf16, int8 and int4 on one GPU and bf16 at TP 2 /
 # TP 4 where the GPUs allow (torchrun); LLAMA_BENCH (a llama-bench binary; default .peers/llama.cpp/llama-bench)
-# runs on the random GGUFs that scripts/peers/random_gguf.py writes to GGUF_DIR (default $OUTDIR/gguf), with
+# runs on the random GGUFs that scripts/peers/random_gguf.py writes to GGUF_DIR (4-9 GB each; default
+# ${TMPDIR:-/tmp}/mpillm-peer-gguf, outside OUTDIR, whose files a device command brings back), with
 # ours in groups of 32 for its Q8_0. Each peer command is bounded by PEER_TIMEOUT seconds (default 600).
 # (scripts/gpu_check.sh is the broad check: every GPU test and benchmark with its A/Bs, once each.)
 set -uo pipefail
@@ -56,7 +57,7 @@ if [ -f "$GPTFAST/model.py" ] || [ -x "$LLAMA_BENCH" ]; then
         done
     fi
     if [ -x "$LLAMA_BENCH" ]; then
-        gg=${GGUF_DIR:-$out/gguf}
+        gg=${GGUF_DIR:-${TMPDIR:-/tmp}/mpillm-peer-gguf}
         mkdir -p "$gg"
         $PY scripts/peers/random_gguf.py --type q4_0 --lm-head f16 "$gg/q4_0-f16head.gguf"
         $PY scripts/peers/random_gguf.py --type q4_0 "$gg/q4_0.gguf"

@@ -305,7 +305,7 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
     if peers:
         (gptfast / "model.py").write_text("")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(bin_dir / "py"),
-               MPIRUN=str(bin_dir / "mpirun"), GPTFAST=str(gptfast),
+               MPIRUN=str(bin_dir / "mpirun"), GPTFAST=str(gptfast), TMPDIR=str(tmp_path),
                LLAMA_BENCH=str(bin_dir / "llama-bench") if peers else str(tmp_path / "none"))
     out = tmp_path / "out"
     r = subprocess.run(["bash", "scripts/targets.sh", str(out), "3"], cwd=root, env=env, capture_output=True,
@@ -325,7 +325,7 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
         assert sum("--tp 4" in c and "llama3-8b" in c for c in ran) == (3 if gpus >= 4 else 0)
         if gpus >= 4:
             assert "llama3-70b" in ran[-1] and "--batch 1,32" in ran[-1]
-        assert "peer" not in summary and not (out / "gguf").exists()
+        assert "peer" not in summary and not (tmp_path / "mpillm-peer-gguf").exists()
         return
     assert "peer gpt-fast bf16 tp 1: 150.0 tok/s (1 runs); ours 1.233x" in summary
     assert "peer gpt-fast int8 tp 1: 160.0 tok/s (1 runs); ours 2.062x" in summary       # 330 (LM head quantized)
@@ -334,7 +334,9 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
     assert "peer llama.cpp q4_0: 330.0 tok/s (1 runs); ours 1.500x" in summary
     assert "peer llama.cpp q8_0: 250.0 tok/s (1 runs); ours 1.188x" in summary          # 300 x 1.1 x 0.9
     assert "tp 1 int8 groups of 32 (LM head quantized): 297.0 tok/s" in summary
-    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["q4_0-f16head.gguf", "q4_0.gguf", "q8_0.gguf"]
+    gguf_dir = tmp_path / "mpillm-peer-gguf"                       # not under OUTDIR: the files are large
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["q4_0-f16head.gguf", "q4_0.gguf", "q8_0.gguf"]
+    assert not list(out.rglob("*.gguf"))
     if gpus >= 4:
         assert "peer gpt-fast bf16 tp 2: 225.0 tok/s (1 runs); ours 1.467x" in summary
         assert "peer gpt-fast bf16 tp 4: 225.0 tok/s (1 runs); ours 2.311x" in summary

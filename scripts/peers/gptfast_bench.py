@@ -22,16 +22,21 @@ import os
 import sys
 import time
 
-# Llama-3-8B, as bench.py's dummy:llama3-8b.
-LLAMA3_8B = dict(block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
-                 intermediate_size=14336, rope_base=500000.0)
+
+def llama3_8b():
+    """gpt-fast's ModelArgs for bench.py's dummy:llama3-8b."""
+    from mpillm.dummy import dummy_config
+    c = dummy_config("dummy:llama3-8b")
+    return dict(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_layers,
+                n_head=c.num_heads, n_local_heads=c.num_kv_heads, dim=c.hidden_size,
+                intermediate_size=c.intermediate_size, rope_base=c.rope_theta, norm_eps=c.rms_norm_eps)
 
 
 def build(args, torch):
     from model import ModelArgs, Transformer     # gpt-fast's
 
     with torch.device("meta"):
-        model = Transformer(ModelArgs(**LLAMA3_8B))
+        model = Transformer(ModelArgs(**llama3_8b()))
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
@@ -136,7 +141,7 @@ def main():
         return torch.argmax(logits[:, -1], dim=-1, keepdim=True).to(torch.int)
 
     decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    prompt = torch.randint(0, LLAMA3_8B["vocab_size"], (1, args.context), device="cuda", dtype=torch.int)
+    prompt = torch.randint(0, llama3_8b()["vocab_size"], (1, args.context), device="cuda", dtype=torch.int)
 
     for r in range(-1, args.rounds):
         with torch.no_grad():

@@ -12,11 +12,25 @@ import argparse
 
 import numpy as np
 
-SHAPES = {
-    # name: layers, hidden, heads, kv heads, ffn, vocab, rope base
-    "llama3-8b": (32, 4096, 32, 8, 14336, 128256, 500000.0),
-    "tiny": (2, 256, 4, 2, 512, 1024, 10000.0),
-}
+# A shape small enough for tests: layers, hidden, heads, kv heads, ffn, vocab, rope base. Every other shape is
+# mpillm.dummy's, so that the file holds the model bench.py's `dummy:NAME` times.
+TINY = (2, 256, 4, 2, 512, 1024, 10000.0)
+
+
+def shape(name):
+    if name == "tiny":
+        return TINY
+    from mpillm.dummy import dummy_config
+    try:
+        cfg = dummy_config(f"dummy:{name}")
+    except ValueError as e:
+        raise SystemExit(f"--shape: {e}")
+    if cfg.attention_bias or cfg.tie_word_embeddings:
+        raise SystemExit(f"--shape {name}: biases or a tied LM head; this writer makes untied Llama files only")
+    return (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size,
+            cfg.vocab_size, cfg.rope_theta)
+
+
 BLOCK = {"q4_0": (32, 18), "q8_0": (32, 34)}      # elements, bytes per block
 
 
@@ -35,12 +49,12 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="llama3-8b", help="tiny, or a name of mpillm.dummy's untied Llama shapes")
     ap.add_argument("--type", default="q4_0", choices=sorted(BLOCK))
     ap.add_argument("--lm-head", default=None, choices=["q4_0", "q8_0", "f16"],
                     help="the LM head's type (default: --type)")
     args = ap.parse_args()
-    layers, dim, heads, kv_heads, ffn, vocab, rope_base = SHAPES[args.shape]
+    layers, dim, heads, kv_heads, ffn, vocab, rope_base = shape(args.shape)
     head_dim = dim // heads
     qtypes = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0,
               "f16": gguf.GGMLQuantizationType.F16}

@@ -885,3 +885,100 @@ def test_ipc_enable_sizes_the_gather_by_the_widest_vocab_shard_and_keeps_what_is
     reason[0] = None
     assert fresh.enable_ipc_all_reduce(None, 8192, 8).startswith("NCCL")
     assert fresh.ipc is None and fresh.ipc_gather is None and len(made) == 6
+
+
+class _StreamModel:
+    """pycuda.driver's streams and events as a happens-before graph: every operation follows the one before it on
+    its stream and the operations of the events its stream waited for."""
+
+    def __init__(self):
+        self.ops = []        # (label, predecessors)
+        self.synced = []     # operations the host waited for, in order
+
+    def op(self, stream, label, extra=()):
+        preds = set(extra) | ({stream.last} if stream.last is not None else set())
+        self.ops.append((label, preds))
+        stream.last = len(self.ops) - 1
+        return stream.last
+
+    def before(self, a, b) -> bool:
+        """Operation a happens before operation b."""
+        todo, seen = list(self.ops[b][1]), set()
+        while todo:
+            o = todo.pop()
+            if o == a:
+                return True
+            if o not in seen:
+                seen.add(o)
+                todo += list(self.ops[o][1])
+        return False
+
+    def driver(self):
+        from types import SimpleNamespace
+        model = self
+
+        class Stream:
+            def __init__(self):
+                self.last = None
+
+            def wait_for_event(self, ev):
+                model.op(self, "wait", {ev.at} if ev.at is not None else ())
+
+        class Event:
+            def __init__(self, flags=0):
+                self.at = None
+
+            def record(self, stream):
+                self.at = stream.last
+
+            def synchronize(self):
+                model.synced.append(self.at)
+
+        def memcpy_htod_async(dst, src, stream):
+            model.op(stream, ("copy", dst, id(src.base if src.base is not None else src)))
+
+        return SimpleNamespace(Stream=Stream, Event=Event, event_flags=SimpleNamespace(DISABLE_TIMING=2),
+                               pagelocked_empty=lambda n, dt: np.zeros(n, dt), memcpy_htod_async=memcpy_htod_async)
+
+
+def test_step_metadata_upload_overlaps_the_step_before_and_never_races(monkeypatch):
+    """StepBuffers: each step's metadata copy runs on the copy stream, ordered after every step that read the same
+    device array (two steps back) and before the step's own kernels, but not after the step just before it (that
+    one reads the other array: the copy overlaps it). The host array is rewritten only after its last copy."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    import mpillm.cuda.model as cm
+    sm = _StreamModel()
+    drv = sm.driver()
+    pycuda = ModuleType("pycuda")
+    pycuda.driver = drv
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    ptrs = iter(range(1000, 10 ** 6, 1000))
+    monkeypatch.setattr(cm, "DeviceTensor", SimpleNamespace(empty=lambda shape, dt: SimpleNamespace(ptr=next(ptrs))))
+    buf = cm.StepBuffers(max_tokens=4, max_seqs=2, max_blocks=3)
+    compute = drv.Stream()
+    steps = []    # (copy op, the step's kernels op, device array, host array)
+    for i in range(7):
+        n_synced = len(sm.synced)
+        buf.begin(compute)
+        host = id(buf.host)
+        if i >= 2:   # the host array's copy two steps back: waited for before it is rewritten
+            assert steps[i - 2][0] in sm.synced[n_synced:], f"step {i}: host array rewritten before its last copy"
+        buf.host_view("ids", 4)[:] = i
+        buf.upload(2, compute)
+        copy = sm.ops[buf.copy_stream.last]
+        assert copy[0][0] == "copy" and copy[0][2] == host
+        kernels = sm.op(compute, ("kernels", buf.dev.ptr))
+        steps.append((buf.copy_stream.last, kernels, buf.dev.ptr, host))
+        if i == 3:   # a step on the compute stream's own between two uploads (prefill halves, the sampler's copy)
+            sm.op(compute, "other")
+    for i, (copy, kernels, dev, host) in enumerate(steps):
+        assert sm.before(copy, kernels), f"step {i}: kernels may start before the step's metadata is copied"
+        if i >= 1:
+            assert steps[i - 1][2] != dev, "consecutive steps share a device array"
+            assert not sm.before(steps[i - 1][1], copy), f"step {i}: the copy waits for the step before"
+        if i >= 2:
+            assert steps[i - 2][2] == dev
+            assert sm.before(steps[i - 2][1], copy), f"step {i}: copy into an array step {i - 2} may still read"

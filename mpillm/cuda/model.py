@@ -139,9 +139,12 @@ class StepBuffers:
     seeds [S, 2]; temperature, top_p, min_p [S] (f32 bits); out_slot [1] (which half of the mapped id array the
     sampler writes); block_tables [S, max_blocks] last, so a step copies only the rows it uses.
 
-    Two host arrays take turns (`begin` picks the next): a step is staged while the one before may still wait
-    in the stream for its upload, so the array being written must not be the one that upload reads (its
-    event says when that copy is done).
+    Two host arrays and two device arrays take turns (`begin` picks the next pair): a step is staged while the one
+    before may still wait for its upload, so the array being written must not be the one that upload reads (its
+    event says when that copy is done). The copy runs on a stream of its own while the step before computes, instead
+    of between two steps on the compute stream (8-10 us a step: Llama-3-8B Q4_0 b=1 +0.5%, SmolLM2-135M +1-3%;
+    docs/PERFORMANCE.md, twenty-seventh session), so each turn has its own device array, which the step two back may
+    still be reading. Decode graphs are captured per turn (they hold the array's address).
     """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int):
@@ -156,18 +159,26 @@ class StepBuffers:
             off += n
         self.size, self.max_blocks = off, max_blocks
         self.hosts = [cuda.pagelocked_empty(off, np.int32) for _ in range(2)]
-        self.uploaded = [None, None]       # event after each host array's last upload
+        self.devs = [DeviceTensor.empty((off,), "i32") for _ in range(2)]
+        event = lambda: cuda.Event(cuda.event_flags.DISABLE_TIMING)
+        self.uploaded = [event(), event()]     # on the copy stream, after each turn's last upload
+        self.released = [event(), event()]     # on the compute stream, after the last step of each turn
+        self.used = [False, False]             # whether each turn has uploaded (`uploaded` recorded)
+        self.ended = [False, False]            # whether each turn's `released` was recorded
+        self.copy_stream = cuda.Stream()
         self.turn = 0
-        self.host = self.hosts[0]
-        self.dev = DeviceTensor.empty((off,), "i32")
+        self.host, self.dev = self.hosts[0], self.devs[0]
         self.max_tokens, self.max_seqs = T, S
 
-    def begin(self):
-        """Switch to the other host array, once its previous upload has been copied out."""
+    def begin(self, stream):
+        """Switch to the other host and device arrays, once the host array's previous upload has been copied out.
+        `stream` (the compute stream) holds every step of the turn left: its end is where that device array is free."""
+        self.released[self.turn].record(stream)
+        self.ended[self.turn] = True
         self.turn ^= 1
-        if self.uploaded[self.turn] is not None:
+        if self.used[self.turn]:
             self.uploaded[self.turn].synchronize()
-        self.host = self.hosts[self.turn]
+        self.host, self.dev = self.hosts[self.turn], self.devs[self.turn]
 
     def host_view(self, name: str, n: int, dtype=np.int32) -> np.ndarray:
         a = self.host[self.offset[name]: self.offset[name] + n]
@@ -180,12 +191,18 @@ class StepBuffers:
         return t
 
     def upload(self, num_seqs: int, stream):
+        """Copy the staged rows into this turn's device array on the copy stream, and make `stream` (the compute
+        stream) wait for the copy before the step's work. The copy itself waits for the last step that read the
+        array (`released`: recorded when `begin` left this turn)."""
         import pycuda.driver as cuda
+        t = self.turn
         n = self.offset["block_tables"] + num_seqs * self.max_blocks
-        cuda.memcpy_htod_async(self.dev.ptr, self.host[:n], stream)
-        if self.uploaded[self.turn] is None:
-            self.uploaded[self.turn] = cuda.Event(cuda.event_flags.DISABLE_TIMING)
-        self.uploaded[self.turn].record(stream)
+        if self.ended[t]:
+            self.copy_stream.wait_for_event(self.released[t])
+        cuda.memcpy_htod_async(self.dev.ptr, self.host[:n], self.copy_stream)
+        self.uploaded[t].record(self.copy_stream)
+        self.used[t] = True
+        stream.wait_for_event(self.uploaded[t])
 
 
 class CudaTransformer:
@@ -315,7 +332,7 @@ class CudaTransformer:
         self._alloc_kv_cache(num_blocks, gpu_memory_utilization, log)
         # Decode batch sizes that get a CUDA graph: a batch runs in the smallest bucket that holds it.
         self.buckets = sorted({b for b in GRAPH_BUCKETS if b < max_seqs} | {min(max_seqs, GRAPH_BUCKETS[-1])})
-        self.graphs: dict[int, object] = {}
+        self.graphs: dict[tuple, object] = {}   # (bucket, context bound, turn) -> executable graph
         self.graph_seconds = 0.0
 
     # ---------------------------------------------------------------------------------------- weights
@@ -717,7 +734,7 @@ class CudaTransformer:
         `want_logits`)."""
         if not want_logits:
             return self.collect(self.launch(step, specs)), None
-        self.buf.begin()
+        self.buf.begin(self.dev.stream)
         self._stage(step, specs)
         T, S, L = step.num_tokens, step.num_seqs, len(step.logits_index)
         self.buf.upload(S, self.dev.stream)
@@ -732,7 +749,7 @@ class CudaTransformer:
         Fed tokens: an input id -1 - j stands for the id sampled for row j of the step launched just before this
         one; the embedding reads it from the device (out_ids), so that step need not be collected first. Its
         sampling must have run on the GPU (not `want_logits`). fetch=False: nobody will collect (group peers)."""
-        self.buf.begin()
+        self.buf.begin(self.dev.stream)
         self._stage(step, specs)
         k = self._out_turn
         self._out_turn ^= 1
@@ -800,13 +817,14 @@ class CudaTransformer:
         # kernel (no partial outputs, no merge kernel), or at small batches the cluster kernel (the same bound:
         # kernels.DECODE_CLUSTER_MAX_CTX); longer ones the split-K pair sized for max_model_len.
         max_ctx = DECODE_PARTITION if int(step.context_lens.max()) <= DECODE_PARTITION else self.max_blocks * self.block_size
-        graph = self.graphs.get((B, max_ctx))
+        key = (B, max_ctx, self.buf.turn)      # each turn's graph reads its own metadata array
+        graph = self.graphs.get(key)
         if graph is None:
             # The capture's eager warm-up samples into out_ids, where this step's fed ids still have to be read
             # from: keep them aside until the graph runs.
             nbytes = self.out_ids.nbytes
             self.cuda.memcpy_dtod_async(self._ids_aside.ptr, self.out_ids.ptr, nbytes, self.dev.stream)
-            graph = self.graphs[(B, max_ctx)] = self._capture(B, max_ctx)
+            graph = self.graphs[key] = self._capture(B, max_ctx)
             self.cuda.memcpy_dtod_async(self.out_ids.ptr, self._ids_aside.ptr, nbytes, self.dev.stream)
         stream = cu.CUstream(self.dev.stream.handle)
         check_cu(cu.cuGraphLaunch(graph, stream), "cuGraphLaunch")

@@ -968,11 +968,11 @@ def test_step_metadata_upload_overlaps_the_step_before_and_never_races(monkeypat
             assert steps[i - 2][0] in sm.synced[n_synced:], f"step {i}: host array rewritten before its last copy"
         buf.host_view("ids", 4)[:] = i
         buf.upload(2, compute)
-        copy = sm.ops[buf.copy_stream.last]
-        assert copy[0][0] == "copy" and copy[0][2] == host
+        label, _ = sm.ops[buf.copy_stream.last]
+        assert label[0] == "copy" and label[1] == buf.dev.ptr and label[2] == host
         kernels = sm.op(compute, ("kernels", buf.dev.ptr))
         steps.append((buf.copy_stream.last, kernels, buf.dev.ptr, host))
-        if i == 3:   # a step on the compute stream's own between two uploads (prefill halves, the sampler's copy)
+        if i == 3:   # other work on the compute stream between two steps (the prefill halves' own metadata copy)
             sm.op(compute, "other")
     for i, (copy, kernels, dev, host) in enumerate(steps):
         assert sm.before(copy, kernels), f"step {i}: kernels may start before the step's metadata is copied"

@@ -63,6 +63,18 @@ def test_records_in_any_order_and_a_buffer_full_mid_step():
     assert [int(s[1].ends.max()) - int(s[1].released.min()) for s in steps] == [2400] * 3
 
 
+def test_two_captures_of_the_graph_taking_turns():
+    """Decode graphs alternate between two captures (one per metadata turn): the second one's nodes have other ids,
+    and every step of either is laid out with the numbers put in."""
+    rows = np.array([r for s in range(6) for r in step_records(100 if s % 2 == 0 else 200, 10**9 + 40_000 * s)],
+                    np.uint64)
+    steps = trace.timeline(rows[np.random.default_rng(1).permutation(len(rows))], SEQ)
+    assert len(steps) == 6 and [s[0].gridid for s in steps] == [100, 200] * 3
+    rows = {r["kernel"]: r for r in trace.summarize(steps, SEQ)}
+    assert rows["proj"]["span"] == pytest.approx(2.0) and rows["proj"]["end"] == pytest.approx(2.4)
+    assert rows["attn"]["span"] == pytest.approx(37.0)
+
+
 def test_launches_that_do_not_match_the_graph_are_refused():
     with pytest.raises(trace.TimelineError, match="launch 2 has 1 blocks where attn has 2"):
         trace.timeline(records(3), [("embed", 2), ("proj", 3), ("attn", 2)])

@@ -102,7 +102,9 @@ def grids(records: np.ndarray, split_ns: int = 20_000) -> list[Grid]:
     at each replay, so records are first put in steps: the first wait to return belongs to the graph's first node
     (the buffer starts with no graph running), whose own waits mark where each replay begins (its launches are
     more than split_ns apart, its blocks' waits return within microseconds); a record belongs to the last step
-    begun before its wait returned (an end stamp: before it ended)."""
+    begun before its wait returned (an end stamp: before it ended). The decode graphs of one batch alternate between
+    two captures (one per metadata turn, mpillm.cuda.model.StepBuffers): the other capture's nodes then have ids of
+    their own, each launched once between two replays of the first node, so every launch still gets a group."""
     if len(records) == 0:
         return []
     is_end = (records[:, 1] & np.uint64(KIND_END)) != 0

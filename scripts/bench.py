@@ -364,32 +364,41 @@ def main():
 
 
 # Peers in --summarize's records (scripts/peers/README.md) and the configuration of ours each one is set against:
-# (tp, quantize, LM head quantized, int8 group size). gpt-fast quantizes its LM head; the llama.cpp files are the
-# ones scripts/targets.sh writes with scripts/peers/random_gguf.py, by file name.
+# (tp, quantize, LM head quantized, int8 group size), at the peer's batch. gpt-fast quantizes its LM head; the
+# llama.cpp files are the ones scripts/targets.sh writes with scripts/peers/random_gguf.py, by file name.
 GPTFAST_AGAINST = {"bf16": ("none", False, None), "int8": ("int8", True, 128), "int4": ("q4", True, None)}
 LLAMACPP_AGAINST = {"q4_0-f16head": ("q4", False, None), "q4_0": ("q4", True, None), "q8_0": ("int8", True, 32)}
 
 
 def _peer_run(r: dict):
-    """(gpu, peer label, ours key) of a peer's record, or None: gptfast_bench.py's lines (kind "peer") and
-    llama-bench's `-o jsonl` lines (text generation only, flash attention on, a file named in LLAMACPP_AGAINST)."""
+    """(gpu, peer label, ours key, tok/s) of a peer's record, or None: gptfast_bench.py's lines (kind "peer"),
+    llama-bench's `-o jsonl` lines (text generation only, flash attention on, a file named in LLAMACPP_AGAINST) and
+    llama-batched-bench's (scripts/peers/batched_records.py: generation of `pl` sequences together). The key is
+    ours: (tp, quantize, LM head quantized, group size, batch)."""
     if r.get("kind") == "peer" and r.get("peer") == "gpt-fast" and r.get("mode") in GPTFAST_AGAINST:
         tp, mode = int(r.get("tp", 1)), r["mode"]
         label = f"gpt-fast {mode}" + (f" groups of {r.get('groupsize')}" if mode == "int4" else "") + f" tp {tp}"
-        return r.get("gpu"), label, (tp,) + GPTFAST_AGAINST[mode]
-    if "avg_ts" in r and "model_filename" in r:
-        name = Path(str(r["model_filename"])).name.removesuffix(".gguf")
-        if name in LLAMACPP_AGAINST and r.get("n_prompt") == 0 and r.get("n_gen", 0) > 0 and r.get("flash_attn"):
-            return r.get("gpu_info"), f"llama.cpp {name}", (1,) + LLAMACPP_AGAINST[name]
+        return r.get("gpu"), label, (tp,) + GPTFAST_AGAINST[mode] + (1,), float(r["tok_s"])
+    if "model_filename" not in r:
+        return None
+    name = Path(str(r["model_filename"])).name.removesuffix(".gguf")
+    if name not in LLAMACPP_AGAINST:
+        return None
+    if "avg_ts" in r and r.get("n_prompt") == 0 and r.get("n_gen", 0) > 0 and r.get("flash_attn"):
+        return r.get("gpu_info"), f"llama.cpp {name}", (1,) + LLAMACPP_AGAINST[name] + (1,), float(r["avg_ts"])
+    if r.get("peer") == "llama.cpp batched" and r.get("tg", 0) > 0 and r.get("flash_attn"):
+        pl = int(r["pl"])
+        return (r.get("gpu"), f"llama.cpp {name} batch {pl}", (1,) + LLAMACPP_AGAINST[name] + (pl,),
+                float(r["speed_tg"]))
     return None
 
 
 def summarize_targets(path: str) -> str:
-    """--summarize: issue 5's and 6's ratios from bench --json records (one JSON object a line; other kinds,
-    batches and models are passed over), per card name (one file per machine: records of two cards of one name
-    count together), then ours against each peer whose records are there (_peer_run). Each configuration's tok/s
-    is the median of its rounds; a ratio whose two sides are not both there says so. SystemExit naming the file
-    and line of a record that is not JSON."""
+    """--summarize: issue 5's and 6's ratios from bench --json records (one JSON object a line; other kinds and
+    models are passed over), per card name (one file per machine: records of two cards of one name count together),
+    then ours against each peer whose records are there (_peer_run), at the peer's batch. Each configuration's
+    tok/s is the median of its rounds; a ratio whose two sides are not both there says so. SystemExit naming the
+    file and line of a record that is not JSON."""
     import statistics
     runs: dict[tuple, list[float]] = {}
     peers: dict[tuple, list[float]] = {}
@@ -403,23 +412,27 @@ def summarize_targets(path: str) -> str:
                 sys.exit(f"{path}:{n}: not a JSON record: {e}")
             peer = _peer_run(r)
             if peer:
-                peers.setdefault(peer, []).append(float(r.get("tok_s", r.get("avg_ts"))))
+                peers.setdefault(peer[:3], []).append(peer[3])
                 continue
-            if r.get("kind") != "decode" or r.get("batch") != 1 or r.get("model") != "dummy:llama3-8b":
+            if r.get("kind") != "decode" or r.get("model") != "dummy:llama3-8b":
                 continue
             q = r.get("quantize")
             key = (r.get("gpu"), r.get("tp"), q, bool(r.get("quantize_lm_head")),
-                   (r.get("group_size") or 128) if q == "int8" else None)   # records before group_size: 128
+                   (r.get("group_size") or 128) if q == "int8" else None,   # records before group_size: 128
+                   r.get("batch"))
             runs.setdefault(key, []).append(float(r["tok_s"]))
-    lines = [f"# {path}: Llama-3-8B shape, batch 1, median tok/s of each configuration's rounds"]
+    lines = [f"# {path}: Llama-3-8B shape, batch 1 unless said, median tok/s of each configuration's rounds"]
     for gpu in sorted({k[0] for k in runs} | {k[0] for k in peers}, key=str):
         med = {k[1:]: (statistics.median(v), len(v)) for k, v in runs.items() if k[0] == gpu}
         lines.append(f"{gpu}:")
-        for (tp, q, head, group), (tok, n) in sorted(med.items(), key=str):
+        by_batch = lambda kv: (str(kv[0][:4]), kv[0][4] or 0)
+        for (tp, q, head, group, batch), (tok, n) in sorted(med.items(), key=by_batch):
             lines.append(f"  tp {tp} {q}{f' groups of {group}' if group and group != 128 else ''}"
-                         f"{' (LM head quantized)' if head else ''}: {tok:.1f} tok/s ({n} rounds)")
+                         f"{' (LM head quantized)' if head else ''}{f' batch {batch}' if batch != 1 else ''}: "
+                         f"{tok:.1f} tok/s ({n} rounds)")
 
         def ratio(what, num, den, target):
+            num, den = num + (1,), den + (1,)      # the targets are at batch 1
             if num in med and den in med:
                 lines.append(f"  {what}: {med[num][0] / med[den][0]:.3f}x (target {target})")
             else:
@@ -428,7 +441,9 @@ def summarize_targets(path: str) -> str:
         ratio("issue 5, bf16 TP 4 / TP 1", (4, "none", False, None), (1, "none", False, None), ">= 2.8x on H100")
         ratio("issue 6, Q4_0 / int8", (1, "q4", False, None), (1, "int8", False, 128), ">= 1.6x on H100")
         ratio("issue 6, Q4_0 / int8, LM heads quantized", (1, "q4", True, None), (1, "int8", True, 128), "-")
-        for (pgpu, label, ours), toks in sorted(peers.items(), key=str):
+        # by peer, then by batch (the label ends in its batch where it has one)
+        by_peer = lambda kv: (str(kv[0][0]), kv[0][1].rsplit(" batch ", 1)[0], kv[0][2][-1])
+        for (pgpu, label, ours), toks in sorted(peers.items(), key=by_peer):
             if pgpu != gpu:
                 continue
             tok = statistics.median(toks)

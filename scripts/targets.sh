@@ -12,7 +12,9 @@
 # TP 4 where the GPUs allow (torchrun); LLAMA_BENCH (a llama-bench binary; default .peers/llama.cpp/llama-bench)
 # runs on the random GGUFs that scripts/peers/random_gguf.py writes to GGUF_DIR (4-9 GB each; default
 # ${TMPDIR:-/tmp}/mpillm-peer-gguf, outside OUTDIR, whose files a device command brings back), with
-# ours in groups of 32 for its Q8_0. Each peer command is bounded by PEER_TIMEOUT seconds (default 600).
+# ours in groups of 32 for its Q8_0; LLAMA_BATCHED (a llama-batched-bench binary; default
+# .peers/llama.cpp/llama-batched-bench) runs 8 and 32 sequences together on the Q4_0 file with the F16 LM head,
+# against ours at those batches. Each peer command is bounded by PEER_TIMEOUT seconds (default 600).
 # (scripts/gpu_check.sh is the broad check: every GPU test and benchmark with its A/Bs, once each.)
 set -uo pipefail
 out=${1:?usage: scripts/targets.sh OUTDIR [ROUNDS]}
@@ -41,8 +43,10 @@ if [ "$gpus" -ge 4 ]; then
 fi
 GPTFAST=${GPTFAST:-.peers/gpt-fast}
 LLAMA_BENCH=${LLAMA_BENCH:-.peers/llama.cpp/llama-bench}
+LLAMA_BATCHED=${LLAMA_BATCHED:-.peers/llama.cpp/llama-batched-bench}
 peer_timeout=${PEER_TIMEOUT:-600}
-if [ -f "$GPTFAST/model.py" ] || [ -x "$LLAMA_BENCH" ]; then
+gg=${GGUF_DIR:-${TMPDIR:-/tmp}/mpillm-peer-gguf}
+if [ -f "$GPTFAST/model.py" ] || [ -x "$LLAMA_BENCH" ] || [ -x "$LLAMA_BATCHED" ]; then
     echo "== peers"
     # Ours at the configurations the peers are set against that the rounds did not run.
     [ "$gpus" -ge 2 ] || $PY $B
@@ -57,7 +61,6 @@ if [ -f "$GPTFAST/model.py" ] || [ -x "$LLAMA_BENCH" ]; then
         done
     fi
     if [ -x "$LLAMA_BENCH" ]; then
-        gg=${GGUF_DIR:-${TMPDIR:-/tmp}/mpillm-peer-gguf}
         mkdir -p "$gg"
         $PY scripts/peers/random_gguf.py --type q4_0 --lm-head f16 "$gg/q4_0-f16head.gguf"
         $PY scripts/peers/random_gguf.py --type q4_0 "$gg/q4_0.gguf"
@@ -66,6 +69,19 @@ if [ -f "$GPTFAST/model.py" ] || [ -x "$LLAMA_BENCH" ]; then
             timeout "$peer_timeout" "$LLAMA_BENCH" -m "$gg/$f.gguf" -p 0 -n 64 -d 128 -ngl 99 -fa 1 -r 3 -o jsonl \
                 >> "$out/targets.jsonl"
         done
+    fi
+    if [ -x "$LLAMA_BATCHED" ]; then
+        # Each of 8 or 32 sequences gets a 128-token prompt, then 64 tokens are generated for all of them together
+        # (the contexts grow 128 -> 192, as in ours with --steps 64).
+        mkdir -p "$gg"
+        f="$gg/q4_0-f16head.gguf"
+        [ -f "$f" ] || $PY scripts/peers/random_gguf.py --type q4_0 --lm-head f16 "$f"
+        $PY scripts/bench.py --prefill= --model dummy:llama3-8b --steps 64 --batch 8,32 --quantize q4 \
+            --json "$out/targets.jsonl"
+        gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+        timeout "$peer_timeout" "$LLAMA_BATCHED" -m "$f" -c 6400 -b 2048 -ub 512 -npp 128 -ntg 64 -npl 8,32 -ngl 99 \
+            -fa on -kvu --output-format jsonl | $PY scripts/peers/batched_records.py --model "$f" --gpu "$gpu_name" \
+            >> "$out/targets.jsonl"
     fi
 fi 2>&1 | tee -a "$out/targets.log"
 $PY scripts/bench.py --summarize "$out/targets.jsonl" | tee "$out/summary.txt"

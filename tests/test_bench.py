@@ -213,7 +213,8 @@ def test_kernels_skip_leaves_out_only_the_launches_it_names():
 
 def test_summarize_gives_the_targets_ratios_from_the_json_records(bench, tmp_path):
     """--summarize: per card, medians over the rounds, TP 2 / TP 4 over TP 1 (bf16) and Q4_0 over int8 (LM heads
-    bf16, and quantized); other kinds, batches and models passed over; a missing side said; a bad line named."""
+    bf16, and quantized); other batches listed on their own, out of the ratios; other kinds and models passed over;
+    a missing side said; a bad line named."""
     import json
     rec = lambda gpu, tp, q, tok, head=False, **kw: json.dumps(   # noqa: E731
         dict(dict(kind="decode", batch=1, model="dummy:llama3-8b", gpu=gpu, tp=tp, quantize=q, tok_s=tok,
@@ -222,7 +223,7 @@ def test_summarize_gives_the_targets_ratios_from_the_json_records(bench, tmp_pat
              rec("H100", 2, "none", 333.0), rec("H100", 4, "none", 518.0),
              rec("H100", 1, "int8", 300.0), rec("H100", 1, "q4", 480.0),
              rec("H100", 1, "int8", 320.0, True), rec("H100", 1, "q4", 560.0, True),
-             rec("H100", 1, "q4", 9999.0, batch=8), rec("H100", 1, "q4", 9999.0, model="dummy:llama3-70b"),
+             rec("H100", 1, "q4", 2400.0, batch=8), rec("H100", 1, "q4", 9999.0, model="dummy:llama3-70b"),
              rec("H100", 1, "q4", 9999.0, kind="prefill"), "",
              rec("H200", 1, "int8", 385.0)]
     path = tmp_path / "t.jsonl"
@@ -232,6 +233,7 @@ def test_summarize_gives_the_targets_ratios_from_the_json_records(bench, tmp_pat
     assert "tp 1 none: 185.0 tok/s (3 rounds)" in h100
     assert "bf16 TP 2 / TP 1: 1.800x" in h100 and "bf16 TP 4 / TP 1: 2.800x" in h100
     assert "Q4_0 / int8: 1.600x" in h100 and "LM heads quantized: 1.750x" in h100
+    assert "tp 1 q4 batch 8: 2400.0 tok/s (1 rounds)" in h100
     assert "9999" not in out
     assert "tp 1 int8: 385.0 tok/s (1 rounds)" in h200 and "Q4_0 / int8: not measured here" in h200
     path.write_text(lines[0] + "\n{oops\n")
@@ -250,6 +252,11 @@ script, a = argv[0], argv[1:]
 val = lambda flag, d: a[a.index(flag) + 1] if flag in a else d
 if script.endswith("random_gguf.py"):
     open(a[-1], "w").close()
+elif script.endswith("batched_records.py"):      # the real one, on the stand-in's output
+    import runpy
+    sys.argv = [script] + a
+    runpy.run_path(script, run_name="__main__")
+    sys.exit()
 elif script.endswith("gptfast_bench.py"):
     mode = val("--mode", "bf16")
     with open(val("--json", None), "a") as f:
@@ -267,10 +274,19 @@ else:
     tok = {("none", 1): 185.0, ("none", 2): 330.0, ("none", 4): 520.0, ("int8", 1): 300.0, ("q4", 1): 450.0}[q, tp]
     group = int(val("--group-size", "128")) if q == "int8" else None
     with open(val("--json", None), "a") as f:
-        f.write(json.dumps(dict(kind="decode", batch=1, model=val("--model", ""), gpu="FAKE", tp=tp, quantize=q,
-                                quantize_lm_head=head, group_size=group,
-                                tok_s=tok * (1.1 if head else 1.0) * (0.9 if group == 32 else 1.0))) + "\n")
+        for b in [int(x) for x in val("--batch", "1").split(",")]:
+            f.write(json.dumps(dict(kind="decode", batch=b, model=val("--model", ""), gpu="FAKE", tp=tp, quantize=q,
+                                    quantize_lm_head=head, group_size=group,
+                                    tok_s=tok * (1.1 if head else 1.0) * (0.9 if group == 32 else 1.0)
+                                    * (1 if b == 1 else b * 2 / 3))) + "\n")
 print("ran", script, " ".join(a), "ranks", ranks)
+"""
+
+# A stand-in llama-batched-bench: a line of its log, then a jsonl line per -npl count (8, 32).
+_FAKE_LLAMA_BATCHED = r"""#!/bin/sh
+echo "main: n_kv_max = 6400"
+echo '{"n_kv_max": 6400, "flash_attn": 1, "pp": 128, "tg": 64, "pl": 8, "n_kv": 1536, "speed_tg": 1200.0}'
+echo '{"n_kv_max": 6400, "flash_attn": 1, "pp": 128, "tg": 64, "pl": 32, "n_kv": 6144, "speed_tg": 3200.0}'
 """
 
 # A stand-in llama-bench: one `-o jsonl` line, tok/s by file.
@@ -287,17 +303,20 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
     then quantized); with 2+ GPUs bf16 TP 1 and TP 2 (under MPIRUN -n 2), with 4 TP 4 and then the 70B run; then
     the summary of the records, written to OUTDIR/summary.txt. With the peers there (GPTFAST, LLAMA_BENCH): gpt-fast
     bf16 / int8 / int4 and, with 4 GPUs, bf16 under torchrun at TP 2 and 4; llama-bench on the three random GGUFs;
-    ours at the configurations they are set against; each peer's line in the summary with ours over it."""
+    llama-batched-bench at 8 and 32 sequences (LLAMA_BATCHED, its lines through peers/batched_records.py); ours at
+    the configurations they are set against; each peer's line in the summary with ours over it."""
     import os
     import subprocess
     root = Path(__file__).resolve().parents[1]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: FAKE'\n" for i in range(gpus)))
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nif [ \"$1\" != -L ]; then echo FAKE; exit; fi\n"
+                                        + "".join(f"echo 'GPU {i}: FAKE'\n" for i in range(gpus)))
     (tmp_path / "fake_bench.py").write_text(_FAKE_BENCH)
     (bin_dir / "py").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'fake_bench.py'} \"$@\"\n")
     (bin_dir / "mpirun").write_text("#!/bin/sh\nshift 2\nexec \"$@\"\n")
     (bin_dir / "llama-bench").write_text(_FAKE_LLAMA_BENCH)
+    (bin_dir / "llama-batched-bench").write_text(_FAKE_LLAMA_BATCHED)
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     gptfast = tmp_path / "gpt-fast"
@@ -306,7 +325,8 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
         (gptfast / "model.py").write_text("")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(bin_dir / "py"),
                MPIRUN=str(bin_dir / "mpirun"), GPTFAST=str(gptfast), TMPDIR=str(tmp_path),
-               LLAMA_BENCH=str(bin_dir / "llama-bench") if peers else str(tmp_path / "none"))
+               LLAMA_BENCH=str(bin_dir / "llama-bench") if peers else str(tmp_path / "none"),
+               LLAMA_BATCHED=str(bin_dir / "llama-batched-bench") if peers else str(tmp_path / "none"))
     out = tmp_path / "out"
     r = subprocess.run(["bash", "scripts/targets.sh", str(out), "3"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
@@ -334,6 +354,9 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
     assert "peer llama.cpp q4_0: 330.0 tok/s (1 runs); ours 1.500x" in summary
     assert "peer llama.cpp q8_0: 250.0 tok/s (1 runs); ours 1.188x" in summary          # 300 x 1.1 x 0.9
     assert "tp 1 int8 groups of 32 (LM head quantized): 297.0 tok/s" in summary
+    assert "peer llama.cpp q4_0-f16head batch 8: 1200.0 tok/s (1 runs); ours 2.000x" in summary    # 2400
+    assert "peer llama.cpp q4_0-f16head batch 32: 3200.0 tok/s (1 runs); ours 3.000x" in summary   # 9600
+    assert sum("--batch 8,32 --quantize q4" in c for c in ran) == 1
     gguf_dir = tmp_path / "mpillm-peer-gguf"                       # not under OUTDIR: the files are large
     assert sorted(p.name for p in gguf_dir.iterdir()) == ["q4_0-f16head.gguf", "q4_0.gguf", "q8_0.gguf"]
     assert not list(out.rglob("*.gguf"))
@@ -415,3 +438,32 @@ def test_code_size_reads_elf_text_sections_and_names_bad_input(tmp_path, capsys,
     with pytest.raises(SystemExit):
         cs.main(["--cubin", str(f), "(unclosed"])
     assert "pattern '(unclosed'" in capsys.readouterr().err
+
+
+def test_batched_records_tags_llama_batched_bench_lines_and_names_bad_ones(bench, tmp_path):
+    """scripts/peers/batched_records.py: llama-batched-bench's jsonl lines with the peer, GGUF and card added (its
+    log lines passed over), and --summarize sets them against ours at the same batch; a JSON line without the
+    fields the summary reads, a broken one, or no record at all stops it with the line named."""
+    import json
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "peers" / "batched_records.py"
+
+    def run(text):
+        return subprocess.run([sys.executable, str(script), "--model", "/g/q4_0-f16head.gguf", "--gpu", "H200"],
+                              input=text, capture_output=True, text=True, timeout=60, check=False)
+    good = '{"pp": 128, "tg": 64, "pl": 8, "flash_attn": 1, "speed_tg": 1250.5}\n'
+    r = run("llama_context: n_ctx = 6400\n" + good + "\n")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec == dict(json.loads(good), peer="llama.cpp batched", model_filename="/g/q4_0-f16head.gguf", gpu="H200")
+    path = tmp_path / "t.jsonl"
+    ours = {"kind": "decode", "batch": 8, "model": "dummy:llama3-8b", "gpu": "H200", "tp": 1, "quantize": "q4",
+            "tok_s": 3001.2, "quantize_lm_head": False}
+    path.write_text(json.dumps(ours) + "\n" + r.stdout)
+    out = bench.summarize_targets(str(path))
+    assert "peer llama.cpp q4_0-f16head batch 8: 1250.5 tok/s (1 runs); ours 2.400x" in out
+    for bad, says in [('{"pp": 128, "pl": 8}\n', "line 1: no tg, speed_tg"), (good + "{oops\n", "line 2: not a JSON"),
+                      ("only a log line\n", "no llama-batched-bench record")]:
+        r = run(bad)
+        assert r.returncode != 0 and says in r.stderr, r.stderr

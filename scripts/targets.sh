@@ -49,7 +49,7 @@ gg=${GGUF_DIR:-${TMPDIR:-/tmp}/mpillm-peer-gguf}
 if [ -f "$GPTFAST/model.py" ] || [ -x "$LLAMA_BENCH" ] || [ -x "$LLAMA_BATCHED" ]; then
     echo "== peers"
     # Ours at the configurations the peers are set against that the rounds did not run.
-    [ "$gpus" -ge 2 ] || $PY $B
+    if [ -f "$GPTFAST/model.py" ] && [ "$gpus" -lt 2 ]; then $PY $B; fi
     [ -x "$LLAMA_BENCH" ] && $PY $B --quantize int8 --group-size 32 --quantize-lm-head
     if [ -f "$GPTFAST/model.py" ]; then
         G="scripts/peers/gptfast_bench.py --gptfast $GPTFAST --steps 64 --json $out/targets.jsonl"

@@ -297,14 +297,15 @@ echo "{\"model_filename\": \"$m\", \"n_prompt\": 0, \"n_gen\": 64, \"flash_attn\
 """
 
 
-@pytest.mark.parametrize("gpus,peers", [(1, False), (4, False), (1, True), (4, True)])
+@pytest.mark.parametrize("gpus,peers", [(1, False), (4, False), (1, True), (4, True), (1, "batched")])
 def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_path, gpus, peers):
     """scripts/targets.sh with stand-ins for nvidia-smi, python and mpiexec: per round int8 and Q4_0 (LM heads bf16,
     then quantized); with 2+ GPUs bf16 TP 1 and TP 2 (under MPIRUN -n 2), with 4 TP 4 and then the 70B run; then
     the summary of the records, written to OUTDIR/summary.txt. With the peers there (GPTFAST, LLAMA_BENCH): gpt-fast
     bf16 / int8 / int4 and, with 4 GPUs, bf16 under torchrun at TP 2 and 4; llama-bench on the three random GGUFs;
     llama-batched-bench at 8 and 32 sequences (LLAMA_BATCHED, its lines through peers/batched_records.py); ours at
-    the configurations they are set against; each peer's line in the summary with ours over it."""
+    the configurations they are set against; each peer's line in the summary with ours over it. With
+    llama-batched-bench alone: its file written, ours at its batches, nothing else."""
     import os
     import subprocess
     root = Path(__file__).resolve().parents[1]
@@ -321,11 +322,11 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
         f.chmod(0o755)
     gptfast = tmp_path / "gpt-fast"
     gptfast.mkdir()
-    if peers:
+    if peers is True:
         (gptfast / "model.py").write_text("")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(bin_dir / "py"),
                MPIRUN=str(bin_dir / "mpirun"), GPTFAST=str(gptfast), TMPDIR=str(tmp_path),
-               LLAMA_BENCH=str(bin_dir / "llama-bench") if peers else str(tmp_path / "none"),
+               LLAMA_BENCH=str(bin_dir / "llama-bench") if peers is True else str(tmp_path / "none"),
                LLAMA_BATCHED=str(bin_dir / "llama-batched-bench") if peers else str(tmp_path / "none"))
     out = tmp_path / "out"
     r = subprocess.run(["bash", "scripts/targets.sh", str(out), "3"], cwd=root, env=env, capture_output=True,
@@ -338,6 +339,13 @@ def test_targets_script_runs_each_configuration_every_round_then_summarizes(tmp_
         assert "TP 2 / TP 1: 1.784x" in summary and "TP 4 / TP 1: 2.811x" in summary
     else:
         assert "TP 2 / TP 1: not measured here" in summary
+    if peers == "batched":
+        assert len(ran) == 3 * 4 + 2        # the rounds, the file, ours at 8 and 32 (the tagging: not "ran")
+        assert sum("--batch 8,32 --quantize q4" in c for c in ran) == 1
+        assert "peer llama.cpp q4_0-f16head batch 8: 1200.0 tok/s (1 runs); ours 2.000x" in summary
+        assert summary.count("peer ") == 2
+        assert [p.name for p in (tmp_path / "mpillm-peer-gguf").iterdir()] == ["q4_0-f16head.gguf"]
+        return
     if not peers:
         per_round = 4 + (3 if gpus >= 4 else 0)
         assert len(ran) == 3 * per_round + (1 if gpus >= 4 else 0)

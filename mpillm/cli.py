@@ -65,9 +65,9 @@ def main():
 @click.option("--kv-cache-memory", default=1.0, show_default=True, help="GiB of KV cache per rank (CPU backend)")
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, help="share of free GPU memory for the KV cache")
 @click.option("--quantize", type=click.Choice(["auto", "none", "int8"]), default="auto", show_default=True,
-              help="weights: auto = GGUF Q8_0/Q4_0/Q4_1 tensors run as stored (W8A16/W4A16 on the GPU), others "
-                   "(K-quants too, decoded on load) in --dtype; none = everything in --dtype; int8 = W8A16, "
-                   "projections quantized at load")
+              help="weights: auto = GGUF Q8_0/Q4_0/Q4_1 tensors run as stored (W8A16/W4A16 on the GPU), Q4_K as "
+                   "W4A16 in Q4_1's form (d q + m per 32), others (the other K-quants too, decoded on load) in "
+                   "--dtype; none = everything in --dtype; int8 = W8A16, projections quantized at load")
 @click.option("--group-size", default=None, type=int,
               help="--quantize int8: elements per scale along the input dimension (32, 64, 128, 256) "
                    "[default: 128, or the largest of 64, 32 that the model's shapes take at this --tp]")

@@ -14,8 +14,8 @@ import numpy as np
 from mpillm import ops
 from mpillm.checkpoint import Checkpoint
 from mpillm.parallel import Shard
-from mpillm.quant import (PackedLinear, check_group_split, concat_rows, dequantize_int8, from_gguf_q4, from_gguf_q8_0,
-                          pack_int8, pack_q4, quantize_int8)
+from mpillm.quant import (PackedLinear, auto_form, check_group_split, concat_rows, dequantize_int8, from_gguf_q4,
+                          from_gguf_q8_0, pack_int8, pack_q4, q4_1_form, quantize_int8)
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
@@ -93,24 +93,32 @@ QUANT_MODES = ("auto", "none", "int8")
 def load_packed(ckpt: Checkpoint, sources, mode: str, group_size: int = 128) -> PackedLinear | None:
     """A merged projection for the quantized GPU kernels, or None where it stays in float.
 
-    mode "auto": GGUF Q8_0 blocks as W8A16 (groups of 32) and Q4_0/Q4_1 blocks as W4A16, bit for bit;
-                 float tensors stay float.
+    mode "auto": GGUF Q8_0 blocks as W8A16 (groups of 32) and Q4_0/Q4_1 blocks as W4A16, bit for bit; Q4_K
+                 blocks (and Q4_0/Q4_1 merged with them or with each other) as W4A16 in Q4_1's form, d q + m per 32
+                 (q4_1_form: Q4_K's d sc_j and dmin m_j rounded to fp16); float tensors and the other GGUF
+                 types (Q6_K, Q5_K, ...) stay float.
     mode "int8": every source as W8A16: Q8_0 blocks as they are when all sources are Q8_0, else each
                  source's float weight (exactly dequantized GGUF blocks included) quantized in groups of
                  `group_size` (a row-parallel shard must start and end on a group boundary).
     mode "none": None.
-    Sources of different native kinds (e.g. Q4_1 and Q8_0 rows merged) fall back to float under "auto"."""
+    Sources of kinds with no common form (e.g. Q4_K and Q6_K rows merged, as Q4_K_M files make q/k/v in some
+    layers) fall back to float under "auto", as does a Q4_K block whose fp16 scale would overflow."""
     if mode not in QUANT_MODES:
         raise ValueError(f"quantize mode {mode!r}: expected one of {', '.join(QUANT_MODES)}")
     if mode == "none":
         return None
     native = [ckpt.load_blocks(name, rows=rows, cols=cols) for name, rows, cols in sources]
-    kinds = {n[0] if n else None for n in native}
-    if kinds == {"Q8_0"}:
+    form = auto_form({n[0] if n else None for n in native})
+    if form == "Q8_0":
         return concat_rows([pack_int8(*from_gguf_q8_0(raw), 32) for _, raw in native])
     if mode == "auto":
-        if len(kinds) == 1 and kinds <= {"Q4_0", "Q4_1"}:
+        if form in ("Q4_0", "Q4_1"):
             return concat_rows([pack_q4(*from_gguf_q4(raw, kind)) for kind, raw in native])
+        if form == "Q4_1_FORM":
+            try:
+                return concat_rows([pack_q4(*q4_1_form(kind, raw)) for kind, raw in native])
+            except ValueError:        # a scale past fp16: this projection stays float (exactly decoded)
+                return None
         return None
     parts = []
     for name, rows, cols in sources:

@@ -113,6 +113,48 @@ def from_gguf_q4(raw: np.ndarray, kind: str):
     return q, _f16(b, 0), (_f16(b, 2) if kind == "Q4_1" else None)
 
 
+def from_gguf_q4_k(raw: np.ndarray):
+    """Q4_K rows [N, K/256 * 144] -> (q uint8 [N, K] in 0..15, scales fp16 [N, K/32], mins fp16 [N, K/32]): the Q4_1
+    form x = d' q + m', which the 4-bit kernels with mins run (kind "q4").
+
+    llama.cpp's super-block of 256: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales sc_j and mins m_j (j < 4:
+    the low 6 bits of bytes j and j + 4; j >= 4: the nibbles of byte j + 4 with the top 2 bits of bytes j - 4 and j),
+    then 128 bytes of nibbles: each 64 elements are 32 bytes, low nibbles first (sub-block 2c), high nibbles next
+    (2c + 1). Sub-block j of 32 elements holds x = d sc_j q - dmin m_j, so d' = d sc_j and m' = -dmin m_j. Those
+    products are rounded to fp16 here, where the gguf package keeps them in float32: each is off by at most half an
+    fp16 ulp (2^-11 relative), so a weight is off by at most 2^-11 (15 |d'| + |m'|), under 1% of its quantization step
+    d' where |m'| <= 4 d' (about 0.05% of |x| for the largest codes). ValueError where a product overflows fp16."""
+    b = _blocks(raw, 144, "Q4_K")
+    n, nb = b.shape[:2]
+    d = _f16(b, 0).astype(np.float32)[..., None]
+    dmin = _f16(b, 2).astype(np.float32)[..., None]
+    k = b[..., 4:16]
+    sc = np.concatenate([k[..., 0:4] & 63, (k[..., 8:12] & 0x0F) | ((k[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([k[..., 4:8] & 63, (k[..., 8:12] >> 4) | ((k[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = b[..., 16:].reshape(n, nb, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb * 256)     # chunk c: low nibbles, then high
+    with np.errstate(over="ignore"):
+        scales = (d * sc.astype(np.float32)).astype(np.float16).reshape(n, nb * 8)
+        mins = (-(dmin * mn.astype(np.float32))).astype(np.float16).reshape(n, nb * 8)
+    if not (np.isfinite(scales).all() and np.isfinite(mins).all()):
+        raise ValueError("Q4_K: a sub-block's scale or min (d sc, dmin m) overflows fp16")
+    return q, scales, mins
+
+
+def q4_1_form(kind: str, raw: np.ndarray):
+    """GGUF Q4_0 / Q4_1 / Q4_K rows as (q, d, m) with x = d q + m (the 4-bit kernels with mins, kind "q4"), so that
+    a projection merged from sources of these types packs as one weight. Q4_0's m = -8 d is exact (a power of two)."""
+    if kind == "Q4_K":
+        return from_gguf_q4_k(raw)
+    q, d, m = from_gguf_q4(raw, kind)
+    if m is None:
+        with np.errstate(over="ignore"):
+            m = (d.astype(np.float32) * -8).astype(np.float16)
+        if not np.isfinite(m).all():
+            raise ValueError("Q4_0: -8 d overflows fp16")
+    return q, d, m
+
+
 def dequantize_q4(q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None = None) -> np.ndarray:
     """4-bit codes [N, K] -> float32: d * (q - 8) without mins (Q4_0), d * q + m with them (Q4_1).
 
@@ -201,8 +243,24 @@ def int8_weight_bytes(cfg, shard, group_size: int = 128, lm_head: bool = False) 
 
 # ------------------------------------------------------------------------------------ GPU memory
 
-# Bytes per weight as the GPU holds a GGUF tensor run natively.
-NATIVE_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32}
+# Bytes per weight as the GPU holds a GGUF tensor run natively (Q4_K: in Q4_1's form).
+NATIVE_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32, "Q4_K": 20 / 32}
+
+
+def auto_form(kinds: set) -> str | None:
+    """How `--quantize auto` runs a projection merged from sources of these GGUF types (None: a float source):
+    "Q8_0" (W8A16 in groups of 32), "Q4_0" / "Q4_1" (W4A16 bit for bit), "Q4_1_FORM" (W4A16 in Q4_1's form,
+    q4_1_form: Q4_K, or Q4_0 / Q4_1 merged with another 4-bit type), or None (float: mpillm.layers.load_packed)."""
+    if kinds == {"Q8_0"}:
+        return "Q8_0"
+    if len(kinds) == 1 and kinds <= {"Q4_0", "Q4_1"}:
+        return next(iter(kinds))
+    if kinds and kinds <= {"Q4_0", "Q4_1", "Q4_K"}:
+        return "Q4_1_FORM"
+    return None
+
+
+FORM_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32, "Q4_1_FORM": 20 / 32}
 # The benchmarks' random 4-bit weights: "q4" in the Q4_0 layout (d only), "q4_1" with a min.
 RANDOM_Q4_BYTES_PER_WEIGHT = {"q4": NATIVE_BYTES_PER_WEIGHT["Q4_0"], "q4_1": NATIVE_BYTES_PER_WEIGHT["Q4_1"]}
 
@@ -212,8 +270,8 @@ def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, 
     """About the bytes one rank's weights take on the GPU (bf16/fp16 model dtype) for `mpillm run --quantize`:
     projections as quantized; the embedding table always in the model dtype; the LM head quantized with
     int8 + lm_head, or under auto when the file stores it as Q8_0/Q4 (then it is held besides the table).
-    "q4" / "q4_1" are the benchmarks' random 4-bit weights. Under auto, every projection is taken to have the type of
-    layer 0's down_proj."""
+    "q4" / "q4_1" are the benchmarks' random 4-bit weights. Under auto, each merged projection of each layer as
+    auto_form takes its sources' types (a Q4_K_M file mixes Q4_K and Q6_K)."""
     h = cfg.hidden_size
     proj = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
                              + shard.n_heads * cfg.head_dim * h + 3 * h * (shard.ffn_hi - shard.ffn_lo))
@@ -223,11 +281,24 @@ def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, 
         per = 1 + 2 / group_size if quantize == "int8" else RANDOM_Q4_BYTES_PER_WEIGHT[quantize]
         head = per if lm_head else None
     elif quantize == "auto" and ckpt is not None:
-        down = ckpt.load_blocks("model.layers.0.mlp.down_proj.weight", rows=slice(0, 1))
-        per = NATIVE_BYTES_PER_WEIGHT.get(down[0], 2.0) if down else 2.0
+        # imported here: mpillm.layers imports this module
+        from mpillm.layers import projection_sources
+
+        def kind(name):
+            got = ckpt.quantized(name)
+            return got[0] if got else None
+
+        def count(name, sl, dim):
+            return len(range(*sl.indices(ckpt.shape(name)[dim]))) if sl is not None else ckpt.shape(name)[dim]
+        total = 0.0
+        for i in range(cfg.num_layers):
+            for sources in projection_sources(cfg, shard, i).values():
+                elems = sum(count(n, rows, 0) * count(n, cols, 1) for n, rows, cols in sources)
+                form = auto_form({kind(n) for n, _, _ in sources})
+                total += elems * FORM_BYTES_PER_WEIGHT.get(form, 2.0)
+        per = total / proj
         name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        blocks = ckpt.load_blocks(name, rows=slice(0, 1))
-        head = NATIVE_BYTES_PER_WEIGHT.get(blocks[0]) if blocks else None
+        head = FORM_BYTES_PER_WEIGHT.get(auto_form({kind(name)}))
     head_bytes = vocab * head if head else (0 if cfg.tie_word_embeddings else 2 * vocab)
     return int(proj * per + head_bytes) + 2 * vocab + 2 * (2 * cfg.num_layers + 1) * h
 

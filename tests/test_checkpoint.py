@@ -458,10 +458,11 @@ def test_tiny_gguf_decoded_types_match_hf(tiny_kquant):
     model = Transformer(ck)
     for ids in PROMPTS:
         assert_close(_ours(model, ids), _hf_logits(hf, ids), what=f"len {len(ids)}")
-    # --quantize auto keeps them float (no kernel reads their blocks), but for the native Q4_0 down projection
+    # --quantize auto keeps them float (no kernel reads their blocks), but for the native Q4_0 down projection and
+    # the Q4_K o projection (W4A16 in Q4_1's form: test_q4_k_runs_as_w4a16_in_q4_1_form)
     src = projection_sources(ck.config, make_shard(ck.config, 0, 1), 1)
-    assert load_packed(ck, src["qkv"], "auto") is None and load_packed(ck, src["o"], "auto") is None
-    assert load_packed(ck, src["down"], "auto").kind == "q4_0"
+    assert load_packed(ck, src["qkv"], "auto") is None and load_packed(ck, src["gate_up"], "auto") is None
+    assert load_packed(ck, src["down"], "auto").kind == "q4_0" and load_packed(ck, src["o"], "auto").kind == "q4"
     # a row-parallel shard's columns fall on the 256-element blocks; a cut inside one is refused
     name = "model.layers.0.mlp.down_proj.weight"
     full = ck.load(name)
@@ -482,6 +483,79 @@ def test_tiny_gguf_decoded_types_tensor_parallel(tiny_kquant):
     out = group.run(lambda r: _ours(models[r], ids))
     np.testing.assert_array_equal(out[0], out[1])
     assert_close(out[0], _ours(Transformer(ck), ids), rel=1e-5, what="TP 2 against TP 1")
+
+
+# Q4_K, which --quantize auto runs as W4A16 in Q4_1's form (quant.q4_1_form), alone (layer 0) and merged with Q4_0
+# and Q4_1 (layer 1's q/k/v); with Q6_K (layer 1's gate/up, as a Q4_K_M file has it) a projection stays float.
+Q4KTYPES = [dict.fromkeys(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"), Q.Q4_K),
+            {"attn_q": Q.Q4_K, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1, "attn_output": Q.Q4_1, "ffn_gate": Q.Q4_K,
+             "ffn_up": Q.Q6_K, "ffn_down": Q.Q4_K}]
+
+
+def write_tiny_q4k(path):
+    """The tiny llama of Q4KTYPES (a Q4_K LM head) written to `path`; returns the HF model holding what it decodes to."""
+    from mpillm.checkpoint import _gguf_name
+    hf = _tiny_hf(tied=False, seed=17, hidden=512, intermediate=1024)
+    types = {f"blk.{i}.{k}.weight": v for i in range(2) for k, v in Q4KTYPES[i].items()}
+    types["output.weight"] = Q.Q4_K
+    raw = {}
+    with torch.no_grad():
+        for j, (k, p) in enumerate(hf.named_parameters()):
+            g = _gguf_name(k)
+            if types.get(g) in DECODED:
+                raw[g] = random_blocks(types[g], tuple(p.shape), 500 + j)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(raw[g], types[g])))
+    hf_to_gguf(hf, path, types, raw)
+    return hf
+
+
+def q4k_bound(p):
+    """Per weight of a packed kind "q4" weight, what q4_1_form's fp16 rounding of Q4_K's d sc_j and dmin m_j may move
+    it: 2^-11 (15 |d'| + |m'|) from its own (d', m') pairs."""
+    sm = p.scales.reshape(p.n, -1, 2)[:, :p.k // 32].astype(np.float64)
+    return np.repeat(2.0 ** -11 * (15 * np.abs(sm[..., 0]) + np.abs(sm[..., 1])), 32, axis=1)
+
+
+def test_q4_k_runs_as_w4a16_in_q4_1_form(tmp_path):
+    """--quantize auto packs Q4_K projections as kind "q4" (d q + m per 32), alone and merged with Q4_0 / Q4_1 (whose
+    values stay exact); each weight within the fp16 rounding bound of the exactly decoded one; a row-parallel shard's
+    columns (whole 256-element blocks) pack as the same columns of the whole; Q4_K merged with Q6_K stays float."""
+    from mpillm.layers import load_packed, projection_sources
+    from mpillm.parallel import make_shard
+    from mpillm.quant import gpu_weight_bytes, unpack
+    hf = write_tiny_q4k(tmp_path / "q4k.gguf")
+    ck = open_checkpoint(tmp_path / "q4k.gguf")
+    for k, v in hf.state_dict().items():
+        np.testing.assert_array_equal(ck.load(k), v.numpy(), err_msg=k)
+    one = make_shard(ck.config, 0, 1)
+    for i in range(2):
+        src = projection_sources(ck.config, one, i)
+        for key, sources in src.items():
+            p = load_packed(ck, sources, "auto")
+            if (i, key) == (1, "gate_up"):
+                assert p is None
+                continue
+            want = np.concatenate([ck.load(n, rows=r, cols=c) for n, r, c in sources])
+            assert p.kind == "q4", (i, key)
+            got = unpack(p)
+            assert np.all(np.abs(got - want) <= q4k_bound(p) + 1e-12), (i, key)
+            if (i, key) == (1, "o"):                   # Q4_1 alone: bit for bit, as before
+                np.testing.assert_array_equal(got, want)
+    # Layer 1's q/k/v: the Q4_0 and Q4_1 rows exact, in Q4_1's form
+    src = projection_sources(ck.config, one, 1)["qkv"]
+    p, q_rows = load_packed(ck, src, "auto"), ck.config.num_heads * ck.config.head_dim
+    np.testing.assert_array_equal(unpack(p)[q_rows:], np.concatenate([ck.load(n, rows=r) for n, r, _ in src[1:]]))
+    # TP 2: rank 1's down projection columns [512, 1024)
+    whole = unpack(load_packed(ck, projection_sources(ck.config, one, 0)["down"], "auto"))
+    half = unpack(load_packed(ck, projection_sources(ck.config, make_shard(ck.config, 1, 2), 0)["down"], "auto"))
+    np.testing.assert_array_equal(half, whole[:, 512:])
+    # The GPU memory estimate counts each merged projection as it loads (5 bits a weight, or float's 16)
+    c = ck.config
+    h, inter = c.hidden_size, c.intermediate_size
+    qkv = h * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    packed = 2 * (qkv + c.num_heads * c.head_dim * h + 3 * h * inter) - 2 * h * inter   # all but layer 1's gate/up
+    want = packed * 20 / 32 + 2 * h * inter * 2 + c.vocab_size * h * (20 / 32 + 2) + 2 * (2 * 2 + 1) * h
+    assert abs(gpu_weight_bytes(c, one, "auto", ckpt=ck) - want) <= 1
 
 
 def test_decoded_block_with_a_non_finite_scale_is_refused(tmp_path):

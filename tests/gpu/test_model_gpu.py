@@ -334,16 +334,34 @@ def test_q4_0_gguf_runs_natively_and_matches_numpy(tmp_path, monkeypatch, cuda_d
 def test_decoded_gguf_types_match_numpy(tmp_path, cuda_device, kernels):
     """A GGUF of llama.cpp's K-quants and the other decoded types (test_checkpoint's tiny Q4_K_M-like llama, a Q6_K
     LM head): --quantize auto holds them as bf16 (no kernel reads their blocks) but for the native Q4_0 down
-    projection of layer 1; logits and greedy ids follow the NumPy backend."""
+    projection of layer 1 and its Q4_K o projection (W4A16 in Q4_1's form); logits and greedy ids follow the NumPy
+    backend."""
     pytest.importorskip("transformers")
     from test_checkpoint import write_tiny_kquant
     write_tiny_kquant(tmp_path / "tiny-k.gguf")
     ckpt = open_checkpoint(tmp_path / "tiny-k.gguf")
     ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
     kinds = [getattr(gpu.layers[i], key) for i in range(2) for key in ("qkv", "o", "gate_up", "down")]
-    assert [getattr(w, "kind", None) for w in kinds] == [None] * 7 + ["q4_0"]
+    assert [getattr(w, "kind", None) for w in kinds] == [None] * 5 + ["q4", None, "q4_0"]
     rng = np.random.default_rng(5)
     prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (4, 50, 81)], 8)
+
+
+def test_q4_k_gguf_matches_numpy(tmp_path, cuda_device, kernels):
+    """test_checkpoint's Q4_K llama (layer 0 all Q4_K; layer 1's q/k/v merged from Q4_K, Q4_0 and Q4_1, its gate/up
+    Q4_K with Q6_K; a Q4_K LM head): --quantize auto runs the Q4_K projections and the LM head as W4A16 in Q4_1's
+    form, layer 1's gate/up in bf16; logits and greedy ids follow the NumPy backend (exact decodes: the fp16
+    rounding of Q4_K's sub-block scales is far inside the bf16 tolerances)."""
+    pytest.importorskip("transformers")
+    from test_checkpoint import write_tiny_q4k
+    write_tiny_q4k(tmp_path / "tiny-q4k.gguf")
+    ckpt = open_checkpoint(tmp_path / "tiny-q4k.gguf")
+    ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
+    kinds = [getattr(getattr(gpu.layers[i], key), "kind", None)
+             for i in range(2) for key in ("qkv", "o", "gate_up", "down")]
+    assert kinds == ["q4"] * 4 + ["q4", "q4", None, "q4"] and gpu.lm_head.kind == "q4"
+    rng = np.random.default_rng(8)
+    prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (3, 40, 77)], 8)
 
 
 def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kernels):

@@ -135,7 +135,8 @@ GGML_TYPES = {  # type id -> (name, elements per block, bytes per block) for the
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
     8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2),
     # The types of llama.cpp's usual quantizations (Q4_K_M, Q5_K_S, Q6_K, IQ4_XS, ...) that are not Q8_0/Q4_0/Q4_1:
-    # no kernel of ours reads their blocks, so they load as float, decoded by the `gguf` package (GGUF_DECODED).
+    # they load as float, decoded by the `gguf` package (GGUF_DECODED); but for Q4_K under --quantize auto on the
+    # GPU, whose blocks are repacked into Q4_1's form (mpillm.quant.q4_1_form).
     6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 20: ("IQ4_NL", 32, 18),
     23: ("IQ4_XS", 256, 136),

@@ -423,21 +423,27 @@ KQTYPES = [{"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output":
             "ffn_up": Q.Q5_K, "ffn_down": Q.Q4_0}]
 
 
-def write_tiny_kquant(path):
-    """The K-quant tiny llama (KQTYPES) written to `path`; returns the HF model holding what it decodes to."""
+def write_tiny_typed(path, layer_types, other_types, seed, block_seed):
+    """A tiny untied llama (hidden 512: whole 256-element blocks) with the GGML types of layer_types (one dict of
+    gguf short names a layer) and other_types (gguf tensor names), written to `path`: random blocks for the decoded
+    types, the others quantized by hf_to_gguf. Returns the HF model holding what the file decodes to."""
     from mpillm.checkpoint import _gguf_name
-    hf = _tiny_hf(tied=False, seed=13, hidden=512, intermediate=1024)
-    types = {f"blk.{i}.{k}.weight": v for i in range(2) for k, v in KQTYPES[i].items()}
-    types["output.weight"], types["token_embd.weight"] = Q.Q6_K, Q.Q4_K
+    hf = _tiny_hf(tied=False, seed=seed, hidden=512, intermediate=1024)
+    types = {f"blk.{i}.{k}.weight": v for i, lt in enumerate(layer_types) for k, v in lt.items()} | other_types
     raw = {}
     with torch.no_grad():
         for j, (k, p) in enumerate(hf.named_parameters()):
             g = _gguf_name(k)
             if types.get(g) in DECODED:
-                raw[g] = random_blocks(types[g], tuple(p.shape), 300 + j)
+                raw[g] = random_blocks(types[g], tuple(p.shape), block_seed + j)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(raw[g], types[g])))
     hf_to_gguf(hf, path, types, raw)
     return hf
+
+
+def write_tiny_kquant(path):
+    """The K-quant tiny llama (KQTYPES, a Q6_K LM head, a Q4_K embedding)."""
+    return write_tiny_typed(path, KQTYPES, {"output.weight": Q.Q6_K, "token_embd.weight": Q.Q4_K}, 13, 300)
 
 
 @pytest.fixture(scope="module")
@@ -493,20 +499,8 @@ Q4KTYPES = [dict.fromkeys(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gat
 
 
 def write_tiny_q4k(path):
-    """The tiny llama of Q4KTYPES (a Q4_K LM head) written to `path`; returns the HF model holding what it decodes to."""
-    from mpillm.checkpoint import _gguf_name
-    hf = _tiny_hf(tied=False, seed=17, hidden=512, intermediate=1024)
-    types = {f"blk.{i}.{k}.weight": v for i in range(2) for k, v in Q4KTYPES[i].items()}
-    types["output.weight"] = Q.Q4_K
-    raw = {}
-    with torch.no_grad():
-        for j, (k, p) in enumerate(hf.named_parameters()):
-            g = _gguf_name(k)
-            if types.get(g) in DECODED:
-                raw[g] = random_blocks(types[g], tuple(p.shape), 500 + j)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(raw[g], types[g])))
-    hf_to_gguf(hf, path, types, raw)
-    return hf
+    """The tiny llama of Q4KTYPES (a Q4_K LM head)."""
+    return write_tiny_typed(path, Q4KTYPES, {"output.weight": Q.Q4_K}, 17, 500)
 
 
 def q4k_bound(p):

@@ -34,7 +34,8 @@ from mpillm.layers import bias_sources, load_merged, load_packed, projection_sou
 from mpillm.parallel import Shard
 from mpillm.quant import dequantize_int8, gpu_weight_bytes, pack_int8, quantize_int8
 
-# quantize: "none" (model dtype), "auto" (GGUF Q8_0/Q4 blocks as they are), "int8" (W8A16 at load);
+# quantize: "none" (model dtype), "auto" (GGUF Q8_0/Q4_0/Q4_1 blocks as they are, Q4_K in Q4_1's form),
+# "int8" (W8A16 at load);
 # "q4" (Q4_0 layout: d per 32) and "q4_1" (with a min) only for random weights (benchmarks of the W4A16 kernels).
 QUANTIZE = ("none", "auto", "int8", "q4", "q4_1")
 RANDOM_QUANT_KIND = {"int8": "int8", "q4": "q4_0", "q4_1": "q4"}     # --quantize -> QuantWeight kind

@@ -243,10 +243,6 @@ def int8_weight_bytes(cfg, shard, group_size: int = 128, lm_head: bool = False) 
 
 # ------------------------------------------------------------------------------------ GPU memory
 
-# Bytes per weight as the GPU holds a GGUF tensor run natively (Q4_K: in Q4_1's form).
-NATIVE_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32, "Q4_K": 20 / 32}
-
-
 def auto_form(kinds: set) -> str | None:
     """How `--quantize auto` runs a projection merged from sources of these GGUF types (None: a float source):
     "Q8_0" (W8A16 in groups of 32), "Q4_0" / "Q4_1" (W4A16 bit for bit), "Q4_1_FORM" (W4A16 in Q4_1's form,
@@ -260,9 +256,10 @@ def auto_form(kinds: set) -> str | None:
     return None
 
 
+# Bytes per weight as the GPU holds each auto_form.
 FORM_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32, "Q4_1_FORM": 20 / 32}
 # The benchmarks' random 4-bit weights: "q4" in the Q4_0 layout (d only), "q4_1" with a min.
-RANDOM_Q4_BYTES_PER_WEIGHT = {"q4": NATIVE_BYTES_PER_WEIGHT["Q4_0"], "q4_1": NATIVE_BYTES_PER_WEIGHT["Q4_1"]}
+RANDOM_Q4_BYTES_PER_WEIGHT = {"q4": FORM_BYTES_PER_WEIGHT["Q4_0"], "q4_1": FORM_BYTES_PER_WEIGHT["Q4_1"]}
 
 
 def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, lm_head: bool = False,

@@ -273,10 +273,10 @@ def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, 
     proj = cfg.num_layers * (h * (shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim
                              + shard.n_heads * cfg.head_dim * h + 3 * h * (shard.ffn_hi - shard.ffn_lo))
     vocab = (shard.vocab_hi - shard.vocab_lo) * h
-    per, head = 2.0, None
+    proj_bytes, head = 2.0 * proj, None
     if quantize in ("int8", *RANDOM_Q4_BYTES_PER_WEIGHT):
         per = 1 + 2 / group_size if quantize == "int8" else RANDOM_Q4_BYTES_PER_WEIGHT[quantize]
-        head = per if lm_head else None
+        proj_bytes, head = proj * per, (per if lm_head else None)
     elif quantize == "auto" and ckpt is not None:
         # imported here: mpillm.layers imports this module
         from mpillm.layers import projection_sources
@@ -287,17 +287,15 @@ def gpu_weight_bytes(cfg, shard, quantize: str = "none", group_size: int = 128, 
 
         def count(name, sl, dim):
             return len(range(*sl.indices(ckpt.shape(name)[dim]))) if sl is not None else ckpt.shape(name)[dim]
-        total = 0.0
+        proj_bytes = 0.0
         for i in range(cfg.num_layers):
             for sources in projection_sources(cfg, shard, i).values():
                 elems = sum(count(n, rows, 0) * count(n, cols, 1) for n, rows, cols in sources)
-                form = auto_form({kind(n) for n, _, _ in sources})
-                total += elems * FORM_BYTES_PER_WEIGHT.get(form, 2.0)
-        per = total / proj
+                proj_bytes += elems * FORM_BYTES_PER_WEIGHT.get(auto_form({kind(n) for n, _, _ in sources}), 2.0)
         name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         head = FORM_BYTES_PER_WEIGHT.get(auto_form({kind(name)}))
     head_bytes = vocab * head if head else (0 if cfg.tie_word_embeddings else 2 * vocab)
-    return int(proj * per + head_bytes) + 2 * vocab + 2 * (2 * cfg.num_layers + 1) * h
+    return int(proj_bytes + head_bytes) + 2 * vocab + 2 * (2 * cfg.num_layers + 1) * h
 
 
 # ------------------------------------------------------------------------------------ GPU packed layout

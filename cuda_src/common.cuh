@@ -21,8 +21,8 @@ typedef __half f16;
 //     before it. One exception, gemv_quant.cu's PreNormStage: data written two or more kernels back, read
 //     through L2, never written by this kernel or the one just before it. That holds only because the kernel
 //     just before it is a gemv_quant.cu kernel that lets its dependents start late (pdl_begin_late), once its
-//     own wait has returned: every one but Q4_0's one-token x1_linear kernels (the model folds such a pre-norm
-//     only after one: Kernels.starts_dependents_late).
+//     own wait has returned: every one but Q4_0's and Q4_1's one-token x1_linear kernels (the model folds such a
+//     pre-norm only after one: Kernels.starts_dependents_late).
 //   - Every block reaches it, also blocks with no work: a kernel that could finish without waiting would let
 //     the next one start before the one before it had finished (the chain of waits is what orders them).
 //   - pdl_launch_dependents() lets the next kernel's blocks be scheduled; it comes first (pdl_begin), so that

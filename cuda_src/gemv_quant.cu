@@ -85,7 +85,8 @@ __device__ __forceinline__ void cp_async16_scales(void* smem, const void* gmem, 
                  : "memory");
 }
 // The deepest Q4_0 ring among the _x1 kernels (the _x1d kernel's), which sizes the scale ring that the launcher
-// reserves for every Q4_0 _x1 launch (kernels.py Q4_0_X1_SCALE_RING = this x 8 warps x 128 bytes).
+// reserves for every Q4_0 _x1 launch (kernels.py Q4_0_X1_SCALE_RING = this x 8 warps x 128 bytes; Q4_1's steps
+// take 256 bytes: Q4_1_X1_SCALE_RING).
 #define Q4_0_X1_MAX_STAGES 5
 
 __device__ __forceinline__ uint32_t word_at(const uint4& v, int i) {
@@ -263,7 +264,7 @@ struct PreNormStage {
 // staged as x 2^s / 16 (u4_pair_x16 feeds their codes 16 times too large), and after the n_sb * 128 fp16 values,
 // each 32-element chunk's bias -sum_k (1024 + 8 s_k) x'_k in fp32 (s_k = 1 or 16, x'_k the staged value), four
 // times (16 bytes: the mma's accumulator input as it is loaded).
-// FOLD (Q4_0's _x1n kernels): the pre-norm folded in with its scale left to the end. x is not read: each lane
+// FOLD (Q4_0's and Q4_1's _x1n kernels): the pre-norm folded in with its scale left to the end. x is not read: each lane
 // stages r' w (r' = r + delta, rounded to bf16 as add_rms_norm does; block 0 writes r' to resid_out) for its own
 // vectors, and the block's sum of squares of r' gives rstd, by which the returned factor is multiplied: rstd is one
 // number per token, so sum_k W_k (r'_k rstd w_k) = rstd sum_k W_k (r'_k w_k); the warps' sums of squares meet at
@@ -272,10 +273,14 @@ struct PreNormStage {
 // ran 2.6% slower than with the norm kernel of its own; docs/PERFORMANCE.md, seventeenth session). Not
 // add_rms_norm's bits: r' w is rounded once to bf16 where that kernel rounds r' rstd w.
 // FROM_SMEM: x is already in xs as bf16 (PreNormStage).
-template <int WARPS, bool FROM_SMEM = false, bool Q4 = false, bool FOLD = false>
+// ASYM (Q4_1's one-token kernels, Q4 too): the chunk biases take off the 1024s alone, -sum_k 1024 x'_k, so the mma
+// leaves sum_k q_k x_k 2^s; after a super-block's 4 biases, its 4 chunks' sums sum_k x_k 2^s (= sum_k s_k x'_k) in
+// fp32 (a fifth float4), for the min: sum_k (d q_k + m) x_k = d sum_k q_k x_k + m sum_k x_k.
+template <int WARPS, bool FROM_SMEM = false, bool Q4 = false, bool FOLD = false, bool ASYM = false>
 __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16* __restrict__ x, int K, int n_sb,
                                               int warp, int lane, const PreNorm& pn = PreNorm{}) {
     static_assert(!(FOLD && FROM_SMEM), "one source of x");
+    static_assert(!ASYM || Q4, "ASYM: Q4_1's 4-bit codes");
     // loads in flight per lane: one round trip for K up to 16,384 (FOLD: 3 loads a vector, so 2 vectors, K up to 4,096
     // in one trip; at 4 the Q4_0 kernels spilled 100 bytes)
     constexpr int BATCH = FOLD ? 2 : 8;
@@ -285,7 +290,7 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
     auto at = [&](int v) { return (warp + WARPS * (v / VPS)) * SBE + 8 * (v % VPS); };  // element index of vector v
     uint32_t dyn;  // the launcher sizes the dynamic shared memory (kernels.py qgemv_x1_bytes): never write past it
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (uint32_t)n_sb * (2u * SBE + (Q4 ? 64u : 0u))) __trap();
+    if (dyn < (uint32_t)n_sb * (2u * SBE + (Q4 ? 64u : 0u) + (ASYM ? 16u : 0u))) __trap();
     // Pass 1: x as it is into shared memory (zeros past K), and the max of |x| as bf16 bits (monotone in |x|: NaN
     // above inf above every finite).
     uint32_t mbits = 0;
@@ -330,7 +335,8 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
     const float up = __int_as_float((127 + s) << 23), up16 = __int_as_float((123 + s) << 23);  // 2^s, 2^s / 16
     // Pass 2, in place (each lane its own vectors): fp16 of x 2^s (Q4: / 16 at elements 2, 3, 6, 7 of each 8, and
     // the chunk biases: a chunk is 4 vectors, those of lanes 4c .. 4c + 3). convert(v) converts vector v and returns
-    // its share of its chunk's bias (Q4).
+    // its share of its chunk's bias (Q4; ASYM: its share of the chunk's sum of x into csum).
+    float csum = 0.f;
     auto convert = [&](int v) {
         uint4& h = xs[at(v) >> 3];
         const uint4 q = h;
@@ -344,8 +350,14 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
             o[i] = *reinterpret_cast<const uint32_t*>(&p);
             if (Q4) {
                 const float2 r = __half22float2(p);
-                const float c = i & 1 ? 1152.f : 1032.f;  // 1024 + 8 s_k
-                part = fmaf(c, r.y, fmaf(c, r.x, part));
+                if constexpr (ASYM) {
+                    part = fmaf(1024.f, r.y, fmaf(1024.f, r.x, part));
+                    const float sk = i & 1 ? 16.f : 1.f;
+                    csum = fmaf(sk, r.y, fmaf(sk, r.x, csum));
+                } else {
+                    const float c = i & 1 ? 1152.f : 1032.f;  // 1024 + 8 s_k
+                    part = fmaf(c, r.y, fmaf(c, r.x, part));
+                }
             }
         }
         h = make_uint4(o[0], o[1], o[2], o[3]);
@@ -355,11 +367,19 @@ __device__ __forceinline__ float stage_x_half(uint4* __restrict__ xs, const bf16
         float* const bias = reinterpret_cast<float*>(xs + n_sb * VPS);
         for (int v0 = 0; v0 < vecs; v0 += 32) {  // a uniform bound for the shuffles
             const int v = v0 + lane;
+            csum = 0.f;
             float part = v < vecs ? convert(v) : 0.f;
             part += __shfl_xor_sync(0xFFFFFFFFu, part, 1);
             part += __shfl_xor_sync(0xFFFFFFFFu, part, 2);
+            const int c = at(v) >> 5;                                 // the chunk
+            const int at4 = ASYM ? (c >> 2) * 5 + (c & 3) : c;        // its bias's float4
             if (v < vecs && (lane & 3) == 0)
-                reinterpret_cast<float4*>(bias)[at(v) >> 5] = make_float4(-part, -part, -part, -part);
+                reinterpret_cast<float4*>(bias)[at4] = make_float4(-part, -part, -part, -part);
+            if constexpr (ASYM) {  // the chunk sums: the fifth float4 of the super-block's
+                csum += __shfl_xor_sync(0xFFFFFFFFu, csum, 1);
+                csum += __shfl_xor_sync(0xFFFFFFFFu, csum, 2);
+                if (v < vecs && (lane & 3) == 0) bias[((c >> 2) * 5 + 4) * 4 + (c & 3)] = csum;
+            }
         }
     } else {
         for (int v = lane; v < vecs; v += 32) convert(v);
@@ -911,9 +931,16 @@ __device__ __forceinline__ void x1_finish(float (*partial)[4][32], float acc_a, 
 //   - Every lane reads x (lanes g != 0 feed the mma's columns 1..7, whose results are never read); Q4_0's chunk
 //     biases are stored four times so that one 16-byte load is the mma's accumulator input.
 //   - PRENORM (int8): the pre-norm folded into the prologue (PreNormStage above).
+//   - ASYM (BITS = 4): Q4_1 (and Q4_K, which loads in Q4_1's form) in its row-major layout (the m kernels' and the
+//     prefill's; int8's addressing): Q4_0's loop with the mins added, x's chunk biases taking off only the 1024s and
+//     each chunk's sum of x after them (stage_x_half's ASYM), a step's scales 16 rows of 4 (d, m) pairs (256 bytes)
+//     through the ring, lanes 0-15 copying a row each; d times the mma's sum plus m times the chunk's sum of x. Before
+//     it, one token of Q4_1 ran quant_linear's m1 kernel: Llama-3-8B b=1 400 tok/s where Q4_0 ran 566 (H200,
+//     docs/PERFORMANCE.md, twenty-eighth session).
 // The arithmetic is quant_linear's one-token path's, step for step: the same fp32 sums in the same order (Q4_0:
 // the same bits, checked on an H100 against that kernel on six shapes; int8: the m1 kernels' bits, the GPU tests).
-template <int BITS, typename OutT, bool SWIGLU, bool ROPE, int STAGES, bool PRENORM = false, bool SEND = false>
+template <int BITS, typename OutT, bool SWIGLU, bool ROPE, int STAGES, bool PRENORM = false, bool SEND = false,
+          bool ASYM = false>
 __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __restrict__ x,
                                           const uint8_t* __restrict__ w, const void* __restrict__ scales,
                                           const bf16* __restrict__ bias, int M, int N, int K, int n_sb, int n_groups,
@@ -922,6 +949,7 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     static_assert(STAGES >= 2, "a ring of at least 2 stages");
     static_assert(!SEND || (!SWIGLU && !ROPE && !PRENORM && sizeof(OutT) == 2), "SEND: a plain projection into bf16");
     static_assert(BITS == 8 || BITS == 4, "int8, or Q4_0 (the 4s layout)");
+    static_assert(!ASYM || BITS == 4, "ASYM: Q4_1, row-major");
     constexpr bool Q4 = BITS == 4;
     constexpr int WARPS = 8, STEP_SB = WARPS;  // a warp step: one super-block (1 KB of 16 rows), sb = warp + 8 i
     constexpr int VPS = Q4 ? 16 : 8;           // x vectors (8 elements) per super-block: 128 or 64 elements
@@ -946,11 +974,15 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     __shared__ float partial[WARPS][4][32];
     __shared__ __align__(16) SendStage<bf16, 1> send_st;  // SEND only (unused shared memory is not allocated)
     extern __shared__ __align__(16) uint4 qgemv_xs[];
-    uint4 (*const ring_s)[STAGES][8] = reinterpret_cast<uint4 (*)[STAGES][8]>(qgemv_xs + n_sbp * (VPS + 4));
+    // ASYM: each super-block's chunk biases followed by its chunk sums of x (a fifth 16-byte vector); ring_s's step
+    // holds 16 rows' 16 bytes of (d, m).
+    constexpr int BIAS_VECS = ASYM ? 5 : 4, X_VECS = VPS + BIAS_VECS, SCALE_VECS = ASYM ? 16 : 8;
+    uint4 (*const ring_s)[STAGES][SCALE_VECS] =
+        reinterpret_cast<uint4 (*)[STAGES][SCALE_VECS]>(qgemv_xs + n_sbp * X_VECS);
     if constexpr (Q4) {  // x, its chunk biases (stage_x_half checks those) and ring_s: qgemv_x1_bytes
         uint32_t dyn;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (dyn < (uint32_t)n_sbp * (VPS + 4) * 16u + Q4_0_X1_MAX_STAGES * WARPS * 128u) __trap();
+        if (dyn < (uint32_t)n_sbp * X_VECS * 16u + Q4_0_X1_MAX_STAGES * WARPS * 16u * SCALE_VECS) __trap();
     }
 
     // The cursor STAGES - 1 steps ahead: its tile's row pointers move only when it crosses into the next tile.
@@ -961,7 +993,12 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     const uint8_t* a_s = nullptr;         // Q4_0: the tile's scales, lane (lanes 0-7) 16 bytes of each step's 128
     const unsigned short *a_ga, *a_gb;    // int8: their group scales
     auto aim = [&]() {
-        if constexpr (Q4) {  // codes in tiles (Q4_0_TILES): the tile's rows g and g + 8, the last tile past the end
+        if constexpr (ASYM) {  // row-major: rows g and g + 8, and lanes 0-15 row (lane & 15)'s (d, m), clamped to N - 1
+            const int r0 = a_tile * QGEMV_ROWS;
+            a_wa = w + (size_t)min(r0 + g, N - 1) * row_bytes + 16 * t;
+            a_wb = w + (size_t)min(r0 + g + 8, N - 1) * row_bytes + 16 * t;
+            a_s = static_cast<const uint8_t*>(scales) + (size_t)min(r0 + (lane & 15), N - 1) * n_sb * 16;
+        } else if constexpr (Q4) {  // codes in tiles (Q4_0_TILES): the tile's rows g and g + 8, the last tile past the end
             const size_t r0 = (size_t)min(a_tile, n_tiles - 1) * QGEMV_ROWS;
             a_wa = w + r0 * row_bytes + g * QGEMV_SB_BYTES + 16 * t, a_wb = a_wa + 8 * QGEMV_SB_BYTES;
             // q4_0_scales_at(r0 / 16, 0, n_sb, lane & 7) in bytes, written out: through the helper (other address
@@ -978,7 +1015,12 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
     // Addresses stay in bounds where nothing is read (super-block 0): the loads may be issued either way.
     auto issue = [&](int slot) {
         const bool ok = a_tile < n_tiles && a_sb < n_sb;
-        if constexpr (Q4) {  // the tile's super-block: 1 KB of codes and 128 bytes of scales (zeros past n_sb)
+        if constexpr (ASYM) {  // the rows' super-block: 64 bytes a row, and its 16 bytes of (d, m) (zeros past n_sb)
+            const uint32_t off = ok ? (uint32_t)a_sb * QGEMV_SB_BYTES : 0u;
+            cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
+            cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
+            if (lane < 16) cp_async16_scales(&ring_s[warp][slot][lane], a_s + (off >> 2), ok);
+        } else if constexpr (Q4) {  // the tile's super-block: 1 KB of codes and 128 bytes of scales (zeros past n_sb)
             const uint32_t off = ok ? (uint32_t)a_sb * Q4_0_SB_STRIDE * QGEMV_SB_BYTES : 0u;
             cp_async16_l2_256(&ring_w[warp][slot][0][lane], a_wa + off, ok);
             cp_async16_l2_256(&ring_w[warp][slot][1][lane], a_wb + off, ok);
@@ -1016,12 +1058,13 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         pdl_begin_late();
     if constexpr (SEND) send_stage_flags(send_st, send, M);
     if constexpr (REPLAY) pre.finish(qgemv_xs, prenorm, K);
-    const float x_down = stage_x_half<WARPS, REPLAY, Q4, FOLD>(qgemv_xs, x, K, n_sbp, warp, lane, prenorm);
+    const float x_down = stage_x_half<WARPS, REPLAY, Q4, FOLD, ASYM>(qgemv_xs, x, K, n_sbp, warp, lane, prenorm);
 
     // The compute cursor: x (vector sb * VPS + 4 j + t: lane t's 8 elements of chunk j) and, for Q4_0, the chunk
-    // biases (float4 sb * 4 + j, after the n_sbp * 16 vectors of x).
+    // biases (float4 sb * 4 + j, after the n_sbp * 16 vectors of x; ASYM: sb * 5 + j, and the chunk sums of x at
+    // float4 sb * 5 + 4).
     const uint4* const x0 = qgemv_xs + warp * VPS + t;
-    const float4* const b0 = reinterpret_cast<const float4*>(qgemv_xs + n_sbp * VPS) + warp * 4;
+    const float4* const b0 = reinterpret_cast<const float4*>(qgemv_xs + n_sbp * VPS) + warp * BIAS_VECS;
     const uint4* xp = x0;
     const float4* bp = b0;
     int c_step = 0, tile = blockIdx.x;
@@ -1030,7 +1073,10 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         cp_async_wait<STAGES - 2>();
         const uint4 wa = ring_w[warp][slot][0][lane], wb = ring_w[warp][slot][1][lane];
         uint2 sa, sb;  // rows g and g + 8
-        if constexpr (Q4) {
+        uint4 dma, dmb;  // ASYM: their (d, m) pairs
+        if constexpr (ASYM) {
+            dma = ring_s[warp][slot][g], dmb = ring_s[warp][slot][g + 8];
+        } else if constexpr (Q4) {
             const uint4 v = ring_s[warp][slot][g];
             sa = make_uint2(v.x, v.y), sb = make_uint2(v.z, v.w);
         } else {
@@ -1039,7 +1085,25 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         issue(slot == 0 ? STAGES - 1 : slot - 1);  // the slot read one step ago
         // Chunk j: pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8 as fp16 in a0 / a1, the fp32 sum from the
         // mma, times the chunk's scale (fp16 bits da / db).
-        if constexpr (Q4) {
+        if constexpr (ASYM) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t ua = word_at(wa, j), ub = word_at(wb, j), ua8 = ua >> 8, ub8 = ub >> 8;
+                const uint32_t a0[4] = {u4_pair_x16(ua, ua8, 0), u4_pair_x16(ub, ub8, 0), u4_pair_x16(ua, ua8, 1),
+                                        u4_pair_x16(ub, ub8, 1)};
+                const uint32_t a1[4] = {u4_pair_x16(ua, ua8, 2), u4_pair_x16(ub, ub8, 2), u4_pair_x16(ua, ua8, 3),
+                                        u4_pair_x16(ub, ub8, 3)};
+                const uint4 xv = xp[4 * j];
+                const float4 bj = bp[j];
+                float c[4] = {bj.x, bj.y, bj.z, bj.w};
+                mma_16816<f16>(c, a0, xv.x, xv.y);
+                mma_16816<f16>(c, a1, xv.z, xv.w);
+                const uint32_t pa = word_at(dma, j), pb = word_at(dmb, j);
+                const float xsum = reinterpret_cast<const float*>(bp + 4)[j];  // the chunk's sum of x
+                acc_a = fmaf(half_bits_to_float(pa >> 16), xsum, fmaf(half_bits_to_float(pa), c[0], acc_a));
+                acc_b = fmaf(half_bits_to_float(pb >> 16), xsum, fmaf(half_bits_to_float(pb), c[2], acc_b));
+            }
+        } else if constexpr (Q4) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const uint32_t ua = word_at(wa, j), ub = word_at(wb, j), ua8 = ua >> 8, ub8 = ub >> 8;
@@ -1074,7 +1138,7 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
             }
         }
         xp += WARPS * VPS;
-        if constexpr (Q4) bp += WARPS * 4;
+        if constexpr (Q4) bp += WARPS * BIAS_VECS;
         if (++c_step == steps) {  // the tile's last step: its sums, then the next tile from its first super-block
             x1_finish<OutT, SWIGLU, ROPE>(partial, acc_a * x_down, acc_b * x_down, y, bias, tile * QGEMV_ROWS, M, N,
                                           rope, SEND ? reinterpret_cast<OutT*>(&send_st.out[0][0]) : nullptr);
@@ -1324,47 +1388,56 @@ __device__ __forceinline__ void dequantize_packed(T* __restrict__ out, const uin
 //     warp at 2 blocks per SM, HBM was not kept busy). Llama-3-8B b=1, H200, one call: 514.6 / 515.0 tok/s against
 //     484.3 / 482.8 (docs/PERFORMANCE.md, twentieth session); 6 and 8 stages no better or worse, 80 registers
 //     (3 blocks' bounds, 4 bytes spilled) 495.
-#define QGEMV_X1_ARGS                                                                                           \
+#define QGEMV_X1_ARGS                                                                                            \
     const bf16 *x, const uint8_t *w, const void *scales, const bf16 *bias, int M, int N, int K, int n_sb,        \
         int n_groups, int gshift
-#define QGEMV_X1_ROPE_ARGS                                                                                      \
-    const int *positions, const float *inv_freq, const int *slots, bf16 *k_cache, bf16 *v_cache, int n_heads,   \
+#define QGEMV_X1_ROPE_ARGS                                                                                       \
+    const int *positions, const float *inv_freq, const int *slots, bf16 *k_cache, bf16 *v_cache, int n_heads,    \
         int n_kv, int head_dim
 #define QGEMV_X1_ROPE RopeArgs<bf16>{positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim}
-#define QGEMV_X1_ENTRY(OUT_T, FNAME, BITS, SWIGLU, MINB, STAGES)                                                \
+// ASYM (the last argument): Q4_1's row-major layout (x1_linear).
+#define QGEMV_X1_ENTRY(OUT_T, FNAME, BITS, SWIGLU, MINB, STAGES, ASYM)                                           \
     extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(OUT_T* y, QGEMV_X1_ARGS) {                     \
-        x1_linear<BITS, OUT_T, SWIGLU, false, STAGES>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);    \
+        x1_linear<BITS, OUT_T, SWIGLU, false, STAGES, false, false, ASYM>(                                       \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift);                                             \
     }
-#define QGEMV_X1_ROPE_ENTRY(FNAME, BITS, MINB, STAGES)                                                          \
+#define QGEMV_X1_ROPE_ENTRY(FNAME, BITS, MINB, STAGES, ASYM)                                                     \
     extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS) {  \
-        x1_linear<BITS, bf16, false, true, STAGES>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,       \
-                                                   QGEMV_X1_ROPE);                                              \
+        x1_linear<BITS, bf16, false, true, STAGES, false, false, ASYM>(                                          \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE);                              \
     }
-QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, 2, 4)
-QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, true, 2, 4)
-QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, 2, 4)
-QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, true, 2, 4)
-QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, 3, 4)
-QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, false, 3, 3)
-QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1d, 4, false, 2, 5)
-QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, 3, 3)
-QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, false, 3, 3)
-QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, 3, 3)
-QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3)
+QGEMV_X1_ENTRY(bf16, qgemv8_bf16_bf16_x1, 8, false, 2, 4, false)
+QGEMV_X1_ENTRY(bf16, qgemv8_swiglu_bf16_bf16_x1, 8, true, 2, 4, false)
+QGEMV_X1_ENTRY(float, qgemv8_bf16_f32_x1, 8, false, 2, 4, false)
+QGEMV_X1_ENTRY(float, qgemv8_swiglu_bf16_f32_x1, 8, true, 2, 4, false)
+QGEMV_X1_ROPE_ENTRY(qgemv8_rope_bf16_x1, 8, 3, 4, false)
+QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1, 4, false, 3, 3, false)
+QGEMV_X1_ENTRY(bf16, qgemv4s_bf16_bf16_x1d, 4, false, 2, 5, false)
+QGEMV_X1_ENTRY(bf16, qgemv4s_swiglu_bf16_bf16_x1, 4, true, 3, 3, false)
+QGEMV_X1_ENTRY(float, qgemv4s_bf16_f32_x1, 4, false, 3, 3, false)
+QGEMV_X1_ENTRY(float, qgemv4s_swiglu_bf16_f32_x1, 4, true, 3, 3, false)
+QGEMV_X1_ROPE_ENTRY(qgemv4s_rope_bf16_x1, 4, 3, 3, false)
+// Q4_1 (ASYM): Q4_0's shapes, 3 blocks per SM and 3 stages; no deep-ring twin.
+QGEMV_X1_ENTRY(bf16, qgemv4_bf16_bf16_x1, 4, false, 3, 3, true)
+QGEMV_X1_ENTRY(bf16, qgemv4_swiglu_bf16_bf16_x1, 4, true, 3, 3, true)
+QGEMV_X1_ENTRY(float, qgemv4_bf16_f32_x1, 4, false, 3, 3, true)
+QGEMV_X1_ENTRY(float, qgemv4_swiglu_bf16_f32_x1, 4, true, 3, 3, true)
+QGEMV_X1_ROPE_ENTRY(qgemv4_rope_bf16_x1, 4, 3, 3, true)
 // SEND (_send_): the row-parallel o and down projections of a TP group, which also send their output tiles into the
 // fused all-reduce's buffers (ll.cuh send_tile, as gemv.cu's SEND GEMV), so that the all-reduce + norm kernel only
 // receives. The same shapes as the plain kernels above.
-#define QGEMV_X1_SEND_ENTRY(FNAME, BITS, MINB, STAGES)                                                          \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                                     \
+#define QGEMV_X1_SEND_ENTRY(FNAME, BITS, MINB, STAGES, ASYM)                                                     \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                                      \
         FNAME(bf16* y, QGEMV_X1_ARGS, const unsigned long long* table, unsigned long long slot_bytes, int rank,  \
-              int world) {                                                                                      \
-        x1_linear<BITS, bf16, false, false, STAGES, false, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups,  \
-                                                                 gshift, RopeArgs<bf16>{}, PreNorm{},            \
-                                                                 LlSend{table, slot_bytes, rank, world});        \
+              int world) {                                                                                       \
+        x1_linear<BITS, bf16, false, false, STAGES, false, true, ASYM>(                                          \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{}, PreNorm{},                 \
+            LlSend{table, slot_bytes, rank, world});                                                             \
     }
-QGEMV_X1_SEND_ENTRY(qgemv8_send_bf16_x1, 8, 2, 4)
-QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1, 4, 3, 3)
-QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1d, 4, 2, 5)
+QGEMV_X1_SEND_ENTRY(qgemv8_send_bf16_x1, 8, 2, 4, false)
+QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1, 4, 3, 3, false)
+QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1d, 4, 2, 5, false)
+QGEMV_X1_SEND_ENTRY(qgemv4_send_bf16_x1, 4, 3, 3, true)
 // The pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are PreNorm's
 // (delta, resid_in, resid_out, weight, eps), and K is the hidden size. int8 replays add_rms_norm (PreNormStage);
 // Q4_0 applies rstd to its sums (stage_x_half's FOLD): Llama-3-8B b=1 436.2-436.3 tok/s against 421.9-423.1 with
@@ -1372,21 +1445,23 @@ QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1d, 4, 2, 5)
 // seventeenth sessions).
 #define QGEMV_X1N_ARGS const bf16 *delta, const bf16 *resid_in, bf16 *resid_out, const bf16 *norm_w, float eps
 #define QGEMV_X1N PreNorm{delta, resid_in, resid_out, norm_w, eps}
-#define QGEMV_X1N_ENTRY(FNAME, BITS, MINB, STAGES)                                                              \
+#define QGEMV_X1N_ENTRY(FNAME, BITS, MINB, STAGES, ASYM)                                                         \
     extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1N_ARGS) {      \
-        x1_linear<BITS, bf16, true, false, STAGES, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,  \
-                                                         RopeArgs<bf16>{}, QGEMV_X1N);                           \
+        x1_linear<BITS, bf16, true, false, STAGES, true, false, ASYM>(                                           \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, RopeArgs<bf16>{}, QGEMV_X1N);                \
     }
-#define QGEMV_X1N_ROPE_ENTRY(FNAME, BITS, MINB, STAGES)                                                         \
+#define QGEMV_X1N_ROPE_ENTRY(FNAME, BITS, MINB, STAGES, ASYM)                                                    \
     extern "C" __global__ void __launch_bounds__(256, MINB) FNAME(bf16* y, QGEMV_X1_ARGS, QGEMV_X1_ROPE_ARGS,    \
-                                                                  QGEMV_X1N_ARGS) {                             \
-        x1_linear<BITS, bf16, false, true, STAGES, true>(y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift,  \
-                                                         QGEMV_X1_ROPE, QGEMV_X1N);                              \
+                                                                  QGEMV_X1N_ARGS) {                              \
+        x1_linear<BITS, bf16, false, true, STAGES, true, false, ASYM>(                                           \
+            y, x, w, scales, bias, M, N, K, n_sb, n_groups, gshift, QGEMV_X1_ROPE, QGEMV_X1N);                   \
     }
-QGEMV_X1N_ENTRY(qgemv8_swiglu_bf16_bf16_x1n, 8, 2, 4)  // the SwiGLU (gate/up) projection
-QGEMV_X1N_ROPE_ENTRY(qgemv8_rope_bf16_x1n, 8, 3, 4)
-QGEMV_X1N_ENTRY(qgemv4s_swiglu_bf16_bf16_x1n, 4, 3, 3)
-QGEMV_X1N_ROPE_ENTRY(qgemv4s_rope_bf16_x1n, 4, 3, 3)
+QGEMV_X1N_ENTRY(qgemv8_swiglu_bf16_bf16_x1n, 8, 2, 4, false)  // the SwiGLU (gate/up) projection
+QGEMV_X1N_ROPE_ENTRY(qgemv8_rope_bf16_x1n, 8, 3, 4, false)
+QGEMV_X1N_ENTRY(qgemv4s_swiglu_bf16_bf16_x1n, 4, 3, 3, false)
+QGEMV_X1N_ROPE_ENTRY(qgemv4s_rope_bf16_x1n, 4, 3, 3, false)
+QGEMV_X1N_ENTRY(qgemv4_swiglu_bf16_bf16_x1n, 4, 3, 3, true)
+QGEMV_X1N_ROPE_ENTRY(qgemv4_rope_bf16_x1n, 4, 3, 3, true)
 
 // NAME = <activation dtype>_<output dtype>
 QGEMV_KERNELS(bf16, bf16, bf16_bf16)

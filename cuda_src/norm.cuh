@@ -139,7 +139,7 @@ __device__ __forceinline__ void fold_load(const PreNorm& pn, int k, bool in, uin
     w = in ? __ldg(reinterpret_cast<const uint4*>(pn.weight + k)) : zero;
 }
 
-// The folds that leave rstd to the end (Q4_0's _x1n, bf16's _m1n): one vector of r' (d + r rounded to bf16, as
+// The folds that leave rstd to the end (Q4_0's and Q4_1's _x1n, bf16's _m1n): one vector of r' (d + r rounded to bf16, as
 // add_vec; written to out[k..k+7] where `write`), its squares added to sum_sq, and r' * w rounded to bf16 (no
 // rstd: the projection multiplies its sums by it, one number per token).
 __device__ __forceinline__ uint4 fold_vec(const uint4& d, const uint4& r, const uint4& w, float& sum_sq, bool write,

@@ -61,12 +61,15 @@ def test_every_kernel_file_compiles(tmp_path, code_size):
     decode |= {f"attention_decode_cluster_{dt}_hd{hd}_g{g}" for dt in ("bf16", "f16") for hd in ATTN_HEAD_DIMS
                for g in DECODE_CLUSTER_GROUPS}
     assert decode == {k for k in entries if k.startswith("attention_decode_")}
-    # The one-token _x1 kernels (kernels.Kernels._takes_x1: int8 and Q4_0) and their pre-norm twins (_x1n), all
-    # that the launcher can name and no others.
-    x1 = {f"qgemv{fmt}{sw}_bf16_{out}_x1" for fmt in ("8", "4s") for sw in ("", "_swiglu") for out in ("bf16", "f32")}
-    x1 |= {f"qgemv{fmt}_rope_bf16_x1{n}" for fmt in ("8", "4s") for n in ("", "n")}
-    x1 |= {f"qgemv{fmt}_swiglu_bf16_bf16_x1n" for fmt in ("8", "4s")}
-    x1 |= {"qgemv8_send_bf16_x1", "qgemv4s_send_bf16_x1"}            # the row-parallel projections' send twins
+    # The one-token _x1 kernels (kernels.Kernels._takes_x1: int8, Q4_0 and Q4_1) and their pre-norm twins (_x1n),
+    # all that the launcher can name and no others.
+    from mpillm.cuda.kernels import QGEMV_X1_FORMATS
+    assert QGEMV_X1_FORMATS == ("8", "4s", "4")
+    x1 = {f"qgemv{fmt}{sw}_bf16_{out}_x1" for fmt in QGEMV_X1_FORMATS for sw in ("", "_swiglu")
+          for out in ("bf16", "f32")}
+    x1 |= {f"qgemv{fmt}_rope_bf16_x1{n}" for fmt in QGEMV_X1_FORMATS for n in ("", "n")}
+    x1 |= {f"qgemv{fmt}_swiglu_bf16_bf16_x1n" for fmt in QGEMV_X1_FORMATS}
+    x1 |= {f"qgemv{fmt}_send_bf16_x1" for fmt in QGEMV_X1_FORMATS}   # the row-parallel projections' send twins
     assert x1 == {k for k in entries if re.search(r"_x1n?$", k)}
     # bf16's pre-norm twins (kernels.Kernels._gemv with prenorm: the 8-warp one-token kernel), and no others.
     assert {k for k in entries if k.endswith("_m1n")} == {"gemv_swiglu_bf16_bf16_m1n", "gemv_rope_bf16_m1n"}

@@ -32,7 +32,7 @@ class _Recorder:
     def __init__(self):
         from types import SimpleNamespace
 
-        from mpillm.cuda.kernels import Kernels
+        from mpillm.cuda.kernels import QGEMV_X1_Q4_1_MIN_K, Kernels
         self.k = Kernels.__new__(Kernels)
         self.k.device = SimpleNamespace(sm_count=132)
         self.k.blas = None
@@ -40,6 +40,7 @@ class _Recorder:
         self.k.qgemv_rt_tiles = 2 * 132
         self.k.qgemv_rt_wide_tiles = 6 * 132
         self.k.qgemv_x1 = True
+        self.k.qgemv_x1_q4_1_min_k = QGEMV_X1_Q4_1_MIN_K
         self.k.qgemv_x1_deep = True
         self.k.gemv_wide = True
         self.launches = []
@@ -149,13 +150,13 @@ def test_quantized_ring_kernels_loop_over_tiles_evenly():
     # the _x1 kernels all loop over tiles; int8's at the m1 shapes' counts (2 blocks per SM, rope 3), Q4_0's at 3
     # (6,144 rows: 384 blocks of one tile)
     assert all(QGEMV_X1_PERSIST["8", e] == QGEMV_PERSIST[("8", 1, e)] for e in ("", "swiglu", "rope"))
-    assert all(QGEMV_X1_PERSIST["4s", e] == 3 for e in ("", "swiglu", "rope"))
-    assert set(QGEMV_X1_PERSIST) == {(f, e) for f in ("8", "4s") for e in ("", "swiglu", "rope")}
+    assert all(QGEMV_X1_PERSIST[f, e] == 3 for f in ("4s", "4") for e in ("", "swiglu", "rope"))
+    assert set(QGEMV_X1_PERSIST) == {(f, e) for f in ("8", "4s", "4") for e in ("", "swiglu", "rope")}
     n, k = 6144, 4096
     for kind, rows, name, grid in (("q4_0", 1, "qgemv4s_bf16_bf16_x1", 384), ("q4_0", 20, "qgemv4s_bf16_bf16_m4", 384),
                                    ("q4_0", 2, "qgemv4s_bf16_bf16_m1", 192),
                                    ("int8", 12, "qgemv8_bf16_bf16_m2", 192), ("int8", 20, "qgemv8_bf16_bf16_m4", 384),
-                                   ("q4", 1, "qgemv4_bf16_bf16_m1", 384)):
+                                   ("q4", 2, "qgemv4_bf16_bf16_m1", 384), ("q4", 1, "qgemv4_bf16_bf16_x1", 384)):
         w = QuantWeight(kind, n, k, 128 if kind == "int8" else 32, _tensor(0x100000, (n, 64 * 64), "u8"),
                         _tensor(0x200000, (n, 256), "u8"))
         for persist, want in ((True, grid), (False, 384)):
@@ -296,13 +297,14 @@ def test_q4_0_plain_projections_of_one_tile_a_block_take_the_deep_ring():
 
 
 def test_one_token_int8_bf16_takes_the_x1_kernels():
-    """One token of bf16 x with int8 or Q4_0 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16 copy
-    in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk
-    biases stored 4 times, 320 bytes, in whole steps of 8 super-blocks, then a ring for its scales); fp16
-    activations, Q4_1 weights, more tokens, K past the shared memory and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
+    """One token of bf16 x with int8, Q4_0 or Q4_1 weights: the _x1 twin of the m1 kernel (same grid), with x's fp16
+    copy in dynamic shared memory (whole super-blocks: int8 64 elements, 128 bytes; Q4_0 128 elements and 4 chunk
+    biases stored 4 times, 320 bytes, in whole steps of 8 super-blocks, then a ring for its scales; Q4_1 also its
+    4 chunk sums of x, 336 bytes, and a ring twice Q4_0's, over K >= 2,048); fp16 activations, more tokens, K past
+    the shared memory and MPILLM_QGEMV_X1=0 keep the m1 kernel."""
     import re
-    from mpillm.cuda.kernels import (CUDA_SRC, Q4_0_X1_SCALE_RING, QGEMV_X1_MAX_BYTES, QuantWeight, qgemv_grid,
-                                     qgemv_x1_bytes, qgemv_x1_setting)
+    from mpillm.cuda.kernels import (CUDA_SRC, Q4_0_X1_SCALE_RING, Q4_1_X1_SCALE_RING, QGEMV_X1_MAX_BYTES,
+                                     QuantWeight, qgemv_grid, qgemv_x1_bytes, qgemv_x1_setting)
     assert qgemv_x1_bytes(4096) == 64 * 128 and qgemv_x1_bytes(14336) == 224 * 128
     assert qgemv_x1_bytes(576) == 16 * 128 and qgemv_x1_bytes(608) == 16 * 128 and qgemv_x1_bytes(2080) == 40 * 128
     assert qgemv_x1_bytes(32768) == QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(32768 + 32)
@@ -312,6 +314,10 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert ring == Q4_0_X1_SCALE_RING == 5 * 8 * 128
     assert qgemv_x1_bytes(4096, "4s") == 32 * 320 + ring and qgemv_x1_bytes(608, "4s") == 8 * 320 + ring
     assert qgemv_x1_bytes(184 * 128, "4s") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(184 * 128 + 32, "4s")
+    ring1 = int(stages[1]) * 8 * 256      # Q4_1: 16 rows' (d, m) a step
+    assert ring1 == Q4_1_X1_SCALE_RING
+    assert qgemv_x1_bytes(4096, "4") == 32 * 336 + ring1 and qgemv_x1_bytes(576, "4") == 8 * 336 + ring1
+    assert qgemv_x1_bytes(160 * 128, "4") <= QGEMV_X1_MAX_BYTES < qgemv_x1_bytes(160 * 128 + 32, "4")
 
     def launch(kind, rows, k, dtype="bf16", x1=True, n=6144):
         w = QuantWeight(kind, n, k, 32, _tensor(0x100000, (n, k), "u8"), _tensor(0x200000, (n, k // 16), "u8"))
@@ -332,7 +338,24 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert launch("q4_0", 1, 4096, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [32 * 320 + ring])
     assert launch("q4_0", 1, 14336, n=4096) == ([("qgemv4s_bf16_bf16_x1d", (256, 1))], [112 * 320 + ring])
     assert launch("int8", 1, 4096, n=4096)[0] == [("qgemv8_bf16_bf16_x1", (256, 1))]
-    assert launch("q4", 1, 4096)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]          # Q4_1: one tile per block
+    assert launch("q4", 1, 4096) == ([("qgemv4_bf16_bf16_x1", (grid_x1, 1))], [32 * 336 + ring1])  # Q4_1
+    assert launch("q4", 1, 4096, n=4096)[0] == [("qgemv4_bf16_bf16_x1", (qgemv_grid(4096, 132, 3), 1))]  # no x1d
+    assert launch("q4", 1, 4096, x1=False)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]  # m1: one tile per block
+    assert launch("q4", 1, 160 * 128 + 32)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]       # K past shared memory
+    # Q4_1 below QGEMV_X1_Q4_1_MIN_K (SmolLM2's 576 and 1,536): m1, where the _x1 kernels lost; a lower bound (the
+    # GPU tests' knob) lets them take the _x1 kernel
+    from mpillm.cuda.kernels import QGEMV_X1_Q4_1_MIN_K
+    assert QGEMV_X1_Q4_1_MIN_K == 2048
+    assert launch("q4", 1, 2048)[0] == [("qgemv4_bf16_bf16_x1", (grid_x1, 1))]
+    assert launch("q4", 1, 1536)[0] == [("qgemv4_bf16_bf16_m1", (384, 1))]
+    assert launch("q4_0", 1, 576)[0] == [("qgemv4s_bf16_bf16_x1", (grid_x1, 1))]   # Q4_0 and int8: every K
+    rec1 = _Recorder()
+    w1 = QuantWeight("q4", 1152, 576, 32, _tensor(0x100000, (1152, 288), "u8"), _tensor(0x200000, (1152, 72), "u8"))
+    assert not rec1.k._takes_x1(w1, "bf16", 1) and not rec1.k.prenorm_fusable(w1, "bf16", 1, 576)
+    assert rec1.k.starts_dependents_late(w1, "bf16", 1)
+    rec1.k.qgemv_x1_q4_1_min_k = 0
+    assert rec1.k._takes_x1(w1, "bf16", 1) and rec1.k.prenorm_fusable(w1, "bf16", 1, 576)
+    assert not rec1.k.starts_dependents_late(w1, "bf16", 1)
     assert launch("int8", 1, 32768 + 64) == ([("qgemv8_bf16_bf16_m1", (grid, 1))], [0])
     # 33 rows: a 32-row tile, then one row on its own, which takes the _x1 kernel
     names, shared = launch("int8", 33, 576)
@@ -358,10 +381,18 @@ def test_one_token_int8_bf16_takes_the_x1_kernels():
     assert (fn, grid4) == ("qgemv4s_swiglu_bf16_bf16_x1n", (qgemv_grid(6144, 132, 3), 1))
     assert rec4.shared == [32 * 320 + ring] and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
     w41 = QuantWeight("q4", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 512), "u8"))
-    assert not rec4.k._takes_x1(w41, "bf16", 1) and not rec4.k.prenorm_fusable(w41, "bf16", 1, 4096)  # Q4_1: m1
+    rec41 = _Recorder()       # Q4_1: its _x1n kernel too, and the kernel before it may start it early
+    assert rec41.k._takes_x1(w41, "bf16", 1) and rec41.k.prenorm_fusable(w41, "bf16", 1, 4096)
+    assert not rec41.k.prenorm_reads_early(w41) and not rec41.k.starts_dependents_late(w41, "bf16", 1)
+    rec41.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w41,
+                          _tensor(0x500000, (1, 6144)), prenorm=pn)
+    (fn, grid41, _, args), = rec41.launches
+    assert (fn, grid41) == ("qgemv4_swiglu_bf16_bf16_x1n", (qgemv_grid(6144, 132, 3), 1))
+    assert rec41.shared == [32 * 336 + ring1] and args[-5:] == (0x610000, 0x620000, 0x630000, 0x640000, 1e-5)
+    assert not rec41.k.prenorm_fusable(w41, "bf16", 1, 4160)     # K is not the hidden size
     with pytest.raises(ValueError, match="prenorm"):
-        rec4.k.linear_swiglu(_tensor(0x400000, (1, 3072)), _tensor(0x300000, (1, 4096)), w41,
-                             _tensor(0x500000, (1, 6144)), prenorm=pn)
+        rec41.k.linear_swiglu(_tensor(0x400000, (2, 3072)), _tensor(0x300000, (2, 4096)), w41,
+                              _tensor(0x500000, (2, 6144)), prenorm=pn)
     rec.k.qgemv_x1 = False          # MPILLM_QGEMV_X1=0: nothing folds
     assert not rec.k.prenorm_fusable(w, "bf16", 1, 4096)
     with pytest.raises(ValueError, match="prenorm"):
@@ -809,7 +840,8 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
     """common.cuh: pdl_begin lets the dependents start before this kernel's wait; pdl_begin_late after it. A kernel
     may read another kernel's output before its wait only where the one before it starts it late: gemv_quant.cu's
     PreNormStage (r), after a quantized projection whose prologue is pdl_begin_late (int8's x1_linear kernels and
-    every other gemv_quant.cu kernel but Q4_0's x1_linear ones, which start theirs first); no other file uses it."""
+    every other gemv_quant.cu kernel but Q4_0's and Q4_1's x1_linear ones, which start theirs first); no other file
+    uses it."""
     import re
     from mpillm.cuda.kernels import CUDA_SRC
     common = (CUDA_SRC / "common.cuh").read_text()
@@ -836,14 +868,15 @@ def test_pdl_prologue_orders_match_what_each_kernel_reads_before_its_wait():
                      _tensor(0x200000, (6144, 256), "u8"))
     assert k.prenorm_reads_early(w8) and not k.prenorm_reads_early(w4)
     assert not k.prenorm_reads_early(_tensor(0x100000, (6144, 4096)))
-    # which kernels start the next one late: the quantized ones, but Q4_0's one-token _x1 kernels
+    # which kernels start the next one late: the quantized ones, but Q4_0's and Q4_1's one-token _x1 kernels
     w41 = QuantWeight("q4", 6144, 4096, 32, _tensor(0x100000, (6144, 2048), "u8"), _tensor(0x200000, (6144, 512), "u8"))
-    assert k.starts_dependents_late(w8, "bf16", 1) and k.starts_dependents_late(w41, "bf16", 1)
-    assert not k.starts_dependents_late(w4, "bf16", 1)
+    assert not k.prenorm_reads_early(w41)
+    assert k.starts_dependents_late(w8, "bf16", 1) and k.starts_dependents_late(w41, "bf16", 2)
+    assert not k.starts_dependents_late(w4, "bf16", 1) and not k.starts_dependents_late(w41, "bf16", 1)
     assert k.starts_dependents_late(w4, "bf16", 2) and k.starts_dependents_late(w4, "f16", 1)
     assert not k.starts_dependents_late(_tensor(0x100000, (6144, 4096)), "bf16", 1)
     k.qgemv_x1 = False
-    assert k.starts_dependents_late(w4, "bf16", 1)
+    assert k.starts_dependents_late(w4, "bf16", 1) and k.starts_dependents_late(w41, "bf16", 1)
     assert "pdl_begin_late" not in (CUDA_SRC / "gemv.cu").read_text()
 
 

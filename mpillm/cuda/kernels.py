@@ -64,21 +64,31 @@ QGEMV_BLOCKS_PER_SM = 2
 # The same for the _x1 kernels (below; gemv_quant.cu x1_linear: the MINB of QGEMV_X1_ENTRY / QGEMV_X1_ROPE_ENTRY
 # and the _x1n kernels' __launch_bounds__), by (format, epilogue): all of them loop over tiles.
 QGEMV_X1_PERSIST = {("8", ""): 2, ("8", "swiglu"): 2, ("8", "rope"): 3, ("4s", ""): 3, ("4s", "swiglu"): 3,
-                    ("4s", "rope"): 3}
+                    ("4s", "rope"): 3, ("4", ""): 3, ("4", "swiglu"): 3, ("4", "rope"): 3}
 # Q4_0's plain one-token projections with at most this many tiles per SM take the _x1d kernel (gemv_quant.cu: a
 # 5-stage ring at 2 blocks per SM, one tile per block), qgemv_x1_deep; MPILLM_QGEMV_X1_DEEP=0: never (an A/B).
 QGEMV_X1_DEEP_PER_SM = 2
-# One token, int8 or Q4_0 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu x1_linear) stage x in
+# One token, int8, Q4_0 or Q4_1 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu x1_linear) stage x in
 # shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against
 # bf16's 11, and Q4_0's 5 per 8 against 11 (with the pre-norm folded in: the _x1n kernels,
 # Kernels.prenorm_fusable). Every projection takes them, also where a block gets one tile (Q4_0 once kept those on
 # m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic shared memory is qgemv_x1_bytes(K,
-# format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 23,552), else the m1 kernel.
+# format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 23,552; Q4_1: K <= 20,480), else the m1 kernel.
 # MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
 # Q4_0's _x1 kernels copy each warp step's 128 bytes of scales into a ring after x (gemv_quant.cu x1_linear,
-# ring_s), sized for the deepest of them (Q4_0_X1_MAX_STAGES = 5 stages, 8 warps).
+# ring_s), sized for the deepest of them (Q4_0_X1_MAX_STAGES = 5 stages, 8 warps); Q4_1's (format "4") copy 256
+# bytes a step, (d, m) of 16 rows, into a ring of the same depth.
 Q4_0_X1_SCALE_RING = 5 * 8 * 128
+Q4_1_X1_SCALE_RING = 5 * 8 * 256
+# The formats with _x1 kernels: int8, Q4_0 (in tiles) and Q4_1 (row-major; also GGUF Q4_K in Q4_1's form).
+QGEMV_X1_FORMATS = ("8", "4s", "4")
+# Q4_1 takes them only over K >= this (Kernels.qgemv_x1_q4_1_min_k). On small shapes they lost to the m1 kernel
+# (H200, b=1, docs/PERFORMANCE.md, twenty-eighth session): SmolLM2-135M's shape (K 576 and 1,536) 1,960 tok/s
+# against 2,215 on m1, and 1,957 with only its down projection (K = 1,536) on them; Qwen2.5-0.5B's (K 896 and
+# 4,864) 1,546 against 1,503 with every projection on them and the pre-norms folded in, 1,516 with only its down
+# projection; Llama-3-8B's (K 4,096 and 14,336) 459 against 400.
+QGEMV_X1_Q4_1_MIN_K = 2048
 # 9 to 32 tokens of int8 or Q4_0 weights over at least QGEMV_RT_TILES_PER_SM 16-row tiles per SM: the row-tile
 # kernels (gemv_quant.cu quant_linear_rt, the "_m2r" / "_m4r" kernels: 8 warps, QGEMV_RT_TILES tiles a block, each
 # warp's x of a step serving both). There the one-tile kernels read x from L2 once per 16 rows, 8 bytes per byte
@@ -319,7 +329,7 @@ def qgemv_row_tiles(fmt: str, n_tiles: int, rt_tiles: int | None, wide_tiles: in
 
 
 def qgemv_x1_setting(env) -> bool:
-    """Whether one-token int8 / Q4_0 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default
+    """Whether one-token int8 / Q4_0 / Q4_1 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default
     1)."""
     return _switch(env, "MPILLM_QGEMV_X1")
 
@@ -354,9 +364,12 @@ def qgemv_x1_bytes(k: int, fmt: str = "8") -> int:
     """Dynamic shared memory of an _x1 launch over K inputs (gemv_quant.cu x1_linear, which traps on less): x as
     fp16 in whole super-blocks, as many as make a whole number of steps for the block's 8 warps: of 64 elements for
     int8 (format "8"); of 128 for Q4_0 ("4s"), each with its 4 chunk biases (fp32, each stored 4 times) after all
-    of x, then the ring of scales (Q4_0_X1_SCALE_RING)."""
+    of x, then the ring of scales (Q4_0_X1_SCALE_RING); Q4_1 ("4") as Q4_0 with its 4 chunk sums of x (16 bytes a
+    super-block) and a ring of 256 bytes a step (Q4_1_X1_SCALE_RING)."""
     if fmt == "4s":
         return _cdiv(_cdiv(k, 128), 8) * 8 * (128 * 2 + 4 * 16) + Q4_0_X1_SCALE_RING
+    if fmt == "4":
+        return _cdiv(_cdiv(k, 128), 8) * 8 * (128 * 2 + 5 * 16) + Q4_1_X1_SCALE_RING
     return _cdiv(_cdiv(k, 64), 8) * 8 * 64 * 2
 
 
@@ -522,6 +535,7 @@ class Kernels:
         self.qgemv_rt_tiles = qgemv_rt_setting(os.environ, device.sm_count)
         self.qgemv_rt_wide_tiles = QGEMV_RT_WIDE_TILES_PER_SM * device.sm_count
         self.qgemv_x1 = qgemv_x1_setting(os.environ)
+        self.qgemv_x1_q4_1_min_k = QGEMV_X1_Q4_1_MIN_K     # tests lower it to run the kernels on small shapes
         self.qgemv_x1_deep = qgemv_x1_deep_setting(os.environ)
         self.gemv_wide = gemv_wide_setting(os.environ)
         # scripts/bench.py --timeline only: every block stamps its wait and end (mpillm/cuda/trace.py).
@@ -730,14 +744,14 @@ class Kernels:
 
     def prenorm_fusable(self, w, dtype: str, m: int, hidden: int) -> bool:
         """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, hidden a
-        multiple of 8 up to 8,192, and int8 or Q4_0 weights (the _x1n kernels; int8: norm.cu's block of at most
-        1,024 threads, one 8-element vector each, is what the kernel replays; Q4_0 applies the norm's scale to its
-        sums, gemv_quant.cu stage_x_half's FOLD) or bf16 weights on the 8-warp GEMV (the _m1n kernels, gemv.cu
+        multiple of 8 up to 8,192, and int8, Q4_0 or Q4_1 weights (the _x1n kernels; int8: norm.cu's block of at
+        most 1,024 threads, one 8-element vector each, is what the kernel replays; Q4_0 and Q4_1 apply the norm's
+        scale to their sums, gemv_quant.cu stage_x_half's FOLD) or bf16 weights on the 8-warp GEMV (the _m1n kernels, gemv.cu
         PRENORM: the scale on the sums too; not the wide block)."""
         if m != 1 or dtype != "bf16" or hidden % 8 or hidden > 8 * 1024:
             return False
         if isinstance(w, QuantWeight):
-            return w.fmt in ("8", "4s") and self._takes_x1(w, dtype, m) and w.k == hidden
+            return self._takes_x1(w, dtype, m) and w.k == hidden
         n, k = w.shape
         return (w.dtype == "bf16" and k == hidden
                 and not (self.gemv_wide and gemv_takes_wide(1, n, k, self.device.sm_count)))
@@ -751,14 +765,16 @@ class Kernels:
     def starts_dependents_late(self, w, dtype: str, m: int) -> bool:
         """Whether the kernel of w for m tokens of dtype lets the next kernel start only once its own PDL wait has
         returned (common.cuh pdl_begin_late), as a kernel that reads the residual before its wait needs of the one
-        before it (prenorm_reads_early): every quantized projection's kernel but Q4_0's _x1 ones (gemv_quant.cu
-        x1_linear), which let the next kernel's blocks in first. Float weights' kernels: pdl_begin, not late."""
-        return isinstance(w, QuantWeight) and not (w.fmt == "4s" and self._takes_x1(w, dtype, m))
+        before it (prenorm_reads_early): every quantized projection's kernel but Q4_0's and Q4_1's _x1 ones
+        (gemv_quant.cu x1_linear), which let the next kernel's blocks in first. Float weights' kernels: pdl_begin,
+        not late."""
+        return isinstance(w, QuantWeight) and not (w.fmt in ("4s", "4") and self._takes_x1(w, dtype, m))
 
     def _takes_x1(self, w: "QuantWeight", dtype: str, rows: int) -> bool:
-        """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8 or Q4_0 weights, x fitting the
-        kernel's shared memory, MPILLM_QGEMV_X1 on."""
-        return (self.qgemv_x1 and rows == 1 and w.fmt in ("8", "4s") and dtype == "bf16"
+        """Whether `rows` tokens of x against w run an _x1 kernel: one bf16 token, int8, Q4_0 or Q4_1 weights (Q4_1
+        over K >= qgemv_x1_q4_1_min_k), x fitting the kernel's shared memory, MPILLM_QGEMV_X1 on."""
+        return (self.qgemv_x1 and rows == 1 and w.fmt in QGEMV_X1_FORMATS and dtype == "bf16"
+                and (w.fmt != "4" or w.k >= self.qgemv_x1_q4_1_min_k)
                 and qgemv_x1_bytes(w.k, w.fmt) <= QGEMV_X1_MAX_BYTES)
 
     def linear_swiglu(self, act: DeviceTensor, x: DeviceTensor, w, gate_up: DeviceTensor,
@@ -865,7 +881,7 @@ class Kernels:
         """
         if send is not None and not self.gemv_sends(w, y, x.shape[0]):
             raise ValueError("send: only the small-M kernel of a float weight into y of its dtype, or the one-token "
-                             "kernel of an int8 or Q4_0 weight into bf16, sends its output")
+                             "kernel of an int8, Q4_0 or Q4_1 weight into bf16, sends its output")
         if isinstance(w, QuantWeight):
             self.linear_quant(y, x, w, bias, path, scratch, send=send)
             return
@@ -952,8 +968,8 @@ class Kernels:
 
     def gemv_sends(self, w, y: DeviceTensor, m: int) -> bool:
         """Whether linear(y, x, w) with M = m rows can send y itself (`send`), in whole 16-byte vectors per row: the
-        small-M kernel of a float weight with y in its dtype, or the one-token kernel (_x1, _x1d) of an int8 or
-        Q4_0 weight with bf16 x and y."""
+        small-M kernel of a float weight with y in its dtype, or the one-token kernel (_x1, _x1d) of an int8, Q4_0
+        or Q4_1 weight with bf16 x and y."""
         if y.ptr % 16 or w.shape[0] % 8:
             return False
         if isinstance(w, QuantWeight):
@@ -1006,7 +1022,7 @@ class Kernels:
         for lo in range(0, m, 32):
             rows = min(32, m - lo)
             tiles = next(nt for nt in GEMV_THREADS if rows <= 8 * nt)
-            # one token of int8 or Q4_0 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
+            # one token of int8, Q4_0 or Q4_1 x bf16: the _x1 twin of the m1 kernel (same shapes, x staged as fp16)
             x1 = self._takes_x1(w, x.dtype, rows)
             epilogue = "rope" if rope is not None else ("swiglu" if swiglu else "")
             deep = (x1 and self.qgemv_x1_deep

@@ -227,10 +227,10 @@ class CudaTransformer:
         # False: the IPC all-reduce and add_rms_norm as two kernels (A/B runs).
         self.fuse_allreduce_norm = fuse_allreduce_norm
         # ... and the row-parallel projection's kernel sends its tiles to the peers itself (Kernels.linear's `send`:
-        # the bf16 GEMV, int8 / Q4_0 at one token); False: the all-reduce kernel sends them (A/B runs).
+        # the bf16 GEMV, int8 / Q4_0 / Q4_1 at one token); False: the all-reduce kernel sends them (A/B runs).
         self.presend = presend
         # One GPU, one token: the residual add + RMSNorm before the q/k/v and gate/up projections folded into their
-        # int8, Q4_0 or bf16 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, the others within bf16
+        # int8, Q4_0, Q4_1 or bf16 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, the others within bf16
         # rounding of them), the residual alternating between two buffers;
         # False: add_rms_norm as a kernel of its own (A/B runs).
         self.fuse_prenorm = fuse_prenorm
@@ -700,7 +700,7 @@ class CudaTransformer:
             self.comm.all_reduce_device(y)
         # int8's folded kernel reads r before its PDL wait: safe after a kernel that lets it start only once the
         # kernels before had finished (cuda_src/common.cuh, pdl_begin_late: the quantized projections' but Q4_0's
-        # one-token ones); the other folds read after theirs.
+        # and Q4_1's one-token ones); the other folds read after theirs.
         elif (next_w is not None and self.fuse_prenorm and y.shape[0] == 1
               and k.prenorm_fusable(next_w, y.dtype, 1, y.shape[1])
               and (k.starts_dependents_late(w, y.dtype, 1) or not k.prenorm_reads_early(next_w))):

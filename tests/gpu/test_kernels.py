@@ -369,15 +369,17 @@ def test_linear_quant_tile_loop_same_bits(kernels, kind, m):
     np.testing.assert_allclose(out[True][0], want, **TOL["bf16"])
 
 
-@pytest.mark.parametrize("kind,group", [("int8", 32), ("int8", 64), ("int8", 128), ("q4_0", 32)])
+@pytest.mark.parametrize("kind,group", [("int8", 32), ("int8", 64), ("int8", 128), ("q4_0", 32), ("q4_1", 32)])
 @pytest.mark.parametrize("k", [608, 4096 + 128, 576 * 3])
 @pytest.mark.parametrize("scale", [1.0, 2.0 ** -70, 3.0e5, "spread"])
-def test_linear_quant_x1_same_bits_as_m1(kernels, kind, group, k, scale):
+def test_linear_quant_x1_same_bits_as_m1(kernels, monkeypatch, kind, group, k, scale):
     """One token of bf16 x: the _x1 kernels (x staged as fp16 times a power of two from each warp's max |x|, then
     the fp16 mma), plain, SwiGLU, f32 out and with rope, for x of any magnitude (tiny, past fp16's range).
     int8: the m1 kernels' bits; with elements below 2^-33 of the largest (rounded on the fp16 grid) within
     tolerance. Q4_0 (codes of 16 times their value at half the elements, x / 16 there, the 1024s and 8s taken off
-    with each chunk's sum of x): other fp32 sums than m1's, so within tolerance of m1 and close to the reference."""
+    with each chunk's sum of x): other fp32 sums than m1's, so within tolerance of m1 and close to the reference;
+    Q4_1 likewise, its mins times each chunk's sum of x (on every K here: the model takes its _x1 kernels only over
+    K >= QGEMV_X1_Q4_1_MIN_K)."""
     from mpillm.cuda.kernels import QuantWeight
     from mpillm.cuda.model import rope_interleave
     from mpillm.quant import unpack
@@ -400,6 +402,7 @@ def test_linear_quant_x1_same_bits_as_m1(kernels, kind, group, k, scale):
     positions, slots = dev(np.array([77], np.int32), "i32"), dev(np.array([5], np.int32), "i32")
     inv_freq = dev(ops.rope_inv_freq(head_dim, 10000.0), "f32")
     out = {}
+    monkeypatch.setattr(kernels, "qgemv_x1_q4_1_min_k", 0)    # Q4_1's _x1 kernels on every K here, small ones too
     for x1 in (True, False):
         kernels.qgemv_x1 = x1
         try:
@@ -421,13 +424,13 @@ def test_linear_quant_x1_same_bits_as_m1(kernels, kind, group, k, scale):
     want = x.to_numpy().astype(np.float64) @ unpack(p).astype(np.float64).T
     top = max(float(np.abs(want).max()), 1e-300)
     for i, (a, b) in enumerate(zip(out[True], out[False])):
-        if scale == "spread" or kind == "q4_0":
+        if scale == "spread" or kind != "int8":
             np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(np.abs(b).max()), err_msg=f"output {i}")
         else:
             np.testing.assert_array_equal(a, b, err_msg=f"output {i}, scale {scale}")
     # f32 out against the reference (Q4_0: the chunk sums cancel the codes' 1024 + 8, some bits lower)
     np.testing.assert_allclose(out[True][1] / top, want / top, rtol=1e-3, atol=1e-5 if kind == "int8" else 1e-4)
-    if kind == "q4_0":     # as close to the reference as the m1 kernel, to within a few fp32 roundings of max|y|
+    if kind != "int8":     # as close to the reference as the m1 kernel, to within a few fp32 roundings of max|y|
         err_x1, err_m1 = (np.abs(o[1] - want).max() / top for o in (out[True], out[False]))
         assert err_x1 <= err_m1 + 1e-5, (err_x1, err_m1)
 
@@ -540,10 +543,10 @@ def test_prenorm_folded_into_x1_kernels_same_bits(kernels, hidden):
                               prenorm=(dev(delta, "bf16"), dev(resid, "bf16"), r_out, w_norm, eps))
 
 
-@pytest.mark.parametrize("kind", ["q4_0", "bf16"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "bf16"])
 @pytest.mark.parametrize("hidden", [576, 4160, 8192])
-def test_prenorm_folded_with_rstd_on_the_sums(kernels, hidden, kind):
-    """Q4_0's _x1n kernels and bf16's _m1n (the pre-norm folded in, its scale rstd applied to the sums:
+def test_prenorm_folded_with_rstd_on_the_sums(kernels, monkeypatch, hidden, kind):
+    """Q4_0's and Q4_1's _x1n kernels and bf16's _m1n (the pre-norm folded in, its scale rstd applied to the sums:
     gemv_quant.cu stage_x_half's FOLD, gemv.cu PRENORM) against the NumPy reference of add_rms_norm then the
     projections, and against add_rms_norm then the plain kernels: r' bit for bit (to resid_out; resid_in left as it
     was); act, q/k/v and the KV caches within bf16 rounding (r' w is rounded once to bf16, where add_rms_norm rounds
@@ -552,11 +555,12 @@ def test_prenorm_folded_with_rstd_on_the_sums(kernels, hidden, kind):
     from mpillm.cuda.kernels import QuantWeight
     from mpillm.cuda.model import rope_interleave
     from mpillm.quant import unpack
+    monkeypatch.setattr(kernels, "qgemv_x1_q4_1_min_k", 0)    # Q4_1's _x1n kernels at hidden 576 too
     rng = np.random.default_rng(hidden + 1)
-    n_heads, n_kv, head_dim, eps = (9, 3, 64, 1e-5) if kind == "q4_0" else (32, 8, 64, 1e-5)
-    n_qkv, n_gu = (n_heads + 2 * n_kv) * head_dim, 1000 if kind == "q4_0" else 4000
-    if kind == "q4_0":
-        p_gu, p_qkv = _packed(rng, "q4_0", n_gu, hidden, 32), _packed(rng, "q4_0", n_qkv, hidden, 32)
+    n_heads, n_kv, head_dim, eps = (9, 3, 64, 1e-5) if kind != "bf16" else (32, 8, 64, 1e-5)
+    n_qkv, n_gu = (n_heads + 2 * n_kv) * head_dim, 1000 if kind != "bf16" else 4000
+    if kind != "bf16":
+        p_gu, p_qkv = _packed(rng, kind, n_gu, hidden, 32), _packed(rng, kind, n_qkv, hidden, 32)
         w_gu = QuantWeight.from_packed(p_gu)
         w_qkv = QuantWeight.from_packed(p_qkv._replace(data=rope_interleave(p_qkv.data, head_dim),
                                                        scales=rope_interleave(p_qkv.scales, head_dim)))

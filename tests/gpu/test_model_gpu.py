@@ -347,21 +347,30 @@ def test_decoded_gguf_types_match_numpy(tmp_path, cuda_device, kernels):
     prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (4, 50, 81)], 8)
 
 
-def test_q4_k_gguf_matches_numpy(tmp_path, cuda_device, kernels):
+@pytest.mark.parametrize("x1", [True, False])
+def test_q4_k_gguf_matches_numpy(tmp_path, monkeypatch, cuda_device, kernels, x1):
     """test_checkpoint's Q4_K llama (layer 0 all Q4_K; layer 1's q/k/v merged from Q4_K, Q4_0 and Q4_1, its gate/up
     Q4_K with Q6_K; a Q4_K LM head): --quantize auto runs the Q4_K projections and the LM head as W4A16 in Q4_1's
     form, layer 1's gate/up in bf16; logits and greedy ids follow the NumPy backend (exact decodes: the fp16
-    rounding of Q4_K's sub-block scales is far inside the bf16 tolerances)."""
+    rounding of Q4_K's sub-block scales is far inside the bf16 tolerances). One sequence decodes through Q4_1's
+    _x1 kernels, with the pre-norms folded into them (their K bound lowered to this model's 256), or through m1."""
     pytest.importorskip("transformers")
     from test_checkpoint import write_tiny_q4k
+    monkeypatch.setattr(kernels, "qgemv_x1_q4_1_min_k", 0 if x1 else 10 ** 9)
     write_tiny_q4k(tmp_path / "tiny-q4k.gguf")
     ckpt = open_checkpoint(tmp_path / "tiny-q4k.gguf")
     ref, gpu = Transformer(ckpt), build(ckpt, cuda_device, kernels, "bf16", quantize="auto")
     kinds = [getattr(getattr(gpu.layers[i], key), "kind", None)
              for i in range(2) for key in ("qkv", "o", "gate_up", "down")]
     assert kinds == ["q4"] * 4 + ["q4", "q4", None, "q4"] and gpu.lm_head.kind == "q4"
+    assert all(kernels._takes_x1(w, "bf16", 1) == x1 for w in (gpu.layers[0].qkv, gpu.layers[1].down, gpu.lm_head))
     rng = np.random.default_rng(8)
     prefill_then_greedy(gpu, ref, [rng.integers(0, 300, n).tolist() for n in (3, 40, 77)], 8)
+    # The decode steps folded the pre-norms before layer 0's gate/up and layer 1's q/k/v (Q4_1's _x1n kernels) only
+    # with x1; layer 1's bf16 gate/up either way where its GEMV takes a fold.
+    H = ckpt.config.hidden_size
+    bf16_fold = int(kernels.prenorm_fusable(gpu.layers[1].gate_up, "bf16", 1, H))
+    assert gpu.prenorm_folds == (2 if x1 else 0) + bf16_fold
 
 
 def test_fused_and_unfused_swiglu_give_the_same_bits(tmp_path, cuda_device, kernels):

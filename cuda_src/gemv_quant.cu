@@ -1425,7 +1425,8 @@ QGEMV_X1_ENTRY(float, qgemv4_swiglu_bf16_f32_x1, 4, true, 3, 3, true)
 QGEMV_X1_ROPE_ENTRY(qgemv4_rope_bf16_x1, 4, 3, 3, true)
 // SEND (_send_): the row-parallel o and down projections of a TP group, which also send their output tiles into the
 // fused all-reduce's buffers (ll.cuh send_tile, as gemv.cu's SEND GEMV), so that the all-reduce + norm kernel only
-// receives. The same shapes as the plain kernels above.
+// receives. The same shapes as the plain kernels above. Q4_1 has no send twin yet (not run on two GPUs: its TP
+// decode leaves the sending to the all-reduce, Kernels.gemv_sends).
 #define QGEMV_X1_SEND_ENTRY(FNAME, BITS, MINB, STAGES, ASYM)                                                     \
     extern "C" __global__ void __launch_bounds__(256, MINB)                                                      \
         FNAME(bf16* y, QGEMV_X1_ARGS, const unsigned long long* table, unsigned long long slot_bytes, int rank,  \
@@ -1437,7 +1438,6 @@ QGEMV_X1_ROPE_ENTRY(qgemv4_rope_bf16_x1, 4, 3, 3, true)
 QGEMV_X1_SEND_ENTRY(qgemv8_send_bf16_x1, 8, 2, 4, false)
 QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1, 4, 3, 3, false)
 QGEMV_X1_SEND_ENTRY(qgemv4s_send_bf16_x1d, 4, 2, 5, false)
-QGEMV_X1_SEND_ENTRY(qgemv4_send_bf16_x1, 4, 3, 3, true)
 // The pre-norm folded in (PRENORM, _x1n): x is not read; the five arguments after the usual ones are PreNorm's
 // (delta, resid_in, resid_out, weight, eps), and K is the hidden size. int8 replays add_rms_norm (PreNormStage);
 // Q4_0 applies rstd to its sums (stage_x_half's FOLD): Llama-3-8B b=1 436.2-436.3 tok/s against 421.9-423.1 with

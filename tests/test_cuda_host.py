@@ -816,6 +816,13 @@ def test_row_parallel_projection_sends_from_the_small_m_and_one_token_kernels():
                                   4)
     assert rec.launches[1][2] == 256 and rec.shared[-1] > 0          # x staged in dynamic shared memory
     rec.launches.clear()
+    # Q4_1's _x1 kernels have no send twin (not yet run on two GPUs): the all-reduce sends for them
+    q41 = QuantWeight("q4", 4096, 4096, 32, _tensor(0x500000, (4096, 32 * 64), "u8"),
+                      _tensor(0x600000, (4096, 32 * 16), "u8"))
+    assert rec.k._takes_x1(q41, "bf16", 1) and not rec.k.gemv_sends(q41, _tensor(0x400000, (1, 4096)), 1)
+    with pytest.raises(ValueError, match="send"):
+        rec.k.linear(_tensor(0x400000, (1, 4096)), _tensor(0x300000, (1, 4096)), q41, send=send)
+    assert rec.launches == []
     bad = [(_tensor(0x400000, (2, n)), _tensor(0x300000, (2, qk)), q, {}),
            (_tensor(0x400000, (1, n), "f32"), _tensor(0x300000, (1, qk)), q, {}),
            (_tensor(0x400000, (1, n), "f32"), _tensor(0x300000, (1, k)), w, {}),

@@ -881,7 +881,7 @@ class Kernels:
         """
         if send is not None and not self.gemv_sends(w, y, x.shape[0]):
             raise ValueError("send: only the small-M kernel of a float weight into y of its dtype, or the one-token "
-                             "kernel of an int8, Q4_0 or Q4_1 weight into bf16, sends its output")
+                             "kernel of an int8 or Q4_0 weight into bf16, sends its output")
         if isinstance(w, QuantWeight):
             self.linear_quant(y, x, w, bias, path, scratch, send=send)
             return
@@ -968,12 +968,12 @@ class Kernels:
 
     def gemv_sends(self, w, y: DeviceTensor, m: int) -> bool:
         """Whether linear(y, x, w) with M = m rows can send y itself (`send`), in whole 16-byte vectors per row: the
-        small-M kernel of a float weight with y in its dtype, or the one-token kernel (_x1, _x1d) of an int8, Q4_0
-        or Q4_1 weight with bf16 x and y."""
+        small-M kernel of a float weight with y in its dtype, or the one-token kernel (_x1, _x1d) of an int8 or
+        Q4_0 weight with bf16 x and y. (Q4_1's _x1 kernels have no send twin: not yet run on two GPUs.)"""
         if y.ptr % 16 or w.shape[0] % 8:
             return False
         if isinstance(w, QuantWeight):
-            return y.dtype == "bf16" and self._takes_x1(w, "bf16", m)
+            return y.dtype == "bf16" and w.fmt != "4" and self._takes_x1(w, "bf16", m)
         return 0 < m <= GEMV_MAX_M and y.dtype == w.dtype
 
     @staticmethod

@@ -227,7 +227,7 @@ class CudaTransformer:
         # False: the IPC all-reduce and add_rms_norm as two kernels (A/B runs).
         self.fuse_allreduce_norm = fuse_allreduce_norm
         # ... and the row-parallel projection's kernel sends its tiles to the peers itself (Kernels.linear's `send`:
-        # the bf16 GEMV, int8 / Q4_0 / Q4_1 at one token); False: the all-reduce kernel sends them (A/B runs).
+        # the bf16 GEMV, int8 / Q4_0 at one token); False: the all-reduce kernel sends them (A/B runs).
         self.presend = presend
         # One GPU, one token: the residual add + RMSNorm before the q/k/v and gate/up projections folded into their
         # int8, Q4_0, Q4_1 or bf16 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, the others within bf16

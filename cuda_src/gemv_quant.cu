@@ -1085,7 +1085,7 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
         issue(slot == 0 ? STAGES - 1 : slot - 1);  // the slot read one step ago
         // Chunk j: pairs (e0,e1) (e2,e3) (e4,e5) (e6,e7) of rows g and g + 8 as fp16 in a0 / a1, the fp32 sum from the
         // mma, times the chunk's scale (fp16 bits da / db).
-        if constexpr (ASYM) {
+        if constexpr (Q4) {  // ASYM too: the same codes and mma; the scales apply with the min
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const uint32_t ua = word_at(wa, j), ub = word_at(wb, j), ua8 = ua >> 8, ub8 = ub >> 8;
@@ -1098,27 +1098,17 @@ __device__ __forceinline__ void x1_linear(OutT* __restrict__ y, const bf16* __re
                 float c[4] = {bj.x, bj.y, bj.z, bj.w};
                 mma_16816<f16>(c, a0, xv.x, xv.y);
                 mma_16816<f16>(c, a1, xv.z, xv.w);
-                const uint32_t pa = word_at(dma, j), pb = word_at(dmb, j);
-                const float xsum = reinterpret_cast<const float*>(bp + 4)[j];  // the chunk's sum of x
-                acc_a = fmaf(half_bits_to_float(pa >> 16), xsum, fmaf(half_bits_to_float(pa), c[0], acc_a));
-                acc_b = fmaf(half_bits_to_float(pb >> 16), xsum, fmaf(half_bits_to_float(pb), c[2], acc_b));
-            }
-        } else if constexpr (Q4) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const uint32_t ua = word_at(wa, j), ub = word_at(wb, j), ua8 = ua >> 8, ub8 = ub >> 8;
-                const uint32_t a0[4] = {u4_pair_x16(ua, ua8, 0), u4_pair_x16(ub, ub8, 0), u4_pair_x16(ua, ua8, 1),
-                                        u4_pair_x16(ub, ub8, 1)};
-                const uint32_t a1[4] = {u4_pair_x16(ua, ua8, 2), u4_pair_x16(ub, ub8, 2), u4_pair_x16(ua, ua8, 3),
-                                        u4_pair_x16(ub, ub8, 3)};
-                const uint4 xv = xp[4 * j];
-                const float4 bj = bp[j];
-                float c[4] = {bj.x, bj.y, bj.z, bj.w};
-                mma_16816<f16>(c, a0, xv.x, xv.y);
-                mma_16816<f16>(c, a1, xv.z, xv.w);
-                const uint32_t da = (j < 2 ? sa.x : sa.y) >> (16 * (j & 1)), db = (j < 2 ? sb.x : sb.y) >> (16 * (j & 1));
-                acc_a = fmaf(half_bits_to_float(da), c[0], acc_a);
-                acc_b = fmaf(half_bits_to_float(db), c[2], acc_b);
+                if constexpr (ASYM) {  // d sum q x + m sum x
+                    const uint32_t pa = word_at(dma, j), pb = word_at(dmb, j);
+                    const float xsum = reinterpret_cast<const float*>(bp + 4)[j];  // the chunk's sum of x
+                    acc_a = fmaf(half_bits_to_float(pa >> 16), xsum, fmaf(half_bits_to_float(pa), c[0], acc_a));
+                    acc_b = fmaf(half_bits_to_float(pb >> 16), xsum, fmaf(half_bits_to_float(pb), c[2], acc_b));
+                } else {
+                    const uint32_t da = (j < 2 ? sa.x : sa.y) >> (16 * (j & 1)),
+                                   db = (j < 2 ? sb.x : sb.y) >> (16 * (j & 1));
+                    acc_a = fmaf(half_bits_to_float(da), c[0], acc_a);
+                    acc_b = fmaf(half_bits_to_float(db), c[2], acc_b);
+                }
             }
         } else {
 #pragma unroll

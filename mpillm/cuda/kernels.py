@@ -71,8 +71,8 @@ QGEMV_X1_DEEP_PER_SM = 2
 # One token, int8, Q4_0 or Q4_1 weights, bf16 activations: the "_x1" kernels (gemv_quant.cu x1_linear) stage x in
 # shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against
 # bf16's 11, and Q4_0's 5 per 8 against 11 (with the pre-norm folded in: the _x1n kernels,
-# Kernels.prenorm_fusable). Every projection takes them, also where a block gets one tile (Q4_0 once kept those on
-# m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic shared memory is qgemv_x1_bytes(K,
+# Kernels.prenorm_fusable). Every projection takes them (Q4_1 over K >= QGEMV_X1_Q4_1_MIN_K), also where a block
+# gets one tile (Q4_0 once kept those on m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic shared memory is qgemv_x1_bytes(K,
 # format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 23,552; Q4_1: K <= 20,480), else the m1 kernel.
 # MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
@@ -329,8 +329,8 @@ def qgemv_row_tiles(fmt: str, n_tiles: int, rt_tiles: int | None, wide_tiles: in
 
 
 def qgemv_x1_setting(env) -> bool:
-    """Whether one-token int8 / Q4_0 / Q4_1 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1, default
-    1)."""
+    """Whether one-token int8 / Q4_0 / Q4_1 launches with bf16 activations take the _x1 kernels (MPILLM_QGEMV_X1,
+    default 1)."""
     return _switch(env, "MPILLM_QGEMV_X1")
 
 
@@ -746,8 +746,8 @@ class Kernels:
         """Whether linear_swiglu / linear_rope can take `prenorm` for this weight: one token of bf16 x, hidden a
         multiple of 8 up to 8,192, and int8, Q4_0 or Q4_1 weights (the _x1n kernels; int8: norm.cu's block of at
         most 1,024 threads, one 8-element vector each, is what the kernel replays; Q4_0 and Q4_1 apply the norm's
-        scale to their sums, gemv_quant.cu stage_x_half's FOLD) or bf16 weights on the 8-warp GEMV (the _m1n kernels, gemv.cu
-        PRENORM: the scale on the sums too; not the wide block)."""
+        scale to their sums, gemv_quant.cu stage_x_half's FOLD) or bf16 weights on the 8-warp GEMV (the _m1n
+        kernels, gemv.cu PRENORM: the scale on the sums too; not the wide block)."""
         if m != 1 or dtype != "bf16" or hidden % 8 or hidden > 8 * 1024:
             return False
         if isinstance(w, QuantWeight):

@@ -230,8 +230,8 @@ class CudaTransformer:
         # the bf16 GEMV, int8 / Q4_0 at one token); False: the all-reduce kernel sends them (A/B runs).
         self.presend = presend
         # One GPU, one token: the residual add + RMSNorm before the q/k/v and gate/up projections folded into their
-        # int8, Q4_0, Q4_1 or bf16 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, the others within bf16
-        # rounding of them), the residual alternating between two buffers;
+        # int8, Q4_0, Q4_1 or bf16 kernels (Kernels.prenorm_fusable; int8 with add_rms_norm's bits, the others within
+        # bf16 rounding of them), the residual alternating between two buffers;
         # False: add_rms_norm as a kernel of its own (A/B runs).
         self.fuse_prenorm = fuse_prenorm
         self.prenorm_folds = 0             # pre-norms folded in the last forward enqueued (_run)

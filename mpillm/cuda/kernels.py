@@ -72,8 +72,9 @@ QGEMV_X1_DEEP_PER_SM = 2
 # shared memory as fp16 and run the fp16 mma, whose int8 conversion costs 5 instructions per 4 weights against
 # bf16's 11, and Q4_0's 5 per 8 against 11 (with the pre-norm folded in: the _x1n kernels,
 # Kernels.prenorm_fusable). Every projection takes them (Q4_1 over K >= QGEMV_X1_Q4_1_MIN_K), also where a block
-# gets one tile (Q4_0 once kept those on m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic shared memory is qgemv_x1_bytes(K,
-# format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 23,552; Q4_1: K <= 20,480), else the m1 kernel.
+# gets one tile (Q4_0 once kept those on m1: docs/PERFORMANCE.md, tenth and sixteenth sessions). Their dynamic
+# shared memory is qgemv_x1_bytes(K, format); up to QGEMV_X1_MAX_BYTES (int8: K <= 32,768; Q4_0: K <= 23,552; Q4_1:
+# K <= 20,480), else the m1 kernel.
 # MPILLM_QGEMV_X1=0: the m1 kernel always (the A side of an A/B).
 QGEMV_X1_MAX_BYTES = 64 * 1024
 # Q4_0's _x1 kernels copy each warp step's 128 bytes of scales into a ring after x (gemv_quant.cu x1_linear,
